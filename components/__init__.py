@@ -1,0 +1,1 @@
+"""Pulumi ComponentResources, one a module (see STYLE.md, "Pulumi components")."""

@@ -1,0 +1,371 @@
+"""The bundle contract: manifest schema, checksums, ed25519 signatures, tolerances.
+
+This module is the one piece of ``model_build`` that the server and the edge
+devices import, so it depends only on the standard library, NumPy and
+``cryptography``. Never import torch, onnx or anything heavy here.
+
+A bundle is a folder::
+
+    dist/<model>/<version>/
+        manifest.json        # the manifest (schema below), canonical JSON
+        manifest.json.sig    # raw 64-byte ed25519 signature over manifest.json
+        model.fp32.onnx      # every other file is listed in manifest["files"]
+        golden/inputs.npz
+        golden/outputs.npz
+        ...
+
+Manifest, schema version 1 (keys that consumers rely on)::
+
+    schema_version: 1
+    model: str                       # spec name, e.g. "demo"
+    version: str                     # hash of spec and inputs, e.g. "3f2a9c1d0b7e"
+    task: "classification" | "embedding"
+    inputs / outputs: [{name, dtype, shape}]   # shape entries: int or axis name
+    files: {relpath: {sha256, size}}           # every file except manifest + sig
+    variants: [{
+        name, file, format ("onnx" | "tensorrt"), precision ("fp32"|"fp16"|"int8"),
+        device_classes: [str],       # keys of serving/device_classes.yaml
+        tolerance: {...},            # see compare_outputs()
+        metrics: {...},              # latency_ms_p50, agreement, ...
+        gpu_arch?: "sm_86", tensorrt_version?: "10.x"   # tensorrt only
+    }]
+    golden: {inputs: relpath, outputs: relpath}
+    serving: {max_batch_size: int, max_queue_delay_ms: float}
+    tools: {name: version}
+    skipped: [{stage, reason}]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.json.sig"
+_CHUNK = 1 << 20
+
+
+class BundleError(Exception):
+    """Base class for every bundle problem a user can act on."""
+
+
+class BundleVerificationError(BundleError):
+    """A bundle failed a checksum, size, listing or signature check.
+
+    Attributes:
+        path: the file (relative to the bundle) that failed.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class ToleranceExceeded(BundleError):
+    """Outputs differ from the reference by more than the tolerance allows."""
+
+
+class ShapeMismatch(BundleError):
+    """Output names or shapes differ from the reference."""
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entries(bundle_dir: Path, relpaths: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Build the manifest's ``files`` map (sha256 and size) for ``relpaths``."""
+    entries: dict[str, dict[str, Any]] = {}
+    for rel in sorted(relpaths):
+        path = bundle_dir / rel
+        entries[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return entries
+
+
+def canonical_json(data: Mapping[str, Any]) -> bytes:
+    """Serialise a manifest deterministically: sorted keys, two-space indent, newline."""
+    return (json.dumps(data, sort_keys=True, indent=2) + "\n").encode()
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def generate_key(private_path: Path) -> Ed25519PrivateKey:
+    """Generate an ed25519 key; write PEM private (0600) and ``.pub`` public files."""
+    key = Ed25519PrivateKey.generate()
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    public_path(private_path).write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return key
+
+
+def public_path(private_path: Path) -> Path:
+    """The public key file that sits beside a private key file."""
+    return private_path.with_suffix(".pub")
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """Load a PEM ed25519 private key.
+
+    Raises:
+        BundleError: the file is missing or not an unencrypted ed25519 PEM key.
+    """
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BundleError(f"signing key {path}: cannot load ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError(f"signing key {path}: not an ed25519 key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """Load a PEM ed25519 public key.
+
+    Raises:
+        BundleError: the file is missing or not an ed25519 PEM public key.
+    """
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"public key {path}: cannot load ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(f"public key {path}: not an ed25519 key")
+    return key
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """A short, stable identifier of a public key (sha256 of its raw bytes, 16 hex)."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- write / verify
+
+
+def write_manifest(bundle_dir: Path, manifest: Mapping[str, Any], key: Ed25519PrivateKey) -> None:
+    """Write ``manifest.json`` and its detached signature into ``bundle_dir``.
+
+    The caller builds ``manifest["files"]`` with :func:`file_entries` first.
+    """
+    data = canonical_json(manifest)
+    (bundle_dir / MANIFEST_NAME).write_bytes(data)
+    (bundle_dir / SIGNATURE_NAME).write_bytes(key.sign(data))
+
+
+def read_manifest(bundle_dir: Path) -> dict[str, Any]:
+    """Read and sanity-check a bundle's manifest without verifying it.
+
+    Raises:
+        BundleVerificationError: the manifest is missing, not JSON, or of an
+            unsupported schema version.
+    """
+    path = bundle_dir / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise BundleVerificationError(MANIFEST_NAME, f"missing in {bundle_dir}") from exc
+    except (OSError, ValueError) as exc:
+        raise BundleVerificationError(MANIFEST_NAME, f"unreadable ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise BundleVerificationError(MANIFEST_NAME, "is not a JSON object")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleVerificationError(
+            MANIFEST_NAME,
+            f"schema_version {manifest.get('schema_version')!r} is not supported "
+            f"(this build reads {SCHEMA_VERSION})",
+        )
+    return manifest
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose signature and every checksum held at verification time."""
+
+    path: Path
+    manifest: dict[str, Any]
+    key_id: str
+
+    def file(self, relpath: str) -> Path:
+        """Absolute path of a file listed in the manifest."""
+        if relpath not in self.manifest["files"]:
+            raise BundleError(f"{relpath}: not listed in the manifest of {self.path}")
+        return self.path / relpath
+
+
+def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey) -> VerifiedBundle:
+    """Verify a bundle: the signature, then every listed file, then no stray files.
+
+    Args:
+        bundle_dir: the bundle folder.
+        public_key: the trusted signer's public key.
+
+    Returns:
+        The verified bundle with its parsed manifest.
+
+    Raises:
+        BundleVerificationError: naming the first file that fails.
+    """
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleVerificationError(str(bundle_dir), "bundle folder does not exist")
+    manifest_bytes_path = bundle_dir / MANIFEST_NAME
+    manifest = read_manifest(bundle_dir)
+    try:
+        signature = (bundle_dir / SIGNATURE_NAME).read_bytes()
+    except FileNotFoundError as exc:
+        raise BundleVerificationError(SIGNATURE_NAME, "missing: the bundle is unsigned") from exc
+    try:
+        public_key.verify(signature, manifest_bytes_path.read_bytes())
+    except InvalidSignature as exc:
+        raise BundleVerificationError(
+            MANIFEST_NAME,
+            f"signature does not verify with key {key_id(public_key)} "
+            "(tampered manifest or wrong public key)",
+        ) from exc
+
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleVerificationError(MANIFEST_NAME, "has no 'files' map")
+    root = bundle_dir.resolve()
+    for rel, entry in sorted(files.items()):
+        path = (bundle_dir / rel).resolve()
+        if root not in path.parents:
+            raise BundleVerificationError(rel, "path escapes the bundle folder")
+        if not path.is_file():
+            raise BundleVerificationError(rel, "listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise BundleVerificationError(rel, f"size {size} != manifest {entry['size']}")
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise BundleVerificationError(rel, f"sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…")
+
+    listed = set(files) | {MANIFEST_NAME, SIGNATURE_NAME}
+    for path in sorted(bundle_dir.rglob("*")):
+        rel = path.relative_to(bundle_dir).as_posix()
+        if path.is_file() and rel not in listed:
+            raise BundleVerificationError(rel, "present in the bundle but not in the manifest")
+    return VerifiedBundle(path=bundle_dir, manifest=manifest, key_id=key_id(public_key))
+
+
+# --------------------------------------------------------------------------- golden data
+
+
+def load_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Load a golden ``.npz`` file into a name → array dict."""
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def save_tensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """Save a name → array dict as an uncompressed ``.npz`` (deterministic bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        arrays: dict[str, Any] = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        np.savez(handle, **arrays)
+
+
+# --------------------------------------------------------------------------- tolerances
+
+
+def compare_outputs(
+    reference: Mapping[str, np.ndarray],
+    actual: Mapping[str, np.ndarray],
+    tolerance: Mapping[str, Any],
+) -> dict[str, float]:
+    """Compare outputs: names, then shapes, then values under ``tolerance``.
+
+    ``tolerance`` is one of::
+
+        {"kind": "allclose", "atol": float, "rtol": float}
+        {"kind": "top1", "min_agreement": float}      # classifier logits, last axis
+        {"kind": "cosine", "min_cosine": float}       # embeddings, per row
+
+    Returns:
+        Measured figures: ``max_abs_diff`` always, plus ``agreement`` or
+        ``min_cosine`` for those kinds.
+
+    Raises:
+        ShapeMismatch: names or shapes differ.
+        ToleranceExceeded: values differ beyond the tolerance; the message
+            carries the measured figure.
+    """
+    if set(reference) != set(actual):
+        raise ShapeMismatch(f"output names {sorted(actual)} != reference {sorted(reference)}")
+    for name in reference:
+        if reference[name].shape != actual[name].shape:
+            raise ShapeMismatch(
+                f"output {name!r}: shape {tuple(actual[name].shape)} "
+                f"!= reference {tuple(reference[name].shape)}"
+            )
+    kind = tolerance.get("kind")
+    figures: dict[str, float] = {}
+    for name in sorted(reference):
+        ref = reference[name].astype(np.float64)
+        got = actual[name].astype(np.float64)
+        if not np.all(np.isfinite(got)):
+            raise ToleranceExceeded(f"output {name!r}: contains NaN or Inf")
+        max_abs = float(np.max(np.abs(ref - got))) if ref.size else 0.0
+        figures["max_abs_diff"] = max(figures.get("max_abs_diff", 0.0), max_abs)
+        if kind == "allclose":
+            atol, rtol = float(tolerance["atol"]), float(tolerance["rtol"])
+            if not np.allclose(got, ref, atol=atol, rtol=rtol):
+                raise ToleranceExceeded(
+                    f"output {name!r}: max abs diff {max_abs:.3g} exceeds atol={atol:g} rtol={rtol:g}"
+                )
+        elif kind == "top1":
+            agreement = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)))
+            figures["agreement"] = min(figures.get("agreement", 1.0), agreement)
+            if agreement < float(tolerance["min_agreement"]):
+                raise ToleranceExceeded(
+                    f"output {name!r}: top-1 agreement {agreement:.4f} "
+                    f"< min_agreement {tolerance['min_agreement']}"
+                )
+        elif kind == "cosine":
+            flat_ref = ref.reshape(-1, ref.shape[-1])
+            flat_got = got.reshape(-1, got.shape[-1])
+            denom = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_got, axis=1)
+            cos = np.sum(flat_ref * flat_got, axis=1) / np.maximum(denom, 1e-12)
+            worst = float(np.min(cos))
+            figures["min_cosine"] = min(figures.get("min_cosine", 1.0), worst)
+            if worst < float(tolerance["min_cosine"]):
+                raise ToleranceExceeded(
+                    f"output {name!r}: min cosine {worst:.4f} < min_cosine {tolerance['min_cosine']}"
+                )
+        else:
+            raise BundleError(f"tolerance kind {kind!r} is not one of allclose, top1, cosine")
+    return figures
