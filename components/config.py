@@ -1,0 +1,852 @@
+"""The stack configuration: parsed once, typed, frozen, and checked before anything is created.
+
+``__main__.py`` collects every ``dualdeploy:*`` key of the stack into a plain dict and
+calls :func:`parse_stack_config`. Parsing is a pure function of that dict (plus the
+region and the folder that relative paths start from), so tests feed it dicts, and a
+bad stack file fails at program start with a :class:`ConfigError` that names the key
+path (``dualdeploy:cluster.gpuPools[1].instanceTypes``) and the allowed values,
+before a single resource is registered.
+
+The keys, by section (the stack files in ``stacks/`` show each one in use)::
+
+    dualdeploy:environment     dev | staging | prod
+    dualdeploy:tags            {key: value} added to every taggable AWS resource
+    dualdeploy:bundle          the bundle served in the cloud, e.g. dist/demo/latest
+    dualdeploy:requireEngines  true: every GPU pool's architecture must have a TensorRT
+                               engine in the bundle; false: a pool without one serves the
+                               ONNX variant through CUDA, with a warning (default true)
+    dualdeploy:network         {cidr, availabilityZones: [...], natGateways: single | per-az}
+    dualdeploy:cluster         {name, kubernetesVersion, endpoint, logTypes, systemPool,
+                                gpuPools: [...], fallbackPool, devicePlugin, autoscaler}
+    dualdeploy:serving         {minReplicas, maxReplicas, targetCpuUtilization}
+    dualdeploy:edge            {inventory, bundle, playbook, publicKey, limit}
+    dualdeploy:edgeVaultPassword  (secret; read by __main__.py with get_secret, never here)
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from components.gpu_instances import GPU_INSTANCE_TYPES, GpuInstanceType
+from model_build.bundle import BundleError, read_manifest
+
+NAMESPACE = "dualdeploy"
+
+SUPPORTED_KUBERNETES_VERSIONS: tuple[str, ...] = ("1.31", "1.32", "1.33", "1.34")
+"""EKS versions this code was written against. The cluster autoscaler's minor must match."""
+
+CLUSTER_AUTOSCALER_IMAGE_TAGS: Mapping[str, str] = {
+    "1.31": "v1.31.0",
+    "1.32": "v1.32.0",
+    "1.33": "v1.33.0",
+    "1.34": "v1.34.0",
+}
+"""Default cluster-autoscaler image per Kubernetes minor (its releases track the minor)."""
+
+DEFAULT_DEVICE_PLUGIN_CHART = "0.18.0"
+DEFAULT_AUTOSCALER_CHART = "9.46.6"
+ENVIRONMENTS = ("dev", "staging", "prod")
+LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
+NAT_MODES = ("single", "per-az")
+MAX_AZS = 6
+
+TOP_LEVEL_KEYS: Mapping[str, Literal["string", "bool", "object"]] = {
+    "environment": "string",
+    "tags": "object",
+    "bundle": "string",
+    "requireEngines": "bool",
+    "network": "object",
+    "cluster": "object",
+    "serving": "object",
+    "edge": "object",
+    "edgeVaultPassword": "string",
+}
+"""Every ``dualdeploy:`` key and how Pulumi stores it (objects and booleans arrive as JSON)."""
+
+_POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
+_CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,37}$")
+_REQUIRED: Any = object()
+
+
+class ConfigError(ValueError):
+    """The stack config is invalid.
+
+    Attributes:
+        key: the full key path, e.g. ``dualdeploy:cluster.gpuPools[0].maxSize``.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+# --------------------------------------------------------------------------- typed config
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """A bundle the stack deploys, as far as config parsing needs to know it.
+
+    Attributes:
+        path: the bundle folder as written in the stack (e.g. ``dist/demo/latest``).
+        resolved: the folder it points at now (symlinks followed).
+        model: ``manifest["model"]``.
+        version: ``manifest["version"]``.
+        engine_arches: GPU architectures with a TensorRT variant in the manifest.
+    """
+
+    path: str
+    resolved: Path
+    model: str
+    version: str
+    engine_arches: frozenset[str]
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The VPC: one private and one public subnet in each availability zone."""
+
+    cidr: str
+    availability_zones: tuple[str, ...]
+    nat_gateways: Literal["single", "per-az"]
+
+
+@dataclass(frozen=True)
+class NodePoolConfig:
+    """The on-demand CPU pool for system pods (CoreDNS, the autoscaler, the device plugin's peers)."""
+
+    instance_types: tuple[str, ...]
+    min_size: int
+    max_size: int
+    desired_size: int
+    disk_size_gib: int
+
+
+@dataclass(frozen=True)
+class GpuPoolConfig:
+    """One GPU managed node group.
+
+    Attributes:
+        name: short pool name; the node group is ``<cluster>-gpu-<role>-<name>``.
+        role: ``spot`` for the diversified Spot pools, ``fallback`` for the on-demand pool.
+        instance_types: EC2 types, all of one GPU architecture and one GPU count.
+        gpu_arch: their architecture (``sm_86``), from the GPU table.
+        gpus_per_node: GPUs on each node, from the GPU table.
+        min_size / max_size / desired_size: node counts (the autoscaler owns desired later).
+        disk_size_gib: root volume; images with TensorRT are large.
+    """
+
+    name: str
+    role: Literal["spot", "fallback"]
+    instance_types: tuple[str, ...]
+    gpu_arch: str
+    gpus_per_node: int
+    min_size: int
+    max_size: int
+    desired_size: int
+    disk_size_gib: int
+
+    @property
+    def capacity_type(self) -> Literal["SPOT", "ON_DEMAND"]:
+        """EKS capacity type: Spot for ``spot`` pools, on-demand for the fallback."""
+        return "SPOT" if self.role == "spot" else "ON_DEMAND"
+
+
+@dataclass(frozen=True)
+class DevicePluginConfig:
+    """NVIDIA device plugin Helm release.
+
+    Attributes:
+        chart_version: pinned chart version.
+        time_slicing_replicas: model pods that share one GPU (1 turns time-slicing off).
+            The source article claims 5 model instances per node.
+    """
+
+    chart_version: str
+    time_slicing_replicas: int
+
+
+@dataclass(frozen=True)
+class AutoscalerConfig:
+    """Cluster autoscaler Helm release (chart pinned, image minor matching the cluster)."""
+
+    chart_version: str
+    image_tag: str
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """The EKS API endpoint: always reachable privately; public only when asked, with an allow-list."""
+
+    public_access: bool
+    public_access_cidrs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The EKS cluster and its node pools."""
+
+    name: str
+    kubernetes_version: str
+    endpoint: EndpointConfig
+    log_types: tuple[str, ...]
+    system_pool: NodePoolConfig
+    gpu_pools: tuple[GpuPoolConfig, ...]
+    fallback_pool: GpuPoolConfig | None
+    device_plugin: DevicePluginConfig
+    autoscaler: AutoscalerConfig
+
+    @property
+    def all_gpu_pools(self) -> tuple[GpuPoolConfig, ...]:
+        """The Spot pools followed by the fallback pool, if any."""
+        return self.gpu_pools + ((self.fallback_pool,) if self.fallback_pool else ())
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Replica bounds for the model service's HPA (the article: 2–10 at 70 %, peak 20→200)."""
+
+    min_replicas: int
+    max_replicas: int
+    target_cpu_utilization: int
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """The edge roll-out, driven by the EdgeFleet component through ansible-runner.
+
+    Attributes:
+        inventory: Ansible inventory folder, e.g. ``ansible/inventories/example-site``.
+        bundle: the bundle the sites receive, e.g. ``dist/demo-distilled/latest``.
+        playbook: the playbook to run.
+        public_key: the bundle verification key the devices trust (None: the dev key).
+        limit: an Ansible ``--limit`` pattern, or None for every host.
+    """
+
+    inventory: str
+    bundle: str
+    playbook: str = "ansible/edge.yml"
+    public_key: str | None = None
+    limit: str | None = None
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The whole stack, validated.
+
+    Attributes:
+        stack: the Pulumi stack name.
+        environment: ``dev``, ``staging`` or ``prod``.
+        region: the AWS region (None for edge-only stacks).
+        tags: tags for every taggable AWS resource (stack defaults included).
+        bundle: the cloud bundle, when the stack has a cluster.
+        require_engines: whether every GPU pool needs a TensorRT engine in the bundle.
+        network / cluster / serving: the cloud part, all three or none.
+        edge: the edge part, or None.
+        warnings: things a user should hear about that are not errors.
+    """
+
+    stack: str
+    environment: str
+    region: str | None
+    tags: Mapping[str, str]
+    bundle: BundleRef | None
+    require_engines: bool
+    network: NetworkConfig | None
+    cluster: ClusterConfig | None
+    serving: ServingConfig | None
+    edge: EdgeConfig | None
+    warnings: tuple[str, ...] = field(default=())
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _key(path: str) -> str:
+    return f"{NAMESPACE}:{path}"
+
+
+def _suggest(name: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _object(value: Any, path: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(_key(path), "must be an object (a YAML mapping)") from None
+    if not isinstance(value, Mapping):
+        raise ConfigError(_key(path), f"must be an object (a YAML mapping), got {type(value).__name__}")
+    return dict(value)
+
+
+def _known_keys(data: Mapping[str, Any], allowed: Sequence[str], path: str) -> None:
+    for name in data:
+        if name not in allowed:
+            raise ConfigError(
+                _key(f"{path}.{name}" if path else name),
+                f"unknown key{_suggest(name, allowed)}; allowed: {', '.join(allowed)}",
+            )
+
+
+def _get(data: Mapping[str, Any], name: str, path: str, default: Any) -> Any:
+    value = data.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(_key(f"{path}.{name}" if path else name), "is required")
+        return default
+    return value
+
+
+def _str(
+    data: Mapping[str, Any],
+    name: str,
+    path: str,
+    default: Any = _REQUIRED,
+    choices: Sequence[str] | None = None,
+) -> Any:
+    value = _get(data, name, path, default)
+    where = _key(f"{path}.{name}" if path else name)
+    if value is default and default is not _REQUIRED:
+        return value
+    if not isinstance(value, str) or not value:
+        raise ConfigError(where, f"must be a non-empty string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(where, f"{value!r} is not one of {', '.join(choices)}{_suggest(value, choices)}")
+    return value
+
+
+def _int(data: Mapping[str, Any], name: str, path: str, default: Any = _REQUIRED, minimum: int = 0) -> int:
+    value = _get(data, name, path, default)
+    where = _key(f"{path}.{name}" if path else name)
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(where, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(where, f"must be ≥ {minimum}, got {value}")
+    return value
+
+
+def _bool(data: Mapping[str, Any], name: str, path: str, default: Any = _REQUIRED) -> bool:
+    value = _get(data, name, path, default)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ConfigError(_key(f"{path}.{name}" if path else name), f"must be true or false, got {value!r}")
+    return value
+
+
+def _str_list(data: Mapping[str, Any], name: str, path: str, default: Any = _REQUIRED) -> tuple[str, ...]:
+    value = _get(data, name, path, default)
+    where = _key(f"{path}.{name}" if path else name)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(where, "must be a list of strings") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(where, f"must be a list of non-empty strings, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(where, f"lists a value twice: {list(value)}")
+    return tuple(value)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _parse_tags(raw: Any, stack: str, environment: str) -> dict[str, str]:
+    tags = {"dualdeploy:stack": stack, "dualdeploy:environment": environment, "managed-by": "pulumi"}
+    if raw is None:
+        return tags
+    data = _object(raw, "tags")
+    for name, value in data.items():
+        where = _key(f"tags.{name}")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(where, f"tag values must be non-empty strings, got {value!r}")
+        if name.lower().startswith("aws:"):
+            raise ConfigError(where, "the aws: prefix is reserved by AWS")
+        if len(name) > 128 or len(value) > 256:
+            raise ConfigError(where, "AWS allows keys up to 128 and values up to 256 characters")
+        tags[name] = value
+    return tags
+
+
+def read_bundle(path: str, key: str, base_dir: Path) -> BundleRef:
+    """Resolve a bundle path from the stack and read its manifest (no signature check).
+
+    The signature and checksums are verified where the bytes are used (the image build
+    and the edge devices); here the manifest is read for what config checks need.
+
+    Args:
+        path: the path as written in the stack, relative to ``base_dir`` unless absolute.
+        key: the config key path, for the error message.
+        base_dir: the project folder.
+
+    Raises:
+        ConfigError: the folder does not exist or holds no readable manifest.
+    """
+    folder = Path(path) if Path(path).is_absolute() else base_dir / path
+    if not folder.is_dir():
+        raise ConfigError(
+            key,
+            f"bundle folder {path!r} does not exist (resolved to {folder}); "
+            "build it first with `make build` (python -m model_build build SPEC --out dist)",
+        )
+    try:
+        manifest = read_manifest(folder)
+    except BundleError as exc:
+        raise ConfigError(key, f"{path!r} is not a bundle: {exc}") from None
+    arches = frozenset(
+        str(v["gpu_arch"])
+        for v in manifest.get("variants", [])
+        if isinstance(v, Mapping) and v.get("format") == "tensorrt" and v.get("gpu_arch")
+    )
+    return BundleRef(
+        path=path,
+        resolved=folder.resolve(),
+        model=str(manifest.get("model", "")),
+        version=str(manifest.get("version", "")),
+        engine_arches=arches,
+    )
+
+
+def _parse_network(raw: Any, region: str | None) -> NetworkConfig:
+    data = _object(raw, "network")
+    _known_keys(data, ("cidr", "availabilityZones", "natGateways"), "network")
+    cidr = _str(data, "cidr", "network", default="10.0.0.0/16")
+    try:
+        net = ipaddress.ip_network(cidr)
+    except ValueError as exc:
+        raise ConfigError(_key("network.cidr"), f"not a CIDR block ({exc})") from None
+    if not isinstance(net, ipaddress.IPv4Network) or not 16 <= net.prefixlen <= 20:
+        raise ConfigError(_key("network.cidr"), f"{cidr} must be an IPv4 block from /16 to /20")
+    zones = _str_list(data, "availabilityZones", "network")
+    if not 2 <= len(zones) <= MAX_AZS:
+        raise ConfigError(
+            _key("network.availabilityZones"),
+            f"EKS needs subnets in at least 2 availability zones (at most {MAX_AZS}), got {len(zones)}",
+        )
+    if region:
+        for zone in zones:
+            if not re.fullmatch(re.escape(region) + r"[a-z]", zone):
+                raise ConfigError(
+                    _key("network.availabilityZones"),
+                    f"{zone!r} is not a zone of region {region} (expected {region}a, {region}b, …)",
+                )
+    nat = _str(data, "natGateways", "network", default="single", choices=NAT_MODES)
+    return NetworkConfig(cidr=cidr, availability_zones=zones, nat_gateways=nat)
+
+
+def _size_fields(data: Mapping[str, Any], path: str, min_default: int) -> tuple[int, int, int]:
+    min_size = _int(data, "minSize", path, default=min_default)
+    max_size = _int(data, "maxSize", path, minimum=1)
+    if min_size > max_size:
+        raise ConfigError(
+            _key(f"{path}.minSize"), f"minSize {min_size} is above maxSize {max_size}; need minSize ≤ maxSize"
+        )
+    desired = _int(data, "desiredSize", path, default=min_size)
+    if not min_size <= desired <= max_size:
+        raise ConfigError(
+            _key(f"{path}.desiredSize"), f"desiredSize {desired} must lie within [{min_size}, {max_size}]"
+        )
+    return min_size, max_size, desired
+
+
+def _parse_system_pool(raw: Any, path: str) -> NodePoolConfig:
+    data = _object(raw, path)
+    _known_keys(data, ("instanceTypes", "minSize", "maxSize", "desiredSize", "diskSizeGib"), path)
+    types = _str_list(data, "instanceTypes", path, default=("m6i.large", "m6a.large", "m5.large"))
+    for name in types:
+        if name in GPU_INSTANCE_TYPES:
+            raise ConfigError(
+                _key(f"{path}.instanceTypes"), f"{name} is a GPU type; the system pool is CPU only"
+            )
+    min_size, max_size, desired = _size_fields(data, path, min_default=2)
+    if min_size < 1:
+        raise ConfigError(
+            _key(f"{path}.minSize"), "the system pool needs at least 1 node (CoreDNS, autoscaler)"
+        )
+    disk = _int(data, "diskSizeGib", path, default=50, minimum=20)
+    return NodePoolConfig(types, min_size, max_size, desired, disk)
+
+
+def _parse_gpu_pool(raw: Any, path: str, role: Literal["spot", "fallback"]) -> GpuPoolConfig:
+    data = _object(raw, path)
+    _known_keys(data, ("name", "instanceTypes", "minSize", "maxSize", "desiredSize", "diskSizeGib"), path)
+    name = _str(data, "name", path, default="ondemand" if role == "fallback" else _REQUIRED)
+    if not _POOL_NAME.fullmatch(name):
+        raise ConfigError(_key(f"{path}.name"), f"{name!r} must match {_POOL_NAME.pattern}")
+    types = _str_list(data, "instanceTypes", path)
+    where = _key(f"{path}.instanceTypes")
+    known: list[GpuInstanceType] = []
+    for type_name in types:
+        if type_name not in GPU_INSTANCE_TYPES:
+            families = sorted({t.family for t in GPU_INSTANCE_TYPES.values()})
+            raise ConfigError(
+                where,
+                f"{type_name!r} is not in the GPU instance table"
+                f"{_suggest(type_name, list(GPU_INSTANCE_TYPES))}; "
+                f"known families: {', '.join(families)} (components/gpu_instances.py)",
+            )
+        known.append(GPU_INSTANCE_TYPES[type_name])
+    arches = sorted({t.gpu_arch for t in known})
+    if len(arches) > 1:
+        detail = ", ".join(f"{t.name} ({t.gpu_model}, {t.gpu_arch})" for t in known)
+        raise ConfigError(
+            where,
+            f"mixes GPU architectures {arches}: {detail}. A TensorRT engine runs on one architecture, "
+            "so a pool must use one; split it into one pool per architecture",
+        )
+    counts = sorted({t.gpus for t in known})
+    if len(counts) > 1:
+        raise ConfigError(
+            where,
+            f"mixes GPUs per node {counts}; the cluster autoscaler models a pool as identical nodes, "
+            "so every type in a pool must have the same GPU count",
+        )
+    if role == "spot" and len(types) < 3:
+        raise ConfigError(
+            where,
+            f"a Spot pool needs at least 3 instance types so one type's shortage does not stop scaling, "
+            f"got {len(types)}: {list(types)}",
+        )
+    min_size, max_size, desired = _size_fields(data, path, min_default=0)
+    if role == "fallback" and min_size != 0:
+        raise ConfigError(
+            _key(f"{path}.minSize"),
+            f"the on-demand fallback must scale from zero (minSize 0), got {min_size}; "
+            "it only runs when Spot capacity cannot be had",
+        )
+    disk = _int(data, "diskSizeGib", path, default=100, minimum=50)
+    return GpuPoolConfig(
+        name=name,
+        role=role,
+        instance_types=types,
+        gpu_arch=arches[0],
+        gpus_per_node=counts[0],
+        min_size=min_size,
+        max_size=max_size,
+        desired_size=desired,
+        disk_size_gib=disk,
+    )
+
+
+def _parse_endpoint(raw: Any, path: str) -> EndpointConfig:
+    endpoint_raw = _object(raw, path)
+    _known_keys(endpoint_raw, ("publicAccess", "publicAccessCidrs"), path)
+    public = _bool(endpoint_raw, "publicAccess", path, default=False)
+    cidrs = _str_list(endpoint_raw, "publicAccessCidrs", path, default=())
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError:
+            raise ConfigError(_key(f"{path}.publicAccessCidrs"), f"{cidr!r} is not a CIDR") from None
+    if cidrs and not public:
+        raise ConfigError(
+            _key(f"{path}.publicAccessCidrs"),
+            "is set but publicAccess is false; set both or neither",
+        )
+    return EndpointConfig(public_access=public, public_access_cidrs=cidrs)
+
+
+def _parse_log_types(data: Mapping[str, Any], path: str) -> tuple[str, ...]:
+    log_types = _str_list(data, "logTypes", path, default=LOG_TYPES)
+    for log_type in log_types:
+        if log_type not in LOG_TYPES:
+            raise ConfigError(
+                _key(f"{path}.logTypes"),
+                f"{log_type!r} is not one of {', '.join(LOG_TYPES)}{_suggest(log_type, LOG_TYPES)}",
+            )
+    if not {"api", "audit", "authenticator"} <= set(log_types):
+        raise ConfigError(_key(f"{path}.logTypes"), "must include at least api, audit and authenticator")
+    return log_types
+
+
+def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
+    path = "cluster"
+    data = _object(raw, path)
+    _known_keys(
+        data,
+        (
+            "name",
+            "kubernetesVersion",
+            "endpoint",
+            "logTypes",
+            "systemPool",
+            "gpuPools",
+            "fallbackPool",
+            "devicePlugin",
+            "autoscaler",
+        ),
+        path,
+    )
+    name = _str(data, "name", path, default=f"dualdeploy-{stack}")
+    if not _CLUSTER_NAME.fullmatch(name):
+        raise ConfigError(_key(f"{path}.name"), f"{name!r} must match {_CLUSTER_NAME.pattern}")
+    version_raw = _get(data, "kubernetesVersion", path, _REQUIRED)
+    version = str(version_raw)
+    if version not in SUPPORTED_KUBERNETES_VERSIONS:
+        hint = (
+            " (quote it in YAML: a bare 1.30 reads as the number 1.3)"
+            if isinstance(version_raw, float)
+            else ""
+        )
+        raise ConfigError(
+            _key(f"{path}.kubernetesVersion"),
+            f"{version!r} is not supported; allowed: {', '.join(SUPPORTED_KUBERNETES_VERSIONS)}{hint}",
+        )
+
+    endpoint = _parse_endpoint(_get(data, "endpoint", path, {}), f"{path}.endpoint")
+    log_types = _parse_log_types(data, path)
+
+    system_pool = _parse_system_pool(_get(data, "systemPool", path, {"maxSize": 3}), f"{path}.systemPool")
+
+    pools_raw = _get(data, "gpuPools", path, _REQUIRED)
+    if isinstance(pools_raw, str):
+        pools_raw = json.loads(pools_raw)
+    if not isinstance(pools_raw, list) or not pools_raw:
+        raise ConfigError(_key(f"{path}.gpuPools"), "must be a non-empty list of Spot GPU pools")
+    pools = tuple(_parse_gpu_pool(p, f"{path}.gpuPools[{i}]", "spot") for i, p in enumerate(pools_raw))
+    names = [p.name for p in pools]
+    for i, pool_name in enumerate(names):
+        if names.index(pool_name) != i:
+            raise ConfigError(_key(f"{path}.gpuPools[{i}].name"), f"pool name {pool_name!r} is used twice")
+
+    fallback_raw = data.get("fallbackPool")
+    fallback = (
+        _parse_gpu_pool(fallback_raw, f"{path}.fallbackPool", "fallback")
+        if fallback_raw is not None
+        else None
+    )
+
+    plugin_raw = _object(_get(data, "devicePlugin", path, {}), f"{path}.devicePlugin")
+    _known_keys(plugin_raw, ("chartVersion", "timeSlicingReplicas"), f"{path}.devicePlugin")
+    device_plugin = DevicePluginConfig(
+        chart_version=_str(
+            plugin_raw, "chartVersion", f"{path}.devicePlugin", default=DEFAULT_DEVICE_PLUGIN_CHART
+        ),
+        time_slicing_replicas=_int(
+            plugin_raw, "timeSlicingReplicas", f"{path}.devicePlugin", default=1, minimum=1
+        ),
+    )
+    scaler_raw = _object(_get(data, "autoscaler", path, {}), f"{path}.autoscaler")
+    _known_keys(scaler_raw, ("chartVersion", "imageTag"), f"{path}.autoscaler")
+    image_tag = _str(
+        scaler_raw, "imageTag", f"{path}.autoscaler", default=CLUSTER_AUTOSCALER_IMAGE_TAGS[version]
+    )
+    if not image_tag.startswith(f"v{version}."):
+        raise ConfigError(
+            _key(f"{path}.autoscaler.imageTag"),
+            f"{image_tag!r} does not match Kubernetes {version}; the autoscaler's minor must match "
+            f"(e.g. {CLUSTER_AUTOSCALER_IMAGE_TAGS[version]})",
+        )
+    autoscaler = AutoscalerConfig(
+        chart_version=_str(
+            scaler_raw, "chartVersion", f"{path}.autoscaler", default=DEFAULT_AUTOSCALER_CHART
+        ),
+        image_tag=image_tag,
+    )
+    return ClusterConfig(
+        name=name,
+        kubernetes_version=version,
+        endpoint=endpoint,
+        log_types=log_types,
+        system_pool=system_pool,
+        gpu_pools=pools,
+        fallback_pool=fallback,
+        device_plugin=device_plugin,
+        autoscaler=autoscaler,
+    )
+
+
+def _parse_serving(raw: Any) -> ServingConfig:
+    path = "serving"
+    data = _object(raw, path)
+    _known_keys(data, ("minReplicas", "maxReplicas", "targetCpuUtilization"), path)
+    min_replicas = _int(data, "minReplicas", path, minimum=1)
+    max_replicas = _int(data, "maxReplicas", path, minimum=1)
+    if min_replicas > max_replicas:
+        raise ConfigError(
+            _key(f"{path}.minReplicas"),
+            f"minReplicas {min_replicas} is above maxReplicas {max_replicas}; need minReplicas ≤ maxReplicas",
+        )
+    target = _int(data, "targetCpuUtilization", path, default=70, minimum=1)
+    if target > 100:
+        raise ConfigError(_key(f"{path}.targetCpuUtilization"), f"must be a percentage 1–100, got {target}")
+    return ServingConfig(min_replicas, max_replicas, target)
+
+
+def _parse_edge(raw: Any, base_dir: Path) -> EdgeConfig:
+    path = "edge"
+    data = _object(raw, path)
+    _known_keys(data, ("inventory", "bundle", "playbook", "publicKey", "limit"), path)
+    inventory = _str(data, "inventory", path)
+    if not (base_dir / inventory).exists():
+        raise ConfigError(
+            _key(f"{path}.inventory"), f"inventory {inventory!r} does not exist under {base_dir}"
+        )
+    bundle = _str(data, "bundle", path)
+    read_bundle(bundle, _key(f"{path}.bundle"), base_dir)
+    public_key = _str(data, "publicKey", path, default=None)
+    if public_key is not None and not (base_dir / public_key).is_file():
+        raise ConfigError(_key(f"{path}.publicKey"), f"public key file {public_key!r} does not exist")
+    return EdgeConfig(
+        inventory=inventory,
+        bundle=bundle,
+        playbook=_str(data, "playbook", path, default="ansible/edge.yml"),
+        public_key=public_key,
+        limit=_str(data, "limit", path, default=None),
+    )
+
+
+# --------------------------------------------------------------------------- the whole stack
+
+
+def parse_stack_config(
+    raw: Mapping[str, Any],
+    *,
+    stack: str,
+    region: str | None,
+    base_dir: Path,
+) -> StackConfig:
+    """Parse and validate a stack's ``dualdeploy:*`` config.
+
+    Args:
+        raw: key (without the ``dualdeploy:`` prefix) → value, as YAML or Pulumi gives it
+            (objects may be JSON strings, booleans may be ``"true"``).
+        stack: the stack name (default tags and cluster name).
+        region: ``aws:region``; required when the stack has a cluster.
+        base_dir: the project folder that relative paths (bundles, inventories) start from.
+
+    Returns:
+        The typed, frozen config.
+
+    Raises:
+        ConfigError: naming the key path and the allowed values.
+    """
+    _known_keys(raw, list(TOP_LEVEL_KEYS), "")
+    environment = _str(raw, "environment", "", choices=ENVIRONMENTS)
+    tags = _parse_tags(raw.get("tags"), stack, environment)
+    require_engines = _bool(raw, "requireEngines", "", default=True)
+
+    cloud_keys = [k for k in ("network", "cluster", "serving", "bundle") if raw.get(k) is not None]
+    if not cloud_keys and raw.get("edge") is None:
+        raise ConfigError(
+            _key("cluster"), "the stack has neither a cloud part (cluster) nor an edge part (edge)"
+        )
+    if cloud_keys:
+        for needed in ("network", "cluster", "serving", "bundle"):
+            if raw.get(needed) is None:
+                raise ConfigError(
+                    _key(needed),
+                    f"is required when the stack has a cloud part (it sets {', '.join(cloud_keys)})",
+                )
+        if not region:
+            raise ConfigError("aws:region", "is required for a stack with a cluster")
+
+    warnings: list[str] = []
+    network = cluster = serving = bundle = None
+    if cloud_keys:
+        network = _parse_network(raw["network"], region)
+        cluster = _parse_cluster(raw["cluster"], stack)
+        serving = _parse_serving(raw["serving"])
+        bundle = read_bundle(_str(raw, "bundle", ""), _key("bundle"), base_dir)
+        _check_engines(cluster, bundle, require_engines, warnings)
+        _check_capacity(cluster, serving)
+        _check_endpoint(cluster.endpoint, environment, warnings)
+
+    edge = _parse_edge(raw["edge"], base_dir) if raw.get("edge") is not None else None
+    return StackConfig(
+        stack=stack,
+        environment=environment,
+        region=region,
+        tags=tags,
+        bundle=bundle,
+        require_engines=require_engines,
+        network=network,
+        cluster=cluster,
+        serving=serving,
+        edge=edge,
+        warnings=tuple(warnings),
+    )
+
+
+def _check_engines(cluster: ClusterConfig, bundle: BundleRef, required: bool, warnings: list[str]) -> None:
+    for index, pool in enumerate(cluster.gpu_pools):
+        _check_pool_engine(pool, f"cluster.gpuPools[{index}]", bundle, required, warnings)
+    if cluster.fallback_pool is not None:
+        _check_pool_engine(cluster.fallback_pool, "cluster.fallbackPool", bundle, required, warnings)
+
+
+def _check_pool_engine(
+    pool: GpuPoolConfig, path: str, bundle: BundleRef, required: bool, warnings: list[str]
+) -> None:
+    if pool.gpu_arch in bundle.engine_arches:
+        return
+    have = ", ".join(sorted(bundle.engine_arches)) or "none"
+    if required:
+        raise ConfigError(
+            _key(f"{path}.instanceTypes"),
+            f"pool {pool.name!r} runs {pool.gpu_arch} but bundle {bundle.path} ({bundle.model} "
+            f"{bundle.version}) has no TensorRT engine for it (engines: {have}). Build the engine on a "
+            f"{pool.gpu_arch} GPU host, change the pool, or set dualdeploy:requireEngines false to serve "
+            "the ONNX variant through CUDA",
+        )
+    warnings.append(
+        f"{path}: pool {pool.name!r} ({pool.gpu_arch}) has no TensorRT engine in {bundle.path} "
+        f"(engines: {have}); it will serve the ONNX variant through CUDA, slower than an engine"
+    )
+
+
+def _check_endpoint(endpoint: EndpointConfig, environment: str, warnings: list[str]) -> None:
+    where = _key("cluster.endpoint.publicAccessCidrs")
+    if endpoint.public_access and not endpoint.public_access_cidrs:
+        raise ConfigError(
+            where,
+            "a public API endpoint needs an allow-list of CIDRs (EKS would open it to 0.0.0.0/0); "
+            "list your ranges or set publicAccess false",
+        )
+    open_cidrs = [c for c in endpoint.public_access_cidrs if c in ("0.0.0.0/0", "::/0")]
+    if open_cidrs and environment == "prod":
+        raise ConfigError(
+            where, f"{open_cidrs} opens the API of a prod stack to the internet; list your ranges"
+        )
+    if open_cidrs:
+        warnings.append(f"cluster.endpoint.publicAccessCidrs contains {open_cidrs}: the API is open to all")
+
+
+def _check_capacity(cluster: ClusterConfig, serving: ServingConfig) -> None:
+    per_gpu = cluster.device_plugin.time_slicing_replicas
+    slots = sum(p.max_size * p.gpus_per_node * per_gpu for p in cluster.all_gpu_pools)
+    if slots < serving.max_replicas:
+        raise ConfigError(
+            _key("serving.maxReplicas"),
+            f"{serving.max_replicas} replicas cannot fit: the GPU pools hold at most {slots} "
+            f"(sum of maxSize × GPUs per node × {per_gpu} time-sliced replicas per GPU); "
+            "raise the pools' maxSize or timeSlicingReplicas",
+        )
+
+
+def raw_from_stack_yaml(config: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Split a stack file's ``config:`` map into the ``dualdeploy:`` dict and ``aws:region``.
+
+    Used by tests and the offline tools, which read ``stacks/Pulumi.<stack>.yaml`` directly.
+    Secure values (``{secure: ...}``) are left out: they cannot be decrypted without the CLI.
+    """
+    raw: dict[str, Any] = {}
+    for full_key, value in config.items():
+        namespace, _, name = full_key.partition(":")
+        if namespace == NAMESPACE and not (isinstance(value, Mapping) and "secure" in value):
+            raw[name] = value
+    region = config.get("aws:region")
+    return raw, str(region) if region else None

@@ -1,0 +1,679 @@
+"""GpuCluster: an EKS cluster whose GPU capacity is mostly Spot, built with pulumi_aws directly.
+
+What it creates, and why each piece is there:
+
+- a KMS key for envelope encryption of Kubernetes secrets, and the control-plane log group
+  (created here so its retention is ours, not "never expire");
+- the EKS cluster at a pinned version, its API endpoint private by default;
+- an IAM OIDC provider, so pods get AWS roles through IRSA instead of the node's role;
+- one on-demand CPU node group for system pods;
+- Spot GPU node groups: each with three or more instance types of one GPU architecture
+  (diversified, so one type's Spot shortage does not stop scaling), the accelerated AMI,
+  the ``dualdeploy.io/gpu-arch`` label that the model Deployment's node affinity matches,
+  and the ``nvidia.com/gpu=present:NoSchedule`` taint that keeps other pods off GPUs;
+- an optional on-demand GPU fallback group (minimum 0), ranked below every Spot group;
+- the NVIDIA device plugin (optionally time-slicing each GPU between several model pods);
+- the cluster autoscaler with its own IRSA role and the priority expander, able to scale
+  the GPU groups from zero.
+
+Spot interruptions: the component uses EKS *managed* node groups and deliberately does not
+install aws-node-termination-handler. Managed node groups with capacity type SPOT turn on
+Capacity Rebalancing and drain a node themselves when EC2 sends a rebalance recommendation
+or the two-minute interruption notice (AWS EKS user guide, "Managed node groups",
+"Spot Instances"). The termination handler is meant for self-managed groups; run beside
+managed groups, two agents would cordon and drain the same node. The pod side (SIGTERM
+drain, ``preStop``, grace period, PDB, spread) belongs to the serving component.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_kubernetes as k8s
+import yaml
+
+from components.config import LOG_TYPES, SUPPORTED_KUBERNETES_VERSIONS
+from components.gpu_instances import GPU_INSTANCE_TYPES
+
+GPU_TAINT_KEY = "nvidia.com/gpu"
+GPU_ARCH_LABEL = "dualdeploy.io/gpu-arch"
+CAPACITY_LABEL = "dualdeploy.io/capacity-type"
+POOL_LABEL = "dualdeploy.io/pool"
+GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
+CPU_AMI_TYPE = "AL2023_x86_64_STANDARD"
+DEVICE_PLUGIN_REPO = "https://nvidia.github.io/k8s-device-plugin"
+AUTOSCALER_REPO = "https://kubernetes.github.io/autoscaler"
+AUTOSCALER_SERVICE_ACCOUNT = "cluster-autoscaler"
+AUTOSCALER_NAMESPACE = "kube-system"
+SPOT_PRIORITY = 50
+FALLBACK_PRIORITY = 10
+OTHER_PRIORITY = 1
+_MANAGED_POLICY = "arn:aws:iam::aws:policy/"
+_TEMPLATE = "k8s.io/cluster-autoscaler/node-template"
+
+
+@dataclass
+class NodePool:
+    """The shape of one managed node group.
+
+    Pools are concrete values, not Inputs: their number and instance types decide which
+    resources exist and which labels the nodes carry, so they must be known up front.
+    """
+
+    name: str
+    """Short name; the node group is ``<cluster>-system`` or ``<cluster>-gpu-<role>-<name>``."""
+
+    instance_types: Sequence[str]
+    """EC2 instance types. GPU pools: types from components/gpu_instances.py, one architecture."""
+
+    min_size: int
+    """Fewest nodes. GPU pools usually 0 (scale from zero); the fallback must be 0."""
+
+    max_size: int
+    """Most nodes the autoscaler may start."""
+
+    desired_size: int | None = None
+    """Nodes at creation (default ``min_size``); the autoscaler owns it afterwards."""
+
+    disk_size_gib: int = 100
+    """Root volume size; serving images with CUDA and TensorRT are several GiB."""
+
+
+@dataclass
+class GpuClusterArgs:
+    """Inputs of :class:`GpuCluster`."""
+
+    cluster_name: str
+    """EKS cluster name. Concrete: node group names and the autoscaler's regexes derive from it."""
+
+    kubernetes_version: str
+    """Pinned EKS version, one of ``SUPPORTED_KUBERNETES_VERSIONS``."""
+
+    region: str
+    """AWS region (the autoscaler and the kubeconfig's ``aws eks get-token`` need it)."""
+
+    vpc_id: pulumi.Input[str]
+    """The VPC (from :class:`components.network.Network`)."""
+
+    subnet_ids: pulumi.Input[Sequence[pulumi.Input[str]]]
+    """Private subnets, in at least two zones, for the control plane ENIs and every node."""
+
+    system_pool: NodePool
+    """The on-demand CPU node group for system pods."""
+
+    gpu_pools: Sequence[NodePool]
+    """Spot GPU node groups: each ≥ 3 instance types of one GPU architecture and one GPU count."""
+
+    fallback_pool: NodePool | None = None
+    """Optional on-demand GPU node group with ``min_size`` 0, used only when Spot cannot be had."""
+
+    endpoint_public_access: pulumi.Input[bool] = False
+    """Expose the API endpoint publicly too (it is always reachable from inside the VPC)."""
+
+    public_access_cidrs: Sequence[str] = ()
+    """Allow-list for the public endpoint; required when it is public."""
+
+    log_types: Sequence[str] = LOG_TYPES
+    """Control-plane log types sent to CloudWatch; must include api, audit, authenticator."""
+
+    log_retention_days: pulumi.Input[int] = 90
+    """Retention of the control-plane log group."""
+
+    device_plugin_chart_version: pulumi.Input[str] = "0.18.0"
+    """Pinned nvidia-device-plugin chart version."""
+
+    time_slicing_replicas: int = 1
+    """Pods sharing one GPU through time-slicing; 1 turns it off. Concrete: the autoscaler's
+    scale-from-zero GPU count is multiplied by it."""
+
+    autoscaler_chart_version: pulumi.Input[str] = "9.46.6"
+    """Pinned cluster-autoscaler chart version."""
+
+    autoscaler_image_tag: pulumi.Input[str] = "v1.33.0"
+    """cluster-autoscaler image; its minor must match ``kubernetes_version``."""
+
+    tags: Mapping[str, str] = field(default_factory=dict)
+    """Tags for every taggable AWS resource."""
+
+
+def _validate(args: GpuClusterArgs) -> None:
+    """Raise ValueError naming the input and the allowed values."""
+    if args.kubernetes_version not in SUPPORTED_KUBERNETES_VERSIONS:
+        raise ValueError(
+            f"kubernetes_version: {args.kubernetes_version!r} is not one of "
+            f"{', '.join(SUPPORTED_KUBERNETES_VERSIONS)}"
+        )
+    if not {"api", "audit", "authenticator"} <= set(args.log_types) or not set(args.log_types) <= set(
+        LOG_TYPES
+    ):
+        raise ValueError(f"log_types: must include api, audit, authenticator and only {', '.join(LOG_TYPES)}")
+    if args.endpoint_public_access is True and not args.public_access_cidrs:
+        raise ValueError(
+            "public_access_cidrs: a public endpoint without an allow-list is open to 0.0.0.0/0; "
+            "pass the CIDRs that may reach it, or keep endpoint_public_access False"
+        )
+    if not args.gpu_pools:
+        raise ValueError("gpu_pools: at least one Spot GPU pool is required")
+    if args.time_slicing_replicas < 1:
+        raise ValueError(f"time_slicing_replicas: must be ≥ 1, got {args.time_slicing_replicas}")
+    pools = [(p, "gpu_pools") for p in args.gpu_pools]
+    if args.fallback_pool is not None:
+        pools.append((args.fallback_pool, "fallback_pool"))
+        if args.fallback_pool.min_size != 0:
+            raise ValueError(f"fallback_pool.min_size: must be 0, got {args.fallback_pool.min_size}")
+    names = [p.name for p, _ in pools]
+    if len(set(names)) != len(names):
+        raise ValueError(f"gpu_pools: pool names must be unique, got {names}")
+    for pool, where in pools:
+        _validate_gpu_pool(pool, where)
+
+
+def _validate_gpu_pool(pool: NodePool, where: str) -> None:
+    if not 0 <= pool.min_size <= pool.max_size:
+        raise ValueError(
+            f"{where}[{pool.name}]: need 0 ≤ min_size ≤ max_size, got {pool.min_size}..{pool.max_size}"
+        )
+    unknown = [t for t in pool.instance_types if t not in GPU_INSTANCE_TYPES]
+    if unknown:
+        raise ValueError(f"{where}[{pool.name}].instance_types: {unknown} not in components/gpu_instances.py")
+    arches = {GPU_INSTANCE_TYPES[t].gpu_arch for t in pool.instance_types}
+    counts = {GPU_INSTANCE_TYPES[t].gpus for t in pool.instance_types}
+    if len(arches) != 1 or len(counts) != 1:
+        raise ValueError(
+            f"{where}[{pool.name}].instance_types: one GPU architecture and GPU count per pool, "
+            f"got arches {sorted(arches)} and counts {sorted(counts)}"
+        )
+    if where == "gpu_pools" and len(pool.instance_types) < 3:
+        raise ValueError(
+            f"gpu_pools[{pool.name}].instance_types: a Spot pool needs ≥ 3 instance types, "
+            f"got {list(pool.instance_types)}"
+        )
+
+
+def _assume_role_policy(service: str) -> str:
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"Service": service},
+                    "Action": ["sts:AssumeRole", "sts:TagSession"]
+                    if service.startswith("eks.")
+                    else "sts:AssumeRole",
+                }
+            ],
+        }
+    )
+
+
+def irsa_trust_policy(oidc_arn: str, issuer_url: str, namespace: str, service_account: str) -> str:
+    """The trust policy that lets one Kubernetes service account assume a role (IRSA)."""
+    issuer = issuer_url.removeprefix("https://")
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"Federated": oidc_arn},
+                    "Action": "sts:AssumeRoleWithWebIdentity",
+                    "Condition": {
+                        "StringEquals": {
+                            f"{issuer}:sub": f"system:serviceaccount:{namespace}:{service_account}",
+                            f"{issuer}:aud": "sts.amazonaws.com",
+                        }
+                    },
+                }
+            ],
+        }
+    )
+
+
+def autoscaler_policy(cluster_name: str) -> dict[str, Any]:
+    """IAM policy of the cluster autoscaler, as the autoscaler's AWS guide lists it.
+
+    Read actions are unrestricted (they cannot be scoped); the two actions that change
+    capacity only apply to groups tagged as this cluster's. ``eks:DescribeNodegroup`` is what
+    lets the autoscaler read a managed group's labels and taints while it has zero nodes.
+    """
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Describe",
+                "Effect": "Allow",
+                "Action": [
+                    "autoscaling:DescribeAutoScalingGroups",
+                    "autoscaling:DescribeAutoScalingInstances",
+                    "autoscaling:DescribeLaunchConfigurations",
+                    "autoscaling:DescribeScalingActivities",
+                    "autoscaling:DescribeTags",
+                    "ec2:DescribeImages",
+                    "ec2:DescribeInstanceTypes",
+                    "ec2:DescribeLaunchTemplateVersions",
+                    "ec2:GetInstanceTypesFromInstanceRequirements",
+                    "eks:DescribeNodegroup",
+                ],
+                "Resource": "*",
+            },
+            {
+                "Sid": "ScaleOwnGroups",
+                "Effect": "Allow",
+                "Action": [
+                    "autoscaling:SetDesiredCapacity",
+                    "autoscaling:TerminateInstanceInAutoScalingGroup",
+                ],
+                "Resource": "*",
+                "Condition": {
+                    "StringEquals": {f"aws:ResourceTag/k8s.io/cluster-autoscaler/{cluster_name}": "owned"}
+                },
+            },
+        ],
+    }
+
+
+def kubeconfig_for(cluster_name: str, endpoint: str, ca_data: str, region: str) -> str:
+    """A kubeconfig that authenticates through ``aws eks get-token`` (no token stored)."""
+    user = f"{cluster_name}-user"
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": cluster_name, "cluster": {"server": endpoint, "certificate-authority-data": ca_data}}
+            ],
+            "contexts": [{"name": cluster_name, "context": {"cluster": cluster_name, "user": user}}],
+            "current-context": cluster_name,
+            "users": [
+                {
+                    "name": user,
+                    "user": {
+                        "exec": {
+                            "apiVersion": "client.authentication.k8s.io/v1beta1",
+                            "command": "aws",
+                            "args": ["eks", "get-token", "--cluster-name", cluster_name, "--region", region],
+                        }
+                    },
+                }
+            ],
+        }
+    )
+
+
+def time_slicing_config(replicas: int) -> str:
+    """The device plugin's config file that shares each GPU between ``replicas`` pods.
+
+    ``renameByDefault: false`` keeps the resource name ``nvidia.com/gpu`` so pods request it
+    as usual; ``failRequestsGreaterThanOne`` rejects pods asking for more than one share,
+    since shares of one GPU give no extra compute.
+    """
+    return yaml.safe_dump(
+        {
+            "version": "v1",
+            "flags": {"migStrategy": "none"},
+            "sharing": {
+                "timeSlicing": {
+                    "renameByDefault": False,
+                    "failRequestsGreaterThanOne": True,
+                    "resources": [{"name": "nvidia.com/gpu", "replicas": replicas}],
+                }
+            },
+        },
+        sort_keys=False,
+    )
+
+
+class GpuCluster(pulumi.ComponentResource):
+    """EKS with Spot GPU node groups, the NVIDIA device plugin and the cluster autoscaler."""
+
+    cluster_name: pulumi.Output[str]
+    kubeconfig: pulumi.Output[str]
+    provider: k8s.Provider
+    oidc_provider_arn: pulumi.Output[str]
+    gpu_node_group_names: pulumi.Output[list[str]]
+
+    def __init__(self, name: str, args: GpuClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        """Create the cluster.
+
+        Raises:
+            ValueError: an input is out of its allowed values (named in the message).
+        """
+        _validate(args)
+        super().__init__("dualdeploy:gpu_cluster:GpuCluster", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        tags = dict(args.tags)
+        cluster_name = args.cluster_name
+
+        # ---------------------------------------------------------------- encryption, logs, role
+        key = aws.kms.Key(
+            f"{name}-secrets-key",
+            description=f"Envelope encryption of Kubernetes secrets in EKS cluster {cluster_name}",
+            enable_key_rotation=True,
+            deletion_window_in_days=30,
+            tags=tags,
+            opts=child,
+        )
+        aws.kms.Alias(
+            f"{name}-secrets-key-alias",
+            name=f"alias/{cluster_name}-secrets",
+            target_key_id=key.key_id,
+            opts=child,
+        )
+        log_group = aws.cloudwatch.LogGroup(
+            f"{name}-control-plane-logs",
+            name=f"/aws/eks/{cluster_name}/cluster",
+            retention_in_days=args.log_retention_days,
+            tags=tags,
+            opts=child,
+        )
+        cluster_role = aws.iam.Role(
+            f"{name}-cluster-role",
+            assume_role_policy=_assume_role_policy("eks.amazonaws.com"),
+            tags=tags,
+            opts=child,
+        )
+        cluster_policy = aws.iam.RolePolicyAttachment(
+            f"{name}-cluster-policy",
+            role=cluster_role.name,
+            policy_arn=_MANAGED_POLICY + "AmazonEKSClusterPolicy",
+            opts=child,
+        )
+
+        # ---------------------------------------------------------------- control plane
+        cluster = aws.eks.Cluster(
+            f"{name}-eks",
+            name=cluster_name,
+            version=args.kubernetes_version,
+            role_arn=cluster_role.arn,
+            vpc_config=aws.eks.ClusterVpcConfigArgs(
+                subnet_ids=args.subnet_ids,
+                endpoint_private_access=True,
+                endpoint_public_access=args.endpoint_public_access,
+                public_access_cidrs=list(args.public_access_cidrs) or None,
+            ),
+            encryption_config=aws.eks.ClusterEncryptionConfigArgs(
+                provider=aws.eks.ClusterEncryptionConfigProviderArgs(key_arn=key.arn),
+                resources=["secrets"],
+            ),
+            enabled_cluster_log_types=list(args.log_types),
+            access_config=aws.eks.ClusterAccessConfigArgs(
+                authentication_mode="API",
+                bootstrap_cluster_creator_admin_permissions=True,
+            ),
+            tags=tags,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[log_group, cluster_policy]),
+        )
+        issuer = cluster.identities.apply(lambda ids: ids[0].oidcs[0].issuer)  # type: ignore[index]
+        oidc = aws.iam.OpenIdConnectProvider(
+            f"{name}-oidc",
+            url=issuer,
+            client_id_lists=["sts.amazonaws.com"],
+            tags=tags,
+            opts=child,
+        )
+
+        # ---------------------------------------------------------------- nodes
+        node_role = aws.iam.Role(
+            f"{name}-node-role",
+            assume_role_policy=_assume_role_policy("ec2.amazonaws.com"),
+            tags=tags,
+            opts=child,
+        )
+        node_policies = [
+            aws.iam.RolePolicyAttachment(
+                f"{name}-node-{suffix}",
+                role=node_role.name,
+                policy_arn=_MANAGED_POLICY + policy,
+                opts=child,
+            )
+            for suffix, policy in (
+                ("worker", "AmazonEKSWorkerNodePolicy"),
+                ("cni", "AmazonEKS_CNI_Policy"),
+                ("ecr", "AmazonEC2ContainerRegistryReadOnly"),
+                ("ssm", "AmazonSSMManagedInstanceCore"),  # shell access through SSM, no SSH keys
+            )
+        ]
+        after_nodes_role = pulumi.ResourceOptions(
+            parent=self,
+            depends_on=node_policies,
+            # The autoscaler owns the desired size once the group exists.
+            ignore_changes=["scalingConfig.desiredSize"],
+        )
+
+        system = args.system_pool
+        system_group = aws.eks.NodeGroup(
+            f"{name}-system",
+            cluster_name=cluster.name,
+            node_group_name=f"{cluster_name}-system",
+            node_role_arn=node_role.arn,
+            subnet_ids=args.subnet_ids,
+            capacity_type="ON_DEMAND",
+            ami_type=CPU_AMI_TYPE,
+            instance_types=list(system.instance_types),
+            disk_size=system.disk_size_gib,
+            scaling_config=aws.eks.NodeGroupScalingConfigArgs(
+                min_size=system.min_size,
+                max_size=system.max_size,
+                desired_size=system.desired_size if system.desired_size is not None else system.min_size,
+            ),
+            update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
+            labels={POOL_LABEL: "system"},
+            tags=tags,
+            opts=after_nodes_role,
+        )
+
+        gpu_groups: list[aws.eks.NodeGroup] = []
+        gpu_pools: list[tuple[NodePool, str]] = [(p, "spot") for p in args.gpu_pools]
+        if args.fallback_pool is not None:
+            gpu_pools.append((args.fallback_pool, "fallback"))
+        for pool, role in gpu_pools:
+            gpu_groups.append(
+                self._gpu_node_group(
+                    name,
+                    args=args,
+                    pool=pool,
+                    role=role,
+                    cluster=cluster,
+                    node_role=node_role,
+                    opts=after_nodes_role,
+                )
+            )
+
+        # ---------------------------------------------------------------- kubeconfig, provider
+        self.kubeconfig = pulumi.Output.secret(
+            pulumi.Output.all(cluster.name, cluster.endpoint, cluster.certificate_authority.data).apply(
+                lambda v: kubeconfig_for(v[0], v[1], v[2], args.region)
+            )
+        )
+        # The one provider a component builds: the cluster's own, handed to callers as an output.
+        self.provider = k8s.Provider(
+            f"{name}-k8s",
+            kubeconfig=self.kubeconfig,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[system_group]),
+        )
+        on_cluster = pulumi.ResourceOptions(parent=self, provider=self.provider, depends_on=[system_group])
+
+        # ---------------------------------------------------------------- NVIDIA device plugin
+        plugin_values: dict[str, Any] = {
+            # Our own label, set by the node group: no dependence on node-feature-discovery.
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": GPU_ARCH_LABEL, "operator": "Exists"}]}
+                        ]
+                    }
+                }
+            },
+            "tolerations": [{"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+            "priorityClassName": "system-node-critical",
+            "gfd": {"enabled": False},
+        }
+        if args.time_slicing_replicas > 1:
+            plugin_values["config"] = {
+                "map": {"default": time_slicing_config(args.time_slicing_replicas)},
+                "default": "default",
+            }
+        k8s.helm.v3.Release(
+            f"{name}-nvidia-device-plugin",
+            name="nvidia-device-plugin",
+            chart="nvidia-device-plugin",
+            version=args.device_plugin_chart_version,
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=DEVICE_PLUGIN_REPO),
+            namespace="nvidia-device-plugin",
+            create_namespace=True,
+            values=plugin_values,
+            opts=on_cluster,
+        )
+
+        # ---------------------------------------------------------------- cluster autoscaler (IRSA)
+        autoscaler_role = aws.iam.Role(
+            f"{name}-autoscaler-role",
+            assume_role_policy=pulumi.Output.all(oidc.arn, issuer).apply(
+                lambda v: irsa_trust_policy(v[0], v[1], AUTOSCALER_NAMESPACE, AUTOSCALER_SERVICE_ACCOUNT)
+            ),
+            tags=tags,
+            opts=child,
+        )
+        autoscaler_role_policy = aws.iam.RolePolicy(
+            f"{name}-autoscaler-policy",
+            role=autoscaler_role.id,
+            policy=json.dumps(autoscaler_policy(cluster_name)),
+            opts=child,
+        )
+        k8s.helm.v3.Release(
+            f"{name}-cluster-autoscaler",
+            name="cluster-autoscaler",
+            chart="cluster-autoscaler",
+            version=args.autoscaler_chart_version,
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=AUTOSCALER_REPO),
+            namespace=AUTOSCALER_NAMESPACE,
+            values={
+                "cloudProvider": "aws",
+                "awsRegion": args.region,
+                "autoDiscovery": {"clusterName": cluster_name},
+                "image": {"tag": args.autoscaler_image_tag},
+                "rbac": {
+                    "serviceAccount": {
+                        "create": True,
+                        "name": AUTOSCALER_SERVICE_ACCOUNT,
+                        "annotations": {"eks.amazonaws.com/role-arn": autoscaler_role.arn},
+                    }
+                },
+                "extraArgs": {
+                    "expander": "priority",
+                    "balance-similar-node-groups": True,
+                    "skip-nodes-with-system-pods": False,
+                    "scale-down-unneeded-time": "10m",
+                },
+                # The chart renders this into the priority expander's ConfigMap. The keys are
+                # ASG name regexes; EKS names a managed group's ASG eks-<nodegroup>-<uuid>.
+                "expanderPriorities": expander_priorities(cluster_name),
+                "nodeSelector": {POOL_LABEL: "system"},
+                "priorityClassName": "system-cluster-critical",
+            },
+            opts=pulumi.ResourceOptions(
+                parent=self, provider=self.provider, depends_on=[system_group, autoscaler_role_policy]
+            ),
+        )
+
+        self.cluster_name = cluster.name
+        self.oidc_provider_arn = oidc.arn
+        self.gpu_node_group_names = pulumi.Output.all(*[g.node_group_name for g in gpu_groups])
+        self.register_outputs(
+            {
+                "cluster_name": self.cluster_name,
+                "kubeconfig": self.kubeconfig,
+                "oidc_provider_arn": self.oidc_provider_arn,
+                "gpu_node_group_names": self.gpu_node_group_names,
+            }
+        )
+
+    def _gpu_node_group(
+        self,
+        name: str,
+        *,
+        args: GpuClusterArgs,
+        pool: NodePool,
+        role: str,
+        cluster: aws.eks.Cluster,
+        node_role: aws.iam.Role,
+        opts: pulumi.ResourceOptions,
+    ) -> aws.eks.NodeGroup:
+        """One GPU managed node group and the autoscaler's scale-from-zero hints on its ASG."""
+        facts = GPU_INSTANCE_TYPES[pool.instance_types[0]]
+        capacity = "SPOT" if role == "spot" else "ON_DEMAND"
+        labels = {
+            GPU_ARCH_LABEL: facts.gpu_arch,
+            CAPACITY_LABEL: "spot" if role == "spot" else "on-demand",
+            POOL_LABEL: pool.name,
+            "nvidia.com/gpu.present": "true",
+        }
+        group = aws.eks.NodeGroup(
+            f"{name}-gpu-{role}-{pool.name}",
+            cluster_name=cluster.name,
+            node_group_name=f"{args.cluster_name}-gpu-{role}-{pool.name}",
+            node_role_arn=node_role.arn,
+            subnet_ids=args.subnet_ids,
+            capacity_type=capacity,
+            ami_type=GPU_AMI_TYPE,
+            instance_types=list(pool.instance_types),
+            disk_size=pool.disk_size_gib,
+            scaling_config=aws.eks.NodeGroupScalingConfigArgs(
+                min_size=pool.min_size,
+                max_size=pool.max_size,
+                desired_size=pool.desired_size if pool.desired_size is not None else pool.min_size,
+            ),
+            update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable_percentage=33),
+            node_repair_config=aws.eks.NodeGroupNodeRepairConfigArgs(enabled=True),
+            labels=labels,
+            taints=[aws.eks.NodeGroupTaintArgs(key=GPU_TAINT_KEY, value="present", effect="NO_SCHEDULE")],
+            tags=tags_with(args.tags, {"dualdeploy:pool-role": role}),
+            opts=opts,
+        )
+        # Tags on a managed node group do not reach its Auto Scaling group, and the autoscaler
+        # reads scale-from-zero hints from the ASG. eks:DescribeNodegroup covers labels and
+        # taints on recent autoscalers; the tags cover older ones and the GPU count (which,
+        # under time-slicing, is GPUs x replicas).
+        asg_name = group.resources.apply(lambda r: r[0].autoscaling_groups[0].name)  # type: ignore[index]
+        hints = {
+            **{f"label-{k.split('/')[-1]}": (f"{_TEMPLATE}/label/{k}", v) for k, v in labels.items()},
+            "label-eks-capacity": (f"{_TEMPLATE}/label/eks.amazonaws.com/capacityType", capacity),
+            "taint-gpu": (f"{_TEMPLATE}/taint/{GPU_TAINT_KEY}", "present:NoSchedule"),
+            "resources-gpu": (
+                f"{_TEMPLATE}/resources/nvidia.com/gpu",
+                str(facts.gpus * args.time_slicing_replicas),
+            ),
+        }
+        for suffix, (tag_key, tag_value) in hints.items():
+            aws.autoscaling.Tag(
+                f"{name}-gpu-{role}-{pool.name}-ca-{suffix}",
+                autoscaling_group_name=asg_name,
+                tag=aws.autoscaling.TagTagArgs(key=tag_key, value=tag_value, propagate_at_launch=False),
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+        return group
+
+
+def tags_with(tags: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """The common tags plus resource-specific ones."""
+    return {**tags, **extra}
+
+
+def expander_priorities(cluster_name: str) -> dict[str, list[str]]:
+    """Priority expander tiers: every Spot GPU group above the on-demand fallback.
+
+    The autoscaler picks the highest tier that can fit the pending pods; the fallback is
+    reached only when no Spot group can grow (capacity unavailable or at its max).
+    """
+    return {
+        str(SPOT_PRIORITY): [f"^eks-{cluster_name}-gpu-spot-.*"],
+        str(FALLBACK_PRIORITY): [f"^eks-{cluster_name}-gpu-fallback-.*"],
+        str(OTHER_PRIORITY): [".*"],
+    }
