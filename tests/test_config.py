@@ -1,0 +1,434 @@
+"""The stack config: every stack file parses, and every invalid case names its key and the allowed values."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from components.config import (
+    SUPPORTED_KUBERNETES_VERSIONS,
+    ConfigError,
+    StackConfig,
+    parse_stack_config,
+    raw_from_stack_yaml,
+)
+from components.gpu_instances import GPU_INSTANCE_TYPES, UnknownInstanceType, lookup
+from tests.cloud_harness import REPO_ROOT, write_fixture_bundle
+
+STACKS = ("local", "cloud-dev", "cloud-prod", "edge-site", "hybrid")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder with fixture bundles (demo has sm_86 and sm_89 engines) and inventories."""
+    root = tmp_path_factory.mktemp("project")
+    write_fixture_bundle(root / "dist", "demo", ("sm_86", "sm_89"))
+    write_fixture_bundle(root / "dist", "demo-distilled")
+    write_fixture_bundle(root / "dist", "plain")  # no engines at all
+    for inventory in ("local", "example-site"):
+        (root / "ansible" / "inventories" / inventory).mkdir(parents=True)
+        (root / "ansible" / "inventories" / inventory / "hosts.yml").write_text("all: {}\n")
+    return root
+
+
+def cloud_raw() -> dict[str, Any]:
+    """A valid cloud stack as a dict, to be broken one key at a time."""
+    return {
+        "environment": "dev",
+        "tags": {"owner": "ml-platform"},
+        "bundle": "dist/demo/latest",
+        "requireEngines": True,
+        "network": {"cidr": "10.20.0.0/16", "availabilityZones": ["us-west-2a", "us-west-2b"]},
+        "cluster": {
+            "kubernetesVersion": "1.33",
+            "gpuPools": [
+                {"name": "ampere", "instanceTypes": ["g5.xlarge", "g5.2xlarge", "g5.4xlarge"], "maxSize": 2},
+            ],
+            "fallbackPool": {"instanceTypes": ["g5.xlarge"], "maxSize": 1},
+            "devicePlugin": {"timeSlicingReplicas": 5},
+        },
+        "serving": {"minReplicas": 2, "maxReplicas": 10},
+    }
+
+
+def parse(
+    raw: dict[str, Any], project: Path, stack: str = "test", region: str | None = "us-west-2"
+) -> StackConfig:
+    return parse_stack_config(raw, stack=stack, region=region, base_dir=project)
+
+
+def error_for(raw: dict[str, Any], project: Path, **kwargs: Any) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse(raw, project, **kwargs)
+    return info.value
+
+
+def load_stack(name: str) -> tuple[dict[str, Any], str | None]:
+    data = yaml.safe_load((REPO_ROOT / "stacks" / f"Pulumi.{name}.yaml").read_text())
+    return raw_from_stack_yaml(data["config"])
+
+
+# --------------------------------------------------------------------------- the GPU table
+
+
+def test_gpu_table_covers_the_required_families() -> None:
+    families = {t.family for t in GPU_INSTANCE_TYPES.values()}
+    assert {"g4dn", "g5", "g6", "g6e", "p4d", "p5"} <= families
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "arch", "gpus", "memory"),
+    [
+        ("g4dn.xlarge", "T4", "sm_75", 1, 16),
+        ("g5.12xlarge", "A10G", "sm_86", 4, 24),
+        ("g6.xlarge", "L4", "sm_89", 1, 24),
+        ("g6e.48xlarge", "L40S", "sm_89", 8, 48),
+        ("p4d.24xlarge", "A100", "sm_80", 8, 40),
+        ("p5.48xlarge", "H100", "sm_90", 8, 80),
+    ],
+)
+def test_gpu_table_entry_has_the_published_gpu(
+    name: str, model: str, arch: str, gpus: int, memory: int
+) -> None:
+    entry = lookup(name)
+    assert (entry.gpu_model, entry.gpu_arch, entry.gpus, entry.gpu_memory_gib) == (model, arch, gpus, memory)
+
+
+def test_gpu_table_lookup_of_unknown_type_names_the_families() -> None:
+    with pytest.raises(UnknownInstanceType, match="g4dn, g5, g6, g6e"):
+        lookup("m5.large")
+
+
+# --------------------------------------------------------------------------- the stack files
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_stack_file_parses(stack: str, project: Path) -> None:
+    raw, region = load_stack(stack)
+    config = parse(raw, project, stack=stack, region=region)
+    assert config.stack == stack
+    assert config.cluster is not None or config.edge is not None
+
+
+def test_local_stack_is_edge_only_on_this_machine(project: Path) -> None:
+    raw, region = load_stack("local")
+    config = parse(raw, project, stack="local", region=region)
+    assert config.cluster is None and config.network is None
+    assert config.edge is not None
+    assert config.edge.inventory == "ansible/inventories/local"
+    assert config.edge.playbook == "ansible/edge.yml"
+
+
+def test_edge_site_stack_targets_the_example_site(project: Path) -> None:
+    raw, region = load_stack("edge-site")
+    config = parse(raw, project, stack="edge-site", region=region)
+    assert config.cluster is None
+    assert config.edge is not None and config.edge.inventory == "ansible/inventories/example-site"
+
+
+def test_hybrid_stack_serves_the_large_model_in_the_cloud_and_the_distilled_one_at_the_edge(
+    project: Path,
+) -> None:
+    raw, region = load_stack("hybrid")
+    config = parse(raw, project, stack="hybrid", region=region)
+    assert config.bundle is not None and config.bundle.path == "dist/demo/latest"
+    assert config.edge is not None and config.edge.bundle == "dist/demo-distilled/latest"
+    assert config.cluster is not None
+
+
+def test_cloud_dev_is_small_with_one_spot_pool_and_the_article_hpa(project: Path) -> None:
+    raw, region = load_stack("cloud-dev")
+    config = parse(raw, project, stack="cloud-dev", region=region)
+    assert config.cluster is not None and config.serving is not None
+    assert len(config.cluster.gpu_pools) == 1 and config.cluster.fallback_pool is None
+    assert config.cluster.gpu_pools[0].capacity_type == "SPOT"
+    assert (config.serving.min_replicas, config.serving.max_replicas) == (2, 10)
+    assert config.serving.target_cpu_utilization == 70
+
+
+def test_cloud_prod_has_zones_diversified_spot_a_fallback_and_the_peak_profile(project: Path) -> None:
+    raw, region = load_stack("cloud-prod")
+    config = parse(raw, project, stack="cloud-prod", region=region)
+    assert config.network is not None and len(config.network.availability_zones) >= 3
+    assert config.cluster is not None and config.serving is not None
+    assert len(config.cluster.gpu_pools) >= 2
+    assert len({p.gpu_arch for p in config.cluster.gpu_pools}) >= 2
+    assert config.cluster.fallback_pool is not None
+    assert config.cluster.fallback_pool.capacity_type == "ON_DEMAND"
+    assert (config.serving.min_replicas, config.serving.max_replicas) == (20, 200)
+    assert config.require_engines is True
+    assert config.cluster.endpoint.public_access is False
+
+
+def test_cloud_prod_refuses_a_bundle_without_engines(project: Path) -> None:
+    raw, region = load_stack("cloud-prod")
+    raw["bundle"] = "dist/plain/latest"
+    error = error_for(raw, project, stack="cloud-prod", region=region)
+    assert error.key == "dualdeploy:cluster.gpuPools[0].instanceTypes"
+    assert "no TensorRT engine" in str(error) and "requireEngines false" in str(error)
+
+
+def test_pulumi_json_strings_parse_like_yaml_values(project: Path) -> None:
+    raw = cloud_raw()
+    as_pulumi = {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
+    assert parse(as_pulumi, project) == parse(raw, project)
+
+
+def test_config_is_frozen(project: Path) -> None:
+    config = parse(cloud_raw(), project)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.environment = "prod"  # type: ignore[misc]
+
+
+def test_default_tags_name_the_stack(project: Path) -> None:
+    config = parse(cloud_raw(), project, stack="cloud-dev")
+    assert config.tags["dualdeploy:stack"] == "cloud-dev"
+    assert config.tags["managed-by"] == "pulumi"
+    assert config.tags["owner"] == "ml-platform"
+
+
+# --------------------------------------------------------------------------- invalid cases
+
+
+def test_min_replicas_above_max_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 12, "maxReplicas": 10}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.minReplicas"
+    assert "12 is above maxReplicas 10" in str(error)
+
+
+def test_pool_min_size_above_max_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["gpuPools"][0].update(minSize=3, maxSize=2)
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.gpuPools[0].minSize"
+    assert "minSize ≤ maxSize" in str(error)
+
+
+def test_pool_mixing_gpu_architectures_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["gpuPools"][0]["instanceTypes"] = ["g5.xlarge", "g5.2xlarge", "g6.xlarge"]
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.gpuPools[0].instanceTypes"
+    assert "mixes GPU architectures ['sm_86', 'sm_89']" in str(error)
+    assert "g6.xlarge (L4, sm_89)" in str(error)
+
+
+def test_pool_mixing_gpu_counts_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["gpuPools"][0]["instanceTypes"] = ["g5.xlarge", "g5.2xlarge", "g5.12xlarge"]
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.gpuPools[0].instanceTypes"
+    assert "mixes GPUs per node [1, 4]" in str(error)
+
+
+def test_instance_type_missing_from_the_table_is_rejected_with_a_suggestion(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["gpuPools"][0]["instanceTypes"] = ["g5.xlarge", "g5.2xlarge", "g5.4xlargee"]
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.gpuPools[0].instanceTypes"
+    assert "'g5.4xlargee' is not in the GPU instance table" in str(error)
+    assert "did you mean 'g5.4xlarge'" in str(error)
+    assert "known families: g4dn, g5, g6, g6e, p4d" in str(error)
+
+
+def test_spot_pool_with_fewer_than_three_types_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["gpuPools"][0]["instanceTypes"] = ["g5.xlarge", "g5.2xlarge"]
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.gpuPools[0].instanceTypes"
+    assert "at least 3 instance types" in str(error)
+
+
+def test_unsupported_kubernetes_version_lists_the_supported_ones(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["kubernetesVersion"] = "1.27"
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.kubernetesVersion"
+    assert f"allowed: {', '.join(SUPPORTED_KUBERNETES_VERSIONS)}" in str(error)
+
+
+def test_unquoted_kubernetes_version_gets_a_yaml_hint(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["kubernetesVersion"] = 1.30
+    error = error_for(raw, project)
+    assert "'1.3' is not supported" in str(error) and "quote it" in str(error)
+
+
+def test_bundle_path_without_a_manifest_is_rejected(project: Path, tmp_path: Path) -> None:
+    (tmp_path / "dist" / "empty").mkdir(parents=True)
+    raw = cloud_raw()
+    raw["bundle"] = str(tmp_path / "dist" / "empty")
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:bundle"
+    assert "manifest.json: missing" in str(error)
+
+
+def test_bundle_path_that_does_not_exist_says_how_to_build_it(project: Path) -> None:
+    raw = cloud_raw()
+    raw["bundle"] = "dist/nothing/latest"
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:bundle"
+    assert "make build" in str(error)
+
+
+def test_pool_arch_without_engine_is_rejected_when_engines_are_required(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["gpuPools"][0]["instanceTypes"] = ["g4dn.xlarge", "g4dn.2xlarge", "g4dn.4xlarge"]
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.gpuPools[0].instanceTypes"
+    assert "runs sm_75" in str(error) and "engines: sm_86, sm_89" in str(error)
+
+
+def test_fallback_arch_without_engine_is_rejected_when_engines_are_required(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["fallbackPool"]["instanceTypes"] = ["p5.48xlarge"]
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.fallbackPool.instanceTypes"
+
+
+def test_pool_arch_without_engine_only_warns_when_engines_are_optional(project: Path) -> None:
+    raw = cloud_raw()
+    raw["requireEngines"] = False
+    raw["bundle"] = "dist/plain/latest"
+    config = parse(raw, project)
+    assert config.require_engines is False
+    assert any("'ampere' (sm_86) has no TensorRT engine" in w for w in config.warnings)
+
+
+def test_pool_arch_with_an_engine_gives_no_warning(project: Path) -> None:
+    config = parse(cloud_raw(), project)
+    assert config.bundle is not None and config.bundle.engine_arches == frozenset({"sm_86", "sm_89"})
+    assert config.warnings == ()
+
+
+def test_fallback_must_scale_from_zero(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["fallbackPool"]["minSize"] = 1
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.fallbackPool.minSize"
+
+
+def test_unknown_key_is_named_with_a_suggestion(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["gpuPool"] = raw["cluster"].pop("gpuPools")
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.gpuPool"
+    assert "did you mean 'gpuPools'" in str(error)
+
+
+def test_unknown_top_level_key_is_named(project: Path) -> None:
+    raw = cloud_raw()
+    raw["requireEngine"] = True
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:requireEngine"
+    assert "did you mean 'requireEngines'" in str(error)
+
+
+def test_environment_must_be_one_of_the_allowed(project: Path) -> None:
+    raw = cloud_raw()
+    raw["environment"] = "production"
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:environment"
+    assert "dev, staging, prod" in str(error)
+
+
+def test_public_endpoint_without_allow_list_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["endpoint"] = {"publicAccess": True}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.endpoint.publicAccessCidrs"
+
+
+def test_prod_endpoint_open_to_the_internet_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["environment"] = "prod"
+    raw["cluster"]["endpoint"] = {"publicAccess": True, "publicAccessCidrs": ["0.0.0.0/0"]}
+    error = error_for(raw, project)
+    assert "opens the API of a prod stack" in str(error)
+
+
+def test_zone_outside_the_region_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["network"]["availabilityZones"] = ["us-west-2a", "us-east-1b"]
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:network.availabilityZones"
+    assert "not a zone of region us-west-2" in str(error)
+
+
+def test_a_single_zone_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["network"]["availabilityZones"] = ["us-west-2a"]
+    error = error_for(raw, project)
+    assert "at least 2 availability zones" in str(error)
+
+
+def test_replicas_that_cannot_fit_the_pools_are_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 100}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.maxReplicas"
+    assert "at most 15" in str(error)  # (2 spot + 1 fallback) nodes x 1 GPU x 5
+
+
+def test_cloud_part_needs_a_region(project: Path) -> None:
+    error = error_for(cloud_raw(), project, region=None)
+    assert error.key == "aws:region"
+
+
+def test_cloud_part_needs_all_its_sections(project: Path) -> None:
+    raw = cloud_raw()
+    del raw["serving"]
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving"
+
+
+def test_autoscaler_image_must_match_the_cluster_minor(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["autoscaler"] = {"imageTag": "v1.30.2"}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.autoscaler.imageTag"
+
+
+def test_edge_inventory_must_exist(project: Path) -> None:
+    raw = {
+        "environment": "dev",
+        "edge": {"inventory": "ansible/inventories/nowhere", "bundle": "dist/demo/latest"},
+    }
+    error = error_for(raw, project, region=None)
+    assert error.key == "dualdeploy:edge.inventory"
+
+
+def test_edge_bundle_without_manifest_is_rejected(project: Path) -> None:
+    raw = {"environment": "dev", "edge": {"inventory": "ansible/inventories/local", "bundle": "ansible"}}
+    error = error_for(raw, project, region=None)
+    assert error.key == "dualdeploy:edge.bundle"
+
+
+def test_edge_defaults(project: Path) -> None:
+    raw = {
+        "environment": "dev",
+        "edge": {"inventory": "ansible/inventories/local", "bundle": "dist/demo/latest"},
+    }
+    edge = parse(raw, project, region=None).edge
+    assert edge is not None
+    assert (edge.playbook, edge.public_key, edge.limit) == ("ansible/edge.yml", None, None)
+
+
+def test_a_stack_with_neither_part_is_rejected(project: Path) -> None:
+    error = error_for({"environment": "dev"}, project, region=None)
+    assert "neither a cloud part" in str(error)
+
+
+def test_stack_dicts_are_not_mutated_by_parsing(project: Path) -> None:
+    raw = cloud_raw()
+    before = copy.deepcopy(raw)
+    parse(raw, project)
+    assert raw == before
