@@ -11,7 +11,7 @@ REQS := requirements.txt requirements-dev.txt serving/requirements.txt
 SPEC ?= models/demo.yaml
 DIST ?= dist
 
-.PHONY: help setup build test lint bench clean
+.PHONY: help setup build test lint bench clean snapshots
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ lint: setup ## ruff, mypy (and ansible-lint once ansible/ has roles).
 
 bench: setup ## Run every benchmark in bench/; each prints a table and writes bench/results/<name>.json.
 	for b in bench/*_bench.py; do echo "== $$b"; $(PY) $$b; done
+
+snapshots: setup ## Rewrite the cloud resource-graph snapshots (tests/snapshots/) after an intended change; review the diff.
+	UPDATE_SNAPSHOTS=1 $(PY) -m pytest -q tests/test_cloud_stacks.py -k snapshot
 
 clean: ## Remove build outputs (keeps .venv and the dev signing key).
 	rm -rf $(DIST) build .cache

@@ -2,7 +2,7 @@
 
 Used by the cloud tests (one subprocess per stack) and by ``bench/cloud_bench.py``::
 
-    python -m tests.cloud_harness cloud-prod --project-dir /tmp/proj --out graph.json
+    python tests/cloud_harness.py cloud-prod --project-dir /tmp/proj --out graph.json
 
 Why a subprocess per stack: the Pulumi runtime keeps process-wide state (the settings
 object, the root Stack resource in a ContextVar, the config map, the outputs still being
@@ -36,6 +36,8 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: components/ and model_build/ live at the root
+    sys.path.insert(0, str(REPO_ROOT))
 ACCOUNT = "123456789012"
 SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"  # pulumi.runtime.rpc._special_secret_sig
 SIG_KEY = "4dabf18193072939515e22adb298388d"  # pulumi.runtime.rpc._special_sig_key
@@ -209,13 +211,16 @@ def run(stack: str, project_dir: Path, secrets: dict[str, str] | None = None) ->
             if await out.is_secret():
                 secret_outputs.append(key)
 
-    started = time.perf_counter()
-
     def program() -> None:
         runpy.run_path(str(REPO_ROOT / "__main__.py"), run_name="__main__")
 
-    _sync_await(run_pulumi_func(program))
-    _sync_await(run_pulumi_func(lambda: _sync_await(collect())))
+    started = time.perf_counter()
+    error = None
+    try:
+        _sync_await(run_pulumi_func(program))
+        _sync_await(run_pulumi_func(lambda: _sync_await(collect())))
+    except Exception as exc:  # reported in the graph and by the exit status
+        error = f"{type(exc).__name__}: {exc}"
     seconds = time.perf_counter() - started
     return {
         "stack": stack,
@@ -223,6 +228,7 @@ def run(stack: str, project_dir: Path, secrets: dict[str, str] | None = None) ->
         "outputs": outputs,
         "secret_outputs": secret_outputs,
         "seconds": seconds,
+        "error": error,
     }
 
 
@@ -364,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     out_path = args.out.resolve()
     graph = run(args.stack, args.project_dir.resolve(), secrets)
     out_path.write_text(json.dumps(graph, indent=1, sort_keys=True, default=str))
+    if graph["error"]:
+        print(graph["error"], file=sys.stderr)
+        return 1
     return 0
 
 

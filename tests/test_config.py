@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cloud_harness import REPO_ROOT, write_fixture_bundle
 
 from components.config import (
     SUPPORTED_KUBERNETES_VERSIONS,
@@ -19,7 +20,6 @@ from components.config import (
     raw_from_stack_yaml,
 )
 from components.gpu_instances import GPU_INSTANCE_TYPES, UnknownInstanceType, lookup
-from tests.cloud_harness import REPO_ROOT, write_fixture_bundle
 
 STACKS = ("local", "cloud-dev", "cloud-prod", "edge-site", "hybrid")
 

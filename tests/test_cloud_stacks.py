@@ -1,0 +1,375 @@
+"""The Pulumi program for each stack, run under mocks: its graph snapshot, and one policy a test.
+
+Each stack runs in its own interpreter through ``tests/cloud_harness.py`` (see its docstring
+for why), from a project folder in ``tmp_path`` that holds fixture bundles. ``cloud-prod``
+requires TensorRT engines, so its fixture bundle declares sm_86 and sm_89 engines;
+``cloud-dev`` gets a bundle without engines and must warn instead.
+
+Snapshots live in ``tests/snapshots/<stack>.json``. After an intended change to the graph::
+
+    make snapshots        # = UPDATE_SNAPSHOTS=1 pytest tests/test_cloud_stacks.py -k snapshot
+
+and review the diff like code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cloud_harness import REPO_ROOT, is_secret, make_project, mask_secrets, secret_values, snapshot
+
+from components.gpu_instances import GPU_INSTANCE_TYPES
+
+CLOUD_STACKS = ("cloud-dev", "cloud-prod")
+EDGE_STACKS = ("local", "edge-site", "hybrid")
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+HAS_EDGE_FLEET = (REPO_ROOT / "components" / "edge_fleet.py").is_file()
+# Engines the fixture bundle declares, per stack: prod requires them, dev and the rest do not.
+ENGINES = {"cloud-prod": ("sm_86", "sm_89")}
+TEST_VAULT_PASSWORD = "fixture-vault-password-not-real"
+
+
+def run_stack(stack: str, project: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """Run the program for ``stack`` in a fresh interpreter; the graph lands in ``out``."""
+    command = [
+        sys.executable, str(REPO_ROOT / "tests" / "cloud_harness.py"), stack,
+        "--project-dir", str(project), "--out", str(out),
+        "--secret", f"dualdeploy:edgeVaultPassword={TEST_VAULT_PASSWORD}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+class StackRun:
+    """One program run: its graph and its stderr (where Pulumi's warnings go under mocks)."""
+
+    def __init__(self, stack: str, graph: dict[str, Any], stderr: str) -> None:
+        self.stack = stack
+        self.graph = graph
+        self.stderr = stderr
+        self.resources: list[dict[str, Any]] = graph["resources"]
+
+    def of_type(self, typ: str) -> list[dict[str, Any]]:
+        return [r for r in self.resources if r["type"] == typ]
+
+    def one(self, typ: str, name: str) -> dict[str, Any]:
+        matches = [r for r in self.of_type(typ) if r["name"] == name]
+        assert len(matches) == 1, f"expected one {typ} named {name}, got {len(matches)}"
+        return matches[0]
+
+    def node_groups(self) -> list[dict[str, Any]]:
+        return self.of_type("aws:eks/nodeGroup:NodeGroup")
+
+    def gpu_groups(self) -> list[dict[str, Any]]:
+        return [g for g in self.node_groups() if "dualdeploy.io/gpu-arch" in g["inputs"].get("labels", {})]
+
+    def release(self, chart: str) -> dict[str, Any]:
+        matches = [r for r in self.of_type("kubernetes:helm.sh/v3:Release") if r["inputs"]["chart"] == chart]
+        assert len(matches) == 1, f"expected one {chart} release"
+        return matches[0]
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StackRun]:
+    """Run every stack that can run on this branch, once per test session."""
+    stacks = CLOUD_STACKS + (EDGE_STACKS if HAS_EDGE_FLEET else ())
+    results: dict[str, StackRun] = {}
+    for stack in stacks:
+        project = make_project(tmp_path_factory.mktemp(f"project-{stack}"), ENGINES.get(stack, ()))
+        out = project / "graph.json"
+        done = run_stack(stack, project, out)
+        assert done.returncode == 0, f"{stack} program failed:\n{done.stderr[-4000:]}"
+        results[stack] = StackRun(stack, json.loads(out.read_text()), done.stderr)
+    return results
+
+
+@pytest.fixture(params=CLOUD_STACKS)
+def cloud(request: pytest.FixtureRequest, runs: dict[str, StackRun]) -> StackRun:
+    return runs[request.param]
+
+
+def stack_file(stack: str) -> dict[str, Any]:
+    data = yaml.safe_load((REPO_ROOT / "stacks" / f"Pulumi.{stack}.yaml").read_text())
+    return data["config"]
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+@pytest.mark.parametrize("stack", CLOUD_STACKS + EDGE_STACKS)
+def test_graph_matches_snapshot(stack: str, runs: dict[str, StackRun]) -> None:
+    if stack in EDGE_STACKS and not HAS_EDGE_FLEET:
+        pytest.skip("components/edge_fleet.py (the EdgeFleet component, edge branch) is not on this branch")
+    current = snapshot(runs[stack].graph)
+    path = SNAPSHOTS / f"{stack}.json"
+    text = json.dumps(current, indent=1, sort_keys=True) + "\n"
+    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+        path.write_text(text)
+    assert path.is_file(), f"no snapshot for {stack}: run `make snapshots`"
+    expected = json.loads(path.read_text())
+    assert current == expected, (
+        f"the {stack} resource graph changed; if intended, run `make snapshots` and review the diff"
+    )
+
+
+# --------------------------------------------------------------------------- policies
+
+
+def test_every_gpu_pool_is_spot_except_the_fallback(cloud: StackRun) -> None:
+    groups = cloud.gpu_groups()
+    assert groups
+    for group in groups:
+        inputs = group["inputs"]
+        fallback = inputs["nodeGroupName"].split("-gpu-")[1].startswith("fallback-")
+        assert inputs["capacityType"] == ("ON_DEMAND" if fallback else "SPOT"), group["name"]
+        assert inputs["labels"]["dualdeploy.io/capacity-type"] == ("on-demand" if fallback else "spot")
+    assert sum(g["inputs"]["capacityType"] == "SPOT" for g in groups) >= 1
+
+
+def test_spot_pools_have_three_types_of_one_architecture(cloud: StackRun) -> None:
+    for group in cloud.gpu_groups():
+        types = group["inputs"]["instanceTypes"]
+        arches = {GPU_INSTANCE_TYPES[t].gpu_arch for t in types}
+        assert len(arches) == 1, f"{group['name']} mixes {arches}"
+        assert group["inputs"]["labels"]["dualdeploy.io/gpu-arch"] == arches.pop()
+        if group["inputs"]["capacityType"] == "SPOT":
+            assert len(types) >= 3, f"{group['name']} has only {types}"
+
+
+def test_gpu_pools_have_the_gpu_taint_labels_and_accelerated_ami(cloud: StackRun) -> None:
+    for group in cloud.gpu_groups():
+        inputs = group["inputs"]
+        assert inputs["taints"] == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NO_SCHEDULE"}]
+        assert {"dualdeploy.io/gpu-arch", "dualdeploy.io/capacity-type", "dualdeploy.io/pool"} <= set(
+            inputs["labels"]
+        )
+        assert inputs["amiType"] == "AL2023_x86_64_NVIDIA"
+    system = [g for g in cloud.node_groups() if g not in cloud.gpu_groups()]
+    assert len(system) == 1
+    assert system[0]["inputs"]["capacityType"] == "ON_DEMAND" and "taints" not in system[0]["inputs"]
+
+
+def test_pool_sizes_follow_the_stack(cloud: StackRun) -> None:
+    cluster = json.loads(json.dumps(stack_file(cloud.stack)["dualdeploy:cluster"]))
+    wanted = {f"spot-{p['name']}": p for p in cluster["gpuPools"]}
+    if "fallbackPool" in cluster:
+        wanted[f"fallback-{cluster['fallbackPool']['name']}"] = cluster["fallbackPool"]
+    got = {
+        g["inputs"]["nodeGroupName"].split("-gpu-")[1]: g["inputs"]["scalingConfig"]
+        for g in cloud.gpu_groups()
+    }
+    assert set(got) == set(wanted)
+    for key, pool in wanted.items():
+        assert got[key]["minSize"] == pool.get("minSize", 0)
+        assert got[key]["maxSize"] == pool["maxSize"]
+
+
+def test_secrets_are_encrypted_with_kms_and_control_plane_logging_is_on(cloud: StackRun) -> None:
+    (cluster,) = cloud.of_type("aws:eks/cluster:Cluster")
+    inputs = cluster["inputs"]
+    assert inputs["encryptionConfig"]["resources"] == ["secrets"]
+    (key,) = cloud.of_type("aws:kms/key:Key")
+    assert key["inputs"]["enableKeyRotation"] is True
+    assert inputs["encryptionConfig"]["provider"]["keyArn"].startswith("arn:aws:kms:")
+    assert {"api", "audit", "authenticator"} <= set(inputs["enabledClusterLogTypes"])
+    (logs,) = cloud.of_type("aws:cloudwatch/logGroup:LogGroup")
+    assert logs["inputs"]["name"] == f"/aws/eks/{inputs['name']}/cluster"
+    assert logs["inputs"]["retentionInDays"] > 0
+
+
+def test_kubernetes_version_is_pinned_from_the_stack(cloud: StackRun) -> None:
+    (cluster,) = cloud.of_type("aws:eks/cluster:Cluster")
+    assert cluster["inputs"]["version"] == stack_file(cloud.stack)["dualdeploy:cluster"]["kubernetesVersion"]
+
+
+def test_endpoint_is_private_unless_the_stack_opens_it_with_an_allow_list(cloud: StackRun) -> None:
+    (cluster,) = cloud.of_type("aws:eks/cluster:Cluster")
+    vpc = cluster["inputs"]["vpcConfig"]
+    assert vpc["endpointPrivateAccess"] is True
+    if vpc["endpointPublicAccess"]:
+        assert vpc["publicAccessCidrs"] and "0.0.0.0/0" not in vpc["publicAccessCidrs"]
+
+
+def test_irsa_oidc_provider_trusts_the_cluster_issuer(cloud: StackRun) -> None:
+    (cluster,) = cloud.of_type("aws:eks/cluster:Cluster")
+    (oidc,) = cloud.of_type("aws:iam/openIdConnectProvider:OpenIdConnectProvider")
+    assert oidc["inputs"]["clientIdLists"] == ["sts.amazonaws.com"]
+    role = cloud.one("aws:iam/role:Role", "cluster-autoscaler-role")
+    trust = json.loads(role["inputs"]["assumeRolePolicy"])
+    statement = trust["Statement"][0]
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    issuer = oidc["inputs"]["url"].removeprefix("https://")
+    assert statement["Condition"]["StringEquals"][f"{issuer}:sub"] == (
+        "system:serviceaccount:kube-system:cluster-autoscaler"
+    )
+    assert cluster["name"] == "cluster-eks"
+
+
+def test_autoscaler_prefers_spot_pools_to_the_fallback(cloud: StackRun) -> None:
+    values = cloud.release("cluster-autoscaler")["inputs"]["values"]
+    assert values["extraArgs"]["expander"] == "priority"
+    tiers = {int(k): v for k, v in values["expanderPriorities"].items()}
+    # Match the tiers against the ASG names the (mocked) node groups report, as the autoscaler does.
+    asg_names = {
+        g["inputs"]["nodeGroupName"]: f"eks-{g['inputs']['nodeGroupName']}-0123abcd"
+        for g in cloud.gpu_groups()
+    }
+
+    def tier_of(asg: str) -> int:
+        return max(p for p, patterns in tiers.items() if any(re.match(pat, asg) for pat in patterns))
+
+    spot = [tier_of(a) for n, a in asg_names.items() if "-gpu-spot-" in n]
+    fallback = [tier_of(a) for n, a in asg_names.items() if "-gpu-fallback-" in n]
+    assert spot
+    assert min(spot) > max(fallback, default=0)
+    assert min(spot) > min(tiers)
+
+
+def test_autoscaler_can_scale_gpu_pools_from_zero(cloud: StackRun) -> None:
+    policy = json.loads(
+        cloud.one("aws:iam/rolePolicy:RolePolicy", "cluster-autoscaler-policy")["inputs"]["policy"]
+    )
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    assert "eks:DescribeNodegroup" in actions
+    assert {"autoscaling:SetDesiredCapacity", "autoscaling:TerminateInstanceInAutoScalingGroup"} <= actions
+    replicas = stack_file(cloud.stack)["dualdeploy:cluster"]["devicePlugin"]["timeSlicingReplicas"]
+    tags = cloud.of_type("aws:autoscaling/tag:Tag")
+    for group in cloud.gpu_groups():
+        mine = {
+            t["inputs"]["tag"]["key"]: t["inputs"]["tag"]["value"]
+            for t in tags
+            if t["name"].startswith(f"{group['name']}-ca-")
+        }
+        template = "k8s.io/cluster-autoscaler/node-template"
+        gpus = GPU_INSTANCE_TYPES[group["inputs"]["instanceTypes"][0]].gpus
+        assert mine[f"{template}/resources/nvidia.com/gpu"] == str(gpus * replicas)
+        assert mine[f"{template}/taint/nvidia.com/gpu"] == "present:NoSchedule"
+        assert (
+            mine[f"{template}/label/dualdeploy.io/gpu-arch"]
+            == group["inputs"]["labels"]["dualdeploy.io/gpu-arch"]
+        )
+        assert all(t["inputs"]["tag"]["propagateAtLaunch"] is False for t in tags)
+    fallback = [g for g in cloud.gpu_groups() if g["inputs"]["capacityType"] == "ON_DEMAND"]
+    assert all(g["inputs"]["scalingConfig"]["minSize"] == 0 for g in fallback)
+
+
+def test_no_termination_handler_beside_managed_node_groups(cloud: StackRun) -> None:
+    charts = {r["inputs"]["chart"] for r in cloud.of_type("kubernetes:helm.sh/v3:Release")}
+    assert charts == {"nvidia-device-plugin", "cluster-autoscaler"}
+    assert not [r for r in cloud.resources if "termination-handler" in json.dumps(r)]
+    # Every node is in an EKS managed node group: no self-managed ASGs or launch templates.
+    assert not cloud.of_type("aws:autoscaling/group:Group")
+    assert not cloud.of_type("aws:ec2/launchTemplate:LaunchTemplate")
+
+
+def test_device_plugin_time_slicing_follows_the_stack(cloud: StackRun) -> None:
+    release = cloud.release("nvidia-device-plugin")["inputs"]
+    replicas = stack_file(cloud.stack)["dualdeploy:cluster"]["devicePlugin"]["timeSlicingReplicas"]
+    config = yaml.safe_load(release["values"]["config"]["map"]["default"])
+    assert config["sharing"]["timeSlicing"]["resources"] == [{"name": "nvidia.com/gpu", "replicas": replicas}]
+    assert release["values"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_helm_charts_are_pinned(cloud: StackRun) -> None:
+    for release in cloud.of_type("kubernetes:helm.sh/v3:Release"):
+        assert re.fullmatch(r"\d+\.\d+\.\d+", release["inputs"]["version"]), release["name"]
+        assert release["inputs"]["repositoryOpts"]["repo"].startswith("https://")
+
+
+def test_kubernetes_resources_use_the_clusters_provider(cloud: StackRun) -> None:
+    (provider,) = cloud.of_type("pulumi:providers:kubernetes")
+    for release in cloud.of_type("kubernetes:helm.sh/v3:Release"):
+        assert release["provider"] == provider["name"]
+
+
+def test_no_plaintext_secret_reaches_the_state(cloud: StackRun) -> None:
+    (provider,) = cloud.of_type("pulumi:providers:kubernetes")
+    assert is_secret(provider["inputs"]["kubeconfig"])
+    assert "kubeconfig" in cloud.graph["secret_outputs"]
+    secrets = [s for r in cloud.resources for s in secret_values(r["inputs"])]
+    assert secrets
+    plain = json.dumps([mask_secrets(r["inputs"]) for r in cloud.resources])
+    for secret in secrets:
+        text = secret if isinstance(secret, str) else json.dumps(secret)
+        assert text not in plain
+    # The kubeconfig authenticates through `aws eks get-token`: no token is stored at all.
+    kubeconfig = json.loads(provider["inputs"]["kubeconfig"]["value"])
+    assert kubeconfig["users"][0]["user"]["exec"]["command"] == "aws"
+    assert "token" not in kubeconfig["users"][0]["user"]
+
+
+@cache
+def _taggable(typ: str) -> bool:
+    """Whether the pulumi_aws resource class behind a type token takes ``tags``."""
+    import importlib
+
+    _package, module_path, cls_name = typ.split(":")
+    module = importlib.import_module(f"pulumi_aws.{module_path.split('/')[0]}")
+    cls = getattr(module, cls_name)
+    return "tags" in inspect.signature(cls._internal_init).parameters
+
+
+def test_every_taggable_resource_carries_the_stack_tags(cloud: StackRun) -> None:
+    wanted = {
+        "dualdeploy:stack": cloud.stack,
+        "managed-by": "pulumi",
+        **stack_file(cloud.stack)["dualdeploy:tags"],
+    }
+    taggable = [r for r in cloud.resources if r["type"].startswith("aws:") and _taggable(r["type"])]
+    assert len(taggable) > 10
+    for resource in taggable:
+        tags = resource["inputs"].get("tags", {})
+        missing = {k: v for k, v in wanted.items() if tags.get(k) != v}
+        assert not missing, f"{resource['type']} {resource['name']} lacks tags {missing}"
+
+
+def test_every_resource_is_a_child_of_a_component(cloud: StackRun) -> None:
+    components = {"dualdeploy:network:Network", "dualdeploy:gpu_cluster:GpuCluster"}
+    for resource in cloud.resources:
+        if resource["custom"]:
+            assert resource["parent_type"] in components, (
+                f"{resource['name']} has parent {resource['parent']}"
+            )
+    assert {r["type"] for r in cloud.resources if not r["custom"]} >= components
+
+
+def test_subnets_carry_load_balancer_tags_in_every_zone(cloud: StackRun) -> None:
+    zones = stack_file(cloud.stack)["dualdeploy:network"]["availabilityZones"]
+    subnets = cloud.of_type("aws:ec2/subnet:Subnet")
+    private = [s for s in subnets if "kubernetes.io/role/internal-elb" in s["inputs"]["tags"]]
+    public = [s for s in subnets if "kubernetes.io/role/elb" in s["inputs"]["tags"]]
+    assert sorted(s["inputs"]["availabilityZone"] for s in private) == sorted(zones)
+    assert sorted(s["inputs"]["availabilityZone"] for s in public) == sorted(zones)
+    assert all(s["inputs"]["mapPublicIpOnLaunch"] is False for s in public)
+    (cluster,) = cloud.of_type("aws:eks/cluster:Cluster")
+    subnet_ids = cluster["inputs"]["vpcConfig"]["subnetIds"]
+    assert len(set(subnet_ids)) == len(zones) and all(i.startswith("subnet-") for i in subnet_ids)
+
+
+# --------------------------------------------------------------------------- engines rule, both sides
+
+
+def test_dev_program_warns_when_the_bundle_has_no_engine(runs: dict[str, StackRun]) -> None:
+    assert "has no TensorRT engine in dist/demo/latest" in runs["cloud-dev"].stderr
+
+
+def test_prod_program_stops_before_any_resource_when_engines_are_missing(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project")  # a bundle without engines
+    out = tmp_path / "graph.json"
+    done = run_stack("cloud-prod", project, out)
+    assert done.returncode != 0
+    assert "invalid stack config: dualdeploy:cluster.gpuPools[0].instanceTypes" in done.stderr
+    graph = json.loads(out.read_text())
+    assert [r["type"] for r in graph["resources"]] == ["pulumi:pulumi:Stack"]
