@@ -1,0 +1,208 @@
+"""GpuCluster and Network as components, in this process, under ``pulumi.runtime.set_mocks``.
+
+The whole-program tests (test_cloud_stacks.py) check the graph each stack produces; these
+check the components' own contract: their outputs, and the ValueError each bad Args gets
+before any resource is registered.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+import pytest
+from cloud_harness import _mock_outputs
+
+from components.gpu_cluster import GpuCluster, GpuClusterArgs, NodePool, expander_priorities, kubeconfig_for
+from components.network import Network, NetworkArgs, subnet_cidrs
+
+REGION = "eu-west-1"
+
+
+class ComponentMocks(pulumi.runtime.Mocks):
+    """Per-type realistic outputs (shared with the program harness), and a log of registrations."""
+
+    def __init__(self) -> None:
+        self.registered: list[tuple[str, str]] = []
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
+        self.registered.append((args.typ, args.name))
+        return _mock_outputs(args.typ, args.name, dict(args.inputs), REGION)
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], None]:
+        raise AssertionError(f"unexpected provider call {args.token}")
+
+
+@pytest.fixture(autouse=True)
+def mocks() -> Iterator[ComponentMocks]:
+    """Fresh mocks for each test, installed when the test starts (not at import, so test
+    modules of other components cannot overwrite them during collection)."""
+    instance = ComponentMocks()
+    pulumi.runtime.set_mocks(instance, project="dualdeploy", stack="unit", preview=False)
+    yield instance
+
+
+def pools() -> dict[str, Any]:
+    return {
+        "system_pool": NodePool("system", ["m6i.large", "m6a.large", "m5.large"], 1, 3),
+        "gpu_pools": [NodePool("ampere", ["g5.xlarge", "g5.2xlarge", "g5.4xlarge"], 0, 4)],
+    }
+
+
+def make_args(**overrides: Any) -> GpuClusterArgs:
+    fields: dict[str, Any] = {
+        "cluster_name": "unit",
+        "kubernetes_version": "1.33",
+        "region": REGION,
+        "vpc_id": "vpc-0123",
+        "subnet_ids": ["subnet-a", "subnet-b"],
+        "time_slicing_replicas": 5,
+        "tags": {"owner": "test"},
+        **pools(),
+    }
+    fields.update(overrides)
+    return GpuClusterArgs(**fields)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@pulumi.runtime.test
+def test_kubeconfig_output_is_a_secret() -> pulumi.Output[Any]:
+    cluster = GpuCluster("unit", make_args())
+
+    def check(is_secret: bool) -> None:
+        assert is_secret, "the kubeconfig must be a secret output"
+
+    return pulumi.Output.from_input(cluster.kubeconfig.is_secret()).apply(check)
+
+
+@pulumi.runtime.test
+def test_kubeconfig_points_at_the_cluster_and_uses_aws_get_token() -> pulumi.Output[Any]:
+    cluster = GpuCluster("unit", make_args())
+
+    def check(text: str) -> None:
+        config = json.loads(text)
+        server = config["clusters"][0]["cluster"]["server"]
+        assert re.fullmatch(rf"https://[0-9A-F]+\.gr7\.{REGION}\.eks\.amazonaws\.com", server)
+        assert config["clusters"][0]["cluster"]["certificate-authority-data"]
+        assert config["users"][0]["user"]["exec"]["args"][:4] == [
+            "eks",
+            "get-token",
+            "--cluster-name",
+            "unit",
+        ]
+
+    return cluster.kubeconfig.apply(check)
+
+
+def test_provider_output_is_a_kubernetes_provider() -> None:
+    cluster = GpuCluster("unit", make_args())
+    assert isinstance(cluster.provider, k8s.Provider)
+
+
+@pulumi.runtime.test
+def test_gpu_node_group_names_follow_the_pools() -> pulumi.Output[Any]:
+    args = make_args(fallback_pool=NodePool("ondemand", ["g5.xlarge"], 0, 2))
+    cluster = GpuCluster("unit", args)
+
+    def check(names: list[str]) -> None:
+        assert names == ["unit-gpu-spot-ampere", "unit-gpu-fallback-ondemand"]
+
+    return cluster.gpu_node_group_names.apply(check)
+
+
+# --------------------------------------------------------------------------- Args validation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kubernetes_version": "1.25"}, "kubernetes_version: '1.25' is not one of 1.31"),
+        (
+            {"gpu_pools": [NodePool("a", ["g5.xlarge", "g5.2xlarge"], 0, 2)]},
+            r"gpu_pools\[a\].instance_types: a Spot pool needs ≥ 3 instance types",
+        ),
+        (
+            {"gpu_pools": [NodePool("a", ["g5.xlarge", "g5.2xlarge", "g6.xlarge"], 0, 2)]},
+            r"one GPU architecture and GPU count per pool, got arches \['sm_86', 'sm_89'\]",
+        ),
+        (
+            {"gpu_pools": [NodePool("a", ["g5.xlarge", "g5.2xlarge", "m5.large"], 0, 2)]},
+            r"\['m5.large'\] not in components/gpu_instances.py",
+        ),
+        (
+            {"gpu_pools": [NodePool("a", ["g5.xlarge", "g5.2xlarge", "g5.4xlarge"], 3, 2)]},
+            "min_size ≤ max_size",
+        ),
+        ({"fallback_pool": NodePool("od", ["g5.xlarge"], 1, 2)}, "fallback_pool.min_size: must be 0"),
+        ({"endpoint_public_access": True}, "public_access_cidrs: a public endpoint without an allow-list"),
+        ({"log_types": ["api"]}, "log_types: must include api, audit, authenticator"),
+        ({"gpu_pools": []}, "gpu_pools: at least one Spot GPU pool"),
+        ({"time_slicing_replicas": 0}, "time_slicing_replicas: must be ≥ 1"),
+    ],
+)
+def test_bad_args_raise_before_any_resource(
+    overrides: dict[str, Any], message: str, mocks: ComponentMocks
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        GpuCluster("bad", make_args(**overrides))
+    assert mocks.registered == []
+
+
+def test_network_rejects_a_single_zone(mocks: ComponentMocks) -> None:
+    with pytest.raises(ValueError, match="availability_zones: EKS needs at least 2 distinct zones"):
+        Network(
+            "net", NetworkArgs(cidr="10.0.0.0/16", availability_zones=["eu-west-1a"], cluster_name="unit")
+        )
+    assert mocks.registered == []
+
+
+def test_network_rejects_an_unknown_nat_mode() -> None:
+    with pytest.raises(ValueError, match="nat_gateways: 'two' is not one of single, per-az"):
+        Network(
+            "net",
+            NetworkArgs(
+                cidr="10.0.0.0/16",
+                availability_zones=["eu-west-1a", "eu-west-1b"],
+                cluster_name="u",
+                nat_gateways="two",
+            ),
+        )
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_subnets_do_not_overlap_and_stay_inside_the_vpc() -> None:
+    private, public = subnet_cidrs("10.40.0.0/16", 6)
+    blocks = [ipaddress.ip_network(c) for c in private + public]
+    vpc = ipaddress.ip_network("10.40.0.0/16")
+    assert all(b.subnet_of(vpc) for b in blocks)  # type: ignore[arg-type]
+    assert not any(a.overlaps(b) for i, a in enumerate(blocks) for b in blocks[i + 1 :])
+    assert ipaddress.ip_network(private[0]).num_addresses == 8192  # room for pod IPs with the AWS CNI
+
+
+def test_expander_ranks_spot_above_fallback_above_the_rest() -> None:
+    tiers = expander_priorities("prod")
+    spot = "eks-prod-gpu-spot-ampere-2ac4f1e0"
+    fallback = "eks-prod-gpu-fallback-ondemand-5b9e0c1a"
+    system = "eks-prod-system-77aa0c1d"
+
+    def tier(asg: str) -> int:
+        return max(int(p) for p, patterns in tiers.items() if any(re.match(x, asg) for x in patterns))
+
+    assert tier(spot) > tier(fallback) > tier(system)
+    # Another cluster's Spot groups in the same account do not match this cluster's tiers.
+    assert tier("eks-other-gpu-spot-ampere-1") == tier(system)
+
+
+def test_kubeconfig_carries_no_credentials() -> None:
+    config = json.loads(kubeconfig_for("c", "https://example", "Q0E=", "eu-west-1"))
+    user = config["users"][0]["user"]
+    assert set(user) == {"exec"}
