@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import pulumi
@@ -73,13 +73,13 @@ def make_args(**overrides: Any) -> GpuClusterArgs:
 
 
 @pulumi.runtime.test
-def test_kubeconfig_output_is_a_secret() -> pulumi.Output[Any]:
+def test_kubeconfig_output_is_a_secret() -> Awaitable[None]:
     cluster = GpuCluster("unit", make_args())
 
-    def check(is_secret: bool) -> None:
-        assert is_secret, "the kubeconfig must be a secret output"
+    async def check() -> None:
+        assert await cluster.kubeconfig.is_secret(), "the kubeconfig must be a secret output"
 
-    return pulumi.Output.from_input(cluster.kubeconfig.is_secret()).apply(check)
+    return check()
 
 
 @pulumi.runtime.test
