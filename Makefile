@@ -32,7 +32,7 @@ test: setup ## Run the whole test suite.
 
 lint: setup ## ruff, mypy (and ansible-lint once ansible/ has roles).
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy model_build serving components tests bench
+	$(VENV)/bin/mypy model_build serving components tests bench policy
 
 bench: setup ## Run every benchmark in bench/; each prints a table and writes bench/results/<name>.json.
 	for b in bench/*_bench.py; do echo "== $$b"; $(PY) $$b; done

@@ -1,0 +1,190 @@
+"""The dualdeploy policy rules: plain validation functions, and the policies built from them.
+
+Each ``validate_*`` function has the CrossGuard signature ``(args, report_violation)``; it
+reads ``args.resource_type`` and ``args.props`` (the resource's inputs, camelCase as the
+engine sends them) and calls ``report_violation(message)`` once per problem.
+
+Rules:
+- ``gpu-node-groups-spot``: an EKS node group with GPU instances is Spot, unless it is tagged
+  ``dualdeploy:pool-role = fallback`` (the on-demand fallback pool).
+- ``eks-secrets-encryption``: every EKS cluster encrypts Kubernetes secrets with a KMS key.
+- ``eks-public-endpoint-prod``: in a prod stack, a public EKS API endpoint needs an allow-list
+  that is not 0.0.0.0/0.
+- ``aws-resources-tagged``: every AWS resource type that takes tags carries the required tags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from functools import cache
+from typing import Any
+
+from pulumi_policy import (
+    PolicyConfigSchema,
+    ReportViolation,
+    ResourceValidationArgs,
+    ResourceValidationPolicy,
+)
+
+NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"
+CLUSTER = "aws:eks/cluster:Cluster"
+FALLBACK_TAG = "dualdeploy:pool-role"
+ENVIRONMENT_TAG = "dualdeploy:environment"
+DEFAULT_REQUIRED_TAGS = ("dualdeploy:stack", "managed-by")
+DEFAULT_PROD_STACKS = r"(^|-)prod($|-)"
+GPU_FAMILY = re.compile(r"^(g\d+[a-z]*|p\d+[a-z]*)\.")
+OPEN_CIDRS = ("0.0.0.0/0", "::/0")
+
+
+def _stack_of(urn: str) -> str:
+    """The stack name inside a URN (``urn:pulumi:<stack>::<project>::...``)."""
+    return urn.split("::", 1)[0].removeprefix("urn:pulumi:")
+
+
+def is_gpu_node_group(props: Mapping[str, Any]) -> bool:
+    """A node group is a GPU group when its AMI is an accelerated one or any type is g*/p*."""
+    ami = str(props.get("amiType") or "")
+    types = props.get("instanceTypes") or []
+    return "GPU" in ami or "NVIDIA" in ami or any(GPU_FAMILY.match(str(t)) for t in types)
+
+
+def validate_gpu_node_groups_spot(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """GPU node groups must be Spot unless tagged as the fallback pool."""
+    if args.resource_type != NODE_GROUP or not is_gpu_node_group(args.props):
+        return
+    tags = args.props.get("tags") or {}
+    capacity = args.props.get("capacityType") or "ON_DEMAND"  # the EKS default
+    if capacity != "SPOT" and tags.get(FALLBACK_TAG) != "fallback":
+        report_violation(
+            f"GPU node group {args.name!r} has capacityType {capacity}: GPU pools must be SPOT, "
+            f"or be tagged {FALLBACK_TAG}=fallback if they are the on-demand fallback",
+            None,
+        )
+
+
+def validate_eks_secrets_encryption(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """EKS clusters must envelope-encrypt Kubernetes secrets with a KMS key."""
+    if args.resource_type != CLUSTER:
+        return
+    config = args.props.get("encryptionConfig") or {}
+    resources = config.get("resources") or []
+    provider = config.get("provider") or {}
+    if "secrets" not in resources or "keyArn" not in provider:
+        report_violation(
+            f"EKS cluster {args.name!r} does not encrypt secrets: set encryptionConfig "
+            '{resources: ["secrets"], provider: {keyArn: <KMS key>}}',
+            None,
+        )
+
+
+def is_prod(args: ResourceValidationArgs) -> bool:
+    """Prod: the ``dualdeploy:environment`` tag says so, or the stack name matches the pattern."""
+    tags = args.props.get("tags") or {}
+    pattern = args.get_config().get("prodStackPattern", DEFAULT_PROD_STACKS)
+    return tags.get(ENVIRONMENT_TAG) == "prod" or re.search(pattern, _stack_of(args.urn)) is not None
+
+
+def validate_eks_public_endpoint_prod(
+    args: ResourceValidationArgs, report_violation: ReportViolation
+) -> None:
+    """A prod EKS cluster may have a public endpoint only with a real allow-list."""
+    if args.resource_type != CLUSTER or not is_prod(args):
+        return
+    vpc = args.props.get("vpcConfig") or {}
+    public = vpc.get("endpointPublicAccess", True)  # EKS makes the endpoint public unless told otherwise
+    if not public:
+        return
+    cidrs = list(vpc.get("publicAccessCidrs") or [])
+    open_cidrs = [c for c in cidrs if c in OPEN_CIDRS]
+    if not cidrs or open_cidrs:
+        shown = "none (EKS defaults to 0.0.0.0/0)" if not cidrs else ", ".join(open_cidrs)
+        report_violation(
+            f"prod EKS cluster {args.name!r} has a public API endpoint open to the internet "
+            f"(publicAccessCidrs: {shown}); make it private or list your CIDRs",
+            None,
+        )
+
+
+@cache
+def is_taggable(resource_type: str) -> bool:
+    """Whether a pulumi_aws resource type takes ``tags``, read from the SDK class itself.
+
+    Unknown or non-AWS types count as not taggable (the rule then says nothing about them).
+    """
+    parts = resource_type.split(":")
+    if len(parts) != 3 or parts[0] != "aws":
+        return False
+    module_name = parts[1].split("/")[0]
+    try:
+        module = importlib.import_module(
+            "pulumi_aws" if module_name == "index" else f"pulumi_aws.{module_name}"
+        )
+    except ImportError:
+        return False
+    cls = getattr(module, parts[2], None)
+    init = getattr(cls, "_internal_init", None)
+    return init is not None and "tags" in inspect.signature(init).parameters
+
+
+def validate_aws_resources_tagged(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """Every taggable AWS resource carries the required tag keys (config: ``requiredTags``)."""
+    if not is_taggable(args.resource_type):
+        return
+    required = list(args.get_config().get("requiredTags", DEFAULT_REQUIRED_TAGS))
+    tags = args.props.get("tags") or {}
+    missing = [key for key in required if not tags.get(key)]
+    if missing:
+        report_violation(
+            f"{args.resource_type} {args.name!r} is missing tags {missing} (required: {required})",
+            None,
+        )
+
+
+def _policy(
+    name: str,
+    description: str,
+    validate: Callable[[ResourceValidationArgs, ReportViolation], None],
+    schema: PolicyConfigSchema | None = None,
+) -> ResourceValidationPolicy:
+    return ResourceValidationPolicy(
+        name=name, description=description, validate=validate, config_schema=schema
+    )
+
+
+POLICIES: tuple[ResourceValidationPolicy, ...] = (
+    _policy(
+        "gpu-node-groups-spot",
+        "GPU node groups use Spot capacity unless tagged dualdeploy:pool-role=fallback.",
+        validate_gpu_node_groups_spot,
+    ),
+    _policy(
+        "eks-secrets-encryption",
+        "EKS clusters encrypt Kubernetes secrets with a KMS key.",
+        validate_eks_secrets_encryption,
+    ),
+    _policy(
+        "eks-public-endpoint-prod",
+        "A prod EKS cluster has no public API endpoint without an allow-list.",
+        validate_eks_public_endpoint_prod,
+        PolicyConfigSchema(
+            properties={"prodStackPattern": {"type": "string", "default": DEFAULT_PROD_STACKS}},
+        ),
+    ),
+    _policy(
+        "aws-resources-tagged",
+        "Every taggable AWS resource carries the required tags.",
+        validate_aws_resources_tagged,
+        PolicyConfigSchema(
+            properties={
+                "requiredTags": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "default": list(DEFAULT_REQUIRED_TAGS),
+                }
+            },
+        ),
+    ),
+)

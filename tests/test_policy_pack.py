@@ -1,0 +1,291 @@
+"""The CrossGuard policy pack: each rule on a compliant and a non-compliant resource.
+
+The validation functions get ``ResourceValidationArgs`` shaped as the engine sends them
+(camelCase inputs, a real URN, resource options). The last test feeds every resource of the
+``cloud-prod`` program run (under mocks) through every policy: our own stack must pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from cloud_harness import REPO_ROOT, make_project
+from pulumi_policy import PolicyCustomTimeouts, PolicyResourceOptions, ResourceValidationArgs
+
+sys.path.insert(0, str(REPO_ROOT / "policy"))
+import dualdeploy_rules as rules  # the pack is its own folder, not a package
+
+TAGS = {
+    "dualdeploy:stack": "cloud-prod",
+    "dualdeploy:environment": "prod",
+    "managed-by": "pulumi",
+    "owner": "ml",
+}
+
+
+def args_for(
+    resource_type: str,
+    name: str,
+    props: dict[str, Any],
+    stack: str = "cloud-prod",
+    config: dict | None = None,
+) -> ResourceValidationArgs:
+    urn = f"urn:pulumi:{stack}::dualdeploy::dualdeploy:gpu_cluster:GpuCluster${resource_type}::{name}"
+    opts = PolicyResourceOptions(
+        protect=False,
+        ignore_changes=[],
+        delete_before_replace=None,
+        aliases=[],
+        custom_timeouts=PolicyCustomTimeouts(0, 0, 0),
+        additional_secret_outputs=[],
+    )
+    return ResourceValidationArgs(resource_type, props, urn, name, opts, None, config)
+
+
+def violations(validate: Any, args: ResourceValidationArgs) -> list[str]:
+    found: list[str] = []
+    validate(args, lambda message, urn=None: found.append(message))
+    return found
+
+
+def spot_group(**changes: Any) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "clusterName": "dualdeploy-cloud-prod",
+        "nodeGroupName": "dualdeploy-cloud-prod-gpu-spot-ampere",
+        "capacityType": "SPOT",
+        "amiType": "AL2023_x86_64_NVIDIA",
+        "instanceTypes": ["g5.xlarge", "g5.2xlarge", "g5.4xlarge"],
+        "scalingConfig": {"minSize": 0, "maxSize": 30, "desiredSize": 0},
+        "labels": {"dualdeploy.io/gpu-arch": "sm_86"},
+        "taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NO_SCHEDULE"}],
+        "tags": {**TAGS, "dualdeploy:pool-role": "spot"},
+    }
+    props.update(changes)
+    return props
+
+
+def cluster_props(**changes: Any) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "name": "dualdeploy-cloud-prod",
+        "version": "1.33",
+        "roleArn": "arn:aws:iam::123456789012:role/cluster-role-1a2b3c4",
+        "vpcConfig": {
+            "subnetIds": ["subnet-0a1b2c3d", "subnet-1b2c3d4e"],
+            "endpointPrivateAccess": True,
+            "endpointPublicAccess": False,
+        },
+        "encryptionConfig": {
+            "resources": ["secrets"],
+            "provider": {
+                "keyArn": "arn:aws:kms:us-east-1:123456789012:key/3a6aff04-4e40-4ed3-a3a6-aff044e40ed3"
+            },
+        },
+        "enabledClusterLogTypes": ["api", "audit", "authenticator"],
+        "tags": dict(TAGS),
+    }
+    props.update(changes)
+    return props
+
+
+# --------------------------------------------------------------------------- GPU pools are Spot
+
+
+def test_spot_gpu_group_passes() -> None:
+    args = args_for(rules.NODE_GROUP, "cluster-gpu-spot-ampere", spot_group())
+    assert violations(rules.validate_gpu_node_groups_spot, args) == []
+
+
+def test_on_demand_gpu_group_fails() -> None:
+    args = args_for(rules.NODE_GROUP, "cluster-gpu-spot-ampere", spot_group(capacityType="ON_DEMAND"))
+    (message,) = violations(rules.validate_gpu_node_groups_spot, args)
+    assert "capacityType ON_DEMAND" in message
+
+
+def test_gpu_group_without_capacity_type_fails_because_eks_defaults_to_on_demand() -> None:
+    props = spot_group()
+    del props["capacityType"]
+    assert violations(rules.validate_gpu_node_groups_spot, args_for(rules.NODE_GROUP, "g", props))
+
+
+def test_on_demand_gpu_group_tagged_fallback_passes() -> None:
+    props = spot_group(capacityType="ON_DEMAND", tags={**TAGS, "dualdeploy:pool-role": "fallback"})
+    assert violations(rules.validate_gpu_node_groups_spot, args_for(rules.NODE_GROUP, "fb", props)) == []
+
+
+def test_gpu_group_is_recognised_by_instance_family_with_a_custom_ami() -> None:
+    props = spot_group(capacityType="ON_DEMAND", amiType="CUSTOM", instanceTypes=["p5.48xlarge"])
+    assert violations(rules.validate_gpu_node_groups_spot, args_for(rules.NODE_GROUP, "p5", props))
+
+
+def test_on_demand_cpu_group_is_not_a_gpu_pool() -> None:
+    props = spot_group(
+        capacityType="ON_DEMAND", amiType="AL2023_x86_64_STANDARD", instanceTypes=["m6i.large"]
+    )
+    assert violations(rules.validate_gpu_node_groups_spot, args_for(rules.NODE_GROUP, "system", props)) == []
+
+
+# --------------------------------------------------------------------------- secrets encryption
+
+
+def test_cluster_with_kms_secrets_encryption_passes() -> None:
+    args = args_for(rules.CLUSTER, "cluster-eks", cluster_props())
+    assert violations(rules.validate_eks_secrets_encryption, args) == []
+
+
+def test_cluster_without_encryption_fails() -> None:
+    props = cluster_props()
+    del props["encryptionConfig"]
+    (message,) = violations(
+        rules.validate_eks_secrets_encryption, args_for(rules.CLUSTER, "cluster-eks", props)
+    )
+    assert "does not encrypt secrets" in message
+
+
+def test_cluster_encrypting_other_resources_only_fails() -> None:
+    props = cluster_props(encryptionConfig={"resources": [], "provider": {"keyArn": "arn:aws:kms:..."}})
+    assert violations(rules.validate_eks_secrets_encryption, args_for(rules.CLUSTER, "cluster-eks", props))
+
+
+# --------------------------------------------------------------------------- public endpoint in prod
+
+
+def test_private_prod_endpoint_passes() -> None:
+    args = args_for(rules.CLUSTER, "cluster-eks", cluster_props())
+    assert violations(rules.validate_eks_public_endpoint_prod, args) == []
+
+
+def test_public_prod_endpoint_with_allow_list_passes() -> None:
+    vpc = {"subnetIds": ["subnet-1"], "endpointPublicAccess": True, "publicAccessCidrs": ["203.0.113.0/24"]}
+    args = args_for(rules.CLUSTER, "cluster-eks", cluster_props(vpcConfig=vpc))
+    assert violations(rules.validate_eks_public_endpoint_prod, args) == []
+
+
+def test_public_prod_endpoint_without_allow_list_fails() -> None:
+    vpc = {"subnetIds": ["subnet-1"], "endpointPublicAccess": True}
+    (message,) = violations(
+        rules.validate_eks_public_endpoint_prod,
+        args_for(rules.CLUSTER, "cluster-eks", cluster_props(vpcConfig=vpc)),
+    )
+    assert "EKS defaults to 0.0.0.0/0" in message
+
+
+def test_prod_endpoint_left_at_the_eks_default_fails() -> None:
+    args = args_for(rules.CLUSTER, "cluster-eks", cluster_props(vpcConfig={"subnetIds": ["subnet-1"]}))
+    assert violations(rules.validate_eks_public_endpoint_prod, args)
+
+
+def test_public_prod_endpoint_open_to_all_fails() -> None:
+    vpc = {"subnetIds": ["subnet-1"], "endpointPublicAccess": True, "publicAccessCidrs": ["0.0.0.0/0"]}
+    args = args_for(rules.CLUSTER, "cluster-eks", cluster_props(vpcConfig=vpc))
+    assert violations(rules.validate_eks_public_endpoint_prod, args)
+
+
+def test_public_dev_endpoint_is_not_this_rules_business() -> None:
+    vpc = {"subnetIds": ["subnet-1"], "endpointPublicAccess": True}
+    tags = {**TAGS, "dualdeploy:environment": "dev", "dualdeploy:stack": "cloud-dev"}
+    args = args_for(rules.CLUSTER, "cluster-eks", cluster_props(vpcConfig=vpc, tags=tags), stack="cloud-dev")
+    assert violations(rules.validate_eks_public_endpoint_prod, args) == []
+
+
+def test_prod_is_recognised_by_stack_name_without_tags() -> None:
+    vpc = {"subnetIds": ["subnet-1"], "endpointPublicAccess": True}
+    args = args_for(rules.CLUSTER, "c", cluster_props(vpcConfig=vpc, tags={}), stack="payments-prod")
+    assert violations(rules.validate_eks_public_endpoint_prod, args)
+
+
+# --------------------------------------------------------------------------- tags
+
+
+def test_tagged_resource_passes() -> None:
+    args = args_for("aws:ec2/vpc:Vpc", "net-vpc", {"cidrBlock": "10.40.0.0/16", "tags": dict(TAGS)})
+    assert violations(rules.validate_aws_resources_tagged, args) == []
+
+
+def test_untagged_resource_fails_naming_the_missing_tags() -> None:
+    args = args_for("aws:ec2/vpc:Vpc", "net-vpc", {"cidrBlock": "10.40.0.0/16", "tags": {"owner": "ml"}})
+    (message,) = violations(rules.validate_aws_resources_tagged, args)
+    assert "missing tags ['dualdeploy:stack', 'managed-by']" in message
+
+
+def test_required_tags_come_from_policy_config() -> None:
+    props = {"cidrBlock": "10.40.0.0/16", "tags": dict(TAGS)}
+    args = args_for("aws:ec2/vpc:Vpc", "net-vpc", props, config={"requiredTags": ["cost-center"]})
+    assert violations(rules.validate_aws_resources_tagged, args)
+
+
+def test_resource_types_without_tags_are_exempt() -> None:
+    props = {"role": "node-role", "policyArn": "arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy"}
+    args = args_for("aws:iam/rolePolicyAttachment:RolePolicyAttachment", "node-worker", props)
+    assert rules.is_taggable("aws:iam/rolePolicyAttachment:RolePolicyAttachment") is False
+    assert rules.is_taggable("aws:eks/nodeGroup:NodeGroup") is True
+    assert violations(rules.validate_aws_resources_tagged, args) == []
+
+
+def test_the_pack_has_the_four_rules() -> None:
+    assert {p.name for p in rules.POLICIES} == {
+        "gpu-node-groups-spot",
+        "eks-secrets-encryption",
+        "eks-public-endpoint-prod",
+        "aws-resources-tagged",
+    }
+
+
+# --------------------------------------------------------------------------- our own program passes
+
+
+@pytest.fixture(scope="module")
+def prod_graph(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    project = make_project(tmp_path_factory.mktemp("policy-project"), ("sm_86", "sm_89"))
+    out = project / "graph.json"
+    command = [sys.executable, str(REPO_ROOT / "tests" / "cloud_harness.py"), "cloud-prod"]
+    command += ["--project-dir", str(project), "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    graph: dict[str, Any] = json.loads(out.read_text())
+    return graph
+
+
+def test_cloud_prod_program_passes_every_policy(prod_graph: dict[str, Any]) -> None:
+    found: list[str] = []
+    for resource in prod_graph["resources"]:
+        if not resource["custom"]:
+            continue
+        args = args_for(resource["type"], resource["name"], resource["inputs"])
+        for policy in rules.POLICIES:
+
+            def report(message: str, urn: str | None = None, name: str = policy.name) -> None:
+                found.append(f"{name} {urn or ''}: {message}")
+
+            policy.validate(args, report)
+    assert found == []
+
+
+def test_cloud_prod_program_would_fail_if_a_spot_pool_went_on_demand(prod_graph: dict[str, Any]) -> None:
+    groups = [r for r in prod_graph["resources"] if r["type"] == rules.NODE_GROUP]
+    spot = next(g for g in groups if g["inputs"].get("capacityType") == "SPOT")
+    broken = copy.deepcopy(spot["inputs"])
+    broken["capacityType"] = "ON_DEMAND"
+    assert violations(rules.validate_gpu_node_groups_spot, args_for(rules.NODE_GROUP, spot["name"], broken))
+
+
+def test_pack_starts_and_serves_the_analyzer_on_localhost() -> None:
+    """What `pulumi preview --policy-pack policy` starts: the pack prints its gRPC port and serves."""
+    process = subprocess.Popen(
+        [sys.executable, "__main__.py"],
+        cwd=REPO_ROOT / "policy",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode().strip()
+        assert line.isdigit() and 0 < int(line) < 65536, f"expected a port, got {line!r}"
+        assert process.poll() is None  # still serving
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
