@@ -44,6 +44,15 @@ def _stack_of(urn: str) -> str:
     return urn.split("::", 1)[0].removeprefix("urn:pulumi:")
 
 
+def has_key(mapping: Mapping[str, Any], key: str) -> bool:
+    """Whether ``mapping`` has ``key``, without reading its value.
+
+    During preview the engine's props raise on reading a value that is not known yet (a KMS
+    key ARN before the key exists), and ``key in mapping`` reads it; iterating keys does not.
+    """
+    return any(k == key for k in mapping)
+
+
 def is_gpu_node_group(props: Mapping[str, Any]) -> bool:
     """A node group is a GPU group when its AMI is an accelerated one or any type is g*/p*."""
     ami = str(props.get("amiType") or "")
@@ -72,7 +81,7 @@ def validate_eks_secrets_encryption(args: ResourceValidationArgs, report_violati
     config = args.props.get("encryptionConfig") or {}
     resources = config.get("resources") or []
     provider = config.get("provider") or {}
-    if "secrets" not in resources or "keyArn" not in provider:
+    if "secrets" not in resources or not has_key(provider, "keyArn"):
         report_violation(
             f"EKS cluster {args.name!r} does not encrypt secrets: set encryptionConfig "
             '{resources: ["secrets"], provider: {keyArn: <KMS key>}}',

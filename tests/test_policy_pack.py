@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from cloud_harness import REPO_ROOT, make_project
 from pulumi_policy import PolicyCustomTimeouts, PolicyResourceOptions, ResourceValidationArgs
+from pulumi_policy.proxy import UNKNOWN_STRING_VALUE, unknown_checking_proxy
 
 sys.path.insert(0, str(REPO_ROOT / "policy"))
 import dualdeploy_rules as rules  # the pack is its own folder, not a package
@@ -135,6 +136,17 @@ def test_on_demand_cpu_group_is_not_a_gpu_pool() -> None:
 def test_cluster_with_kms_secrets_encryption_passes() -> None:
     args = args_for(rules.CLUSTER, "cluster-eks", cluster_props())
     assert violations(rules.validate_eks_secrets_encryption, args) == []
+
+
+def test_encryption_rule_runs_during_preview_while_the_key_arn_is_unknown() -> None:
+    props = cluster_props(
+        encryptionConfig={"resources": ["secrets"], "provider": {"keyArn": UNKNOWN_STRING_VALUE}}
+    )
+    # As the engine hands props to a policy during preview: reading an unknown value raises.
+    args = args_for(rules.CLUSTER, "cluster-eks", unknown_checking_proxy(props))
+    assert violations(rules.validate_eks_secrets_encryption, args) == []
+    assert violations(rules.validate_eks_public_endpoint_prod, args) == []
+    assert violations(rules.validate_aws_resources_tagged, args) == []
 
 
 def test_cluster_without_encryption_fails() -> None:
