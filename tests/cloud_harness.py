@@ -53,13 +53,16 @@ def is_secret(value: Any) -> bool:
     return isinstance(value, dict) and value.get(SIG_KEY) == SECRET_SIG
 
 
-def stack_config(stack: str, secrets: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
+def stack_config(
+    stack: str, secrets: dict[str, str] | None = None, overrides: dict[str, str] | None = None
+) -> tuple[dict[str, str], list[str]]:
     """Read ``stacks/Pulumi.<stack>.yaml`` into the engine's config form.
 
     Returns:
         ``{"ns:key": value}`` with objects and booleans as JSON text (as the CLI passes
         them), and the list of secret keys. ``secrets`` supplies plaintext for ``secure:``
-        values, which cannot be decrypted here.
+        values, which cannot be decrypted here; ``overrides`` adds or replaces keys (as
+        ``pulumi config set`` would).
     """
     data = yaml.safe_load((REPO_ROOT / "stacks" / f"Pulumi.{stack}.yaml").read_text())
     config: dict[str, str] = {}
@@ -71,6 +74,7 @@ def stack_config(stack: str, secrets: dict[str, str] | None = None) -> tuple[dic
     for key, value in (secrets or {}).items():
         config[key] = value
         secret_keys.append(key)
+    config.update(overrides or {})
     return config, secret_keys
 
 
@@ -142,7 +146,12 @@ def _mock_outputs(typ: str, name: str, inputs: dict[str, Any], region: str) -> t
     return rid, {**inputs, **out}
 
 
-def run(stack: str, project_dir: Path, secrets: dict[str, str] | None = None) -> dict[str, Any]:
+def run(
+    stack: str,
+    project_dir: Path,
+    secrets: dict[str, str] | None = None,
+    overrides: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run the program for ``stack`` under mocks, in this process, from ``project_dir``.
 
     Call once per process (see the module docstring).
@@ -156,7 +165,7 @@ def run(stack: str, project_dir: Path, secrets: dict[str, str] | None = None) ->
     from pulumi.runtime.stack import run_pulumi_func
     from pulumi.runtime.sync_await import _ensure_event_loop, _sync_await
 
-    config, secret_keys = stack_config(stack, secrets)
+    config, secret_keys = stack_config(stack, secrets, overrides)
     region = config.get("aws:region", "us-east-1")
     records: list[dict[str, Any]] = []
 
@@ -365,10 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--secret", action="append", default=[], metavar="KEY=VALUE", help="plaintext for a secure config key"
     )
+    parser.add_argument(
+        "--config", action="append", default=[], metavar="KEY=VALUE", help="add or replace a config key"
+    )
     args = parser.parse_args(argv)
     secrets = dict(item.split("=", 1) for item in args.secret)
+    overrides = dict(item.split("=", 1) for item in args.config)
     out_path = args.out.resolve()
-    graph = run(args.stack, args.project_dir.resolve(), secrets)
+    graph = run(args.stack, args.project_dir.resolve(), secrets, overrides)
     out_path.write_text(json.dumps(graph, indent=1, sort_keys=True, default=str))
     if graph["error"]:
         print(graph["error"], file=sys.stderr)

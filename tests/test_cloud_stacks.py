@@ -39,12 +39,16 @@ ENGINES = {"cloud-prod": ("sm_86", "sm_89")}
 TEST_VAULT_PASSWORD = "fixture-vault-password-not-real"
 
 
-def run_stack(stack: str, project: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    """Run the program for ``stack`` in a fresh interpreter; the graph lands in ``out``."""
+def run_stack(stack: str, project: Path, out: Path, *config: str) -> subprocess.CompletedProcess[str]:
+    """Run the program for ``stack`` in a fresh interpreter; the graph lands in ``out``.
+
+    ``config`` items (``KEY=VALUE``) add or replace stack config keys, as ``pulumi config set``.
+    """
     command = [
         sys.executable, str(REPO_ROOT / "tests" / "cloud_harness.py"), stack,
         "--project-dir", str(project), "--out", str(out),
         "--secret", f"dualdeploy:edgeVaultPassword={TEST_VAULT_PASSWORD}",
+        *[arg for item in config for arg in ("--config", item)],
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(
@@ -373,3 +377,24 @@ def test_prod_program_stops_before_any_resource_when_engines_are_missing(tmp_pat
     assert "invalid stack config: dualdeploy:cluster.gpuPools[0].instanceTypes" in done.stderr
     graph = json.loads(out.read_text())
     assert [r["type"] for r in graph["resources"]] == ["pulumi:pulumi:Stack"]
+
+
+def test_a_mistyped_top_level_key_stops_the_program_naming_it(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project")
+    done = run_stack("cloud-dev", project, tmp_path / "graph.json", "dualdeploy:requireEngine=true")
+    assert done.returncode != 0
+    assert "dualdeploy:requireEngine: unknown key (did you mean 'requireEngines'?)" in done.stderr
+
+
+def test_a_value_set_with_pulumi_config_set_reaches_the_graph(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project")
+    out = tmp_path / "graph.json"
+    cluster = stack_file("cloud-dev")["dualdeploy:cluster"]
+    cluster = {**cluster, "kubernetesVersion": "1.32"}
+    done = run_stack("cloud-dev", project, out, f"dualdeploy:cluster={json.dumps(cluster)}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    resources = json.loads(out.read_text())["resources"]
+    (eks,) = [r for r in resources if r["type"] == "aws:eks/cluster:Cluster"]
+    assert eks["inputs"]["version"] == "1.32"
+    (scaler,) = [r for r in resources if r["name"] == "cluster-cluster-autoscaler"]
+    assert scaler["inputs"]["values"]["image"]["tag"] == "v1.32.0"
