@@ -211,11 +211,34 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """Replica bounds for the model service's HPA (the article: 2–10 at 70 %, peak 20→200)."""
+    """The model service: HPA bounds (the article: 2–10 at 70 %, peak 20→200) and pod settings.
+
+    Attributes:
+        min_replicas / max_replicas / target_cpu_utilization: the HPA.
+        namespace: the Kubernetes namespace of the service.
+        port: the server's HTTP port.
+        cpu / memory: container requests (memory is also the limit; the CPU limit is twice the request).
+        drain_seconds: how long the server may take to finish in-flight requests after SIGTERM.
+        queue_depth_target: average in-flight requests per pod for the HPA's Pods metric (None: CPU only).
+        prometheus_adapter: install prometheus-adapter rules that serve that metric.
+        prometheus_operator: the cluster runs the Prometheus operator (ServiceMonitor, else annotations).
+        load_balancer: ``none`` (ClusterIP), ``internal`` or ``internet-facing`` NLB.
+        pre_pull: a DaemonSet that pulls the image onto every GPU node ahead of the pods.
+    """
 
     min_replicas: int
     max_replicas: int
     target_cpu_utilization: int
+    namespace: str = "dualdeploy"
+    port: int = 8000
+    cpu: str = "2"
+    memory: str = "8Gi"
+    drain_seconds: int = 30
+    queue_depth_target: int | None = None
+    prometheus_adapter: bool = False
+    prometheus_operator: bool = False
+    load_balancer: Literal["none", "internal", "internet-facing"] = "none"
+    pre_pull: bool = False
 
 
 @dataclass(frozen=True)
@@ -669,10 +692,21 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
     )
 
 
+SERVING_KEYS = (
+    "minReplicas", "maxReplicas", "targetCpuUtilization", "namespace", "port", "cpu", "memory",
+    "drainSeconds", "queueDepthTarget", "prometheusAdapter", "prometheusOperator", "loadBalancer", "prePull",
+)  # fmt: skip
+LOAD_BALANCERS = ("none", "internal", "internet-facing")
+SPOT_NOTICE_BUDGET_S = 110
+"""Seconds a pod may take to stop: the Spot notice is 120 s; 10 s stay for the kubelet and the node drain."""
+PRESTOP_SECONDS = 5
+"""preStop pause that lets endpoints and load balancers stop sending before the server drains."""
+
+
 def _parse_serving(raw: Any) -> ServingConfig:
     path = "serving"
     data = _object(raw, path)
-    _known_keys(data, ("minReplicas", "maxReplicas", "targetCpuUtilization"), path)
+    _known_keys(data, SERVING_KEYS, path)
     min_replicas = _int(data, "minReplicas", path, minimum=1)
     max_replicas = _int(data, "maxReplicas", path, minimum=1)
     if min_replicas > max_replicas:
@@ -683,7 +717,51 @@ def _parse_serving(raw: Any) -> ServingConfig:
     target = _int(data, "targetCpuUtilization", path, default=70, minimum=1)
     if target > 100:
         raise ConfigError(_key(f"{path}.targetCpuUtilization"), f"must be a percentage 1–100, got {target}")
-    return ServingConfig(min_replicas, max_replicas, target)
+    namespace = _str(data, "namespace", path, default="dualdeploy")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace) or namespace == "default":
+        raise ConfigError(
+            _key(f"{path}.namespace"), f"{namespace!r} must be a DNS label other than 'default'"
+        )
+    port = _int(data, "port", path, default=8000, minimum=1024)
+    cpu = _str(data, "cpu", path, default="2")
+    if not re.fullmatch(r"\d+(\.\d+)?|\d+m", cpu):
+        raise ConfigError(_key(f"{path}.cpu"), f"{cpu!r} is not a CPU quantity (e.g. 2, 1.5, 500m)")
+    memory = _str(data, "memory", path, default="8Gi")
+    if not re.fullmatch(r"\d+(Mi|Gi)", memory):
+        raise ConfigError(
+            _key(f"{path}.memory"), f"{memory!r} is not a memory quantity in Mi or Gi (e.g. 8Gi)"
+        )
+    drain = _int(data, "drainSeconds", path, default=30, minimum=1)
+    if PRESTOP_SECONDS + drain + 5 > SPOT_NOTICE_BUDGET_S:
+        raise ConfigError(
+            _key(f"{path}.drainSeconds"),
+            f"{drain} s of drain plus {PRESTOP_SECONDS} s preStop does not fit the two-minute Spot notice "
+            f"(at most {SPOT_NOTICE_BUDGET_S - PRESTOP_SECONDS - 5} s)",
+        )
+    queue_target = (
+        _int(data, "queueDepthTarget", path, default=None, minimum=1) if "queueDepthTarget" in data else None
+    )
+    adapter = _bool(data, "prometheusAdapter", path, default=False)
+    if queue_target is not None and not adapter:
+        raise ConfigError(
+            _key(f"{path}.queueDepthTarget"),
+            "scaling on queue depth needs the metric served to the HPA: set prometheusAdapter true",
+        )
+    return ServingConfig(
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        target_cpu_utilization=target,
+        namespace=namespace,
+        port=port,
+        cpu=cpu,
+        memory=memory,
+        drain_seconds=drain,
+        queue_depth_target=queue_target,
+        prometheus_adapter=adapter,
+        prometheus_operator=_bool(data, "prometheusOperator", path, default=False),
+        load_balancer=_str(data, "loadBalancer", path, default="none", choices=LOAD_BALANCERS),
+        pre_pull=_bool(data, "prePull", path, default=False),
+    )
 
 
 def _parse_edge(raw: Any, base_dir: Path) -> EdgeConfig:

@@ -432,3 +432,41 @@ def test_stack_dicts_are_not_mutated_by_parsing(project: Path) -> None:
     before = copy.deepcopy(raw)
     parse(raw, project)
     assert raw == before
+
+
+def test_queue_depth_metric_without_prometheus_adapter_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "queueDepthTarget": 4}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.queueDepthTarget"
+    assert "prometheusAdapter true" in str(error)
+
+
+def test_drain_longer_than_the_spot_notice_allows_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "drainSeconds": 110}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.drainSeconds"
+    assert "two-minute Spot notice" in str(error)
+
+
+def test_memory_quantity_is_checked(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "memory": "8GB"}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.memory"
+
+
+def test_load_balancer_choices_are_listed(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "loadBalancer": "public"}
+    error = error_for(raw, project)
+    assert "none, internal, internet-facing" in str(error)
+
+
+def test_cloud_prod_scales_on_queue_depth_through_the_adapter(project: Path) -> None:
+    raw, region = load_stack("cloud-prod")
+    serving = parse(raw, project, stack="cloud-prod", region=region).serving
+    assert serving is not None
+    assert serving.queue_depth_target == 4 and serving.prometheus_adapter
+    assert serving.load_balancer == "internal" and serving.pre_pull
