@@ -10,8 +10,12 @@ STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt serving/requirements.txt
 SPEC ?= models/demo.yaml
 DIST ?= dist
+STACK ?= cloud-prod
+# checkov pins clash with ours, so it lives in its own venv.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := .tools/checkov/bin/checkov
 
-.PHONY: help setup build test lint bench clean snapshots
+.PHONY: help setup build test lint bench clean snapshots render checkov
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,7 +31,7 @@ $(STAMP): $(REQS)
 build: setup ## Build the demo model's signed bundle into dist/ (SPEC=models/x.yaml for another).
 	$(PY) -m model_build build $(SPEC) --out $(DIST)
 
-test: setup ## Run the whole test suite.
+test: setup $(CHECKOV) ## Run the whole test suite.
 	$(PY) -m pytest
 
 lint: setup ## ruff, mypy (and ansible-lint once ansible/ has roles).
@@ -39,6 +43,16 @@ bench: setup ## Run every benchmark in bench/; each prints a table and writes be
 
 snapshots: setup ## Rewrite the cloud resource-graph snapshots (tests/snapshots/) after an intended change; review the diff.
 	UPDATE_SNAPSHOTS=1 $(PY) -m pytest -q tests/test_cloud_stacks.py -k snapshot
+
+render: setup ## Render a stack's Kubernetes objects offline into build/manifests/$(STACK)/ (STACK=cloud-dev for another).
+	test -e $(DIST)/demo/latest || $(MAKE) build
+	$(PY) -m components.render $(STACK)
+
+checkov: $(CHECKOV) ## Install checkov into its own venv, .tools/checkov (the render tests run it).
+
+$(CHECKOV):
+	$(PYTHON) -m venv .tools/checkov
+	.tools/checkov/bin/pip install -q checkov==$(CHECKOV_VERSION)
 
 clean: ## Remove build outputs (keeps .venv and the dev signing key).
 	rm -rf $(DIST) build .cache

@@ -393,13 +393,16 @@ def pod_disruption_budget(spec: ServiceSpec) -> dict[str, Any]:
 
 
 def network_policy(spec: ServiceSpec) -> dict[str, Any]:
-    """Only the server port is reachable; egress stays open (DNS, the metrics scrape replies)."""
+    """Only the server port is reachable; egress stays open (DNS, the metrics scrape replies).
+
+    It selects every pod of the app, the pre-pull holders included (they listen on nothing).
+    """
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": _metadata(spec, spec.name),
         "spec": {
-            "podSelector": {"matchLabels": spec.labels},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": spec.name}},
             "policyTypes": ["Ingress"],
             "ingress": [{"ports": [{"port": spec.port, "protocol": "TCP"}]}],
         },

@@ -1,0 +1,188 @@
+"""Render a stack's Kubernetes objects offline: ``make render STACK=cloud-prod``.
+
+Writes every object the model service of ``STACK`` would create into
+``build/manifests/<stack>/`` (one YAML file each), using the same spec functions as the
+components (``components/k8s_specs.py``). Values that only a real ``pulumi up`` knows (the
+AWS account, the image digest pushed to ECR) are placeholders, listed in the
+``dualdeploy.io/placeholders`` annotation of each object and in ``PLACEHOLDERS.txt``.
+
+The folder is written whole or not at all: the objects go to a temporary folder beside it,
+which then replaces the old one.
+
+Not rendered: the cluster add-ons (the NVIDIA device plugin, the cluster autoscaler and
+prometheus-adapter are Helm charts, which cannot be fetched here); prometheus-adapter's rules
+are written as chart values under ``values/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components import k8s_specs
+from components.config import ConfigError, StackConfig, parse_stack_config, raw_from_stack_yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PLACEHOLDER_ACCOUNT = "000000000000"
+PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
+QUEUE_METRIC = "dualdeploy_inflight_requests"
+"""The server's in-flight gauge (``/metrics``), served to the HPA by prometheus-adapter."""
+
+
+class RenderError(Exception):
+    """The stack cannot be rendered (no cloud part, bad config); the message says why."""
+
+
+def gpu_arches(cfg: StackConfig) -> tuple[str, ...]:
+    """Architectures the pods may run on: pools with an engine, or every pool under the CUDA fallback."""
+    assert cfg.cluster is not None and cfg.bundle is not None
+    pool_arches = sorted({p.gpu_arch for p in cfg.cluster.all_gpu_pools})
+    if cfg.require_engines:
+        return tuple(a for a in pool_arches if a in cfg.bundle.engine_arches)
+    return tuple(pool_arches)
+
+
+def service_spec(cfg: StackConfig, image: Any, placeholders: tuple[str, ...] = ()) -> k8s_specs.ServiceSpec:
+    """The model service's spec for a parsed stack (shared by the renderer and the component)."""
+    if cfg.cluster is None or cfg.serving is None or cfg.bundle is None:
+        raise RenderError(f"stack {cfg.stack} has no cloud part (dualdeploy:cluster): nothing to render")
+    serving = cfg.serving
+    queue = serving.queue_depth_target
+    return k8s_specs.ServiceSpec(
+        name=cfg.bundle.model,
+        namespace=serving.namespace,
+        image=image,
+        model=cfg.bundle.model,
+        bundle_version=cfg.bundle.version,
+        gpu_arches=gpu_arches(cfg),
+        port=serving.port,
+        cpu=serving.cpu,
+        memory=serving.memory,
+        min_replicas=serving.min_replicas,
+        max_replicas=serving.max_replicas,
+        target_cpu=serving.target_cpu_utilization,
+        queue_metric=QUEUE_METRIC if queue is not None else None,
+        queue_target=queue,
+        drain_seconds=serving.drain_seconds,
+        load_balancer=serving.load_balancer,
+        prometheus_operator=serving.prometheus_operator,
+        placeholders=placeholders,
+    )
+
+
+def load_stack(stack: str, base_dir: Path) -> tuple[StackConfig, list[str]]:
+    """Parse a stack file for rendering.
+
+    A stack that requires TensorRT engines still renders when the bundle lacks them (a bundle
+    built without a GPU): the engine rule is relaxed here, loudly, because ``pulumi up`` itself
+    keeps enforcing it.
+
+    Returns:
+        The config and the notes to print (and write into PLACEHOLDERS.txt).
+
+    Raises:
+        RenderError: the stack file is missing or invalid for any other reason.
+    """
+    path = REPO_ROOT / "stacks" / f"Pulumi.{stack}.yaml"
+    if not path.is_file():
+        known = sorted(
+            p.name.removeprefix("Pulumi.").removesuffix(".yaml") for p in path.parent.glob("Pulumi.*.yaml")
+        )
+        raise RenderError(f"no stack file {path.relative_to(REPO_ROOT)} (stacks: {', '.join(known)})")
+    raw, region = raw_from_stack_yaml(yaml.safe_load(path.read_text())["config"])
+    notes: list[str] = []
+    try:
+        cfg = parse_stack_config(raw, stack=stack, region=region, base_dir=base_dir)
+    except ConfigError as exc:
+        if raw.get("requireEngines") is False or "TensorRT engine" not in str(exc):
+            raise RenderError(f"invalid stack config: {exc}") from None
+        try:
+            cfg = parse_stack_config(
+                {**raw, "requireEngines": False}, stack=stack, region=region, base_dir=base_dir
+            )
+        except ConfigError as again:
+            raise RenderError(f"invalid stack config: {again}") from None
+        notes.append(
+            f"gpu-arches: the bundle lacks engines that the stack requires ({exc.key}); rendered with every "
+            "pool architecture. `pulumi up` would stop here."
+        )
+    notes.extend(cfg.warnings)
+    return cfg, notes
+
+
+def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
+    """Write the stack's objects into ``out_dir`` (replaced whole).
+
+    Returns:
+        The files written, in apply order.
+
+    Raises:
+        RenderError: the stack cannot be rendered.
+    """
+    cfg, notes = load_stack(stack, base_dir)
+    if cfg.cluster is None or cfg.bundle is None or cfg.serving is None:
+        raise RenderError(f"stack {stack} has no cloud part (dualdeploy:cluster): nothing to render")
+    registry = f"{PLACEHOLDER_ACCOUNT}.dkr.ecr.{cfg.region}.amazonaws.com"
+    image = f"{registry}/dualdeploy/{cfg.bundle.model}@{PLACEHOLDER_DIGEST}"
+    placeholders: tuple[str, ...] = ("image (account and digest are known after pulumi up pushes the image)",)
+    if notes and notes[0].startswith("gpu-arches"):
+        placeholders += ("gpu-arches (bundle lacks the required engines)",)
+    spec = service_spec(cfg, image, placeholders)
+    objects = k8s_specs.all_objects(spec, pre_pull=cfg.serving.pre_pull)
+
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    written: list[Path] = []
+    try:
+        for index, obj in enumerate(objects):
+            name = f"{index:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
+            (staging / name).write_text(yaml.safe_dump(obj, sort_keys=False))
+            written.append(out_dir / name)
+        if spec.queue_metric is not None and cfg.serving.prometheus_adapter:
+            (staging / "values").mkdir()
+            values = k8s_specs.prometheus_adapter_rules(spec)
+            (staging / "values" / "prometheus-adapter.yaml").write_text(
+                yaml.safe_dump(values, sort_keys=False)
+            )
+        lines = [f"Rendered offline for stack {stack}; these values are placeholders:", *placeholders]
+        lines += ["", "Notes:", *notes] if notes else []
+        (staging / "PLACEHOLDERS.txt").write_text("\n".join(lines) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m components.render STACK [--out DIR]``."""
+    parser = argparse.ArgumentParser(description="Render a stack's Kubernetes objects offline.")
+    parser.add_argument("stack", help="stack name (stacks/Pulumi.<stack>.yaml)")
+    parser.add_argument("--out", type=Path, help="output folder (default build/manifests/<stack>)")
+    parser.add_argument(
+        "--project-dir", type=Path, default=Path.cwd(), help="folder the stack's bundle paths start from"
+    )
+    args = parser.parse_args(argv)
+    out = args.out or Path("build") / "manifests" / args.stack
+    try:
+        files = render(args.stack, out, args.project_dir)
+    except RenderError as exc:
+        print(f"render: {exc}", file=sys.stderr)
+        return 1
+    notes = (out / "PLACEHOLDERS.txt").read_text()
+    print(f"wrote {len(files)} objects to {out}/")
+    print(notes, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

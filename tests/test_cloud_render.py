@@ -1,0 +1,291 @@
+"""``make render``: the rendered objects of each cloud stack, validated as a cluster would.
+
+Each stack renders from a project with fixture bundles (``cloud-prod`` gets its required
+sm_86/sm_89 engines). Every file must pass ``kubernetes-validate --strict`` at the stack's
+Kubernetes version and ``checkov --framework kubernetes`` with only the skips listed, with
+reasons, in ``components/checkov-skips.yaml``. The spec tests (one behaviour a test) read the
+same rendered files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cloud_harness import REPO_ROOT, make_project
+
+from components import k8s_specs
+from components.render import RenderError, render
+
+CLOUD_STACKS = ("cloud-dev", "cloud-prod")
+ENGINES = {"cloud-prod": ("sm_86", "sm_89")}
+CHECKOV = REPO_ROOT / ".tools" / "checkov" / "bin" / "checkov"
+CRD_KINDS = {"ServiceMonitor"}  # custom resources: kubernetes-validate ships no schema for them
+
+
+def stack_config(stack: str) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load((REPO_ROOT / "stacks" / f"Pulumi.{stack}.yaml").read_text())[
+        "config"
+    ]
+    return config
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folders: dict[str, Path] = {}
+    for stack in CLOUD_STACKS:
+        project = make_project(tmp_path_factory.mktemp(f"render-{stack}"), ENGINES.get(stack, ()))
+        out = project / "build" / "manifests" / stack
+        render(stack, out, project)
+        folders[stack] = out
+    return folders
+
+
+def objects_of(folder: Path) -> list[dict[str, Any]]:
+    return [yaml.safe_load(p.read_text()) for p in sorted(folder.glob("*.yaml"))]
+
+
+@pytest.fixture(params=CLOUD_STACKS)
+def stack(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def test_every_object_passes_kubernetes_validate_strict(stack: str, rendered: dict[str, Path]) -> None:
+    version = stack_config(stack)["dualdeploy:cluster"]["kubernetesVersion"]
+    checked = 0
+    for path in sorted(rendered[stack].glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if data["kind"] in CRD_KINDS:
+            continue
+        kubernetes_validate.validate(data, f"{version}.0", strict=True)
+        checked += 1
+    assert checked >= 7
+
+
+def test_strict_validation_rejects_an_unknown_field() -> None:
+    """The control for the test above: strict mode really rejects what a typo would produce."""
+    bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"prots": []}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, "1.33.0", strict=True)
+
+
+def test_checkov_finds_no_failed_check(stack: str, rendered: dict[str, Path]) -> None:
+    assert CHECKOV.is_file(), "checkov is not installed: run `make checkov` (it lives in .tools/checkov)"
+    skips = yaml.safe_load((REPO_ROOT / "components" / "checkov-skips.yaml").read_text())["skips"] or []
+    assert all(skip.get("reason") for skip in skips), "every checkov skip needs a reason"
+    command = [str(CHECKOV), "-d", str(rendered[stack]), "--framework", "kubernetes", "--skip-download"]
+    command += ["--output", "json", "--quiet"]
+    if skips:
+        command += ["--skip-check", ",".join(skip["id"] for skip in skips)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    report = json.loads(done.stdout)
+    summary = report["summary"] if isinstance(report, dict) else report[0]["summary"]
+    results = report["results"] if isinstance(report, dict) else report[0]["results"]
+    failed = [f"{c['check_id']} {c['resource']}" for c in results.get("failed_checks", [])]
+    assert failed == [], failed
+    assert summary["passed"] > 50
+
+
+# --------------------------------------------------------------------------- the renderer
+
+
+def test_render_marks_the_placeholders(rendered: dict[str, Path]) -> None:
+    deployment = k8s_specs.find(objects_of(rendered["cloud-dev"]), "Deployment")
+    assert "image" in deployment["metadata"]["annotations"][k8s_specs.PLACEHOLDER_ANNOTATION]
+    assert "placeholders" in (rendered["cloud-dev"] / "PLACEHOLDERS.txt").read_text()
+
+
+def test_render_replaces_the_folder_whole(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project")
+    out = project / "build" / "manifests" / "cloud-dev"
+    out.mkdir(parents=True)
+    (out / "99-stale.yaml").write_text("kind: Stale\n")
+    render("cloud-dev", out, project)
+    assert not (out / "99-stale.yaml").exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_render_of_an_edge_only_stack_says_there_is_nothing_to_render(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project")
+    (project / "ansible" / "inventories" / "local").mkdir(parents=True, exist_ok=True)
+    with pytest.raises(RenderError, match="no cloud part"):
+        render("local", tmp_path / "out", project)
+    assert not (tmp_path / "out").exists()
+
+
+def test_render_of_prod_without_engines_renders_but_says_pulumi_up_would_stop(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project")  # no engines
+    command = [sys.executable, "-m", "components.render", "cloud-prod", "--project-dir", str(project)]
+    command += ["--out", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "`pulumi up` would stop here" in done.stdout
+    deployment = k8s_specs.find(objects_of(tmp_path / "out"), "Deployment")
+    assert "gpu-arches" in deployment["metadata"]["annotations"][k8s_specs.PLACEHOLDER_ANNOTATION]
+
+
+def test_render_of_an_unknown_stack_lists_the_stacks(tmp_path: Path) -> None:
+    with pytest.raises(RenderError, match="cloud-dev, cloud-prod"):
+        render("cloud-staging", tmp_path / "out", tmp_path)
+
+
+# --------------------------------------------------------------------------- the service, per stack
+
+
+def test_deployment_requests_a_gpu_tolerates_the_taint_and_targets_engine_arches(
+    stack: str, rendered: dict[str, Path]
+) -> None:
+    pod = k8s_specs.find(objects_of(rendered[stack]), "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    (expression,) = terms[0]["matchExpressions"]
+    assert expression["key"] == "dualdeploy.io/gpu-arch"
+    expected = {"cloud-dev": ["sm_86"], "cloud-prod": ["sm_86", "sm_89"]}[stack]
+    assert expression["values"] == expected
+
+
+def test_pods_spread_over_zones_and_capacity_types(stack: str, rendered: dict[str, Path]) -> None:
+    pod = k8s_specs.find(objects_of(rendered[stack]), "Deployment")["spec"]["template"]["spec"]
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert {"topology.kubernetes.io/zone", "eks.amazonaws.com/capacityType"} <= keys
+
+
+def test_probes_point_at_the_v2_health_endpoints(stack: str, rendered: dict[str, Path]) -> None:
+    (container,) = k8s_specs.find(objects_of(rendered[stack]), "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # Cold start: the startup probe allows minutes before liveness may restart the pod.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+
+
+def test_grace_period_covers_prestop_and_drain_within_the_spot_notice(
+    stack: str, rendered: dict[str, Path]
+) -> None:
+    pod = k8s_specs.find(objects_of(rendered[stack]), "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    drain = stack_config(stack)["dualdeploy:serving"].get("drainSeconds", 30)
+    prestop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > prestop + drain
+    assert pod["terminationGracePeriodSeconds"] <= 110
+
+
+def test_hpa_bounds_and_behaviour_follow_the_stack(stack: str, rendered: dict[str, Path]) -> None:
+    hpa = k8s_specs.find(objects_of(rendered[stack]), "HorizontalPodAutoscaler")["spec"]
+    expected = {"cloud-dev": (2, 10), "cloud-prod": (20, 200)}[stack]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == expected
+    cpu = next(m for m in hpa["metrics"] if m["type"] == "Resource")
+    assert cpu["resource"]["target"]["averageUtilization"] == 70
+    assert hpa["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+def test_prod_also_scales_on_queue_depth(rendered: dict[str, Path]) -> None:
+    hpa = k8s_specs.find(objects_of(rendered["cloud-prod"]), "HorizontalPodAutoscaler")["spec"]
+    pods = next(m for m in hpa["metrics"] if m["type"] == "Pods")["pods"]
+    assert pods["target"] == {"type": "AverageValue", "averageValue": "4"}
+    rules = yaml.safe_load((rendered["cloud-prod"] / "values" / "prometheus-adapter.yaml").read_text())
+    assert rules["rules"]["custom"][0]["name"]["as"] == pods["metric"]["name"]
+
+
+def test_the_deployment_has_no_replicas_while_an_hpa_owns_it(stack: str, rendered: dict[str, Path]) -> None:
+    assert "replicas" not in k8s_specs.find(objects_of(rendered[stack]), "Deployment")["spec"]
+
+
+def test_a_pdb_selects_the_pods(stack: str, rendered: dict[str, Path]) -> None:
+    objects = objects_of(rendered[stack])
+    pdb = k8s_specs.find(objects, "PodDisruptionBudget")["spec"]
+    labels = k8s_specs.find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_images_are_referenced_by_digest_and_never_latest(stack: str, rendered: dict[str, Path]) -> None:
+    text = "\n".join(p.read_text() for p in rendered[stack].glob("*.yaml"))
+    images = re.findall(r"image: (\S+)", text)
+    assert images and all(re.search(r"@sha256:[0-9a-f]{64}$", image) for image in images)
+    assert ":latest" not in text
+
+
+def test_containers_run_as_non_root_read_only_with_nothing_extra(
+    stack: str, rendered: dict[str, Path]
+) -> None:
+    for obj in objects_of(rendered[stack]):
+        if obj["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        for container in obj["spec"]["template"]["spec"]["containers"]:
+            context = container["securityContext"]
+            assert context["runAsNonRoot"] and context["readOnlyRootFilesystem"]
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert container["resources"]["limits"]["memory"]
+
+
+def test_monitoring_uses_a_service_monitor_only_with_the_operator(rendered: dict[str, Path]) -> None:
+    prod = objects_of(rendered["cloud-prod"])
+    dev = objects_of(rendered["cloud-dev"])
+    assert k8s_specs.find(prod, "ServiceMonitor")["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert not [o for o in dev if o["kind"] == "ServiceMonitor"]
+    annotations = k8s_specs.find(dev, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_prod_gets_an_internal_nlb_and_dev_a_cluster_ip(rendered: dict[str, Path]) -> None:
+    prod = k8s_specs.find(objects_of(rendered["cloud-prod"]), "Service")
+    dev = k8s_specs.find(objects_of(rendered["cloud-dev"]), "Service")
+    assert prod["spec"]["type"] == "LoadBalancer"
+    assert prod["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-internal"] == "true"
+    assert dev["spec"]["type"] == "ClusterIP"
+
+
+# --------------------------------------------------------------------------- invalid specs
+
+
+def spec(**changes: Any) -> k8s_specs.ServiceSpec:
+    fields: dict[str, Any] = {
+        "name": "demo",
+        "namespace": "dualdeploy",
+        "image": "repo/demo@sha256:" + "1" * 64,
+        "model": "demo",
+        "bundle_version": "0123456789ab",
+        "gpu_arches": ("sm_86",),
+    }
+    fields.update(changes)
+    return k8s_specs.ServiceSpec(**fields)
+
+
+def test_hpa_min_above_max_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"min_replicas: need 1 ≤ min_replicas ≤ max_replicas, got 12\.\.10"):
+        spec(min_replicas=12, max_replicas=10)
+
+
+def test_a_drain_longer_than_the_spot_notice_is_rejected() -> None:
+    with pytest.raises(ValueError, match="two-minute Spot notice"):
+        spec(drain_seconds=105)
+
+
+def test_a_queue_metric_without_target_is_rejected() -> None:
+    with pytest.raises(ValueError, match="queue_metric and queue_target"):
+        spec(queue_metric="dualdeploy_inflight_requests")
+
+
+def test_no_gpu_arch_is_rejected() -> None:
+    with pytest.raises(ValueError, match="gpu_arches"):
+        spec(gpu_arches=())
