@@ -11,6 +11,13 @@ Rules:
 - ``eks-public-endpoint-prod``: in a prod stack, a public EKS API endpoint needs an allow-list
   that is not 0.0.0.0/0.
 - ``aws-resources-tagged``: every AWS resource type that takes tags carries the required tags.
+
+Rules for the model service's objects (cloud part 2):
+- ``k8s-images-by-digest``: every container image is pinned by ``@sha256:`` digest.
+- ``k8s-non-root-with-limits``: every container runs as non-root and has CPU and memory limits.
+- ``k8s-deployment-has-hpa-and-pdb`` (stack policy): every Deployment has an HPA that targets
+  it and a PodDisruptionBudget that selects its pods.
+- ``ecr-scan-on-push``: every ECR repository scans images on push.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from pulumi_policy import (
     ReportViolation,
     ResourceValidationArgs,
     ResourceValidationPolicy,
+    StackValidationArgs,
+    StackValidationPolicy,
 )
 
 NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"
@@ -37,6 +46,19 @@ DEFAULT_REQUIRED_TAGS = ("dualdeploy:stack", "managed-by")
 DEFAULT_PROD_STACKS = r"(^|-)prod($|-)"
 GPU_FAMILY = re.compile(r"^(g\d+[a-z]*|p\d+[a-z]*)\.")
 OPEN_CIDRS = ("0.0.0.0/0", "::/0")
+ECR_REPOSITORY = "aws:ecr/repository:Repository"
+DEPLOYMENT = "kubernetes:apps/v1:Deployment"
+HPA = "kubernetes:autoscaling/v2:HorizontalPodAutoscaler"
+PDB = "kubernetes:policy/v1:PodDisruptionBudget"
+WORKLOADS = {
+    DEPLOYMENT: ("spec", "template", "spec"),
+    "kubernetes:apps/v1:DaemonSet": ("spec", "template", "spec"),
+    "kubernetes:apps/v1:StatefulSet": ("spec", "template", "spec"),
+    "kubernetes:batch/v1:Job": ("spec", "template", "spec"),
+    "kubernetes:batch/v1:CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+    "kubernetes:core/v1:Pod": ("spec",),
+}
+"""Workload types and the path from their props to the pod spec."""
 
 
 def _stack_of(urn: str) -> str:
@@ -152,6 +174,107 @@ def validate_aws_resources_tagged(args: ResourceValidationArgs, report_violation
         )
 
 
+def pod_spec_of(resource_type: str, props: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The pod spec inside a workload's props, or None for anything else."""
+    path = WORKLOADS.get(resource_type)
+    if path is None:
+        return None
+    node: Any = props
+    for key in path:
+        node = (node or {}).get(key) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else None
+
+
+def _containers(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]
+
+
+def validate_k8s_images_by_digest(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """Every container image is referenced by digest (a tag can move; ``:latest`` always does)."""
+    pod = pod_spec_of(args.resource_type, args.props)
+    if pod is None:
+        return
+    for container in _containers(pod):
+        image = str(container.get("image", ""))
+        if not re.search(r"@sha256:[0-9a-f]{64}$", image):
+            report_violation(
+                f"{args.name!r} container {container.get('name')!r} uses image {image!r}: "
+                "pin it by @sha256 digest",
+                None,
+            )
+
+
+def validate_k8s_non_root_with_limits(
+    args: ResourceValidationArgs, report_violation: ReportViolation
+) -> None:
+    """Every container runs as non-root (pod or container level) and has CPU and memory limits."""
+    pod = pod_spec_of(args.resource_type, args.props)
+    if pod is None:
+        return
+    pod_non_root = bool((pod.get("securityContext") or {}).get("runAsNonRoot"))
+    for container in _containers(pod):
+        name = container.get("name")
+        context = container.get("securityContext") or {}
+        if not context.get("runAsNonRoot", pod_non_root):
+            report_violation(f"{args.name!r} container {name!r} may run as root: set runAsNonRoot", None)
+        limits = (container.get("resources") or {}).get("limits") or {}
+        missing = [k for k in ("cpu", "memory") if k not in limits]
+        if missing:
+            report_violation(f"{args.name!r} container {name!r} has no {' or '.join(missing)} limit", None)
+
+
+def validate_ecr_scan_on_push(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """ECR repositories scan every pushed image for known vulnerabilities."""
+    if args.resource_type != ECR_REPOSITORY:
+        return
+    scanning = args.props.get("imageScanningConfiguration") or {}
+    if scanning.get("scanOnPush") is not True:
+        report_violation(
+            f"ECR repository {args.name!r} does not scan on push: set imageScanningConfiguration", None
+        )
+
+
+def _namespace(props: Mapping[str, Any]) -> str:
+    return str((props.get("metadata") or {}).get("namespace") or "default")
+
+
+def validate_deployments_have_hpa_and_pdb(
+    args: StackValidationArgs, report_violation: ReportViolation
+) -> None:
+    """Every Deployment has an HPA targeting it and a PDB selecting its pods (same namespace)."""
+    by_type: dict[str, list[Any]] = {}
+    for resource in args.resources:
+        by_type.setdefault(resource.resource_type, []).append(resource)
+    for deployment in by_type.get(DEPLOYMENT, []):
+        props = deployment.props
+        name = (props.get("metadata") or {}).get("name")
+        namespace = _namespace(props)
+        labels = ((props.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
+        hpas = [
+            h
+            for h in by_type.get(HPA, [])
+            if _namespace(h.props) == namespace
+            and (h.props.get("spec") or {}).get("scaleTargetRef", {}).get("name") == name
+            and (h.props.get("spec") or {}).get("scaleTargetRef", {}).get("kind") == "Deployment"
+        ]
+        pdbs = [
+            p
+            for p in by_type.get(PDB, [])
+            if _namespace(p.props) == namespace
+            and _selects(((p.props.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}, labels)
+        ]
+        if not hpas:
+            report_violation(f"Deployment {namespace}/{name} has no HorizontalPodAutoscaler", deployment.urn)
+        if not pdbs:
+            report_violation(
+                f"Deployment {namespace}/{name} has no PodDisruptionBudget selecting its pods", deployment.urn
+            )
+
+
+def _selects(selector: Mapping[str, Any], labels: Mapping[str, Any]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
 def _policy(
     name: str,
     description: str,
@@ -163,7 +286,7 @@ def _policy(
     )
 
 
-POLICIES: tuple[ResourceValidationPolicy, ...] = (
+POLICIES: tuple[ResourceValidationPolicy | StackValidationPolicy, ...] = (
     _policy(
         "gpu-node-groups-spot",
         "GPU node groups use Spot capacity unless tagged dualdeploy:pool-role=fallback.",
@@ -195,5 +318,25 @@ POLICIES: tuple[ResourceValidationPolicy, ...] = (
                 }
             },
         ),
+    ),
+    _policy(
+        "k8s-images-by-digest",
+        "Container images are pinned by digest.",
+        validate_k8s_images_by_digest,
+    ),
+    _policy(
+        "k8s-non-root-with-limits",
+        "Containers run as non-root with CPU and memory limits.",
+        validate_k8s_non_root_with_limits,
+    ),
+    _policy(
+        "ecr-scan-on-push",
+        "ECR repositories scan images on push.",
+        validate_ecr_scan_on_push,
+    ),
+    StackValidationPolicy(
+        name="k8s-deployment-has-hpa-and-pdb",
+        description="Every Deployment has a HorizontalPodAutoscaler and a PodDisruptionBudget.",
+        validate=validate_deployments_have_hpa_and_pdb,
     ),
 )

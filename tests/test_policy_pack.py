@@ -15,8 +15,17 @@ from typing import Any
 
 import pytest
 from cloud_harness import REPO_ROOT, make_project
-from pulumi_policy import PolicyCustomTimeouts, PolicyResourceOptions, ResourceValidationArgs
+from pulumi_policy import (
+    PolicyCustomTimeouts,
+    PolicyResource,
+    PolicyResourceOptions,
+    ResourceValidationArgs,
+    ResourceValidationPolicy,
+    StackValidationArgs,
+)
 from pulumi_policy.proxy import UNKNOWN_STRING_VALUE, unknown_checking_proxy
+
+from components import k8s_specs
 
 sys.path.insert(0, str(REPO_ROOT / "policy"))
 import dualdeploy_rules as rules  # the pack is its own folder, not a package
@@ -48,7 +57,7 @@ def args_for(
     return ResourceValidationArgs(resource_type, props, urn, name, opts, None, config)
 
 
-def violations(validate: Any, args: ResourceValidationArgs) -> list[str]:
+def violations(validate: Any, args: ResourceValidationArgs | StackValidationArgs) -> list[str]:
     found: list[str] = []
     validate(args, lambda message, urn=None: found.append(message))
     return found
@@ -238,12 +247,16 @@ def test_resource_types_without_tags_are_exempt() -> None:
     assert violations(rules.validate_aws_resources_tagged, args) == []
 
 
-def test_the_pack_has_the_four_rules() -> None:
+def test_the_pack_has_the_cluster_and_the_service_rules() -> None:
     assert {p.name for p in rules.POLICIES} == {
         "gpu-node-groups-spot",
         "eks-secrets-encryption",
         "eks-public-endpoint-prod",
         "aws-resources-tagged",
+        "k8s-images-by-digest",
+        "k8s-non-root-with-limits",
+        "k8s-deployment-has-hpa-and-pdb",
+        "ecr-scan-on-push",
     }
 
 
@@ -269,6 +282,8 @@ def test_cloud_prod_program_passes_every_policy(prod_graph: dict[str, Any]) -> N
             continue
         args = args_for(resource["type"], resource["name"], resource["inputs"])
         for policy in rules.POLICIES:
+            if not isinstance(policy, ResourceValidationPolicy):
+                continue
 
             def report(message: str, urn: str | None = None, name: str = policy.name) -> None:
                 found.append(f"{name} {urn or ''}: {message}")
@@ -301,3 +316,108 @@ def test_pack_starts_and_serves_the_analyzer_on_localhost() -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------- the model service's objects
+
+K8S_TYPES = {
+    "Deployment": "kubernetes:apps/v1:Deployment",
+    "DaemonSet": "kubernetes:apps/v1:DaemonSet",
+    "HorizontalPodAutoscaler": "kubernetes:autoscaling/v2:HorizontalPodAutoscaler",
+    "PodDisruptionBudget": "kubernetes:policy/v1:PodDisruptionBudget",
+    "Service": "kubernetes:core/v1:Service",
+}
+
+
+def service_objects() -> list[dict[str, Any]]:
+    """The objects the spec functions produce for a service (what pulumi-kubernetes receives)."""
+    spec = k8s_specs.ServiceSpec(
+        name="demo",
+        namespace="dualdeploy",
+        image="123456789012.dkr.ecr.us-east-1.amazonaws.com/dualdeploy/demo@sha256:" + "ab" * 32,
+        model="demo",
+        bundle_version="0123456789ab",
+        gpu_arches=("sm_86",),
+    )
+    return k8s_specs.all_objects(spec, pre_pull=True)
+
+
+def k8s_args(obj: dict[str, Any]) -> ResourceValidationArgs:
+    return args_for(K8S_TYPES[obj["kind"]], obj["metadata"]["name"], obj)
+
+
+def stack_args(objects: list[dict[str, Any]]) -> StackValidationArgs:
+    resources = []
+    for obj in objects:
+        if obj["kind"] not in K8S_TYPES:
+            continue
+        single = k8s_args(obj)
+        resources.append(
+            PolicyResource(
+                single.resource_type, obj, single.urn, single.name, single.opts, None, None, [], {}
+            )
+        )
+    return StackValidationArgs(resources)
+
+
+def test_service_objects_pass_the_digest_rule() -> None:
+    for obj in service_objects():
+        if obj["kind"] in ("Deployment", "DaemonSet"):
+            assert violations(rules.validate_k8s_images_by_digest, k8s_args(obj)) == []
+
+
+def test_an_image_by_tag_fails_the_digest_rule() -> None:
+    deployment = copy.deepcopy(k8s_specs.find(service_objects(), "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["image"] = "repo/demo:latest"
+    (message,) = violations(rules.validate_k8s_images_by_digest, k8s_args(dict(deployment)))
+    assert "repo/demo:latest" in message
+
+
+def test_service_objects_pass_the_non_root_and_limits_rule() -> None:
+    for obj in service_objects():
+        if obj["kind"] in ("Deployment", "DaemonSet"):
+            assert violations(rules.validate_k8s_non_root_with_limits, k8s_args(obj)) == []
+
+
+def test_a_root_container_without_limits_fails() -> None:
+    deployment = copy.deepcopy(k8s_specs.find(service_objects(), "Deployment"))
+    pod = deployment["spec"]["template"]["spec"]
+    del pod["securityContext"]
+    container = pod["containers"][0]
+    del container["securityContext"]
+    container["resources"] = {"requests": {"cpu": "1"}}
+    found = violations(rules.validate_k8s_non_root_with_limits, k8s_args(dict(deployment)))
+    assert any("may run as root" in f for f in found)
+    assert any("no cpu or memory limit" in f for f in found)
+
+
+def test_deployment_with_hpa_and_pdb_passes() -> None:
+    assert violations(rules.validate_deployments_have_hpa_and_pdb, stack_args(service_objects())) == []
+
+
+def test_deployment_without_hpa_or_pdb_fails() -> None:
+    objects = [
+        o for o in service_objects() if o["kind"] not in ("HorizontalPodAutoscaler", "PodDisruptionBudget")
+    ]
+    found = violations(rules.validate_deployments_have_hpa_and_pdb, stack_args(objects))
+    assert found == [
+        "Deployment dualdeploy/demo has no HorizontalPodAutoscaler",
+        "Deployment dualdeploy/demo has no PodDisruptionBudget selecting its pods",
+    ]
+
+
+def test_a_pdb_that_selects_other_pods_does_not_count() -> None:
+    objects = copy.deepcopy(service_objects())
+    k8s_specs.find(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] = {"app": "other"}
+    assert violations(rules.validate_deployments_have_hpa_and_pdb, stack_args(objects))
+
+
+def test_ecr_repository_scanning_on_push_passes_and_without_fails() -> None:
+    good = {
+        "name": "dualdeploy/demo",
+        "imageTagMutability": "IMMUTABLE",
+        "imageScanningConfiguration": {"scanOnPush": True},
+    }
+    bad = {"name": "dualdeploy/demo", "imageTagMutability": "IMMUTABLE"}
+    assert violations(rules.validate_ecr_scan_on_push, args_for(rules.ECR_REPOSITORY, "images", good)) == []
+    assert violations(rules.validate_ecr_scan_on_push, args_for(rules.ECR_REPOSITORY, "images", bad))
