@@ -652,6 +652,8 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
         else None
     )
 
+    _check_node_group_names(name, pools, fallback)
+
     plugin_raw = _object(_get(data, "devicePlugin", path, {}), f"{path}.devicePlugin")
     _known_keys(plugin_raw, ("chartVersion", "timeSlicingReplicas"), f"{path}.devicePlugin")
     device_plugin = DevicePluginConfig(
@@ -701,6 +703,26 @@ SPOT_NOTICE_BUDGET_S = 110
 """Seconds a pod may take to stop: the Spot notice is 120 s; 10 s stay for the kubelet and the node drain."""
 PRESTOP_SECONDS = 5
 """preStop pause that lets endpoints and load balancers stop sending before the server drains."""
+
+
+NODE_GROUP_NAME_MAX = 63
+
+
+def _check_node_group_names(
+    cluster: str, pools: tuple[GpuPoolConfig, ...], fallback: GpuPoolConfig | None
+) -> None:
+    """EKS limits node group names to 63 characters; ours are ``<cluster>-gpu-<role>-<pool>``."""
+    entries = [(p, f"cluster.gpuPools[{i}].name") for i, p in enumerate(pools)]
+    if fallback is not None:
+        entries.append((fallback, "cluster.fallbackPool.name"))
+    for pool, path in entries:
+        group = f"{cluster}-gpu-{pool.role}-{pool.name}"
+        if len(group) > NODE_GROUP_NAME_MAX:
+            raise ConfigError(
+                _key(path),
+                f"node group name {group!r} is {len(group)} characters; EKS allows "
+                f"{NODE_GROUP_NAME_MAX}: shorten the pool name or dualdeploy:cluster.name",
+            )
 
 
 def _parse_serving(raw: Any) -> ServingConfig:

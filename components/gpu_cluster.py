@@ -171,6 +171,12 @@ def _validate(args: GpuClusterArgs) -> None:
         raise ValueError(f"gpu_pools: pool names must be unique, got {names}")
     for pool, where in pools:
         _validate_gpu_pool(pool, where)
+        role = "spot" if where == "gpu_pools" else "fallback"
+        group = f"{args.cluster_name}-gpu-{role}-{pool.name}"
+        if len(group) > 63:
+            raise ValueError(
+                f"{where}[{pool.name}].name: node group name {group!r} exceeds EKS's 63 characters"
+            )
 
 
 def _validate_gpu_pool(pool: NodePool, where: str) -> None:

@@ -470,3 +470,12 @@ def test_cloud_prod_scales_on_queue_depth_through_the_adapter(project: Path) -> 
     assert serving is not None
     assert serving.queue_depth_target == 4 and serving.prometheus_adapter
     assert serving.load_balancer == "internal" and serving.pre_pull
+
+
+def test_node_group_names_must_fit_eks_limit(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["name"] = "a-very-long-cluster-name-for-testing-x"  # 38 characters, the most allowed
+    raw["cluster"]["fallbackPool"]["name"] = "ondemand-fallback-gp"
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.fallbackPool.name"
+    assert "EKS allows 63" in str(error)
