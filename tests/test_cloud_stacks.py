@@ -398,3 +398,18 @@ def test_a_value_set_with_pulumi_config_set_reaches_the_graph(tmp_path: Path) ->
     assert eks["inputs"]["version"] == "1.32"
     (scaler,) = [r for r in resources if r["name"] == "cluster-cluster-autoscaler"]
     assert scaler["inputs"]["values"]["image"]["tag"] == "v1.32.0"
+
+
+@pytest.mark.parametrize("stack", EDGE_STACKS)
+def test_edge_vault_password_never_reaches_the_state_in_plaintext(
+    stack: str, runs: dict[str, StackRun]
+) -> None:
+    if not HAS_EDGE_FLEET:
+        pytest.skip("components/edge_fleet.py (the EdgeFleet component, edge branch) is not on this branch")
+    run = runs[stack]
+    plain = json.dumps([mask_secrets(r["inputs"]) for r in run.resources])
+    assert TEST_VAULT_PASSWORD not in plain
+    assert TEST_VAULT_PASSWORD not in json.dumps(
+        {k: v for k, v in run.graph["outputs"].items() if k not in run.graph["secret_outputs"]}
+    )
+    assert "edge_hosts" in run.graph["outputs"]
