@@ -398,6 +398,10 @@ def _parse_tags(raw: Any, stack: str, environment: str) -> dict[str, str]:
             raise ConfigError(where, f"tag values must be non-empty strings, got {value!r}")
         if name.lower().startswith("aws:"):
             raise ConfigError(where, "the aws: prefix is reserved by AWS")
+        if name in tags:
+            raise ConfigError(
+                where, f"{name} is set from the stack itself ({tags[name]!r}); choose another key"
+            )
         if len(name) > 128 or len(value) > 256:
             raise ConfigError(where, "AWS allows keys up to 128 and values up to 256 characters")
         tags[name] = value
