@@ -2,7 +2,8 @@
 
 What it creates, and why each piece is there:
 
-- a KMS key for envelope encryption of Kubernetes secrets, and the control-plane log group
+- a KMS key for envelope encryption of Kubernetes secrets (and the cluster role's right to use
+  it), and the control-plane log group
   (created here so its retention is ours, not "never expire");
 - the EKS cluster at a pinned version, its API endpoint private by default;
 - an IAM OIDC provider, so pods get AWS roles through IRSA instead of the node's role;
@@ -391,6 +392,28 @@ class GpuCluster(pulumi.ComponentResource):
             opts=child,
         )
 
+        # The cluster role uses the key for envelope encryption; AmazonEKSClusterPolicy has no KMS
+        # rights, so grant them on this key only.
+        cluster_kms = aws.iam.RolePolicy(
+            f"{name}-cluster-kms",
+            role=cluster_role.id,
+            policy=key.arn.apply(
+                lambda arn: json.dumps(
+                    {
+                        "Version": "2012-10-17",
+                        "Statement": [
+                            {
+                                "Effect": "Allow",
+                                "Action": ["kms:Encrypt", "kms:Decrypt", "kms:ListGrants", "kms:DescribeKey"],
+                                "Resource": arn,
+                            }
+                        ],
+                    }
+                )
+            ),
+            opts=child,
+        )
+
         # ---------------------------------------------------------------- control plane
         cluster = aws.eks.Cluster(
             f"{name}-eks",
@@ -413,7 +436,7 @@ class GpuCluster(pulumi.ComponentResource):
                 bootstrap_cluster_creator_admin_permissions=True,
             ),
             tags=tags,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[log_group, cluster_policy]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[log_group, cluster_policy, cluster_kms]),
         )
         issuer = cluster.identities.apply(lambda ids: ids[0].oidcs[0].issuer)  # type: ignore[index]
         oidc = aws.iam.OpenIdConnectProvider(

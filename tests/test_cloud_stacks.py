@@ -188,6 +188,9 @@ def test_secrets_are_encrypted_with_kms_and_control_plane_logging_is_on(cloud: S
     assert key["inputs"]["enableKeyRotation"] is True
     assert inputs["encryptionConfig"]["provider"]["keyArn"].startswith("arn:aws:kms:")
     assert {"api", "audit", "authenticator"} <= set(inputs["enabledClusterLogTypes"])
+    grant = json.loads(cloud.one("aws:iam/rolePolicy:RolePolicy", "cluster-cluster-kms")["inputs"]["policy"])
+    assert grant["Statement"][0]["Resource"] == inputs["encryptionConfig"]["provider"]["keyArn"]
+    assert {"kms:Encrypt", "kms:Decrypt", "kms:DescribeKey"} <= set(grant["Statement"][0]["Action"])
     (logs,) = cloud.of_type("aws:cloudwatch/logGroup:LogGroup")
     assert logs["inputs"]["name"] == f"/aws/eks/{inputs['name']}/cluster"
     assert logs["inputs"]["retentionInDays"] > 0
