@@ -31,7 +31,9 @@ _CHUNK = 32
 def _quiet() -> Iterator[None]:
     """Silence the exporters' chatter (progress lines, deprecation notes) on success."""
     sink = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "root")]
+    loggers = [
+        logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "root")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -80,12 +82,21 @@ def export_stage(spec: Spec, model_dir: Path, out: Path, progress: Progress) -> 
             if spec.export.exporter == "dynamo":
                 dims = {name: torch.export.Dim(name) for name in ("batch", "sequence")}
                 dynamic_shapes = tuple(
-                    {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs
+                    {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)}
+                    for t in spec.inputs
                 )
                 torch.onnx.export(
-                    model, args, str(target), input_names=in_names, output_names=out_names,
-                    opset_version=spec.export.opset, dynamo=True, dynamic_shapes=dynamic_shapes,
-                    external_data=False, optimize=True, verbose=False,
+                    model,
+                    args,
+                    str(target),
+                    input_names=in_names,
+                    output_names=out_names,
+                    opset_version=spec.export.opset,
+                    dynamo=True,
+                    dynamic_shapes=dynamic_shapes,
+                    external_data=False,
+                    optimize=True,
+                    verbose=False,
                 )
             else:
                 dynamic_axes = {
@@ -93,12 +104,20 @@ def export_stage(spec: Spec, model_dir: Path, out: Path, progress: Progress) -> 
                     for t in [*spec.inputs, *spec.outputs]
                 }
                 torch.onnx.export(
-                    model, args, str(target), input_names=in_names, output_names=out_names,
-                    opset_version=spec.export.opset, dynamo=False, dynamic_axes=dynamic_axes,
+                    model,
+                    args,
+                    str(target),
+                    input_names=in_names,
+                    output_names=out_names,
+                    opset_version=spec.export.opset,
+                    dynamo=False,
+                    dynamic_axes=dynamic_axes,
                     do_constant_folding=True,
                 )
     except Exception as exc:
-        raise BuildError("export", f"export.exporter={spec.export.exporter}: {type(exc).__name__}: {exc}") from exc
+        raise BuildError(
+            "export", f"export.exporter={spec.export.exporter}: {type(exc).__name__}: {exc}"
+        ) from exc
 
     proto = onnx.load(str(target))  # pulls in any external data the exporter wrote
     graph_in = [i.name for i in proto.graph.input]
@@ -107,13 +126,19 @@ def export_stage(spec: Spec, model_dir: Path, out: Path, progress: Progress) -> 
         raise BuildError("export", f"inputs: graph inputs {graph_in} != spec {in_names}")
     if graph_out != out_names:
         raise BuildError("export", f"outputs: graph outputs {graph_out} != spec {out_names}")
-    for value_info, tensor in zip([*proto.graph.input, *proto.graph.output], [*spec.inputs, *spec.outputs], strict=True):
+    for value_info, tensor in zip(
+        [*proto.graph.input, *proto.graph.output], [*spec.inputs, *spec.outputs], strict=True
+    ):
         if len(value_info.type.tensor_type.shape.dim) != len(tensor.shape):
-            raise BuildError("export", f"{tensor.name}: graph rank differs from the spec shape {tensor.shape}")
+            raise BuildError(
+                "export", f"{tensor.name}: graph rank differs from the spec shape {tensor.shape}"
+            )
         _set_dims(value_info, tensor.shape)
     opsets = {o.domain: o.version for o in proto.opset_import}
     if opsets.get("", opsets.get("ai.onnx")) != spec.export.opset:
-        raise BuildError("export", f"export.opset: graph has opset {opsets} but the spec pins {spec.export.opset}")
+        raise BuildError(
+            "export", f"export.opset: graph has opset {opsets} but the spec pins {spec.export.opset}"
+        )
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
         onnx.save_model(proto, str(out / FP32_FILE), save_as_external_data=False)
@@ -157,7 +182,9 @@ def quality_tolerance(spec: Spec) -> dict[str, Any]:
     return {"kind": "cosine", "min_cosine": spec.quantize.min_cosine}
 
 
-def _quality_figures(spec: Spec, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> dict[str, float]:
+def _quality_figures(
+    spec: Spec, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]
+) -> dict[str, float]:
     """Agreement or cosine without gating (for FP32's own metrics)."""
     return compare_outputs(ref, got, {**quality_tolerance(spec), "min_agreement": 0.0, "min_cosine": -1.0})
 
@@ -188,7 +215,9 @@ def parity_stage(spec: Spec, model_dir: Path, export_dir: Path, out: Path, progr
         f"FP32 ONNX vs PyTorch: max abs diff {figures['golden']['max_abs_diff']:.2e} (golden), "
         f"{figures['eval']['max_abs_diff']:.2e} (eval)"
     )
-    (out / "parity.json").write_text(json.dumps({"tolerance": tolerance, **figures}, indent=2, sort_keys=True))
+    (out / "parity.json").write_text(
+        json.dumps({"tolerance": tolerance, **figures}, indent=2, sort_keys=True)
+    )
 
 
 class _Reader:
@@ -205,7 +234,9 @@ class _Reader:
         return 0
 
 
-def calibration_inputs(spec: Spec, draw: Callable[[int, int], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def calibration_inputs(
+    spec: Spec, draw: Callable[[int, int], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """Calibration samples from ``calibration.file`` or the data factory.
 
     Raises:
@@ -257,12 +288,19 @@ def quantize_stage(
     qtypes = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
     pre = out / "pre.onnx"
     target = out / INT8_FILE
-    progress("pre-processing (symbolic shape inference, graph optimisation)")
+    progress("pre-processing (shape inference, graph optimisation)")
     try:
         with _quiet():
-            quant_pre_process(str(export_dir / FP32_FILE), str(pre), skip_symbolic_shape=spec.task == "classification")
+            quant_pre_process(str(export_dir / FP32_FILE), str(pre), skip_symbolic_shape=False)
     except Exception as exc:
-        raise BuildError("quantize", f"quant_pre_process: {type(exc).__name__}: {exc}") from exc
+        # ONNX Runtime's symbolic shape inference does not know every op the dynamo exporter
+        # emits; the exported graph already carries ONNX shape inference, so go on without it.
+        progress(f"symbolic shape inference failed ({type(exc).__name__}: {exc}); using ONNX shape inference")
+        try:
+            with _quiet():
+                quant_pre_process(str(export_dir / FP32_FILE), str(pre), skip_symbolic_shape=True)
+        except Exception as exc2:
+            raise BuildError("quantize", f"quant_pre_process: {type(exc2).__name__}: {exc2}") from exc2
     op_types = list(cfg.op_types) or None
     calib_cached = calibration_cache.is_file()
     try:
@@ -272,22 +310,32 @@ def quantize_stage(
                 "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile,
             }
-            reader = None if calib_cached else _Reader(calibration_inputs(spec, draw), spec.calibration.batch_size)
-            progress(
-                "static QDQ, per-channel" if cfg.per_channel else "static QDQ, per-tensor"
+            reader = (
+                None if calib_cached else _Reader(calibration_inputs(spec, draw), spec.calibration.batch_size)
             )
-            progress("calibration: reusing cached ranges" if calib_cached else
-                     f"calibrating on {spec.calibration.samples} samples ({spec.calibration.method})")
+            progress("static QDQ, per-channel" if cfg.per_channel else "static QDQ, per-tensor")
+            progress(
+                "calibration: reusing cached ranges"
+                if calib_cached
+                else f"calibrating on {spec.calibration.samples} samples ({spec.calibration.method})"
+            )
             calibration_cache.parent.mkdir(parents=True, exist_ok=True)
             tmp_cache = out / "calibration.json"
             if calib_cached:
                 shutil.copyfile(calibration_cache, tmp_cache)
             with _quiet():
                 quantize_static(
-                    str(pre), str(target), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
-                    per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
-                    activation_type=qtypes[cfg.activation_type], weight_type=qtypes[cfg.weight_type],
-                    calibrate_method=methods[spec.calibration.method], calibration_cache_path=str(tmp_cache),
+                    str(pre),
+                    str(target),
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=op_types,
+                    per_channel=cfg.per_channel,
+                    reduce_range=cfg.reduce_range,
+                    activation_type=qtypes[cfg.activation_type],
+                    weight_type=qtypes[cfg.weight_type],
+                    calibrate_method=methods[spec.calibration.method],
+                    calibration_cache_path=str(tmp_cache),
                 )
             if not calib_cached:
                 shutil.copyfile(tmp_cache, calibration_cache.with_suffix(".tmp"))
@@ -297,8 +345,12 @@ def quantize_stage(
             progress("dynamic, per-channel" if cfg.per_channel else "dynamic, per-tensor")
             with _quiet():
                 quantize_dynamic(
-                    str(pre), str(target), op_types_to_quantize=op_types, per_channel=cfg.per_channel,
-                    reduce_range=cfg.reduce_range, weight_type=qtypes[cfg.weight_type],
+                    str(pre),
+                    str(target),
+                    op_types_to_quantize=op_types,
+                    per_channel=cfg.per_channel,
+                    reduce_range=cfg.reduce_range,
+                    weight_type=qtypes[cfg.weight_type],
                 )
     except BuildError:
         raise

@@ -123,10 +123,14 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
     if spec.data is not None:
         sources["data.factory"] = file_digest(source_file(spec.data.factory, "load", "data.factory"))
     d = spec.as_dict()
-    load = digest("load", d["model"], d["inputs"], d["outputs"], d["data"], d["evaluation"], d["task"], sources, env)
+    load = digest(
+        "load", d["model"], d["inputs"], d["outputs"], d["data"], d["evaluation"], d["task"], sources, env
+    )
     distil = None
     if spec.distil is not None:
-        student_src = file_digest(source_file(spec.distil.student.factory, "distil", "distil.student.factory"))
+        student_src = file_digest(
+            source_file(spec.distil.student.factory, "distil", "distil.student.factory")
+        )
         distil = digest("distil", load, d["distil"], student_src, sources)
     model = distil or load
     export = digest("export", model, d["export"], d["inputs"], d["outputs"], env)
@@ -136,14 +140,23 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
         calib_file = (
             file_digest(spec.resolve(spec.calibration.file)) if spec.calibration.file is not None else None
         )
-        calibration = digest("calibration", export, d["calibration"], calib_file, sources, spec.quantize.op_types, env)
+        calibration = digest(
+            "calibration", export, d["calibration"], calib_file, sources, spec.quantize.op_types, env
+        )
         quantize = digest("quantize", export, d["quantize"], calibration, d["task"], env)
     tensorrt = digest(
-        "tensorrt", export, quantize if "int8" in spec.tensorrt.precisions else None, d["tensorrt"],
-        d["serving"], d["parity"], trt_env,
+        "tensorrt",
+        export,
+        quantize if "int8" in spec.tensorrt.precisions else None,
+        d["tensorrt"],
+        d["serving"],
+        d["parity"],
+        trt_env,
     )
     benchmark = digest("benchmark", export, quantize, d["benchmark"], machine_fingerprint())
-    version = digest("bundle", bundle.SCHEMA_VERSION, d, load, distil, export, parity, quantize, tensorrt, benchmark)
+    version = digest(
+        "bundle", bundle.SCHEMA_VERSION, d, load, distil, export, parity, quantize, tensorrt, benchmark
+    )
     return Keys(load, distil, export, parity, quantize, calibration, tensorrt, benchmark, version[:12])
 
 
@@ -188,7 +201,10 @@ def summary_table(result: BuildResult) -> str:
         for s in manifest.get("skipped", []):
             lines.append(f"skipped {s['stage']}: {s['reason']}")
     lines.append("")
-    lines.append(f"bundle {result.bundle_dir} (version {result.version})" + (" — up to date" if result.up_to_date else ""))
+    lines.append(
+        f"bundle {result.bundle_dir} (version {result.version})"
+        + (" — up to date" if result.up_to_date else "")
+    )
     return "\n".join(lines)
 
 
@@ -206,12 +222,16 @@ def signing_key(key_path: Path | None, warn: Callable[[str], None]) -> tuple[bun
     banner = "!" * 78
     if DEV_KEY.is_file():
         key = bundle.load_private_key(DEV_KEY)
-        warn(f"{banner}\nWARNING: signing with the DEVELOPMENT key {DEV_KEY} (no --key given).\n"
-             f"Bundles signed with it must not be deployed to production.\n{banner}")
+        warn(
+            f"{banner}\nWARNING: signing with the DEVELOPMENT key {DEV_KEY} (no --key given).\n"
+            f"Bundles signed with it must not be deployed to production.\n{banner}"
+        )
     else:
         key = bundle.generate_key(DEV_KEY)
-        warn(f"{banner}\nWARNING: no --key given: GENERATED a development signing key at {DEV_KEY}\n"
-             f"(public key {bundle.public_path(DEV_KEY)}). Do not deploy bundles signed with it.\n{banner}")
+        warn(
+            f"{banner}\nWARNING: no --key given: GENERATED a development signing key at {DEV_KEY}\n"
+            f"(public key {bundle.public_path(DEV_KEY)}). Do not deploy bundles signed with it.\n{banner}"
+        )
     return key, bundle.public_path(DEV_KEY)
 
 
@@ -290,7 +310,12 @@ def build(
 
 
 def _timed_stage(
-    cache: StageCache, report: Reporter, result: BuildResult, name: str, key: str, produce: Callable[[Path], None]
+    cache: StageCache,
+    report: Reporter,
+    result: BuildResult,
+    name: str,
+    key: str,
+    produce: Callable[[Path], None],
 ) -> Path:
     report.stage = name
     t0 = time.perf_counter()
@@ -337,7 +362,12 @@ def _run_stages(
         cache, report, result, "export", keys.export, lambda o: export_stage(spec, model_dir, o, report)
     )
     parity_dir = _timed_stage(
-        cache, report, result, "parity", keys.parity, lambda o: parity_stage(spec, model_dir, export_dir, o, report)
+        cache,
+        report,
+        result,
+        "parity",
+        keys.parity,
+        lambda o: parity_stage(spec, model_dir, export_dir, o, report),
     )
     quantize_dir = None
     if keys.quantize is not None:
@@ -348,7 +378,11 @@ def _run_stages(
             return draw_samples(spec, count, seed, "quantize")
 
         quantize_dir = _timed_stage(
-            cache, report, result, "quantize", keys.quantize,
+            cache,
+            report,
+            result,
+            "quantize",
+            keys.quantize,
             lambda o: quantize_stage(spec, model_dir, export_dir, o, calib_cache, draw, report),
         )
     else:
@@ -357,7 +391,11 @@ def _run_stages(
     if quantize_dir is not None and _read_json(quantize_dir / "quantize.json")["passed"]:
         int8 = quantize_dir / INT8_FILE
     tensorrt_dir = _timed_stage(
-        cache, report, result, "tensorrt", keys.tensorrt,
+        cache,
+        report,
+        result,
+        "tensorrt",
+        keys.tensorrt,
         lambda o: tensorrt_stage(
             spec, trt_env, model_dir, export_dir / FP32_FILE, int8, cache.root / "trt-timing", o, report
         ),
@@ -426,10 +464,17 @@ def _write_bundle(
             "max_abs_diff": parity["golden"]["max_abs_diff"],
             quality_key: parity["quality"][quality_key],
         }
-        variants: list[dict[str, Any]] = [{
-            "name": "fp32", "file": FP32_FILE, "format": "onnx", "precision": "fp32",
-            "device_classes": classes, "tolerance": parity["tolerance"], "metrics": fp32_metrics,
-        }]
+        variants: list[dict[str, Any]] = [
+            {
+                "name": "fp32",
+                "file": FP32_FILE,
+                "format": "onnx",
+                "precision": "fp32",
+                "device_classes": classes,
+                "tolerance": parity["tolerance"],
+                "metrics": fp32_metrics,
+            }
+        ]
         dropped: list[dict[str, str]] = list(trt["dropped"])
         if folders.quantize is not None:
             quant = _read_json(folders.quantize / "quantize.json")
@@ -438,7 +483,8 @@ def _write_bundle(
             else:
                 size = (folders.quantize / INT8_FILE).stat().st_size
                 metrics = {
-                    **bench["int8"], "size_bytes": size,
+                    **bench["int8"],
+                    "size_bytes": size,
                     "max_abs_diff": quant["eval"]["max_abs_diff"],
                     quality_key: min(quant["golden"][quality_key], quant["eval"][quality_key]),
                 }
@@ -446,35 +492,52 @@ def _write_bundle(
                     metrics["task_accuracy"] = quant["task_accuracy"]
                 slower_by = metrics["latency_ms_p50"] / fp32_metrics["latency_ms_p50"] - 1.0
                 if slower_by > spec.benchmark.max_slowdown:
-                    dropped.append({
-                        "variant": "int8",
-                        "reason": f"slower than fp32 on this CPU: batch-1 p50 {metrics['latency_ms_p50']:.3f} ms vs "
-                        f"{fp32_metrics['latency_ms_p50']:.3f} ms (+{slower_by:.1%} > "
-                        f"benchmark.max_slowdown {spec.benchmark.max_slowdown:.0%})",
-                    })
+                    dropped.append(
+                        {
+                            "variant": "int8",
+                            "reason": f"slower than fp32 on this CPU: batch-1 p50 {metrics['latency_ms_p50']:.3f} ms vs "
+                            f"{fp32_metrics['latency_ms_p50']:.3f} ms (+{slower_by:.1%} > "
+                            f"benchmark.max_slowdown {spec.benchmark.max_slowdown:.0%})",
+                        }
+                    )
                 else:
                     shutil.copyfile(folders.quantize / INT8_FILE, tmp / INT8_FILE)
-                    variants.append({
-                        "name": "int8", "file": INT8_FILE, "format": "onnx", "precision": "int8",
-                        "device_classes": list(spec.quantize.device_classes),
-                        "tolerance": quality_tolerance(spec), "metrics": metrics,
-                        "quantization": {
-                            "mode": spec.quantize.mode, "format": "QDQ" if spec.quantize.mode == "static" else "QOperator",
-                            "per_channel": spec.quantize.per_channel,
-                            "activation_type": spec.quantize.activation_type, "weight_type": spec.quantize.weight_type,
-                        },
-                    })
+                    variants.append(
+                        {
+                            "name": "int8",
+                            "file": INT8_FILE,
+                            "format": "onnx",
+                            "precision": "int8",
+                            "device_classes": list(spec.quantize.device_classes),
+                            "tolerance": quality_tolerance(spec),
+                            "metrics": metrics,
+                            "quantization": {
+                                "mode": spec.quantize.mode,
+                                "format": "QDQ" if spec.quantize.mode == "static" else "QOperator",
+                                "per_channel": spec.quantize.per_channel,
+                                "activation_type": spec.quantize.activation_type,
+                                "weight_type": spec.quantize.weight_type,
+                            },
+                        }
+                    )
         for engine in trt["engines"]:
             rel = f"engines/{engine['file']}"
             (tmp / "engines").mkdir(exist_ok=True)
             shutil.copyfile(folders.tensorrt / engine["file"], tmp / rel)
-            variants.append({
-                "name": engine["name"], "file": rel, "format": "tensorrt", "precision": engine["precision"],
-                "device_classes": ["nvidia_gpu"], "tolerance": engine["tolerance"],
-                "metrics": {**engine["metrics"], "size_bytes": (tmp / rel).stat().st_size},
-                "gpu_arch": engine["gpu_arch"], "tensorrt_version": engine["tensorrt_version"],
-                "cuda_version": engine["cuda_version"],
-            })
+            variants.append(
+                {
+                    "name": engine["name"],
+                    "file": rel,
+                    "format": "tensorrt",
+                    "precision": engine["precision"],
+                    "device_classes": ["nvidia_gpu"],
+                    "tolerance": engine["tolerance"],
+                    "metrics": {**engine["metrics"], "size_bytes": (tmp / rel).stat().st_size},
+                    "gpu_arch": engine["gpu_arch"],
+                    "tensorrt_version": engine["tensorrt_version"],
+                    "cuda_version": engine["cuda_version"],
+                }
+            )
         skipped = list(trt["skipped"])
         if keys.quantize is None:
             skipped.append({"stage": "quantize", "reason": "quantize.enabled is false in the spec"})
@@ -484,7 +547,12 @@ def _write_bundle(
             "version": keys.version,
             "task": spec.task,
             "inputs": [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "allow_nonfinite": t.allow_nonfinite}
+                {
+                    "name": t.name,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "allow_nonfinite": t.allow_nonfinite,
+                }
                 for t in spec.inputs
             ],
             "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],

@@ -270,9 +270,7 @@ def _build(cls: type, data: Any, where: str, path: Path) -> Any:
     prefix = f"{where}." if where else ""
     for key in data:
         if key not in known:
-            raise SpecError(
-                path, f"{prefix}{key}", f"unknown key (allowed here: {', '.join(sorted(known))})"
-            )
+            raise SpecError(path, f"{prefix}{key}", f"unknown key (allowed here: {', '.join(sorted(known))})")
     kwargs: dict[str, Any] = {}
     for name, fld in known.items():
         if name in data:
@@ -315,9 +313,11 @@ def _validate(spec: Spec) -> None:
     ):
         if not 0.0 <= fraction <= 1.0:
             raise SpecError(path, key, f"must be between 0 and 1, got {fraction}")
-    for where, target in [("model.factory", spec.model.factory)] + (
-        [("data.factory", spec.data.factory)] if spec.data else []
-    ) + ([("distil.student.factory", spec.distil.student.factory)] if spec.distil else []):
+    for where, target in (
+        [("model.factory", spec.model.factory)]
+        + ([("data.factory", spec.data.factory)] if spec.data else [])
+        + ([("distil.student.factory", spec.distil.student.factory)] if spec.distil else [])
+    ):
         module, _, func = target.partition(":")
         if not module or not func:
             raise SpecError(path, where, f"{target!r} is not of the form 'package.module:function'")
@@ -327,14 +327,18 @@ def _validate(spec: Spec) -> None:
             if not calib.is_file():
                 raise SpecError(path, "calibration.file", f"calibration file {calib} does not exist")
         elif spec.data is None:
-            raise SpecError(path, "calibration", "static quantization needs calibration.file or a data section")
+            raise SpecError(
+                path, "calibration", "static quantization needs calibration.file or a data section"
+            )
     if spec.distil is not None and spec.task != "classification":
         raise SpecError(path, "distil", "distillation is implemented for classification models only")
     if spec.distil is not None and spec.data is None:
         raise SpecError(path, "data", "distillation needs a data section to draw training samples from")
     for arch in spec.tensorrt.archs:
         if not (arch.startswith("sm_") and arch[3:].isdigit()):
-            raise SpecError(path, "tensorrt.archs", f"{arch!r} is not of the form sm_<major><minor>, e.g. sm_86")
+            raise SpecError(
+                path, "tensorrt.archs", f"{arch!r} is not of the form sm_<major><minor>, e.g. sm_86"
+            )
 
 
 def load_spec(path: Path | str) -> Spec:

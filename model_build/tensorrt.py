@@ -53,10 +53,17 @@ def detect_environment() -> Environment:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            line = subprocess.run(
-                [smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20, check=True,
-            ).stdout.splitlines()[0].strip()
+            line = (
+                subprocess.run(
+                    [smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                    check=True,
+                )
+                .stdout.splitlines()[0]
+                .strip()
+            )
             gpu_arch = "sm_" + line.replace(".", "")
             header = subprocess.run([smi], capture_output=True, text=True, timeout=20, check=False).stdout
             marker = "CUDA Version:"
@@ -159,10 +166,16 @@ def run_engine(engine_path: Path, spec: Spec, inputs: Mapping[str, np.ndarray]) 
     for tensor in spec.inputs:
         buffers[tensor.name] = torch.from_numpy(np.ascontiguousarray(inputs[tensor.name])).cuda()
         context.set_input_shape(tensor.name, tuple(buffers[tensor.name].shape))
-    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT64: torch.int64}
+    dtypes = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.INT64: torch.int64,
+    }
     for tensor in spec.outputs:
         shape = tuple(context.get_tensor_shape(tensor.name))
-        buffers[tensor.name] = torch.empty(shape, dtype=dtypes[engine.get_tensor_dtype(tensor.name)], device="cuda")
+        buffers[tensor.name] = torch.empty(
+            shape, dtype=dtypes[engine.get_tensor_dtype(tensor.name)], device="cuda"
+        )
     for name, buffer in buffers.items():
         context.set_tensor_address(name, buffer.data_ptr())
     stream = torch.cuda.Stream()
@@ -200,20 +213,26 @@ def tensorrt_stage(
         golden_out = load_tensors(model_dir / "golden" / "outputs.npz")
         for arch in archs:
             if arch != env.gpu_arch:
-                report["skipped"].append({
-                    "stage": f"tensorrt:{arch}",
-                    "reason": f"TensorRT builds for the local GPU ({env.gpu_arch}); no {arch} GPU here",
-                })
+                report["skipped"].append(
+                    {
+                        "stage": f"tensorrt:{arch}",
+                        "reason": f"TensorRT builds for the local GPU ({env.gpu_arch}); no {arch} GPU here",
+                    }
+                )
                 continue
             for precision in spec.tensorrt.precisions:
                 source = int8_onnx if precision == "int8" else fp32_onnx
                 name = f"trt-{arch}-{precision}"
                 if source is None:
-                    report["skipped"].append({"stage": f"tensorrt:{name}", "reason": "no INT8 ONNX variant to build from"})
+                    report["skipped"].append(
+                        {"stage": f"tensorrt:{name}", "reason": "no INT8 ONNX variant to build from"}
+                    )
                     continue
                 progress(f"building {name} from {source.name}")
                 engine = out / f"{name}.engine"
-                build_engine(source, precision, spec, timing_cache_dir / f"{arch}-{env.tensorrt_version}.cache", engine)
+                build_engine(
+                    source, precision, spec, timing_cache_dir / f"{arch}-{env.tensorrt_version}.cache", engine
+                )
                 got = run_engine(engine, spec, golden_in)
                 tolerance: dict[str, Any]
                 if precision == "fp16":
@@ -232,11 +251,18 @@ def tensorrt_stage(
                     engine.unlink()
                     report["dropped"].append({"variant": name, "reason": f"failed its gate: {exc}"})
                     continue
-                report["engines"].append({
-                    "name": name, "file": engine.name, "precision": precision, "gpu_arch": arch,
-                    "tensorrt_version": env.tensorrt_version, "cuda_version": env.cuda_version,
-                    "tolerance": tolerance, "metrics": figures,
-                })
+                report["engines"].append(
+                    {
+                        "name": name,
+                        "file": engine.name,
+                        "precision": precision,
+                        "gpu_arch": arch,
+                        "tensorrt_version": env.tensorrt_version,
+                        "cuda_version": env.cuda_version,
+                        "tolerance": tolerance,
+                        "metrics": figures,
+                    }
+                )
     for skip in report["skipped"]:
         progress(f"skipped: {skip['reason']}")
     (out / "tensorrt.json").write_text(json.dumps(report, indent=2, sort_keys=True))

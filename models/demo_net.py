@@ -36,7 +36,9 @@ def _prototypes() -> np.ndarray:
 _PROTOS = _prototypes()
 
 
-def sample_inputs(count: int, seed: int, noise: float = 1.5) -> dict[str, np.ndarray]:
+def sample_inputs(
+    count: int, seed: int, noise: float = 1.0, contrast_range: tuple[float, float] = (0.04, 0.3)
+) -> dict[str, np.ndarray]:
     """Draw ``count`` labelled samples of the synthetic task.
 
     Args:
@@ -49,7 +51,7 @@ def sample_inputs(count: int, seed: int, noise: float = 1.5) -> dict[str, np.nda
     """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, NUM_CLASSES, size=count)
-    contrast = rng.uniform(0.3, 1.2, size=(count, 1, 1, 1)).astype(np.float32)
+    contrast = rng.uniform(contrast_range[0], contrast_range[1], size=(count, 1, 1, 1)).astype(np.float32)
     brightness = rng.normal(0.0, 0.3, size=(count, 1, 1, 1)).astype(np.float32)
     images = np.empty((count, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     shifts = rng.integers(-8, 9, size=(count, 2))
@@ -129,7 +131,7 @@ def accuracy(model: nn.Module, count: int = 256, seed: int = 999) -> float:
 
 def build_teacher(
     widths: list[int] | None = None,
-    steps: int = 120,
+    steps: int = 100,
     batch_size: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
@@ -160,7 +162,9 @@ def build_teacher(
     return model, {"image": torch.from_numpy(example["image"])}, figures
 
 
-def build_student(widths: list[int] | None = None, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def build_student(
+    widths: list[int] | None = None, seed: int = 0
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """An untrained, narrower student network for distillation (default widths 8, 16, 32, 64).
 
     Returns:
