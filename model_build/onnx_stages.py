@@ -56,6 +56,32 @@ def _set_dims(value_info: Any, shape: list[int | str]) -> None:
             dim.dim_param = want
 
 
+def _rename_value(graph: Any, old: str, new: str) -> None:
+    """Rename one value everywhere it appears in ``graph``."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for item in collection:
+            if item.name == old:
+                item.name = new
+
+
+def _rename_io(graph: Any, in_names: list[str], out_names: list[str]) -> None:
+    """Give graph inputs and outputs the spec's names, moving aside any inner value that has one."""
+    io_values = [v.name for v in [*graph.input, *graph.output]]
+    wanted = [*in_names, *out_names]
+    taken = {n for node in graph.node for n in [*node.input, *node.output]} | {i.name for i in graph.initializer}
+    for name in wanted:
+        if name in taken and name not in io_values:
+            _rename_value(graph, name, f"{name}__inner")
+    # Rename through temporary names so that swapping two names cannot collide.
+    for i, current in enumerate(io_values):
+        _rename_value(graph, current, f"__io_{i}__")
+    for i, name in enumerate(wanted):
+        _rename_value(graph, f"__io_{i}__", name)
+
+
 def export_stage(spec: Spec, model_dir: Path, out: Path, progress: Progress) -> None:
     """Export the model to a single ONNX file with named dynamic axes and a pinned opset.
 
@@ -85,12 +111,13 @@ def export_stage(spec: Spec, model_dir: Path, out: Path, progress: Progress) -> 
                     {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)}
                     for t in spec.inputs
                 )
+                # Names are applied afterwards (see _rename_io): the dynamo exporter can name an
+                # inner value like the requested output ("embedding" from aten.embedding) and then
+                # emit two producers of one name, which strict shape inference rejects.
                 torch.onnx.export(
                     model,
                     args,
                     str(target),
-                    input_names=in_names,
-                    output_names=out_names,
                     opset_version=spec.export.opset,
                     dynamo=True,
                     dynamic_shapes=dynamic_shapes,
@@ -120,6 +147,13 @@ def export_stage(spec: Spec, model_dir: Path, out: Path, progress: Progress) -> 
         ) from exc
 
     proto = onnx.load(str(target))  # pulls in any external data the exporter wrote
+    if len(proto.graph.input) != len(in_names) or len(proto.graph.output) != len(out_names):
+        raise BuildError(
+            "export",
+            f"inputs/outputs: graph has {len(proto.graph.input)} inputs and {len(proto.graph.output)} outputs, "
+            f"spec lists {in_names} and {out_names}",
+        )
+    _rename_io(proto.graph, in_names, out_names)
     graph_in = [i.name for i in proto.graph.input]
     graph_out = [o.name for o in proto.graph.output]
     if graph_in != in_names:

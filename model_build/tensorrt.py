@@ -82,7 +82,7 @@ def detect_environment() -> Environment:
 
 def _profile_shapes(spec: Spec, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
     """min/opt/max shapes of each input for the optimisation profile."""
-    shapes = {}
+    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
     for tensor in spec.inputs:
         lo, opt, hi = [], [], []
         for dim in tensor.shape:

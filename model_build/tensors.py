@@ -32,7 +32,7 @@ def import_callable(target: str, stage: str, key: str) -> Callable[..., Any]:
     func = getattr(module, func_name, None)
     if not callable(func):
         raise BuildError(stage, f"{key}: module {module_name!r} has no callable {func_name!r}")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def source_file(target: str, stage: str, key: str) -> Path:

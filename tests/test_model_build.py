@@ -22,7 +22,7 @@ from model_build.errors import BuildError, SpecError
 from model_build.pipeline import BuildResult, Reporter, build
 from model_build.spec import load_spec
 
-FIXTURES = "tests.model_build_fixtures.tiny"
+FIXTURES = "model_build_tiny"  # tests/model_build_tiny.py (pytest puts tests/ on sys.path)
 
 
 def tiny_spec(**overrides: Any) -> dict[str, Any]:
@@ -267,9 +267,9 @@ def test_unknown_top_level_key_and_bad_value_are_named(tmp_path: Path) -> None:
 
 
 def test_factory_that_does_not_import_is_named(tmp_path: Path, signer: Path) -> None:
-    spec = write_spec(tmp_path, tiny_spec(model={"factory": "tests.model_build_fixtures.nonexistent:build"}))
+    spec = write_spec(tmp_path, tiny_spec(model={"factory": "model_build_tiny_nonexistent:build"}))
     with pytest.raises(
-        BuildError, match=r"model.factory: cannot import module 'tests.model_build_fixtures.nonexistent'"
+        BuildError, match=r"model.factory: cannot import module 'model_build_tiny_nonexistent'"
     ):
         run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
 
@@ -292,7 +292,7 @@ def test_missing_calibration_file_is_named(tmp_path: Path) -> None:
 
 
 def test_calibration_file_is_used_when_given(tmp_path: Path, signer: Path) -> None:
-    from tests.model_build_fixtures import tiny
+    import model_build_tiny as tiny
 
     bundle.save_tensors(tmp_path / "calib.npz", {"image": tiny.samples(16, seed=3)["image"]})
     spec = write_spec(tmp_path, tiny_spec(calibration={"file": "calib.npz", "samples": 16}))
@@ -449,7 +449,7 @@ def test_distillation_refuses_a_student_that_is_too_large(tmp_path: Path, signer
 
 
 def test_golden_inputs_are_exact_pytorch_inputs(tiny_build: tuple[BuildResult, Path, Path]) -> None:
-    from tests.model_build_fixtures import tiny
+    import model_build_tiny as tiny
 
     result, _, _ = tiny_build
     golden = bundle.load_tensors(result.bundle_dir / "golden" / "inputs.npz")

@@ -1,1 +1,0 @@
-"""Tiny real models for the prebuild tests (seconds to build, real ONNX, real ONNX Runtime)."""
