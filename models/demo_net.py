@@ -37,7 +37,7 @@ _PROTOS = _prototypes()
 
 
 def sample_inputs(
-    count: int, seed: int, noise: float = 1.0, contrast_range: tuple[float, float] = (0.04, 0.3)
+    count: int, seed: int, noise: float = 1.0, contrast_range: tuple[float, float] = (0.06, 0.3)
 ) -> dict[str, np.ndarray]:
     """Draw ``count`` labelled samples of the synthetic task.
 
@@ -131,7 +131,7 @@ def accuracy(model: nn.Module, count: int = 256, seed: int = 999) -> float:
 
 def build_teacher(
     widths: list[int] | None = None,
-    steps: int = 100,
+    steps: int = 150,
     batch_size: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
@@ -165,12 +165,12 @@ def build_teacher(
 def build_student(
     widths: list[int] | None = None, seed: int = 0
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """An untrained, narrower student network for distillation (default widths 8, 16, 32, 64).
+    """An untrained, narrower student network for distillation (default widths 10, 20, 40, 80).
 
     Returns:
         ``(model, {"image": tensor})`` with a two-sample example batch.
     """
     torch.manual_seed(seed)
-    model = SmallCNN(tuple(widths or (8, 16, 32, 64)))
+    model = SmallCNN(tuple(widths or (10, 20, 40, 80)))
     example = sample_inputs(2, seed=seed + 7)
     return model, {"image": torch.from_numpy(example["image"])}
