@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ DEV_PUBLIC_KEY = Path(".keys/dev-ed25519.pub")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m model_build",
-        description="Prebuild a PyTorch model into a signed bundle (ONNX FP32, INT8, TensorRT), or verify one.",
+        description="Prebuild a PyTorch model into a signed bundle (ONNX FP32, INT8, TensorRT), "
+        "or verify one.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="Run every stage of a model spec and write dist/<model>/<version>/.")
@@ -78,9 +80,16 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    """Turn SIGTERM into KeyboardInterrupt so half-written stage and bundle folders are removed."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (1 on any build or verification failure)."""
     args = _parser().parse_args(argv)
+    if argv is None:  # only as a real command: tests call main() in-process
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _build(args) if args.command == "build" else _verify(args)
     except bundle.BundleVerificationError as exc:

@@ -67,7 +67,8 @@ def benchmark(
     rounds = max(1, cfg.iterations // _BLOCK)
     batched_rounds = max(2, rounds // 2)
     progress(
-        f"batch 1 × {rounds * _BLOCK} and batch {cfg.throughput_batch} × {batched_rounds * _BLOCK} per variant, "
+        f"batch 1 × {rounds * _BLOCK} and batch {cfg.throughput_batch} × {batched_rounds * _BLOCK} "
+        "per variant, "
         f"interleaved in blocks of {_BLOCK}"
     )
     for _ in range(rounds):
@@ -85,7 +86,8 @@ def benchmark(
             "throughput_b8": round(cfg.throughput_batch / float(np.median(batched[name])), 2),
         }
         progress(
-            f"{name}: p50 {results[name]['latency_ms_p50']:.3f} ms, p99 {results[name]['latency_ms_p99']:.3f} ms, "
+            f"{name}: p50 {results[name]['latency_ms_p50']:.3f} ms, "
+            f"p99 {results[name]['latency_ms_p99']:.3f} ms, "
             f"{results[name]['throughput_b8']:.1f} samples/s at batch {cfg.throughput_batch}"
         )
     return results

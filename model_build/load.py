@@ -150,6 +150,46 @@ def read_info(folder: Path) -> dict[str, Any]:
     return dict(json.loads((folder / "info.json").read_text()))
 
 
+def _train_student(spec: Spec, teacher: Any, student: Any, progress: Progress) -> None:
+    """Knowledge distillation: ``alpha`` x T²-scaled KL(teacher_T || student_T) + (1 - alpha) x CE."""
+    import torch
+    from torch.nn import functional as F  # noqa: N812
+
+    cfg = spec.distil
+    assert cfg is not None
+    (logits_name,) = [t.name for t in spec.outputs][:1]
+    torch.manual_seed(cfg.seed)
+    optimiser = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.lr, total_steps=cfg.steps)
+    temp = cfg.temperature
+    student.train()
+    teacher.eval()
+    started = time.perf_counter()
+    for step in range(cfg.steps):
+        batch = draw_samples(spec, cfg.batch_size, seed=1_000_000 + cfg.seed * 10_007 + step, stage="distil")
+        args = [torch.from_numpy(batch[t.name]) for t in spec.inputs]
+        with torch.no_grad():
+            t_logits = torch.from_numpy(output_dict(spec, teacher(*args), "distil")[logits_name])
+        s_logits = student(*args)
+        labels = torch.from_numpy(batch[LABELS]) if LABELS in batch else t_logits.argmax(-1)
+        kl = F.kl_div(
+            F.log_softmax(s_logits / temp, -1),
+            F.log_softmax(t_logits / temp, -1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (temp * temp)
+        loss = cfg.alpha * kl + (1.0 - cfg.alpha) * F.cross_entropy(s_logits, labels)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        if (step + 1) % max(1, cfg.steps // 5) == 0 or step + 1 == cfg.steps:
+            progress(
+                f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.perf_counter() - started:.1f}s)"
+            )
+    student.eval()
+
+
 def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -> None:
     """Distil the teacher into the spec's student: softened KL to the teacher plus the task loss.
 
@@ -161,7 +201,6 @@ def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -
             teacher less than ``distil.min_agreement``.
     """
     import torch
-    from torch.nn import functional as F  # noqa: N812
 
     cfg = spec.distil
     assert cfg is not None
@@ -182,36 +221,8 @@ def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -
             f"{t_params:,} > {cfg.max_param_ratio}",
         )
     (logits_name,) = [t.name for t in spec.outputs][:1]
-    torch.manual_seed(cfg.seed)
-    optimiser = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.lr, total_steps=cfg.steps)
-    temp = cfg.temperature
-    student.train()
-    teacher.eval()
     started = time.perf_counter()
-    for step in range(cfg.steps):
-        batch = draw_samples(spec, cfg.batch_size, seed=1_000_000 + cfg.seed * 10_007 + step, stage="distil")
-        args = [torch.from_numpy(batch[t.name]) for t in spec.inputs]
-        with torch.no_grad():
-            t_logits = output_dict(spec, teacher(*args), "distil")[logits_name]
-        t_logits_t = torch.from_numpy(t_logits)
-        s_logits = student(*args)
-        labels = torch.from_numpy(batch[LABELS]) if LABELS in batch else t_logits_t.argmax(-1)
-        kl = F.kl_div(
-            F.log_softmax(s_logits / temp, -1),
-            F.log_softmax(t_logits_t / temp, -1),
-            reduction="batchmean",
-            log_target=True,
-        ) * (temp * temp)
-        loss = cfg.alpha * kl + (1.0 - cfg.alpha) * F.cross_entropy(s_logits, labels)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        if (step + 1) % max(1, cfg.steps // 5) == 0 or step + 1 == cfg.steps:
-            progress(
-                f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.perf_counter() - started:.1f}s)"
-            )
+    _train_student(spec, teacher, student, progress)
     student.eval()
 
     golden_in = load_tensors(teacher_dir / "golden" / "inputs.npz")
@@ -230,7 +241,7 @@ def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -
             "student_parameters": s_params,
             "param_ratio": round(ratio, 5),
             "teacher_agreement": agreement,
-            "temperature": temp,
+            "temperature": cfg.temperature,
             "alpha": cfg.alpha,
             "steps": cfg.steps,
             "train_seconds": round(time.perf_counter() - started, 2),

@@ -189,10 +189,11 @@ def tensorrt_stage(
     spec: Spec,
     env: Environment,
     model_dir: Path,
+    *,
+    out: Path,
     fp32_onnx: Path,
     int8_onnx: Path | None,
     timing_cache_dir: Path,
-    out: Path,
     progress: Progress,
 ) -> None:
     """Build, check and record engines; write ``tensorrt.json`` with engines, skips and drops.

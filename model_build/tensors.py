@@ -97,12 +97,11 @@ def check_signature(
                     f"{section}[{i}].shape[{axis}]: spec says {dim}, {origin} gives {size} "
                     f"(shape {list(array.shape)})",
                 )
-            if isinstance(dim, str):
-                if sizes.setdefault(dim, size) != size:
-                    raise BuildError(
-                        stage,
-                        f"{section}[{i}].shape[{axis}]: axis {dim!r} is {size} here but {sizes[dim]} elsewhere",
-                    )
+            if isinstance(dim, str) and sizes.setdefault(dim, size) != size:
+                raise BuildError(
+                    stage,
+                    f"{section}[{i}].shape[{axis}]: axis {dim!r} is {size} here but {sizes[dim]} elsewhere",
+                )
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -103,3 +103,13 @@ def embedder(seed: int = 0) -> tuple:
 def features(count: int, seed: int) -> dict[str, np.ndarray]:
     """Data factory for the embedder."""
     return {"features": np.random.default_rng(seed).standard_normal((count, 32)).astype(np.float32)}
+
+
+def slow_classifier(marker: str, seconds: float = 60.0) -> tuple:
+    """Factory that announces itself through ``marker`` and then hangs (to be interrupted)."""
+    import pathlib
+    import time
+
+    pathlib.Path(marker).write_text("started")
+    time.sleep(seconds)
+    return classifier()

@@ -454,3 +454,51 @@ def test_golden_inputs_are_exact_pytorch_inputs(tiny_build: tuple[BuildResult, P
     result, _, _ = tiny_build
     golden = bundle.load_tensors(result.bundle_dir / "golden" / "inputs.npz")
     np.testing.assert_array_equal(golden["image"], tiny.samples(4, seed=99)["image"])
+
+
+def test_sigterm_during_a_build_leaves_no_bundle_and_no_stage_leftovers(tmp_path: Path, signer: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "started"
+    spec = write_spec(
+        tmp_path,
+        tiny_spec(model={"factory": f"{FIXTURES}:slow_classifier", "kwargs": {"marker": str(marker)}}),
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "model_build",
+            "build",
+            str(spec),
+            "--out",
+            str(tmp_path / "dist"),
+            "--key",
+            str(signer),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not (tmp_path / "dist" / "tiny").exists()
+    assert list((tmp_path / "cache").iterdir()) == []
