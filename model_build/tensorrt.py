@@ -25,6 +25,7 @@ import numpy as np
 
 from .bundle import BundleError, compare_outputs, load_tensors
 from .errors import BuildError
+from .onnx_stages import quality_tolerance
 from .spec import Spec
 
 Progress = Callable[[str], None]
@@ -119,7 +120,10 @@ def build_engine(
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    major = int(trt.__version__.split(".")[0])
+    # TensorRT 10 has only explicit-batch networks (flag 0); 8.x must ask for them.
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -235,17 +239,8 @@ def tensorrt_stage(
                     source, precision, spec, timing_cache_dir / f"{arch}-{env.tensorrt_version}.cache", engine
                 )
                 got = run_engine(engine, spec, golden_in)
-                tolerance: dict[str, Any]
-                if precision == "fp16":
-                    tolerance = {"kind": "allclose", "atol": max(spec.parity.atol * 100, 1e-2), "rtol": 1e-2}
-                    if spec.task == "classification":
-                        tolerance = {"kind": "top1", "min_agreement": spec.quantize.min_agreement}
-                else:
-                    tolerance = (
-                        {"kind": "top1", "min_agreement": spec.quantize.min_agreement}
-                        if spec.task == "classification"
-                        else {"kind": "cosine", "min_cosine": spec.quantize.min_cosine}
-                    )
+                # Same gate as the INT8 ONNX variant: top-1 agreement or cosine against PyTorch.
+                tolerance = quality_tolerance(spec)
                 try:
                     figures = compare_outputs(golden_out, got, tolerance)
                 except BundleError as exc:
