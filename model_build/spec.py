@@ -8,6 +8,7 @@ Relative paths in a spec are relative to the spec file's folder.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -356,6 +357,10 @@ def _validate_sources(spec: Spec) -> None:
 
 def _validate(spec: Spec) -> None:
     """Cross-field checks that types alone cannot express."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", spec.name):
+        raise SpecError(
+            spec.path, "name", f"{spec.name!r} must be lower-case letters, digits, '.', '_' or '-'"
+        )
     _validate_tensors(spec)
     _validate_numbers(spec)
     _validate_sources(spec)

@@ -254,6 +254,8 @@ def test_unknown_spec_key_is_named_with_the_file(tmp_path: Path) -> None:
 def test_unknown_top_level_key_and_bad_value_are_named(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="'modle'"):
         load_spec(write_spec(tmp_path, {**tiny_spec(), "modle": {}}, "a.yaml"))
+    with pytest.raises(SpecError, match=r"key 'name'"):
+        load_spec(write_spec(tmp_path, tiny_spec(name="../escape"), "n.yaml"))
     with pytest.raises(SpecError, match=r"'quantize.mode': 'fast' is not one of 'static', 'dynamic'"):
         load_spec(write_spec(tmp_path, tiny_spec(quantize={"mode": "fast"}), "b.yaml"))
     with pytest.raises(SpecError, match=r"'inputs\[0\].shape'"):
