@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from . import bundle
-from .cache import DEFAULT_CACHE, StageCache, digest, file_digest
+from .cache import DEFAULT_CACHE, StageCache, digest, file_digest, sweep_stale
 from .errors import BuildError
 from .spec import Spec
 from .tensors import source_file
@@ -612,6 +612,8 @@ def _write_bundle(
 ) -> dict[str, Any]:
     """Assemble the bundle in a temporary folder beside its final place, sign, verify, rename."""
     model_dir_out.mkdir(parents=True, exist_ok=True)
+    sweep_stale(model_dir_out, ".tmp-")
+    sweep_stale(model_dir_out, ".old-")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{keys.version}.", dir=model_dir_out))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; servers and image builds read it as other users
     final = model_dir_out / keys.version

@@ -504,3 +504,17 @@ def test_sigterm_during_a_build_leaves_no_bundle_and_no_stage_leftovers(tmp_path
     assert proc.returncode == 130 and "interrupted" in err
     assert not (tmp_path / "dist" / "tiny").exists()
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_stale_temporary_folders_of_killed_builds_are_swept(tmp_path: Path) -> None:
+    import time
+
+    from model_build.cache import StageCache
+
+    stale, fresh = tmp_path / ".load-abc.x1", tmp_path / ".load-abc.x2"
+    stale.mkdir()
+    fresh.mkdir()
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    StageCache(tmp_path)
+    assert not stale.exists() and fresh.exists()
