@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ from model_build.__main__ import main
 from model_build.errors import BuildError, SpecError
 from model_build.pipeline import BuildResult, Reporter, build
 from model_build.spec import load_spec
+
+# The spec factories name the fixture module "model_build_tiny" (tests/model_build_tiny.py); make it
+# importable whatever rootdir/import mode pytest uses.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FIXTURES = "model_build_tiny"  # tests/model_build_tiny.py (pytest puts tests/ on sys.path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,11 @@ from model_build import bundle
 from model_build.pipeline import Reporter, build
 from model_build.spec import load_spec
 from model_build.tensorrt import _profile_shapes, detect_environment
+
+# The spec factories name the fixture module "model_build_tiny" (tests/model_build_tiny.py); make it
+# importable whatever rootdir/import mode pytest uses.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SPEC = {
     "name": "emb",
