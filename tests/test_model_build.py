@@ -199,7 +199,7 @@ def test_broken_model_fails_the_parity_gate_with_the_max_difference(tmp_path: Pa
 
 
 def test_failed_gate_in_a_late_stage_leaves_no_bundle_and_no_partial_cache(
-    tmp_path: Path, signer: Path
+    tmp_path: Path, signer: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Cosine 1.0 exactly is unreachable for an INT8 model, so the quantize gate fails after
     # load, export and parity have completed.
@@ -216,6 +216,9 @@ def test_failed_gate_in_a_late_stage_leaves_no_bundle_and_no_partial_cache(
             "benchmark": {"warmup": 1, "iterations": 25},
         },
     )
+    workdir = tmp_path / "cwd"  # ONNX Runtime's pre-processing once left files in the working directory
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     out, cache = tmp_path / "dist", tmp_path / "cache"
     with pytest.raises(BuildError, match="min_cosine") as err:
         run_build(spec, out, signer, cache)
@@ -223,6 +226,7 @@ def test_failed_gate_in_a_late_stage_leaves_no_bundle_and_no_partial_cache(
     assert not (out / "emb").exists() or not any((out / "emb").iterdir())
     stage_dirs = sorted(p.name.split("-")[0] for p in cache.iterdir() if p.is_dir())
     assert stage_dirs == ["export", "load", "parity"]
+    assert list(workdir.iterdir()) == []
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
 
 
