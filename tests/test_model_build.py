@@ -529,3 +529,42 @@ def test_stale_temporary_folders_of_killed_builds_are_swept(tmp_path: Path) -> N
     os.utime(stale, (old, old))
     StageCache(tmp_path)
     assert not stale.exists() and fresh.exists()
+
+
+def test_int8_not_fast_enough_is_dropped_with_the_measured_reason(
+    tmp_path: Path, signer: Path, shared_cache: Any
+) -> None:
+    # max_slowdown -0.99 demands INT8 be 100x faster than FP32, which no CPU gives: the measured
+    # variant must be dropped, named in `dropped`, and left out of the bundle's files.
+    spec = write_spec(tmp_path, tiny_spec(benchmark={"warmup": 2, "iterations": 25, "max_slowdown": -0.99}))
+    result = run_build(spec, tmp_path / "dist", signer, shared_cache(tmp_path))
+    (drop,) = result.manifest["dropped"]
+    assert drop["variant"] == "int8"
+    assert "batch-1 p50" in drop["reason"] and "benchmark.max_slowdown" in drop["reason"]
+    assert [v["name"] for v in result.manifest["variants"]] == ["fp32"]
+    assert "model.int8.onnx" not in result.manifest["files"]
+
+
+def test_cli_build_prints_a_summary_and_then_up_to_date(
+    tmp_path: Path, signer: Path, shared_cache: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write_spec(tmp_path, tiny_spec())
+    argv = ["build", str(spec), "--out", str(tmp_path / "dist"), "--key", str(signer)]
+    argv += ["--cache-dir", str(shared_cache(tmp_path))]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "stage" in first.out and "variant" in first.out and "fp32" in first.out
+    assert "[load] cached" in first.err and "[bundle] wrote" in first.err
+    assert main(argv) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "verify",
+                str(tmp_path / "dist" / "tiny" / "latest"),
+                "--public-key",
+                str(bundle.public_path(signer)),
+            ]
+        )
+        == 0
+    )
