@@ -317,7 +317,12 @@ def parse_infer_request(
     try:
         doc = json.loads(header)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"request body is not valid JSON ({exc})") from exc
+        where = (
+            "request body"
+            if header_length is None
+            else (f"the JSON header (the first {header_length} bytes, per Inference-Header-Content-Length)")
+        )
+        raise ProtocolError(f"{where} is not valid JSON ({exc})") from exc
     doc = _object(doc, "request body")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
