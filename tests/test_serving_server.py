@@ -328,18 +328,11 @@ BAD_INPUTS: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("case", "model", "body", "headers", "status", "message"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
-)
+@pytest.mark.parametrize("bad", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_gets_a_4xx_naming_the_problem(
-    server: ServerProcess,
-    case: str,
-    model: str,
-    body: bytes,
-    headers: dict[str, str],
-    status: int,
-    message: str,
+    server: ServerProcess, bad: tuple[str, str, bytes, dict[str, str], int, str]
 ) -> None:
+    case, model, body, headers, status, message = bad
     with server.client() as c:
         response = c.post(f"/v2/models/{model}/infer", content=body, headers=headers)
         assert response.status_code == status, f"{case}: {response.status_code} {response.text}"
