@@ -17,7 +17,7 @@ import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.serving_support import (
+from serving_support import (
     Bundle,
     ServerProcess,
     binary_request,
