@@ -15,8 +15,6 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
-from tritonclient.utils import InferenceServerException
-
 from serving_support import (
     Bundle,
     ServerProcess,
@@ -25,6 +23,7 @@ from serving_support import (
     make_bundle,
     running_server,
 )
+from tritonclient.utils import InferenceServerException
 
 MAX_BODY = 64 * 1024
 
