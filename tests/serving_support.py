@@ -134,7 +134,7 @@ def make_bundle(
     max_batch_size: int = 8,
     max_queue_delay_ms: float = 2.0,
     int8_faster: bool = True,
-    golden_outputs_override: dict[str, np.ndarray] | None = None,
+    corrupt_golden: bool = False,
 ) -> Bundle:
     """Build and sign a bundle ``root/<model>/<version>`` with an fp32 and an int8 variant.
 
@@ -144,7 +144,7 @@ def make_bundle(
         max_batch_size: the manifest's ``serving.max_batch_size``.
         max_queue_delay_ms: the manifest's ``serving.max_queue_delay_ms``.
         int8_faster: whether the manifest measures int8 faster than fp32.
-        golden_outputs_override: golden outputs to write instead of the true ones (to fail warm-up).
+        corrupt_golden: write negated golden outputs, which no variant reproduces (to fail warm-up).
 
     Returns:
         The bundle and its public key.
@@ -184,8 +184,8 @@ def make_bundle(
     session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     names: list[str] = [str(o["name"]) for o in outputs]
     golden_out: dict[str, np.ndarray] = dict(zip(names, session.run(None, golden_in), strict=True))
-    if golden_outputs_override is not None:
-        golden_out = golden_outputs_override
+    if corrupt_golden:
+        golden_out = {k: -v for k, v in golden_out.items()}
     bundle.save_tensors(out / "golden" / "inputs.npz", golden_in)
     bundle.save_tensors(out / "golden" / "outputs.npz", golden_out)
     p50 = (0.05, 0.03) if int8_faster else (0.03, 0.05)
