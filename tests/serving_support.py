@@ -198,7 +198,9 @@ def make_bundle(
     elif kind == "slow":
         _slow(fp32)
         golden_in = {"x": rng.normal(size=(2, 4, 256, 256)).astype(np.float32)}
-        inputs = [{"name": "x", "dtype": "float32", "shape": ["batch", 4, 256, 256], "allow_nonfinite": False}]
+        inputs = [
+            {"name": "x", "dtype": "float32", "shape": ["batch", 4, 256, 256], "allow_nonfinite": False}
+        ]
         outputs = [{"name": "features", "dtype": "float32", "shape": ["batch", 32]}]
         tolerances = ({"kind": "cosine", "min_cosine": 0.9999}, {"kind": "cosine", "min_cosine": 0.9})
         task = "embedding"
