@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -22,6 +23,15 @@ def inflight(client: httpx.Client) -> float:
     raise AssertionError("no dualdeploy_inflight_requests gauge")
 
 
+def read_status(sock: socket.socket) -> int:
+    """Read one whole response (the server closes the connection while draining); return its status."""
+    data = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]) if data else 0
+
+
 def test_sigterm_during_load_drains_in_flight_and_refuses_new(tmp_path: Path) -> None:
     # Eight rows a request, one request a run: each takes long enough for all to be in flight.
     built = make_bundle(tmp_path / "b", kind="slow", max_batch_size=8)
@@ -29,17 +39,20 @@ def test_sigterm_during_load_drains_in_flight_and_refuses_new(tmp_path: Path) ->
     body, headers = binary_request({"x": x})
     extra = ["--grace-period-s", "30", "--max-queue", "64"]
     with running_server(built.path, built.public_key, tmp_path / "logs", extra) as proc:
+        port = int(proc.base_url.rsplit(":", 1)[1])
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        start = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}"
+        request = f"{start}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
-        def call(_: int) -> int:
-            with httpx.Client(base_url=proc.base_url, timeout=60) as c:
-                return c.post("/v2/models/slow/infer", content=body, headers=headers).status_code
+        def send(_: int) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+            sock.sendall(request)  # 8 MiB: returns once the server has read most of it
+            return sock
 
-        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool, proc.client() as probe:
-            futures = [pool.submit(call, i) for i in range(CLIENTS)]
-            deadline = time.monotonic() + 20
-            while inflight(probe) < CLIENTS:
-                assert time.monotonic() < deadline, "the requests never were all in flight"
-                time.sleep(0.01)
+        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+            socks = list(pool.map(send, range(CLIENTS)))
+        with proc.client() as probe:
+            assert inflight(probe) >= 1, "the load finished before SIGTERM: make the requests heavier"
             proc.proc.send_signal(signal.SIGTERM)
             # The probe's keep-alive connection may still be open while draining: readiness is gone.
             try:
@@ -47,7 +60,7 @@ def test_sigterm_during_load_drains_in_flight_and_refuses_new(tmp_path: Path) ->
             except httpx.TransportError:
                 ready = None
             assert ready in (503, None)
-            statuses = [f.result(timeout=60) for f in futures]
+        statuses = [read_status(sock) for sock in socks]
         assert statuses == [200] * CLIENTS
         # New connections are refused once the listener is closed.
         time.sleep(0.3)
