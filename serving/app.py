@@ -9,6 +9,7 @@ means an internal fault, overload or shutdown, and is counted.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import time
 import uuid
@@ -83,6 +84,9 @@ class Guard:
         """Wrap ``app``; with ``token`` set, every path except the health checks needs it."""
         self.app = app
         self.expected = f"Bearer {token}".encode() if token else None
+        # Request ids: a random per-process prefix and a counter (cheaper than a uuid4 a request).
+        self.prefix = uuid.uuid4().hex[:12]
+        self.counter = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection scope."""
@@ -90,7 +94,9 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        rid = (
+            headers.get(b"x-request-id", b"").decode("latin-1")[:128] or f"{self.prefix}-{next(self.counter)}"
+        )
         token = logs.request_id.set(rid)
         try:
             if self.expected is not None and scope["path"] not in OPEN_PATHS:
