@@ -465,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": platform.machine(),
             "python": platform.python_version(),
             "onnxruntime": ort.__version__,
+            # The machine is shared: the 1-minute load average before and after the run.
+            "loadavg_1m_before": load_before[0],
+            "loadavg_1m_after": os.getloadavg()[0],
         },
         "soak_seconds": args.soak_seconds,
         "load_seconds": args.load_seconds,
