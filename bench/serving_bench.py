@@ -450,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not present:
         print("no bundle to benchmark: nothing measured, results left as they were")
         return 0
+    load_before = os.getloadavg()
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "serving-bench"
     workdir.mkdir(parents=True, exist_ok=True)
     results = [
