@@ -87,3 +87,29 @@ def test_check_flag_verifies_and_warms_up_without_serving(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     assert "check passed: tiny version v1, variant int8" in result.stderr
     assert "Uvicorn running" not in result.stderr
+
+
+def test_server_imports_no_onnx_torch_or_prebuild_beyond_the_bundle_contract() -> None:
+    code = (
+        "import sys, serving.server, serving.app, serving.model\n"
+        "banned = {'onnx', 'torch', 'pulumi', 'onnxscript'}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in banned)\n"
+        "prebuild = sorted(m for m in sys.modules if m.startswith('model_build'))\n"
+        "print(heavy, prebuild)\n"
+        "assert not heavy, heavy\n"
+        "assert prebuild == ['model_build', 'model_build.bundle'], prebuild\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_serving_requirements_stay_small() -> None:
+    names = {
+        re.split(r"[=<>\[]", line)[0].strip().lower()
+        for line in (REPO / "serving" / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert not names & {"torch", "onnx", "pulumi", "ansible", "transformers", "onnxscript"}, names
+    assert {"onnxruntime", "numpy", "cryptography", "starlette", "uvicorn", "prometheus-client"} <= names
