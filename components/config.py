@@ -18,7 +18,10 @@ The keys, by section (the stack files in ``stacks/`` show each one in use)::
     dualdeploy:network         {cidr, availabilityZones: [...], natGateways: single | per-az}
     dualdeploy:cluster         {name, kubernetesVersion, endpoint, logTypes, systemPool,
                                 gpuPools: [...], fallbackPool, devicePlugin, autoscaler}
-    dualdeploy:serving         {minReplicas, maxReplicas, targetCpuUtilization}
+    dualdeploy:serving         {minReplicas, maxReplicas, targetCpuUtilization, namespace, port,
+                                cpu, memory, drainSeconds, queueDepthTarget, prometheusAdapter,
+                                prometheusUrl, prometheusOperator, loadBalancer, prePull,
+                                dcgmExporter, keepImages}
     dualdeploy:edge            {inventory, bundle, playbook, publicKey, limit}
     dualdeploy:edgeVaultPassword  (secret; read by __main__.py with get_secret, never here)
 """
@@ -52,6 +55,8 @@ CLUSTER_AUTOSCALER_IMAGE_TAGS: Mapping[str, str] = {
 
 DEFAULT_DEVICE_PLUGIN_CHART = "0.18.0"
 DEFAULT_AUTOSCALER_CHART = "9.46.6"
+DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
+"""The Service the Prometheus operator creates for a Prometheus in ``monitoring``."""
 ENVIRONMENTS = ("dev", "staging", "prod")
 LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 NAT_MODES = ("single", "per-az")
@@ -224,6 +229,9 @@ class ServingConfig:
         prometheus_operator: the cluster runs the Prometheus operator (ServiceMonitor, else annotations).
         load_balancer: ``none`` (ClusterIP), ``internal`` or ``internet-facing`` NLB.
         pre_pull: a DaemonSet that pulls the image onto every GPU node ahead of the pods.
+        prometheus_url: where prometheus-adapter queries Prometheus (in-cluster URL).
+        dcgm_exporter: install NVIDIA's DCGM exporter for GPU metrics.
+        keep_images: images the ECR lifecycle policy keeps (older ones expire).
     """
 
     min_replicas: int
@@ -239,6 +247,9 @@ class ServingConfig:
     prometheus_operator: bool = False
     load_balancer: Literal["none", "internal", "internet-facing"] = "none"
     pre_pull: bool = False
+    prometheus_url: str = DEFAULT_PROMETHEUS_URL
+    dcgm_exporter: bool = False
+    keep_images: int = 10
 
 
 @dataclass(frozen=True)
@@ -701,6 +712,7 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
 SERVING_KEYS = (
     "minReplicas", "maxReplicas", "targetCpuUtilization", "namespace", "port", "cpu", "memory",
     "drainSeconds", "queueDepthTarget", "prometheusAdapter", "prometheusOperator", "loadBalancer", "prePull",
+    "prometheusUrl", "dcgmExporter", "keepImages",
 )  # fmt: skip
 LOAD_BALANCERS = ("none", "internal", "internet-facing")
 SPOT_NOTICE_BUDGET_S = 110
@@ -787,7 +799,23 @@ def _parse_serving(raw: Any) -> ServingConfig:
         prometheus_operator=_bool(data, "prometheusOperator", path, default=False),
         load_balancer=_str(data, "loadBalancer", path, default="none", choices=LOAD_BALANCERS),
         pre_pull=_bool(data, "prePull", path, default=False),
+        prometheus_url=_prometheus_url(data, path),
+        dcgm_exporter=_bool(data, "dcgmExporter", path, default=False),
+        keep_images=_int(data, "keepImages", path, default=10, minimum=1),
     )
+
+
+def _prometheus_url(data: Mapping[str, Any], path: str) -> str:
+    url = _str(data, "prometheusUrl", path, default=DEFAULT_PROMETHEUS_URL)
+    if not re.fullmatch(r"https?://[^\s/]+(:\d+)?(/\S*)?", url):
+        raise ConfigError(
+            _key(f"{path}.prometheusUrl"), f"{url!r} is not an http(s) URL (e.g. {DEFAULT_PROMETHEUS_URL})"
+        )
+    if "prometheusUrl" in data and not _bool(data, "prometheusAdapter", path, default=False):
+        raise ConfigError(
+            _key(f"{path}.prometheusUrl"), "only prometheus-adapter uses it: set prometheusAdapter true"
+        )
+    return url
 
 
 def _parse_edge(raw: Any, base_dir: Path) -> EdgeConfig:
