@@ -135,6 +135,7 @@ def main() -> None:
                 context_dir=Path.cwd(),
                 bundle_dir=cfg.bundle.resolved,
                 bundle_version=cfg.bundle.version,
+                public_key=Path.cwd() / cfg.serving.public_key if cfg.serving.public_key else None,
                 base="gpu",  # every cloud pool is a GPU pool
                 keep_images=cfg.serving.keep_images,
                 tags=dict(cfg.tags),

@@ -21,7 +21,7 @@ The keys, by section (the stack files in ``stacks/`` show each one in use)::
     dualdeploy:serving         {minReplicas, maxReplicas, targetCpuUtilization, namespace, port,
                                 cpu, memory, drainSeconds, queueDepthTarget, prometheusAdapter,
                                 prometheusUrl, prometheusOperator, loadBalancer, prePull,
-                                dcgmExporter, keepImages}
+                                dcgmExporter, keepImages, publicKey}
     dualdeploy:edge            {inventory, bundle, playbook, publicKey, limit}
     dualdeploy:edgeVaultPassword  (secret; read by __main__.py with get_secret, never here)
 """
@@ -232,6 +232,7 @@ class ServingConfig:
         prometheus_url: where prometheus-adapter queries Prometheus (in-cluster URL).
         dcgm_exporter: install NVIDIA's DCGM exporter for GPU metrics.
         keep_images: images the ECR lifecycle policy keeps (older ones expire).
+        public_key: the signer's public key baked into the image (None: the development key).
     """
 
     min_replicas: int
@@ -250,6 +251,7 @@ class ServingConfig:
     prometheus_url: str = DEFAULT_PROMETHEUS_URL
     dcgm_exporter: bool = False
     keep_images: int = 10
+    public_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -712,7 +714,7 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
 SERVING_KEYS = (
     "minReplicas", "maxReplicas", "targetCpuUtilization", "namespace", "port", "cpu", "memory",
     "drainSeconds", "queueDepthTarget", "prometheusAdapter", "prometheusOperator", "loadBalancer", "prePull",
-    "prometheusUrl", "dcgmExporter", "keepImages",
+    "prometheusUrl", "dcgmExporter", "keepImages", "publicKey",
 )  # fmt: skip
 LOAD_BALANCERS = ("none", "internal", "internet-facing")
 SPOT_NOTICE_BUDGET_S = 110
@@ -741,7 +743,7 @@ def _check_node_group_names(
             )
 
 
-def _parse_serving(raw: Any) -> ServingConfig:
+def _parse_serving(raw: Any, base_dir: Path) -> ServingConfig:
     path = "serving"
     data = _object(raw, path)
     _known_keys(data, SERVING_KEYS, path)
@@ -802,7 +804,27 @@ def _parse_serving(raw: Any) -> ServingConfig:
         prometheus_url=_prometheus_url(data, path),
         dcgm_exporter=_bool(data, "dcgmExporter", path, default=False),
         keep_images=_int(data, "keepImages", path, default=10, minimum=1),
+        public_key=_public_key(data, path, base_dir),
     )
+
+
+def _public_key(data: Mapping[str, Any], path: str, base_dir: Path) -> str | None:
+    key: str | None = _str(data, "publicKey", path, default=None)
+    if key is None:
+        return None
+    folder = Path(key) if Path(key).is_absolute() else base_dir / key
+    if not folder.is_file():
+        raise ConfigError(
+            _key(f"{path}.publicKey"), f"public key file {key!r} does not exist under {base_dir}"
+        )
+    try:
+        folder.resolve().relative_to(base_dir.resolve())
+    except ValueError:
+        raise ConfigError(
+            _key(f"{path}.publicKey"),
+            f"{key!r} must be inside the project: the image build copies it from there",
+        ) from None
+    return key
 
 
 def _prometheus_url(data: Mapping[str, Any], path: str) -> str:
@@ -891,11 +913,16 @@ def parse_stack_config(
     if cloud_keys:
         network = _parse_network(raw["network"], region)
         cluster = _parse_cluster(raw["cluster"], stack)
-        serving = _parse_serving(raw["serving"])
+        serving = _parse_serving(raw["serving"], base_dir)
         bundle = read_bundle(_str(raw, "bundle", ""), _key("bundle"), base_dir)
         _check_engines(cluster, bundle, require_engines, warnings)
         _check_capacity(cluster, serving)
         _check_endpoint(cluster.endpoint, environment, warnings)
+        if serving.public_key is None and environment == "prod":
+            warnings.append(
+                "serving.publicKey is not set: the image trusts the development key .keys/dev-ed25519.pub; "
+                "point it at the release signer's public key"
+            )
 
     edge = _parse_edge(raw["edge"], base_dir) if raw.get("edge") is not None else None
     return StackConfig(
