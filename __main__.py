@@ -120,6 +120,7 @@ def main() -> None:
                 time_slicing_replicas=cluster.device_plugin.time_slicing_replicas,
                 autoscaler_chart_version=cluster.autoscaler.chart_version,
                 autoscaler_image_tag=cluster.autoscaler.image_tag,
+                metrics_server_chart_version=cluster.metrics_server_chart,
                 tags=dict(cfg.tags),
             ),
         )

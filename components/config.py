@@ -17,7 +17,8 @@ The keys, by section (the stack files in ``stacks/`` show each one in use)::
                                ONNX variant through CUDA, with a warning (default true)
     dualdeploy:network         {cidr, availabilityZones: [...], natGateways: single | per-az}
     dualdeploy:cluster         {name, kubernetesVersion, endpoint, logTypes, systemPool,
-                                gpuPools: [...], fallbackPool, devicePlugin, autoscaler}
+                                gpuPools: [...], fallbackPool, devicePlugin, autoscaler,
+                                metricsServer}
     dualdeploy:serving         {minReplicas, maxReplicas, targetCpuUtilization, namespace, port,
                                 cpu, memory, drainSeconds, queueDepthTarget, prometheusAdapter,
                                 prometheusUrl, prometheusOperator, loadBalancer, prePull,
@@ -55,6 +56,7 @@ CLUSTER_AUTOSCALER_IMAGE_TAGS: Mapping[str, str] = {
 
 DEFAULT_DEVICE_PLUGIN_CHART = "0.18.0"
 DEFAULT_AUTOSCALER_CHART = "9.46.6"
+DEFAULT_METRICS_SERVER_CHART = "3.12.2"
 DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 """The Service the Prometheus operator creates for a Prometheus in ``monitoring``."""
 ENVIRONMENTS = ("dev", "staging", "prod")
@@ -207,6 +209,8 @@ class ClusterConfig:
     fallback_pool: GpuPoolConfig | None
     device_plugin: DevicePluginConfig
     autoscaler: AutoscalerConfig
+    metrics_server_chart: str = DEFAULT_METRICS_SERVER_CHART
+    """Pinned metrics-server chart: the HPA's CPU metric (EKS does not install metrics-server)."""
 
     @property
     def all_gpu_pools(self) -> tuple[GpuPoolConfig, ...]:
@@ -627,6 +631,7 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
             "fallbackPool",
             "devicePlugin",
             "autoscaler",
+            "metricsServer",
         ),
         path,
     )
@@ -698,6 +703,8 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
         ),
         image_tag=image_tag,
     )
+    metrics_raw = _object(_get(data, "metricsServer", path, {}), f"{path}.metricsServer")
+    _known_keys(metrics_raw, ("chartVersion",), f"{path}.metricsServer")
     return ClusterConfig(
         name=name,
         kubernetes_version=version,
@@ -708,6 +715,9 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
         fallback_pool=fallback,
         device_plugin=device_plugin,
         autoscaler=autoscaler,
+        metrics_server_chart=_str(
+            metrics_raw, "chartVersion", f"{path}.metricsServer", default=DEFAULT_METRICS_SERVER_CHART
+        ),
     )
 
 

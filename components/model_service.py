@@ -229,7 +229,6 @@ def prometheus_adapter_values(spec: k8s_specs.ServiceSpec, prometheus_url: str) 
     return {
         "prometheus": {"url": url, "port": int(port)},
         **k8s_specs.prometheus_adapter_rules(spec),
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
     }
 
 

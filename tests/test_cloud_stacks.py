@@ -274,7 +274,9 @@ def test_autoscaler_can_scale_gpu_pools_from_zero(cloud: StackRun) -> None:
 
 def test_no_termination_handler_beside_managed_node_groups(cloud: StackRun) -> None:
     charts = {r["inputs"]["chart"] for r in cloud.of_type("kubernetes:helm.sh/v3:Release")}
-    assert charts <= {"nvidia-device-plugin", "cluster-autoscaler", "prometheus-adapter", "dcgm-exporter"}
+    assert charts <= {
+        "nvidia-device-plugin", "cluster-autoscaler", "metrics-server", "prometheus-adapter", "dcgm-exporter"
+    }  # fmt: skip
     assert not [r for r in cloud.resources if "termination-handler" in json.dumps(r)]
     # Every node is in an EKS managed node group: no self-managed ASGs or launch templates.
     assert not cloud.of_type("aws:autoscaling/group:Group")
@@ -522,6 +524,13 @@ def test_hpa_bounds_and_behaviour_follow_the_stack(cloud: StackRun) -> None:
     assert up["stabilizationWindowSeconds"] == 0 and down["stabilizationWindowSeconds"] >= 300
     assert max(p["value"] for p in up["policies"] if p["type"] == "Percent") >= 100
     assert max(p["value"] for p in down["policies"] if p["type"] == "Percent") <= 10
+
+
+def test_metrics_server_gives_the_hpa_its_cpu_metric(cloud: StackRun) -> None:
+    # EKS installs no metrics-server; without it a CPU-based HPA never scales.
+    release = cloud.release("metrics-server")["inputs"]
+    assert release["namespace"] == "kube-system"
+    assert release["values"]["nodeSelector"] == {"dualdeploy.io/pool": "system"}
 
 
 def test_the_stacks_carry_the_articles_hpa_profiles() -> None:
