@@ -139,6 +139,9 @@ def main() -> None:
                 public_key=Path.cwd() / cfg.serving.public_key if cfg.serving.public_key else None,
                 base="gpu",  # every cloud pool is a GPU pool
                 keep_images=cfg.serving.keep_images,
+                # `pulumi destroy` of a dev stack removes its images too; prod keeps them (and then
+                # refuses to delete the repository until someone empties it on purpose).
+                force_delete=cfg.environment != "prod",
                 tags=dict(cfg.tags),
             ),
         )

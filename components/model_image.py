@@ -72,6 +72,9 @@ class ModelImageArgs:
     keep_images: int = 10
     """Images the lifecycle policy keeps; older ones expire."""
 
+    force_delete: bool = False
+    """Let ``pulumi destroy`` delete the repository with its images (default: refuse while it holds any)."""
+
     tags: Mapping[str, str] = field(default_factory=dict)
     """Tags for the ECR repository."""
 
@@ -174,6 +177,7 @@ class ModelImage(pulumi.ComponentResource):
             name=args.repository_name,
             image_scanning_configuration=aws.ecr.RepositoryImageScanningConfigurationArgs(scan_on_push=True),
             image_tag_mutability="IMMUTABLE",
+            force_delete=args.force_delete,
             encryption_configurations=[
                 aws.ecr.RepositoryEncryptionConfigurationArgs(encryption_type="AES256")
             ],

@@ -612,6 +612,8 @@ def test_ecr_scans_on_push_keeps_tags_immutable_and_expires_old_images(cloud: St
     assert rule["selection"]["countType"] == "imageCountMoreThan"
     assert rule["selection"]["countNumber"] == serving_of(cloud.stack).get("keepImages", 10)
     assert rule["action"] == {"type": "expire"}
+    # Only a non-prod stack's destroy may take the images with the repository.
+    assert repo["inputs"]["forceDelete"] is (stack_file(cloud.stack)["dualdeploy:environment"] != "prod")
 
 
 def _strings(value: Any) -> list[str]:
