@@ -11,7 +11,7 @@ REQS := requirements.txt requirements-dev.txt serving/requirements.txt
 SPEC ?= models/demo.yaml
 DIST ?= dist
 
-.PHONY: help setup build test lint bench clean serve image
+.PHONY: help setup build test lint bench clean serve image image-smoke
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ image: ## Build the CPU serving image with the demo bundle baked in (needs docke
 	docker build -f serving/Dockerfile --build-arg BASE=$(or $(BASE),cpu) \
 	  --build-arg BUNDLE="$$(realpath --relative-to=. $(or $(BUNDLE),$(DIST)/demo/latest))" \
 	  -t dualdeploy-serving:$(or $(TAG),demo) .
+
+image-smoke: setup ## Build the CPU image offline (buildah, local Debian base), run it, infer, SIGTERM (root).
+	serving/image_smoke.sh $(or $(BUNDLE),$(DIST)/demo/latest)
 
 clean: ## Remove build outputs (keeps .venv and the dev signing key).
 	rm -rf $(DIST) build .cache
