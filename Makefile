@@ -15,7 +15,7 @@ STACK ?= cloud-prod
 CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov/bin/checkov
 
-.PHONY: help setup build test lint bench clean snapshots render checkov serve image
+.PHONY: help setup build test lint bench clean snapshots render checkov serve image image-smoke
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ image: ## Build the CPU serving image with the demo bundle baked in (needs docke
 	docker build -f serving/Dockerfile --build-arg BASE=$(or $(BASE),cpu) \
 	  --build-arg BUNDLE="$$(realpath --relative-to=. $(or $(BUNDLE),$(DIST)/demo/latest))" \
 	  -t dualdeploy-serving:$(or $(TAG),demo) .
+
+image-smoke: setup ## Build the CPU image offline (buildah, local Debian base), run it, infer, SIGTERM (root).
+	serving/image_smoke.sh $(or $(BUNDLE),$(DIST)/demo/latest)
 
 clean: ## Remove build outputs (keeps .venv and the dev signing key).
 	rm -rf $(DIST) build .cache

@@ -295,8 +295,25 @@ def raw_baseline(
     }
 
 
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each numeric figure over rounds; ``rounds`` keeps every round's figures."""
+    merged: dict[str, Any] = {}
+    for key, value in rounds[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            merged[key] = statistics.median(r[key] for r in rounds)
+    merged["errors"] = sum(r.get("errors", 0) for r in rounds)
+    merged["rounds"] = rounds
+    return merged
+
+
 def bench_bundle(
-    bundle: Path, public_key: Path, soak_seconds: float, load_seconds: float, workdir: Path
+    bundle: Path,
+    public_key: Path,
+    *,
+    soak_seconds: float,
+    load_seconds: float,
+    workdir: Path,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     """Every measurement for one bundle."""
     manifest = read_manifest(bundle)
@@ -306,7 +323,7 @@ def bench_bundle(
     inputs = {t["name"]: np.ascontiguousarray(golden[t["name"]][:1]) for t in manifest["inputs"]}
 
     cold = []
-    for _ in range(3):
+    for _ in range(5):
         server = Server(bundle, public_key)
         cold.append(server.cold_start_s)
         server.stop()
@@ -318,10 +335,14 @@ def bench_bundle(
         request_file = workdir / f"{model}.request"
         request_file.write_bytes(encode_request(inputs, model, "127.0.0.1", server.port))
 
-        # Side by side: raw in-process numbers, then the same variant over HTTP.
-        raw = raw_baseline(bundle, variant["file"], inputs, load_seconds)
-        one = run_load(server.port, request_file, 1, load_seconds)
-        sixteen = run_load(server.port, request_file, 16, load_seconds)
+        # Side by side, interleaved in rounds (the machine is shared, its load drifts): raw
+        # in-process numbers, then the same variant over HTTP; each figure is the median of rounds.
+        raws, ones, sixteens = [], [], []
+        for _ in range(rounds):
+            raws.append(raw_baseline(bundle, variant["file"], inputs, load_seconds))
+            ones.append(run_load(server.port, request_file, 1, load_seconds))
+            sixteens.append(run_load(server.port, request_file, 16, load_seconds))
+        raw, one, sixteen = _median_round(raws), _median_round(ones), _median_round(sixteens)
 
         # RSS at about 10 s into the soak (the load generator starts, warms up 1 s, then soaks).
         rss: dict[str, float] = {}
@@ -427,7 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the bundles' signer (default .keys/dev-ed25519.pub)",
     )
     p.add_argument("--soak-seconds", type=float, default=60.0, help="soak duration (default 60)")
-    p.add_argument("--load-seconds", type=float, default=5.0, help="duration of each latency/throughput run")
+    p.add_argument("--load-seconds", type=float, default=3.0, help="duration of each latency/throughput run")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of raw / 1-client / 16-client runs"
+    )
     p.add_argument(
         "--out", type=Path, default=REPO / "bench" / "results" / "serving.json", help="JSON results"
     )
@@ -454,7 +478,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "serving-bench"
     workdir.mkdir(parents=True, exist_ok=True)
     results = [
-        bench_bundle(b.resolve(), args.public_key, args.soak_seconds, args.load_seconds, workdir)
+        bench_bundle(
+            b.resolve(),
+            args.public_key,
+            soak_seconds=args.soak_seconds,
+            load_seconds=args.load_seconds,
+            workdir=workdir,
+            rounds=args.rounds,
+        )
         for b in present
     ]
     print(table(results))
@@ -472,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "soak_seconds": args.soak_seconds,
         "load_seconds": args.load_seconds,
+        "rounds": args.rounds,
         "skipped": missing,
         "results": results,
     }

@@ -168,7 +168,7 @@ class V2Api:
             "version": __version__,
             "extensions": ["binary_tensor_data"],
         }
-        self.openapi = openapi_document(self.spec.name, self.spec.version)
+        self.openapi = openapi_document(self.spec.name, self.spec.version, bool(self.settings.token))
 
     def _known(self, request: Request) -> str | None:
         """None when the path names the served model (and version), else the error message."""
@@ -302,7 +302,10 @@ class V2Api:
 
     def routes(self) -> list[Route]:
         """The v2 routes, with the optional ``/versions/{version}`` forms."""
+        # Inference first: Starlette tries routes in order, and it is the hot path.
         routes = [
+            Route("/v2/models/{name}/infer", self.infer, methods=["POST"]),
+            Route("/v2/models/{name}/versions/{version}/infer", self.infer, methods=["POST"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
             Route("/v2", self.server_metadata, methods=["GET"]),
@@ -313,7 +316,6 @@ class V2Api:
             routes += [
                 Route(prefix, self.model_metadata, methods=["GET"]),
                 Route(f"{prefix}/ready", self.model_ready, methods=["GET"]),
-                Route(f"{prefix}/infer", self.infer, methods=["POST"]),
             ]
         return routes
 

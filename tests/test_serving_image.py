@@ -33,7 +33,7 @@ def test_dockerfile_has_the_agreed_shape() -> None:
     assert re.search(r"^ARG BASE=cpu$", text, re.M)
     assert "FROM ${PYTHON_IMAGE} AS base-cpu" in text and "FROM ${CUDA_IMAGE} AS base-gpu" in text
     assert "onnxruntime-gpu" in text
-    assert re.search(r"^USER \$\{UID\}$", text, re.M) and "useradd --system" in text
+    assert re.search(r"^USER \$\{UID\}$", text, re.M) and "useradd --no-log-init" in text
     assert re.search(r"^COPY \$\{BUNDLE\}/ /srv/bundle/$", text, re.M)
     assert re.search(r'^HEALTHCHECK .*\n\s+CMD \["python3", "-m", "serving.healthcheck"\]$', text, re.M)
     assert re.search(r'^CMD \["python3", "-m", "serving"\]$', text, re.M)
