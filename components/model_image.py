@@ -207,6 +207,8 @@ class ModelImage(pulumi.ComponentResource):
                 context=os.path.relpath(args.context_dir),
                 dockerfile=os.path.relpath(args.context_dir / DOCKERFILE),
                 platform=PLATFORM,
+                # serving/Dockerfile bind-mounts the context in a RUN step (the optional wheelhouse).
+                builder_version=docker.BuilderVersion.BUILDER_BUILD_KIT,
                 args=build_args,
             ),
             registry=docker.RegistryArgs(

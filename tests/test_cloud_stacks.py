@@ -589,6 +589,7 @@ def test_the_image_is_built_for_amd64_on_the_gpu_base_from_the_bundles_real_fold
     (built,) = cloud.of_type("docker:index/image:Image")
     build = built["inputs"]["build"]
     assert build["platform"] == "linux/amd64"
+    assert build["builderVersion"] == "BuilderBuildKit"  # the Dockerfile's RUN --mount needs BuildKit
     assert build["dockerfile"] == "serving/Dockerfile" and build["context"] == "."
     assert build["args"]["BASE"] == "gpu"
     assert build["args"]["BUNDLE"] == "dist/demo/0123456789ab"  # latest resolved: Docker copies folders
