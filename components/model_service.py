@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -222,12 +223,18 @@ def args_from_config(
 
 
 def prometheus_adapter_values(spec: k8s_specs.ServiceSpec, prometheus_url: str) -> dict[str, Any]:
-    """prometheus-adapter chart values: where Prometheus is, and the rule for the queue metric."""
-    url, _, port = prometheus_url.rpartition(":")
-    if not port.isdigit():
-        url, port = prometheus_url, "9090"
+    """prometheus-adapter chart values: where Prometheus is, and the rule for the queue metric.
+
+    The chart joins ``prometheus.url``, ``port`` and ``path`` itself, so the URL is split here.
+    """
+    parts = urlsplit(prometheus_url)
+    default_port = 443 if parts.scheme == "https" else 9090
     return {
-        "prometheus": {"url": url, "port": int(port)},
+        "prometheus": {
+            "url": f"{parts.scheme}://{parts.hostname}",
+            "port": parts.port or default_port,
+            "path": parts.path.rstrip("/"),
+        },
         **k8s_specs.prometheus_adapter_rules(spec),
     }
 

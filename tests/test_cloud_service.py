@@ -20,7 +20,13 @@ from cloud_harness import REPO_ROOT, _mock_outputs, make_project
 
 from components import model_image
 from components.model_image import ModelImage, ModelImageArgs, image_tag, lifecycle_policy, source_hash
-from components.model_service import ModelService, ModelServiceArgs, validate
+from components.model_service import (
+    ModelService,
+    ModelServiceArgs,
+    prometheus_adapter_values,
+    service_spec,
+    validate,
+)
 
 REGION = "eu-west-1"
 DIGEST = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/dualdeploy/demo@sha256:" + "ab" * 32
@@ -150,9 +156,28 @@ def test_service_objects_carry_the_args(mocks: ComponentMocks) -> None:
     assert adapter["values"]["prometheus"] == {
         "url": "http://prometheus-operated.monitoring.svc",
         "port": 9090,
+        "path": "",
     }
     deployment = by_type["kubernetes:apps/v1:Deployment"]
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == DIGEST
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://prom.monitoring.svc:9091", {"url": "http://prom.monitoring.svc", "port": 9091, "path": ""}),
+        ("http://prom.monitoring.svc", {"url": "http://prom.monitoring.svc", "port": 9090, "path": ""}),
+        (
+            "https://amp.example/workspaces/ws-1/",
+            {"url": "https://amp.example", "port": 443, "path": "/workspaces/ws-1"},
+        ),
+    ],
+)
+def test_the_adapter_gets_the_prometheus_url_split_as_its_chart_joins_it(
+    url: str, expected: dict[str, Any]
+) -> None:
+    spec = service_spec(service_args(queue_depth_target=4, prometheus_adapter=True))
+    assert prometheus_adapter_values(spec, url)["prometheus"] == expected
 
 
 def _wait() -> None:
