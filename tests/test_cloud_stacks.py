@@ -478,7 +478,13 @@ def test_pods_spread_over_zones_and_capacity_types_and_prefer_spot(cloud: StackR
     keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
     assert {"topology.kubernetes.io/zone", "eks.amazonaws.com/capacityType"} <= keys
     (preferred,) = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert preferred["preference"]["matchExpressions"][0]["values"] == ["spot"]
+    (expr,) = preferred["preference"]["matchExpressions"]
+    spot_labels = {
+        g["inputs"]["labels"][expr["key"]]
+        for g in cloud.gpu_groups()
+        if g["inputs"]["capacityType"] == "SPOT"
+    }
+    assert expr["values"] == ["spot"] and spot_labels == {"spot"}  # the label the Spot pools carry
 
 
 def test_probes_point_at_the_v2_health_endpoints(cloud: StackRun) -> None:
