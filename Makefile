@@ -15,7 +15,7 @@ STACK ?= cloud-prod
 CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov/bin/checkov
 
-.PHONY: help setup build test lint bench clean snapshots render checkov
+.PHONY: help setup build test lint bench clean snapshots render checkov serve image image-smoke
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,17 @@ checkov: $(CHECKOV) ## Install checkov into its own venv, .tools/checkov (the re
 $(CHECKOV):
 	$(PYTHON) -m venv .tools/checkov
 	.tools/checkov/bin/pip install -q checkov==$(CHECKOV_VERSION)
+
+serve: setup ## Serve the built bundle on 127.0.0.1:8000 (BUNDLE=dist/demo/latest by default).
+	$(PY) -m serving --bundle $(or $(BUNDLE),$(DIST)/demo/latest)
+
+image: ## Build the CPU serving image with the demo bundle baked in (needs docker and a local python:3.11-slim).
+	docker build -f serving/Dockerfile --build-arg BASE=$(or $(BASE),cpu) \
+	  --build-arg BUNDLE="$$(realpath --relative-to=. $(or $(BUNDLE),$(DIST)/demo/latest))" \
+	  -t dualdeploy-serving:$(or $(TAG),demo) .
+
+image-smoke: setup ## Build the CPU image offline (buildah, local Debian base), run it, infer, SIGTERM (root).
+	serving/image_smoke.sh $(or $(BUNDLE),$(DIST)/demo/latest)
 
 clean: ## Remove build outputs (keeps .venv and the dev signing key).
 	rm -rf $(DIST) build .cache

@@ -120,9 +120,46 @@ def main() -> None:
                 time_slicing_replicas=cluster.device_plugin.time_slicing_replicas,
                 autoscaler_chart_version=cluster.autoscaler.chart_version,
                 autoscaler_image_tag=cluster.autoscaler.image_tag,
+                metrics_server_chart_version=cluster.metrics_server_chart,
                 tags=dict(cfg.tags),
             ),
         )
+        from components.model_image import ModelImage, ModelImageArgs  # noqa: PLC0415
+        from components.model_service import ModelService, args_from_config  # noqa: PLC0415
+
+        assert cfg.serving is not None
+        # The bundle's real folder (latest resolved): Docker copies a folder, not a link to one.
+        image = ModelImage(
+            "image",
+            ModelImageArgs(
+                repository_name=f"dualdeploy/{cfg.bundle.model}",
+                context_dir=Path.cwd(),
+                bundle_dir=cfg.bundle.resolved,
+                bundle_version=cfg.bundle.version,
+                public_key=Path.cwd() / cfg.serving.public_key if cfg.serving.public_key else None,
+                base="gpu",  # every cloud pool is a GPU pool
+                keep_images=cfg.serving.keep_images,
+                # `pulumi destroy` of a dev stack removes its images too; prod keeps them (and then
+                # refuses to delete the repository until someone empties it on purpose).
+                force_delete=cfg.environment != "prod",
+                tags=dict(cfg.tags),
+            ),
+        )
+        service = ModelService(
+            "service",
+            args_from_config(
+                cfg.serving,
+                cfg.bundle,
+                [p.gpu_arch for p in cluster.all_gpu_pools],
+                allow_cuda_fallback=not cfg.require_engines,
+                image=image.image_ref,
+            ),
+            # The cluster's provider; waiting on the cluster component means its device plugin
+            # and autoscaler exist before the first GPU pod asks for a node.
+            opts=pulumi.ResourceOptions(provider=gpu.provider, depends_on=[gpu]),
+        )
+        pulumi.export("image", image.image_ref)
+        pulumi.export("service_url", service.url)
         pulumi.export("vpc_id", network.vpc_id)
         pulumi.export("cluster_name", gpu.cluster_name)
         pulumi.export("kubeconfig", gpu.kubeconfig)

@@ -17,8 +17,12 @@ The keys, by section (the stack files in ``stacks/`` show each one in use)::
                                ONNX variant through CUDA, with a warning (default true)
     dualdeploy:network         {cidr, availabilityZones: [...], natGateways: single | per-az}
     dualdeploy:cluster         {name, kubernetesVersion, endpoint, logTypes, systemPool,
-                                gpuPools: [...], fallbackPool, devicePlugin, autoscaler}
-    dualdeploy:serving         {minReplicas, maxReplicas, targetCpuUtilization}
+                                gpuPools: [...], fallbackPool, devicePlugin, autoscaler,
+                                metricsServer}
+    dualdeploy:serving         {minReplicas, maxReplicas, targetCpuUtilization, namespace, port,
+                                cpu, memory, drainSeconds, queueDepthTarget, prometheusAdapter,
+                                prometheusUrl, prometheusOperator, loadBalancer, prePull,
+                                dcgmExporter, keepImages, publicKey}
     dualdeploy:edge            {inventory, bundle, playbook, publicKey, limit}
     dualdeploy:edgeVaultPassword  (secret; read by __main__.py with get_secret, never here)
 """
@@ -52,6 +56,9 @@ CLUSTER_AUTOSCALER_IMAGE_TAGS: Mapping[str, str] = {
 
 DEFAULT_DEVICE_PLUGIN_CHART = "0.18.0"
 DEFAULT_AUTOSCALER_CHART = "9.46.6"
+DEFAULT_METRICS_SERVER_CHART = "3.12.2"
+DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
+"""The Service the Prometheus operator creates for a Prometheus in ``monitoring``."""
 ENVIRONMENTS = ("dev", "staging", "prod")
 LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 NAT_MODES = ("single", "per-az")
@@ -202,6 +209,8 @@ class ClusterConfig:
     fallback_pool: GpuPoolConfig | None
     device_plugin: DevicePluginConfig
     autoscaler: AutoscalerConfig
+    metrics_server_chart: str = DEFAULT_METRICS_SERVER_CHART
+    """Pinned metrics-server chart: the HPA's CPU metric (EKS does not install metrics-server)."""
 
     @property
     def all_gpu_pools(self) -> tuple[GpuPoolConfig, ...]:
@@ -224,6 +233,10 @@ class ServingConfig:
         prometheus_operator: the cluster runs the Prometheus operator (ServiceMonitor, else annotations).
         load_balancer: ``none`` (ClusterIP), ``internal`` or ``internet-facing`` NLB.
         pre_pull: a DaemonSet that pulls the image onto every GPU node ahead of the pods.
+        prometheus_url: where prometheus-adapter queries Prometheus (in-cluster URL).
+        dcgm_exporter: install NVIDIA's DCGM exporter for GPU metrics.
+        keep_images: images the ECR lifecycle policy keeps (older ones expire).
+        public_key: the signer's public key baked into the image (None: the development key).
     """
 
     min_replicas: int
@@ -239,6 +252,10 @@ class ServingConfig:
     prometheus_operator: bool = False
     load_balancer: Literal["none", "internal", "internet-facing"] = "none"
     pre_pull: bool = False
+    prometheus_url: str = DEFAULT_PROMETHEUS_URL
+    dcgm_exporter: bool = False
+    keep_images: int = 10
+    public_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -614,6 +631,7 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
             "fallbackPool",
             "devicePlugin",
             "autoscaler",
+            "metricsServer",
         ),
         path,
     )
@@ -685,6 +703,8 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
         ),
         image_tag=image_tag,
     )
+    metrics_raw = _object(_get(data, "metricsServer", path, {}), f"{path}.metricsServer")
+    _known_keys(metrics_raw, ("chartVersion",), f"{path}.metricsServer")
     return ClusterConfig(
         name=name,
         kubernetes_version=version,
@@ -695,12 +715,16 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
         fallback_pool=fallback,
         device_plugin=device_plugin,
         autoscaler=autoscaler,
+        metrics_server_chart=_str(
+            metrics_raw, "chartVersion", f"{path}.metricsServer", default=DEFAULT_METRICS_SERVER_CHART
+        ),
     )
 
 
 SERVING_KEYS = (
     "minReplicas", "maxReplicas", "targetCpuUtilization", "namespace", "port", "cpu", "memory",
     "drainSeconds", "queueDepthTarget", "prometheusAdapter", "prometheusOperator", "loadBalancer", "prePull",
+    "prometheusUrl", "dcgmExporter", "keepImages", "publicKey",
 )  # fmt: skip
 LOAD_BALANCERS = ("none", "internal", "internet-facing")
 SPOT_NOTICE_BUDGET_S = 110
@@ -729,7 +753,7 @@ def _check_node_group_names(
             )
 
 
-def _parse_serving(raw: Any) -> ServingConfig:
+def _parse_serving(raw: Any, base_dir: Path) -> ServingConfig:
     path = "serving"
     data = _object(raw, path)
     _known_keys(data, SERVING_KEYS, path)
@@ -787,7 +811,43 @@ def _parse_serving(raw: Any) -> ServingConfig:
         prometheus_operator=_bool(data, "prometheusOperator", path, default=False),
         load_balancer=_str(data, "loadBalancer", path, default="none", choices=LOAD_BALANCERS),
         pre_pull=_bool(data, "prePull", path, default=False),
+        prometheus_url=_prometheus_url(data, path),
+        dcgm_exporter=_bool(data, "dcgmExporter", path, default=False),
+        keep_images=_int(data, "keepImages", path, default=10, minimum=1),
+        public_key=_public_key(data, path, base_dir),
     )
+
+
+def _public_key(data: Mapping[str, Any], path: str, base_dir: Path) -> str | None:
+    key: str | None = _str(data, "publicKey", path, default=None)
+    if key is None:
+        return None
+    folder = Path(key) if Path(key).is_absolute() else base_dir / key
+    if not folder.is_file():
+        raise ConfigError(
+            _key(f"{path}.publicKey"), f"public key file {key!r} does not exist under {base_dir}"
+        )
+    try:
+        folder.resolve().relative_to(base_dir.resolve())
+    except ValueError:
+        raise ConfigError(
+            _key(f"{path}.publicKey"),
+            f"{key!r} must be inside the project: the image build copies it from there",
+        ) from None
+    return key
+
+
+def _prometheus_url(data: Mapping[str, Any], path: str) -> str:
+    url = _str(data, "prometheusUrl", path, default=DEFAULT_PROMETHEUS_URL)
+    if not re.fullmatch(r"https?://[^\s/]+(:\d+)?(/\S*)?", url):
+        raise ConfigError(
+            _key(f"{path}.prometheusUrl"), f"{url!r} is not an http(s) URL (e.g. {DEFAULT_PROMETHEUS_URL})"
+        )
+    if "prometheusUrl" in data and not _bool(data, "prometheusAdapter", path, default=False):
+        raise ConfigError(
+            _key(f"{path}.prometheusUrl"), "only prometheus-adapter uses it: set prometheusAdapter true"
+        )
+    return url
 
 
 def _parse_edge(raw: Any, base_dir: Path) -> EdgeConfig:
@@ -863,11 +923,16 @@ def parse_stack_config(
     if cloud_keys:
         network = _parse_network(raw["network"], region)
         cluster = _parse_cluster(raw["cluster"], stack)
-        serving = _parse_serving(raw["serving"])
+        serving = _parse_serving(raw["serving"], base_dir)
         bundle = read_bundle(_str(raw, "bundle", ""), _key("bundle"), base_dir)
         _check_engines(cluster, bundle, require_engines, warnings)
         _check_capacity(cluster, serving)
         _check_endpoint(cluster.endpoint, environment, warnings)
+        if serving.public_key is None and environment == "prod":
+            warnings.append(
+                "serving.publicKey is not set: the image trusts the development key .keys/dev-ed25519.pub; "
+                "point it at the release signer's public key"
+            )
 
     edge = _parse_edge(raw["edge"], base_dir) if raw.get("edge") is not None else None
     return StackConfig(

@@ -15,7 +15,8 @@ What it creates, and why each piece is there:
 - an optional on-demand GPU fallback group (minimum 0), ranked below every Spot group;
 - the NVIDIA device plugin (optionally time-slicing each GPU between several model pods);
 - the cluster autoscaler with its own IRSA role and the priority expander, able to scale
-  the GPU groups from zero.
+  the GPU groups from zero;
+- metrics-server, the HPA's source of CPU utilisation (EKS does not install it).
 
 Spot interruptions: the component uses EKS *managed* node groups and deliberately does not
 install aws-node-termination-handler. Managed node groups with capacity type SPOT turn on
@@ -49,6 +50,7 @@ GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
 CPU_AMI_TYPE = "AL2023_x86_64_STANDARD"
 DEVICE_PLUGIN_REPO = "https://nvidia.github.io/k8s-device-plugin"
 AUTOSCALER_REPO = "https://kubernetes.github.io/autoscaler"
+METRICS_SERVER_REPO = "https://kubernetes-sigs.github.io/metrics-server/"
 AUTOSCALER_SERVICE_ACCOUNT = "cluster-autoscaler"
 AUTOSCALER_NAMESPACE = "kube-system"
 SPOT_PRIORITY = 50
@@ -137,6 +139,10 @@ class GpuClusterArgs:
 
     autoscaler_image_tag: pulumi.Input[str] = "v1.33.0"
     """cluster-autoscaler image; its minor must match ``kubernetes_version``."""
+
+    metrics_server_chart_version: pulumi.Input[str] = "3.12.2"
+    """Pinned metrics-server chart. EKS does not install metrics-server, and without it an HPA
+    has no CPU metric and never scales."""
 
     tags: Mapping[str, str] = field(default_factory=dict)
     """Tags for every taggable AWS resource."""
@@ -610,6 +616,18 @@ class GpuCluster(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(
                 parent=self, provider=self.provider, depends_on=[system_group, autoscaler_role_policy]
             ),
+        )
+
+        # ---------------------------------------------------------------- metrics-server (HPA CPU metric)
+        k8s.helm.v3.Release(
+            f"{name}-metrics-server",
+            name="metrics-server",
+            chart="metrics-server",
+            version=args.metrics_server_chart_version,
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=METRICS_SERVER_REPO),
+            namespace="kube-system",
+            values={"nodeSelector": {POOL_LABEL: "system"}, "priorityClassName": "system-cluster-critical"},
+            opts=on_cluster,
         )
 
         self.cluster_name = cluster.name

@@ -26,10 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GPU_RESOURCE = "nvidia.com/gpu"
+GPU_RESOURCES = (GPU_RESOURCE, "nvidia.com/gpu.shared")
+"""The device plugin's resource names: whole GPUs, or time-sliced shares when the plugin renames them."""
 GPU_ARCH_LABEL = "dualdeploy.io/gpu-arch"
 CAPACITY_LABEL = "dualdeploy.io/capacity-type"
 PLACEHOLDER_ANNOTATION = "dualdeploy.io/placeholders"
 RUN_AS_USER = 10001
+"""The uid ``serving/Dockerfile`` creates and runs as (its ``UID`` build argument)."""
+BUNDLE_PATH = "/srv/bundle"
+"""Where ``serving/Dockerfile`` bakes the bundle (its ``DUALDEPLOY_BUNDLE``)."""
 LIVE_PATH = "/v2/health/live"
 READY_PATH = "/v2/health/ready"
 SPOT_NOTICE_BUDGET_S = 110
@@ -49,10 +54,12 @@ class ServiceSpec:
         gpu_arches: node architectures the pods may run on (those with an engine, or any pool
             architecture when the stack allows the CUDA fallback).
         port: the server's port.
+        gpu_resource: ``nvidia.com/gpu``, or ``nvidia.com/gpu.shared`` when time-slicing renames it.
         cpu / memory: requests (memory is also the limit; CPU limit is twice the request).
         min_replicas / max_replicas / target_cpu: HPA bounds.
         queue_metric / queue_target: the Pods metric (average per pod), or None for CPU only.
-        drain_seconds / prestop_seconds: the server's drain and the pause before SIGTERM.
+        drain_seconds / prestop_seconds: the server's drain (its ``DUALDEPLOY_GRACE_PERIOD_S``) and
+            the pause before SIGTERM.
         load_balancer: ``none``, ``internal`` or ``internet-facing``.
         prometheus_operator: a ServiceMonitor (True) or scrape annotations (False).
         bundle_path: where the image keeps the bundle.
@@ -66,6 +73,7 @@ class ServiceSpec:
     bundle_version: str
     gpu_arches: Sequence[str]
     port: int = 8000
+    gpu_resource: str = GPU_RESOURCE
     cpu: str = "2"
     memory: str = "8Gi"
     min_replicas: int = 2
@@ -77,7 +85,7 @@ class ServiceSpec:
     prestop_seconds: int = 5
     load_balancer: str = "none"
     prometheus_operator: bool = False
-    bundle_path: str = "/opt/dualdeploy/bundle"
+    bundle_path: str = BUNDLE_PATH
     placeholders: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -100,6 +108,8 @@ class ServiceSpec:
             )
         if (self.queue_metric is None) != (self.queue_target is None):
             raise ValueError("queue_metric and queue_target: set both or neither")
+        if self.gpu_resource not in GPU_RESOURCES:
+            raise ValueError(f"gpu_resource: {self.gpu_resource!r} is not one of {', '.join(GPU_RESOURCES)}")
         if self.load_balancer not in ("none", "internal", "internet-facing"):
             raise ValueError(
                 f"load_balancer: {self.load_balancer!r} is not one of none, internal, internet-facing"
@@ -235,24 +245,23 @@ def deployment(spec: ServiceSpec) -> dict[str, Any]:
         "image": spec.image,
         # By digest, "Always" costs one manifest check and never yields a different image.
         "imagePullPolicy": "Always",
-        "command": ["python", "-m", "serving"],
-        "args": [
-            "--bundle",
-            spec.bundle_path,
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(spec.port),
-            "--variant",
-            "auto",
-            "--device-class",
-            "nvidia_gpu",
-        ],
+        # The image's own CMD, spelled out; every setting goes through the server's DUALDEPLOY_* variables.
+        "command": ["python3", "-m", "serving"],
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
-        "env": [{"name": "DUALDEPLOY_DRAIN_SECONDS", "value": str(spec.drain_seconds)}],
+        "env": [
+            {"name": "DUALDEPLOY_BUNDLE", "value": spec.bundle_path},
+            {"name": "DUALDEPLOY_HOST", "value": "0.0.0.0"},
+            {"name": "DUALDEPLOY_PORT", "value": str(spec.port)},
+            {"name": "DUALDEPLOY_VARIANT", "value": "auto"},
+            # The nodes are GPU nodes by affinity: no detection guesswork inside the container.
+            {"name": "DUALDEPLOY_DEVICE_CLASS", "value": "nvidia_gpu"},
+            # How long the server lets in-flight requests finish after SIGTERM.
+            {"name": "DUALDEPLOY_GRACE_PERIOD_S", "value": str(spec.drain_seconds)},
+            {"name": "DUALDEPLOY_LOG_FORMAT", "value": "json"},
+        ],
         "resources": {
-            "requests": {"cpu": spec.cpu, "memory": spec.memory, GPU_RESOURCE: "1"},
-            "limits": {"cpu": cpu_limit, "memory": spec.memory, GPU_RESOURCE: "1"},
+            "requests": {"cpu": spec.cpu, "memory": spec.memory, spec.gpu_resource: "1"},
+            "limits": {"cpu": cpu_limit, "memory": spec.memory, spec.gpu_resource: "1"},
         },
         # Cold start: up to 5 minutes to load and warm the model before liveness counts.
         "startupProbe": _probe(READY_PATH, period=5, failures=60),

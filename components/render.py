@@ -11,7 +11,7 @@ which then replaces the old one.
 
 Not rendered: the cluster add-ons (the NVIDIA device plugin, the cluster autoscaler and
 prometheus-adapter are Helm charts, which cannot be fetched here); prometheus-adapter's rules
-are written as chart values under ``values/``.
+and the DCGM exporter's values are written as chart values under ``values/``.
 """
 
 from __future__ import annotations
@@ -25,55 +25,37 @@ from typing import Any
 
 import yaml
 
-from components import k8s_specs
+from components import k8s_specs, model_service
 from components.config import ConfigError, StackConfig, parse_stack_config, raw_from_stack_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLACEHOLDER_ACCOUNT = "000000000000"
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
-QUEUE_METRIC = "dualdeploy_inflight_requests"
-"""The server's in-flight gauge (``/metrics``), served to the HPA by prometheus-adapter."""
 
 
 class RenderError(Exception):
     """The stack cannot be rendered (no cloud part, bad config); the message says why."""
 
 
-def gpu_arches(cfg: StackConfig) -> tuple[str, ...]:
-    """Architectures the pods may run on: pools with an engine, or every pool under the CUDA fallback."""
-    assert cfg.cluster is not None and cfg.bundle is not None
-    pool_arches = sorted({p.gpu_arch for p in cfg.cluster.all_gpu_pools})
-    if cfg.require_engines:
-        return tuple(a for a in pool_arches if a in cfg.bundle.engine_arches)
-    return tuple(pool_arches)
-
-
 def service_spec(cfg: StackConfig, image: Any, placeholders: tuple[str, ...] = ()) -> k8s_specs.ServiceSpec:
-    """The model service's spec for a parsed stack (shared by the renderer and the component)."""
+    """The model service's spec for a parsed stack: the same Args and spec the component builds.
+
+    Raises:
+        RenderError: the stack has no cloud part, or the service Args are invalid.
+    """
     if cfg.cluster is None or cfg.serving is None or cfg.bundle is None:
         raise RenderError(f"stack {cfg.stack} has no cloud part (dualdeploy:cluster): nothing to render")
-    serving = cfg.serving
-    queue = serving.queue_depth_target
-    return k8s_specs.ServiceSpec(
-        name=cfg.bundle.model,
-        namespace=serving.namespace,
+    args = model_service.args_from_config(
+        cfg.serving,
+        cfg.bundle,
+        [p.gpu_arch for p in cfg.cluster.all_gpu_pools],
+        allow_cuda_fallback=not cfg.require_engines,
         image=image,
-        model=cfg.bundle.model,
-        bundle_version=cfg.bundle.version,
-        gpu_arches=gpu_arches(cfg),
-        port=serving.port,
-        cpu=serving.cpu,
-        memory=serving.memory,
-        min_replicas=serving.min_replicas,
-        max_replicas=serving.max_replicas,
-        target_cpu=serving.target_cpu_utilization,
-        queue_metric=QUEUE_METRIC if queue is not None else None,
-        queue_target=queue,
-        drain_seconds=serving.drain_seconds,
-        load_balancer=serving.load_balancer,
-        prometheus_operator=serving.prometheus_operator,
-        placeholders=placeholders,
     )
+    try:
+        return model_service.service_spec(args, placeholders)
+    except ValueError as exc:
+        raise RenderError(f"invalid model service: {exc}") from None
 
 
 def load_stack(stack: str, base_dir: Path) -> tuple[StackConfig, list[str]]:
@@ -147,9 +129,14 @@ def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
             written.append(out_dir / name)
         if spec.queue_metric is not None and cfg.serving.prometheus_adapter:
             (staging / "values").mkdir()
-            values = k8s_specs.prometheus_adapter_rules(spec)
+            values = model_service.prometheus_adapter_values(spec, cfg.serving.prometheus_url)
             (staging / "values" / "prometheus-adapter.yaml").write_text(
                 yaml.safe_dump(values, sort_keys=False)
+            )
+        if cfg.serving.dcgm_exporter:
+            (staging / "values").mkdir(exist_ok=True)
+            (staging / "values" / "dcgm-exporter.yaml").write_text(
+                yaml.safe_dump(model_service.dcgm_exporter_values(spec), sort_keys=False)
             )
         lines = [f"Rendered offline for stack {stack}; these values are placeholders:", *placeholders]
         lines += ["", "Notes:", *notes] if notes else []

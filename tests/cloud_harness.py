@@ -27,6 +27,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import runpy
 import sys
 import time
@@ -139,6 +140,22 @@ def _mock_outputs(typ: str, name: str, inputs: dict[str, Any], region: str) -> t
         out = {"arn": arn.format(svc="ec2", res=f"{prefix}/{rid}")}
         if prefix == "eipalloc":
             out["publicIp"] = f"198.51.100.{int(h[:2], 16) % 250 + 1}"
+    elif typ == "aws:ecr/repository:Repository":
+        repo = str(inputs.get("name", name))
+        rid = repo
+        out = {
+            "arn": arn.format(svc="ecr", res=f"repository/{repo}"),
+            "registryId": ACCOUNT,
+            "repositoryUrl": f"{ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{repo}",
+        }
+    elif typ == "docker:index/image:Image":
+        # What the provider reports after a push: the reference by the registry's digest.
+        image_name = str(inputs.get("imageName", name))
+        repository = image_name.rsplit(":", 1)[0]
+        # From the repository, not the tag, so a server change does not ripple through every snapshot.
+        digest = _hex(typ, name, repository, length=64)
+        rid = f"{repository}@sha256:{digest}"
+        out = {"repoDigest": rid, "baseImageName": image_name, "registryServer": repository.split("/")[0]}
     elif typ == "kubernetes:helm.sh/v3:Release":
         out = {
             "status": {"status": "deployed", "name": inputs.get("name"), "namespace": inputs.get("namespace")}
@@ -173,7 +190,19 @@ def run(
         def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
             return _mock_outputs(args.typ, args.name, dict(args.inputs), region)
 
-        def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], None]:
+        def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+            if args.token == "aws:ecr/getAuthorizationToken:getAuthorizationToken":
+                registry = args.args.get("registryId") or ACCOUNT
+                token = f"mock-ecr-password-{_hex('ecr', registry, length=24)}"
+                return {
+                    "id": region,
+                    "registryId": registry,
+                    "userName": "AWS",
+                    "password": token,
+                    "authorizationToken": base64.b64encode(f"AWS:{token}".encode()).decode(),
+                    "proxyEndpoint": f"https://{registry}.dkr.ecr.{region}.amazonaws.com",
+                    "expiresAt": "2026-11-30T09:00:00Z",
+                }, []  # no check failures (None breaks the SDK's mock monitor)
             raise AssertionError(f"the program made an unexpected provider call: {args.token}")
 
     class RecordingMonitor(MockMonitor):
@@ -230,6 +259,10 @@ def run(
         _sync_await(run_pulumi_func(lambda: _sync_await(collect())))
     except Exception as exc:  # reported in the graph and by the exit status
         error = f"{type(exc).__name__}: {exc}"
+        if os.environ.get("HARNESS_TRACEBACK"):
+            import traceback
+
+            traceback.print_exc()
     seconds = time.perf_counter() - started
     return {
         "stack": stack,
@@ -278,6 +311,10 @@ def snapshot(graph: dict[str, Any]) -> dict[str, Any]:
     resources = []
     for rec in sorted(graph["resources"], key=lambda r: (r["parent"] or "", r["type"], r["name"])):
         inputs = {k: v for k, v in mask_secrets(rec["inputs"]).items() if k not in ("tags", "tagsAll")}
+        if rec["type"] == "docker:index/image:Image":
+            # The tag ends in a hash of serving/ (components/model_image.py): a server change must not
+            # rewrite the cloud snapshots. Its format is checked by a test.
+            inputs["imageName"] = re.sub(r"-[0-9a-f]{12}$", "-<source-hash>", str(inputs.get("imageName")))
         resources.append(
             {"type": rec["type"], "name": rec["name"], "parent": rec["parent"], "inputs": inputs}
         )
@@ -359,11 +396,14 @@ def write_fixture_bundle(
 
 
 def make_project(root: Path, engine_arches: tuple[str, ...] = ()) -> Path:
-    """A project folder for program runs: fixture bundles for demo and demo-distilled, and the
-    repository's ansible/ folder linked in when it exists (the edge stacks read inventories)."""
+    """A project folder for program runs: fixture bundles for demo and demo-distilled, the image's
+    build sources (serving/, model_build/) linked in as the Docker build context holds them, and
+    the repository's ansible/ folder when it exists (the edge stacks read inventories)."""
     root.mkdir(parents=True, exist_ok=True)
     write_fixture_bundle(root / "dist", "demo", engine_arches)
     write_fixture_bundle(root / "dist", "demo-distilled")
+    for source in ("serving", "model_build"):
+        (root / source).symlink_to(REPO_ROOT / source)
     if (REPO_ROOT / "ansible").is_dir():
         (root / "ansible").symlink_to(REPO_ROOT / "ansible")
     return root

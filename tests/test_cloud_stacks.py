@@ -274,7 +274,9 @@ def test_autoscaler_can_scale_gpu_pools_from_zero(cloud: StackRun) -> None:
 
 def test_no_termination_handler_beside_managed_node_groups(cloud: StackRun) -> None:
     charts = {r["inputs"]["chart"] for r in cloud.of_type("kubernetes:helm.sh/v3:Release")}
-    assert charts == {"nvidia-device-plugin", "cluster-autoscaler"}
+    assert charts <= {
+        "nvidia-device-plugin", "cluster-autoscaler", "metrics-server", "prometheus-adapter", "dcgm-exporter"
+    }  # fmt: skip
     assert not [r for r in cloud.resources if "termination-handler" in json.dumps(r)]
     # Every node is in an EKS managed node group: no self-managed ASGs or launch templates.
     assert not cloud.of_type("aws:autoscaling/group:Group")
@@ -297,8 +299,10 @@ def test_helm_charts_are_pinned(cloud: StackRun) -> None:
 
 def test_kubernetes_resources_use_the_clusters_provider(cloud: StackRun) -> None:
     (provider,) = cloud.of_type("pulumi:providers:kubernetes")
-    for release in cloud.of_type("kubernetes:helm.sh/v3:Release"):
-        assert release["provider"] == provider["name"]
+    k8s_resources = [r for r in cloud.resources if r["type"].startswith("kubernetes:")]
+    assert len(k8s_resources) >= 9
+    for resource in k8s_resources:
+        assert resource["provider"] == provider["name"], resource["name"]
 
 
 def test_no_plaintext_secret_reaches_the_state(cloud: StackRun) -> None:
@@ -343,7 +347,12 @@ def test_every_taggable_resource_carries_the_stack_tags(cloud: StackRun) -> None
 
 
 def test_every_resource_is_a_child_of_a_component(cloud: StackRun) -> None:
-    components = {"dualdeploy:network:Network", "dualdeploy:gpu_cluster:GpuCluster"}
+    components = {
+        "dualdeploy:network:Network",
+        "dualdeploy:gpu_cluster:GpuCluster",
+        "dualdeploy:model_image:ModelImage",
+        "dualdeploy:model_service:ModelService",
+    }
     for resource in cloud.resources:
         if resource["custom"]:
             assert resource["parent_type"] in components, (
@@ -416,3 +425,310 @@ def test_edge_vault_password_never_reaches_the_state_in_plaintext(
         {k: v for k, v in run.graph["outputs"].items() if k not in run.graph["secret_outputs"]}
     )
     assert "edge_hosts" in run.graph["outputs"]
+
+
+# --------------------------------------------------------------------------- the model image and service
+
+DIGEST_REF = re.compile(r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/dualdeploy/demo@sha256:[0-9a-f]{64}$")
+
+
+def serving_of(stack: str) -> dict[str, Any]:
+    serving: dict[str, Any] = stack_file(stack)["dualdeploy:serving"]
+    return serving
+
+
+def k8s_object(run: StackRun, kind: str) -> dict[str, Any]:
+    matches = [
+        r["inputs"]
+        for r in run.resources
+        if r["type"].startswith("kubernetes:") and r["type"].endswith(f":{kind}")
+    ]
+    assert len(matches) == 1, f"expected one {kind}, got {len(matches)}"
+    return matches[0]
+
+
+def server_container(run: StackRun) -> dict[str, Any]:
+    (container,) = k8s_object(run, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+def pod_spec(run: StackRun) -> dict[str, Any]:
+    spec: dict[str, Any] = k8s_object(run, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def test_deployment_requests_a_gpu_tolerates_the_taint_and_targets_the_pool_arches(cloud: StackRun) -> None:
+    resources = server_container(cloud)["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
+    pod = pod_spec(cloud)
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    (expr,) = term["matchExpressions"]
+    pool_arches = {GPU_INSTANCE_TYPES[g["inputs"]["instanceTypes"][0]].gpu_arch for g in cloud.gpu_groups()}
+    assert expr["key"] == "dualdeploy.io/gpu-arch" and set(expr["values"]) == pool_arches
+    # Every arch the pods may land on is one a GPU pool carries as its node label.
+    labels = {g["inputs"]["labels"]["dualdeploy.io/gpu-arch"] for g in cloud.gpu_groups()}
+    assert set(expr["values"]) <= labels
+
+
+def test_pods_spread_over_zones_and_capacity_types_and_prefer_spot(cloud: StackRun) -> None:
+    pod = pod_spec(cloud)
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert {"topology.kubernetes.io/zone", "eks.amazonaws.com/capacityType"} <= keys
+    (preferred,) = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    (expr,) = preferred["preference"]["matchExpressions"]
+    spot_labels = {
+        g["inputs"]["labels"][expr["key"]]
+        for g in cloud.gpu_groups()
+        if g["inputs"]["capacityType"] == "SPOT"
+    }
+    assert expr["values"] == ["spot"] and spot_labels == {"spot"}  # the label the Spot pools carry
+
+
+def test_probes_point_at_the_v2_health_endpoints(cloud: StackRun) -> None:
+    container = server_container(cloud)
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    (port,) = container["ports"]
+    assert all(
+        container[p]["httpGet"]["port"] == port["name"]
+        for p in ("startupProbe", "readinessProbe", "livenessProbe")
+    )
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert int(env["DUALDEPLOY_PORT"]) == port["containerPort"]  # the wire format carries numbers as floats
+    assert env["DUALDEPLOY_BUNDLE"] == "/srv/bundle"  # where serving/Dockerfile bakes it
+
+
+def test_grace_period_covers_prestop_and_the_servers_drain_within_the_spot_notice(cloud: StackRun) -> None:
+    container = server_container(cloud)
+    drain = int(container_env(container)["DUALDEPLOY_GRACE_PERIOD_S"])
+    assert drain == serving_of(cloud.stack).get("drainSeconds", 30)
+    prestop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = pod_spec(cloud)["terminationGracePeriodSeconds"]
+    assert grace > prestop + drain
+    assert grace <= 110  # the two-minute Spot notice, less the node's own drain
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_hpa_bounds_and_behaviour_follow_the_stack(cloud: StackRun) -> None:
+    serving = serving_of(cloud.stack)
+    hpa = k8s_object(cloud, "HorizontalPodAutoscaler")["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (serving["minReplicas"], serving["maxReplicas"])
+    cpu = next(m for m in hpa["metrics"] if m["type"] == "Resource")
+    assert cpu["resource"] == {
+        "name": "cpu",
+        "target": {"type": "Utilization", "averageUtilization": serving["targetCpuUtilization"]},
+    }
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "demo"}
+    up, down = hpa["behavior"]["scaleUp"], hpa["behavior"]["scaleDown"]
+    assert up["stabilizationWindowSeconds"] == 0 and down["stabilizationWindowSeconds"] >= 300
+    assert max(p["value"] for p in up["policies"] if p["type"] == "Percent") >= 100
+    assert max(p["value"] for p in down["policies"] if p["type"] == "Percent") <= 10
+
+
+def test_metrics_server_gives_the_hpa_its_cpu_metric(cloud: StackRun) -> None:
+    # EKS installs no metrics-server; without it a CPU-based HPA never scales.
+    release = cloud.release("metrics-server")["inputs"]
+    assert release["namespace"] == "kube-system"
+    assert release["values"]["nodeSelector"] == {"dualdeploy.io/pool": "system"}
+
+
+def test_the_stacks_carry_the_articles_hpa_profiles() -> None:
+    dev, prod = serving_of("cloud-dev"), serving_of("cloud-prod")
+    assert (dev["minReplicas"], dev["maxReplicas"], dev["targetCpuUtilization"]) == (2, 10, 70)
+    assert (prod["minReplicas"], prod["maxReplicas"]) == (20, 200)
+
+
+def test_queue_depth_scaling_goes_through_prometheus_adapter(cloud: StackRun) -> None:
+    serving = serving_of(cloud.stack)
+    hpa = k8s_object(cloud, "HorizontalPodAutoscaler")["spec"]
+    pods = [m for m in hpa["metrics"] if m["type"] == "Pods"]
+    adapters = [
+        r
+        for r in cloud.of_type("kubernetes:helm.sh/v3:Release")
+        if r["inputs"]["chart"] == "prometheus-adapter"
+    ]
+    if "queueDepthTarget" not in serving:
+        assert pods == [] and adapters == []
+        return
+    (metric,) = pods
+    name = metric["pods"]["metric"]["name"]
+    assert name == "dualdeploy_inflight_requests"  # the server's gauge, serving/metrics.py
+    assert metric["pods"]["target"] == {
+        "type": "AverageValue",
+        "averageValue": str(serving["queueDepthTarget"]),
+    }
+    (adapter,) = adapters
+    (rule,) = adapter["inputs"]["values"]["rules"]["custom"]
+    assert rule["name"]["as"] == name and rule["seriesQuery"].startswith(name)
+
+
+def test_the_deployment_has_no_replicas_while_the_hpa_owns_it(cloud: StackRun) -> None:
+    assert "replicas" not in k8s_object(cloud, "Deployment")["spec"]
+
+
+def test_a_pdb_selects_the_deployments_pods(cloud: StackRun) -> None:
+    pdb = k8s_object(cloud, "PodDisruptionBudget")["spec"]
+    labels = k8s_object(cloud, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert "maxUnavailable" in pdb
+
+
+def test_pods_run_the_pushed_image_by_digest(cloud: StackRun) -> None:
+    image = server_container(cloud)["image"]
+    assert DIGEST_REF.fullmatch(image), image
+    (built,) = cloud.of_type("docker:index/image:Image")
+    assert built["inputs"]["imageName"].rsplit(":", 1)[0] == image.split("@")[0]
+    assert cloud.graph["outputs"]["image"] == image
+    for daemonset in [r for r in cloud.resources if r["type"] == "kubernetes:apps/v1:DaemonSet"]:
+        assert daemonset["inputs"]["spec"]["template"]["spec"]["containers"][0]["image"] == image
+
+
+def test_the_image_is_built_for_amd64_on_the_gpu_base_from_the_bundles_real_folder(cloud: StackRun) -> None:
+    (built,) = cloud.of_type("docker:index/image:Image")
+    build = built["inputs"]["build"]
+    assert build["platform"] == "linux/amd64"
+    assert build["builderVersion"] == "BuilderBuildKit"  # the Dockerfile's RUN --mount needs BuildKit
+    assert build["dockerfile"] == "serving/Dockerfile" and build["context"] == "."
+    assert build["args"]["BASE"] == "gpu"
+    assert build["args"]["BUNDLE"] == "dist/demo/0123456789ab"  # latest resolved: Docker copies folders
+    assert re.fullmatch(r".*/dualdeploy/demo:0123456789ab-[0-9a-f]{12}", built["inputs"]["imageName"])
+
+
+def test_registry_credentials_reach_the_state_only_as_secrets(cloud: StackRun) -> None:
+    (built,) = cloud.of_type("docker:index/image:Image")
+    registry = built["inputs"]["registry"]
+    assert is_secret(registry)
+    assert registry["value"]["password"].startswith("mock-ecr-password-")
+    assert "mock-ecr-password-" not in json.dumps([mask_secrets(r["inputs"]) for r in cloud.resources])
+
+
+def test_ecr_scans_on_push_keeps_tags_immutable_and_expires_old_images(cloud: StackRun) -> None:
+    (repo,) = cloud.of_type("aws:ecr/repository:Repository")
+    assert repo["inputs"]["imageScanningConfiguration"] == {"scanOnPush": True}
+    assert repo["inputs"]["imageTagMutability"] == "IMMUTABLE"
+    (policy,) = cloud.of_type("aws:ecr/lifecyclePolicy:LifecyclePolicy")
+    (rule,) = json.loads(policy["inputs"]["policy"])["rules"]
+    assert rule["selection"]["countType"] == "imageCountMoreThan"
+    assert rule["selection"]["countNumber"] == serving_of(cloud.stack).get("keepImages", 10)
+    assert rule["action"] == {"type": "expire"}
+    # Only a non-prod stack's destroy may take the images with the repository.
+    assert repo["inputs"]["forceDelete"] is (stack_file(cloud.stack)["dualdeploy:environment"] != "prod")
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_no_latest_tag_anywhere(cloud: StackRun) -> None:
+    strings = _strings([mask_secrets(r["inputs"]) for r in cloud.resources]) + _strings(
+        cloud.graph["outputs"]
+    )
+    assert len(strings) > 500
+    assert not [s for s in strings if s.endswith(":latest") or ":latest@" in s]
+    images = [
+        s
+        for r in cloud.resources
+        if r["type"].startswith("kubernetes:apps/")
+        for s in _image_fields(r["inputs"])
+    ]
+    assert images and all("@sha256:" in s for s in images)
+
+
+def _image_fields(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        own = [value["image"]] if isinstance(value.get("image"), str) else []
+        return own + [s for v in value.values() for s in _image_fields(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _image_fields(v)]
+    return []
+
+
+def test_containers_are_hardened_with_limits(cloud: StackRun) -> None:
+    for resource in [r for r in cloud.resources if r["type"].startswith("kubernetes:apps/")]:
+        pod = resource["inputs"]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["runAsNonRoot"] and context["readOnlyRootFilesystem"]
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert context["allowPrivilegeEscalation"] is False
+            assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+
+
+def test_monitoring_follows_the_stack(cloud: StackRun) -> None:
+    serving = serving_of(cloud.stack)
+    monitors = cloud.of_type("kubernetes:monitoring.coreos.com/v1:ServiceMonitor")
+    annotations = k8s_object(cloud, "Deployment")["spec"]["template"]["metadata"].get("annotations", {})
+    if serving.get("prometheusOperator"):
+        assert len(monitors) == 1 and "prometheus.io/scrape" not in annotations
+        assert monitors[0]["inputs"]["spec"]["endpoints"][0]["path"] == "/metrics"
+    else:
+        assert monitors == [] and annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/path"] == "/metrics"
+    dcgm = [
+        r for r in cloud.of_type("kubernetes:helm.sh/v3:Release") if r["inputs"]["chart"] == "dcgm-exporter"
+    ]
+    assert len(dcgm) == int(bool(serving.get("dcgmExporter")))
+
+
+def test_prepull_daemonset_follows_the_stack(cloud: StackRun) -> None:
+    daemonsets = cloud.of_type("kubernetes:apps/v1:DaemonSet")
+    assert len(daemonsets) == int(bool(serving_of(cloud.stack).get("prePull")))
+    for daemonset in daemonsets:
+        pod = daemonset["inputs"]["spec"]["template"]["spec"]
+        assert pod["tolerations"] == pod_spec(cloud)["tolerations"]
+        assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])  # holds no GPU
+
+
+def test_service_is_cluster_ip_or_the_stacks_nlb(cloud: StackRun) -> None:
+    service = k8s_object(cloud, "Service")
+    lb = serving_of(cloud.stack).get("loadBalancer", "none")
+    if lb == "none":
+        assert service["spec"]["type"] == "ClusterIP"
+    else:
+        assert service["spec"]["type"] == "LoadBalancer"
+        annotations = service["metadata"]["annotations"]
+        assert annotations["service.beta.kubernetes.io/aws-load-balancer-type"] == "nlb"
+        assert (
+            annotations["service.beta.kubernetes.io/aws-load-balancer-internal"]
+            == str(lb == "internal").lower()
+        )
+    assert cloud.graph["outputs"]["service_url"] == "http://demo.dualdeploy.svc.cluster.local/v2"
+
+
+def test_dev_service_warns_that_it_serves_onnx_through_cuda(runs: dict[str, StackRun]) -> None:
+    assert "model service demo: no TensorRT engine for sm_86" in runs["cloud-dev"].stderr
+    assert "model service demo" not in runs["cloud-prod"].stderr
+
+
+@pytest.mark.parametrize(
+    ("serving", "key"),
+    [
+        ({"minReplicas": 12, "maxReplicas": 10}, "dualdeploy:serving.minReplicas"),
+        ({"minReplicas": 2, "maxReplicas": 10, "queueDepthTarget": 4}, "dualdeploy:serving.queueDepthTarget"),
+    ],
+)
+def test_invalid_service_config_stops_the_program_before_any_resource(
+    serving: dict[str, Any], key: str, tmp_path: Path
+) -> None:
+    project = make_project(tmp_path / "project")
+    out = tmp_path / "graph.json"
+    done = run_stack("cloud-dev", project, out, f"dualdeploy:serving={json.dumps(serving)}")
+    assert done.returncode != 0
+    assert f"invalid stack config: {key}" in done.stderr
+    assert [r["type"] for r in json.loads(out.read_text())["resources"]] == ["pulumi:pulumi:Stack"]

@@ -479,3 +479,52 @@ def test_node_group_names_must_fit_eks_limit(project: Path) -> None:
     error = error_for(raw, project)
     assert error.key == "dualdeploy:cluster.fallbackPool.name"
     assert "EKS allows 63" in str(error)
+
+
+def test_prometheus_url_without_the_adapter_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "prometheusUrl": "http://prom.monitoring.svc:9090"}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.prometheusUrl"
+    assert "prometheusAdapter true" in str(error)
+
+
+def test_prometheus_url_must_be_http(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {
+        "minReplicas": 2,
+        "maxReplicas": 10,
+        "prometheusAdapter": True,
+        "prometheusUrl": "prom:9090",
+    }
+    assert error_for(raw, project).key == "dualdeploy:serving.prometheusUrl"
+
+
+def test_keep_images_must_be_positive(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "keepImages": 0}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.keepImages" and "≥ 1" in str(error)
+
+
+def test_image_public_key_must_exist_inside_the_project(project: Path, tmp_path: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "publicKey": ".keys/missing.pub"}
+    assert "does not exist" in str(error_for(raw, project))
+    outside = tmp_path / "release.pub"
+    outside.write_text("key")
+    raw["serving"]["publicKey"] = str(outside)
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.publicKey" and "inside the project" in str(error)
+    raw["serving"]["publicKey"] = ".keys/dev-ed25519.pub"
+    serving = parse(raw, project).serving
+    assert serving is not None and serving.public_key == ".keys/dev-ed25519.pub"
+
+
+def test_a_prod_stack_without_an_image_key_warns_about_the_dev_key(project: Path) -> None:
+    raw = cloud_raw()
+    raw["environment"] = "prod"
+    raw["cluster"]["endpoint"] = {"publicAccess": False}
+    assert any("image trusts the development key" in w for w in parse(raw, project).warnings)
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "publicKey": ".keys/dev-ed25519.pub"}
+    assert not any("development key" in w for w in parse(raw, project).warnings)

@@ -421,3 +421,55 @@ def test_ecr_repository_scanning_on_push_passes_and_without_fails() -> None:
     bad = {"name": "dualdeploy/demo", "imageTagMutability": "IMMUTABLE"}
     assert violations(rules.validate_ecr_scan_on_push, args_for(rules.ECR_REPOSITORY, "images", good)) == []
     assert violations(rules.validate_ecr_scan_on_push, args_for(rules.ECR_REPOSITORY, "images", bad))
+
+
+def graph_stack_args(resources: list[dict[str, Any]]) -> StackValidationArgs:
+    policy_resources = []
+    for resource in resources:
+        if not resource["custom"]:
+            continue
+        single = args_for(resource["type"], resource["name"], resource["inputs"])
+        policy_resources.append(
+            PolicyResource(
+                single.resource_type,
+                resource["inputs"],
+                single.urn,
+                single.name,
+                single.opts,
+                None,
+                None,
+                [],
+                {},
+            )
+        )
+    return StackValidationArgs(policy_resources)
+
+
+def test_cloud_prod_program_gives_the_service_rules_something_to_check(prod_graph: dict[str, Any]) -> None:
+    types = {r["type"] for r in prod_graph["resources"]}
+    assert {
+        rules.ECR_REPOSITORY,
+        rules.DEPLOYMENT,
+        rules.HPA,
+        rules.PDB,
+        "kubernetes:apps/v1:DaemonSet",
+    } <= types
+
+
+def test_cloud_prod_program_passes_the_stack_rule(prod_graph: dict[str, Any]) -> None:
+    args = graph_stack_args(prod_graph["resources"])
+    assert violations(rules.validate_deployments_have_hpa_and_pdb, args) == []
+
+
+def test_cloud_prod_program_would_fail_without_its_hpa(prod_graph: dict[str, Any]) -> None:
+    args = graph_stack_args([r for r in prod_graph["resources"] if r["type"] != rules.HPA])
+    assert violations(rules.validate_deployments_have_hpa_and_pdb, args) == [
+        "Deployment dualdeploy/demo has no HorizontalPodAutoscaler"
+    ]
+
+
+def test_cloud_prod_program_would_fail_if_the_ecr_scan_were_off(prod_graph: dict[str, Any]) -> None:
+    (repo,) = [r for r in prod_graph["resources"] if r["type"] == rules.ECR_REPOSITORY]
+    broken = copy.deepcopy(repo["inputs"])
+    del broken["imageScanningConfiguration"]
+    assert violations(rules.validate_ecr_scan_on_push, args_for(rules.ECR_REPOSITORY, repo["name"], broken))

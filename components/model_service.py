@@ -1,0 +1,347 @@
+"""ModelService: the model server on the Spot GPU pools, scaled by an HPA.
+
+Every Kubernetes object comes from a plain spec function in ``components/k8s_specs.py`` (the
+same functions ``make render`` writes offline); this component passes each dict to
+pulumi-kubernetes. It never builds a provider: the caller hands in the cluster's
+``k8s.Provider`` through ``opts`` (``GpuCluster.provider``).
+
+Objects: a Namespace (restricted Pod Security), a ServiceAccount without an API token, the
+Deployment (image by digest, one GPU, arch affinity, Spot tolerations, spread, v2 probes,
+``preStop`` and a grace period within the Spot notice, hardened containers, no ``replicas``),
+a Service (ClusterIP or an NLB), an autoscaling/v2 HPA, a PDB, a NetworkPolicy, and optionally
+a ServiceMonitor (else scrape annotations), the image pre-pull DaemonSet, prometheus-adapter
+(serving the queue-depth metric to the HPA) and NVIDIA's DCGM exporter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components import k8s_specs
+from components.config import BundleRef, ServingConfig
+
+QUEUE_METRIC = "dualdeploy_inflight_requests"
+"""The server's in-flight gauge (``serving/metrics.py``), served to the HPA by prometheus-adapter."""
+PROMETHEUS_COMMUNITY_REPO = "https://prometheus-community.github.io/helm-charts"
+DCGM_EXPORTER_REPO = "https://nvidia.github.io/dcgm-exporter/helm-charts"
+MONITORING_NAMESPACE = "monitoring"
+
+_KINDS: dict[str, Any] = {
+    "Namespace": k8s.core.v1.Namespace,
+    "ServiceAccount": k8s.core.v1.ServiceAccount,
+    "Deployment": k8s.apps.v1.Deployment,
+    "Service": k8s.core.v1.Service,
+    "HorizontalPodAutoscaler": k8s.autoscaling.v2.HorizontalPodAutoscaler,
+    "PodDisruptionBudget": k8s.policy.v1.PodDisruptionBudget,
+    "NetworkPolicy": k8s.networking.v1.NetworkPolicy,
+    "DaemonSet": k8s.apps.v1.DaemonSet,
+}
+"""Kinds with a typed pulumi-kubernetes class; others (the ServiceMonitor CRD) go through CustomResource."""
+
+
+@dataclass
+class ModelServiceArgs:
+    """Inputs of :class:`ModelService`.
+
+    Everything but ``image`` is concrete: it decides which objects exist and what they say.
+    """
+
+    name: str
+    """App name and the model's name (``manifest["model"]``)."""
+
+    image: pulumi.Input[str]
+    """The image by digest, ``<repository>@sha256:<digest>`` (``ModelImage.image_ref``)."""
+
+    bundle_version: str
+    """``manifest["version"]``, as a label."""
+
+    pool_arches: Sequence[str]
+    """GPU architectures of the pools the service runs on (``dualdeploy.io/gpu-arch`` values)."""
+
+    engine_arches: Sequence[str]
+    """Architectures with a TensorRT engine in the bundle."""
+
+    allow_cuda_fallback: bool = False
+    """A pool without an engine serves the ONNX variant through CUDA (warns) instead of failing."""
+
+    namespace: str = "dualdeploy"
+    """Namespace of every object."""
+
+    port: int = 8000
+    """The server's port."""
+
+    gpu_resource: str = k8s_specs.GPU_RESOURCE
+    """``nvidia.com/gpu``, or ``nvidia.com/gpu.shared`` if the device plugin renames time-sliced GPUs."""
+
+    cpu: str = "2"
+    """CPU request (the limit is twice it)."""
+
+    memory: str = "8Gi"
+    """Memory request and limit."""
+
+    min_replicas: int = 2
+    """HPA minimum."""
+
+    max_replicas: int = 10
+    """HPA maximum."""
+
+    target_cpu_utilization: int = 70
+    """HPA CPU target, percent of the request."""
+
+    queue_depth_target: int | None = None
+    """Average in-flight requests per pod for the HPA's Pods metric; None scales on CPU only."""
+
+    prometheus_adapter: bool = False
+    """Install prometheus-adapter with the rule that serves the queue-depth metric."""
+
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    """Where prometheus-adapter queries Prometheus."""
+
+    prometheus_operator: bool = False
+    """The Prometheus operator runs in the cluster: a ServiceMonitor instead of scrape annotations."""
+
+    drain_seconds: int = 30
+    """The server's drain after SIGTERM; preStop + drain must fit the two-minute Spot notice."""
+
+    load_balancer: str = "none"
+    """``none`` (ClusterIP), ``internal`` or ``internet-facing`` NLB."""
+
+    pre_pull: bool = False
+    """A DaemonSet that keeps the image on every GPU node the service may use."""
+
+    dcgm_exporter: bool = False
+    """Install NVIDIA's DCGM exporter (GPU utilisation and memory metrics) on the GPU nodes."""
+
+    prometheus_adapter_chart_version: str = "4.14.1"
+    """Pinned prometheus-adapter chart."""
+
+    dcgm_exporter_chart_version: str = "4.1.1"
+    """Pinned dcgm-exporter chart."""
+
+
+def validate(args: ModelServiceArgs) -> list[str]:
+    """Check the inputs; return the warnings.
+
+    Raises:
+        ValueError: naming the input and the allowed values.
+    """
+    if args.min_replicas < 1 or args.min_replicas > args.max_replicas:
+        raise ValueError(
+            f"min_replicas: {args.min_replicas} must be between 1 and max_replicas ({args.max_replicas})"
+        )
+    if not args.pool_arches:
+        raise ValueError("pool_arches: the service needs at least one GPU pool architecture to run on")
+    if args.queue_depth_target is not None and not args.prometheus_adapter:
+        raise ValueError(
+            "queue_depth_target: the HPA can only read the queue-depth metric through prometheus-adapter; "
+            "set prometheus_adapter True or drop queue_depth_target"
+        )
+    warnings: list[str] = []
+    missing = sorted(set(args.pool_arches) - set(args.engine_arches))
+    if missing:
+        have = ", ".join(sorted(args.engine_arches)) or "none"
+        if not args.allow_cuda_fallback:
+            raise ValueError(
+                f"engine_arches: the service targets pools of {', '.join(missing)} but the bundle has "
+                f"TensorRT engines only for {have}; build those engines, drop the pools, or allow the "
+                "CUDA fallback (dualdeploy:requireEngines false)"
+            )
+        warnings.append(
+            f"model service {args.name}: no TensorRT engine for {', '.join(missing)} (engines: {have}); "
+            "pods there serve the ONNX variant through CUDA, slower than an engine"
+        )
+    return warnings
+
+
+def service_spec(args: ModelServiceArgs, placeholders: Sequence[str] = ()) -> k8s_specs.ServiceSpec:
+    """The spec the object functions read, from validated Args (the renderer uses it too).
+
+    Raises:
+        ValueError: from :func:`validate` or the spec's own checks.
+    """
+    validate(args)
+    return k8s_specs.ServiceSpec(
+        name=args.name,
+        namespace=args.namespace,
+        image=args.image,
+        model=args.name,
+        bundle_version=args.bundle_version,
+        gpu_arches=tuple(sorted(set(args.pool_arches))),
+        port=args.port,
+        gpu_resource=args.gpu_resource,
+        cpu=args.cpu,
+        memory=args.memory,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        target_cpu=args.target_cpu_utilization,
+        queue_metric=QUEUE_METRIC if args.queue_depth_target is not None else None,
+        queue_target=args.queue_depth_target,
+        drain_seconds=args.drain_seconds,
+        load_balancer=args.load_balancer,
+        prometheus_operator=args.prometheus_operator,
+        placeholders=tuple(placeholders),
+    )
+
+
+def args_from_config(
+    serving: ServingConfig,
+    bundle: BundleRef,
+    pool_arches: Sequence[str],
+    allow_cuda_fallback: bool,
+    image: pulumi.Input[str],
+) -> ModelServiceArgs:
+    """Args from the parsed stack config (``__main__.py`` and ``make render`` share it)."""
+    return ModelServiceArgs(
+        name=bundle.model,
+        image=image,
+        bundle_version=bundle.version,
+        pool_arches=tuple(sorted(set(pool_arches))),
+        engine_arches=tuple(sorted(bundle.engine_arches)),
+        allow_cuda_fallback=allow_cuda_fallback,
+        namespace=serving.namespace,
+        port=serving.port,
+        cpu=serving.cpu,
+        memory=serving.memory,
+        min_replicas=serving.min_replicas,
+        max_replicas=serving.max_replicas,
+        target_cpu_utilization=serving.target_cpu_utilization,
+        queue_depth_target=serving.queue_depth_target,
+        prometheus_adapter=serving.prometheus_adapter,
+        prometheus_url=serving.prometheus_url,
+        prometheus_operator=serving.prometheus_operator,
+        drain_seconds=serving.drain_seconds,
+        load_balancer=serving.load_balancer,
+        pre_pull=serving.pre_pull,
+        dcgm_exporter=serving.dcgm_exporter,
+    )
+
+
+def prometheus_adapter_values(spec: k8s_specs.ServiceSpec, prometheus_url: str) -> dict[str, Any]:
+    """prometheus-adapter chart values: where Prometheus is, and the rule for the queue metric.
+
+    The chart joins ``prometheus.url``, ``port`` and ``path`` itself, so the URL is split here.
+    """
+    parts = urlsplit(prometheus_url)
+    default_port = 443 if parts.scheme == "https" else 9090
+    return {
+        "prometheus": {
+            "url": f"{parts.scheme}://{parts.hostname}",
+            "port": parts.port or default_port,
+            "path": parts.path.rstrip("/"),
+        },
+        **k8s_specs.prometheus_adapter_rules(spec),
+    }
+
+
+def dcgm_exporter_values(spec: k8s_specs.ServiceSpec) -> dict[str, Any]:
+    """dcgm-exporter chart values: only on GPU nodes, tolerating their taint."""
+    return {
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": k8s_specs.GPU_ARCH_LABEL, "operator": "Exists"}]}
+                    ]
+                }
+            }
+        },
+        "tolerations": [{"key": k8s_specs.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+        "serviceMonitor": {"enabled": spec.prometheus_operator},
+    }
+
+
+class ModelService(pulumi.ComponentResource):
+    """The model server's Kubernetes objects, created with the provider passed in ``opts``."""
+
+    namespace: str
+    deployment_name: str
+    url: pulumi.Output[str]
+
+    def __init__(self, name: str, args: ModelServiceArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        """Create the objects.
+
+        Raises:
+            ValueError: an input is out of its allowed values (named in the message).
+        """
+        warnings = validate(args)
+        spec = service_spec(args)
+        super().__init__("dualdeploy:model_service:ModelService", name, None, opts)
+        for warning in warnings:
+            pulumi.log.warn(warning, resource=self)
+        child = pulumi.ResourceOptions(parent=self)
+
+        objects = k8s_specs.all_objects(spec, pre_pull=args.pre_pull)
+        ns_obj, *namespaced = objects
+        ns = k8s.core.v1.Namespace(f"{name}-namespace", metadata=ns_obj["metadata"], opts=child)
+        in_ns = pulumi.ResourceOptions(parent=self, depends_on=[ns])
+
+        extra_deps: list[pulumi.Resource] = []
+        if args.prometheus_adapter and spec.queue_metric is not None:
+            extra_deps.append(
+                k8s.helm.v3.Release(
+                    f"{name}-prometheus-adapter",
+                    name="prometheus-adapter",
+                    chart="prometheus-adapter",
+                    version=args.prometheus_adapter_chart_version,
+                    repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=PROMETHEUS_COMMUNITY_REPO),
+                    namespace=MONITORING_NAMESPACE,
+                    create_namespace=True,
+                    values=prometheus_adapter_values(spec, args.prometheus_url),
+                    opts=child,
+                )
+            )
+        if args.dcgm_exporter:
+            k8s.helm.v3.Release(
+                f"{name}-dcgm-exporter",
+                name="dcgm-exporter",
+                chart="dcgm-exporter",
+                version=args.dcgm_exporter_chart_version,
+                repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=DCGM_EXPORTER_REPO),
+                namespace=MONITORING_NAMESPACE,
+                create_namespace=True,
+                values=dcgm_exporter_values(spec),
+                opts=child,
+            )
+
+        for obj in namespaced:
+            kind = obj["kind"]
+            suffix = {"HorizontalPodAutoscaler": "hpa", "PodDisruptionBudget": "pdb"}.get(kind, kind.lower())
+            if kind == "DaemonSet":
+                suffix = "prepull"
+            # The HPA reads the queue metric from the adapter: create it once the adapter exists.
+            obj_opts = in_ns
+            if kind == "HorizontalPodAutoscaler" and extra_deps:
+                obj_opts = pulumi.ResourceOptions(parent=self, depends_on=[ns, *extra_deps])
+            self._create(f"{name}-{suffix}", obj, obj_opts)
+
+        self.namespace = spec.namespace
+        self.deployment_name = spec.name
+        self.url = pulumi.Output.from_input(f"http://{spec.name}.{spec.namespace}.svc.cluster.local/v2")
+        self.register_outputs({"url": self.url})
+
+    @staticmethod
+    def _create(resource_name: str, obj: dict[str, Any], opts: pulumi.ResourceOptions) -> pulumi.Resource:
+        """Pass one spec dict to its pulumi-kubernetes class (keys stay as Kubernetes spells them)."""
+        cls = _KINDS.get(obj["kind"])
+        if cls is None:
+            return k8s.apiextensions.CustomResource(
+                resource_name,
+                api_version=obj["apiVersion"],
+                kind=obj["kind"],
+                metadata=obj["metadata"],
+                spec=obj["spec"],
+                opts=opts,
+            )
+        kwargs: dict[str, Any] = {"metadata": obj["metadata"]}
+        if "spec" in obj:
+            kwargs["spec"] = obj["spec"]
+        if "automountServiceAccountToken" in obj:
+            kwargs["automount_service_account_token"] = obj["automountServiceAccountToken"]
+        resource: pulumi.Resource = cls(resource_name, **kwargs, opts=opts)
+        return resource
