@@ -101,7 +101,7 @@ def test_missing_public_key_is_named(tiny: Bundle, tmp_path: Path) -> None:
     assert code == 2 and "absent.pub: cannot load" in output
 
 
-def test_auto_picks_the_faster_int8_logs_ready_time_and_variant_flag_overrides(tiny: Bundle, tmp_path: Path) -> None:
+def test_auto_picks_faster_int8_logs_ready_time_and_variant_overrides(tiny: Bundle, tmp_path: Path) -> None:
     with running_server(tiny.path, tiny.public_key, tmp_path, ["--variant", "fp32"]) as proc:
         with proc.client() as c:
             metrics = c.get("/metrics").text
