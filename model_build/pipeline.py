@@ -120,6 +120,8 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
     Raises:
         BuildError: a factory module cannot be found (named by its spec key).
     """
+    from .tensorrt import WRAPPER_FORMAT
+
     env = {p: _version(p) for p in _KEYED_PACKAGES}
     sources = {"model.factory": file_digest(source_file(spec.model.factory, "load", "model.factory"))}
     if spec.data is not None:
@@ -154,6 +156,7 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
         d["serving"],
         d["parity"],
         trt_env,
+        {"wrapper_format": WRAPPER_FORMAT},
     )
     benchmark = digest("benchmark", export, quantize, d["benchmark"], machine_fingerprint())
     version = digest(
@@ -486,17 +489,26 @@ def _int8_variant(
     }, None
 
 
-def _engine_variants(trt: dict[str, Any], folders: _Folders, tmp: Path) -> list[dict[str, Any]]:
-    """Copy the TensorRT engines into the bundle; one variant each, pinned to arch and version."""
+def _engine_variants(trt: dict[str, Any], trt_dir: Path, tmp: Path) -> list[dict[str, Any]]:
+    """Copy the TensorRT engines and their EP context wrappers into the bundle; one variant each.
+
+    The variant's ``file`` is the wrapper (an ONNX model ONNX Runtime's TensorRT EP loads); it
+    names the engine beside it in ``engines/``, which ``engine`` records. Both are listed in
+    ``files`` with their sha256 like every other file, and the variant is pinned to its GPU arch
+    and TensorRT version.
+    """
     variants = []
     for engine in trt["engines"]:
         rel = f"engines/{engine['file']}"
+        wrapper = f"engines/{engine['wrapper']}"
         (tmp / "engines").mkdir(exist_ok=True)
-        shutil.copyfile(folders.tensorrt / engine["file"], tmp / rel)
+        shutil.copyfile(trt_dir / engine["file"], tmp / rel)
+        shutil.copyfile(trt_dir / engine["wrapper"], tmp / wrapper)
         variants.append(
             {
                 "name": engine["name"],
-                "file": rel,
+                "file": wrapper,
+                "engine": rel,
                 "format": "tensorrt",
                 "precision": engine["precision"],
                 "device_classes": ["nvidia_gpu"],
@@ -547,7 +559,7 @@ def _variants(
         variants.append(int8)
     if drop is not None:
         dropped.append(drop)
-    variants += _engine_variants(trt, folders, tmp)
+    variants += _engine_variants(trt, folders.tensorrt, tmp)
     skipped: list[dict[str, str]] = list(trt["skipped"])
     if folders.quantize is None:
         skipped.append({"stage": "quantize", "reason": "quantize.enabled is false in the spec"})

@@ -7,6 +7,14 @@ Written against TensorRT's documented Python API (``tensorrt.Builder``, ``OnnxPa
 skipped with the reason, and so is everything when ``tensorrt`` or a CUDA GPU is absent.
 No placeholder engine is ever written. Each engine is run on the golden inputs (through
 PyTorch's CUDA tensors) and gated like the ONNX variants before it is kept.
+
+ONNX Runtime cannot load a raw engine file, so every kept engine also gets an *EP context
+wrapper* (:func:`write_engine_wrapper`): a small ONNX model whose single ``com.microsoft``
+``EPContext`` node points at the engine file (``embed_mode=0``), with the graph inputs and
+outputs of the ONNX model the engine was built from. ONNX Runtime's TensorRT execution
+provider deserialises the engine named by that node instead of building one at start-up
+(onnxruntime docs "EP Context Design"; the reference builder is onnxruntime's
+``python/tools/tensorrt/gen_trt_engine_wrapper_onnx_model.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import helper
 
 from .bundle import BundleError, compare_outputs, load_tensors
 from .errors import BuildError
@@ -29,6 +39,13 @@ from .onnx_stages import quality_tolerance
 from .spec import Spec
 
 Progress = Callable[[str], None]
+
+WRAPPER_FORMAT = 1
+"""Layout of this stage's output (engine + EP context wrapper); part of the stage's cache key."""
+
+EPCONTEXT_DOMAIN = "com.microsoft"
+EPCONTEXT_OP = "EPContext"
+TRT_EP = "TensorrtExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -150,6 +167,91 @@ def build_engine(
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
+def hardware_architecture(gpu_arch: str) -> str:
+    """The ``hardware_architecture`` value ORT's TensorRT EP compares with the GPU: ``sm_86`` -> ``86``.
+
+    The EP writes the compute capability as major and minor digits run together, and only warns on
+    a mismatch; the server refuses a mismatch itself (``serving/device.py``).
+
+    Raises:
+        ValueError: ``gpu_arch`` is not of the form ``sm_<digits>``.
+    """
+    digits = gpu_arch.removeprefix("sm_")
+    if not gpu_arch.startswith("sm_") or not digits.isdigit():
+        raise ValueError(f"gpu_arch {gpu_arch!r} is not of the form sm_<major><minor>, e.g. sm_86")
+    return digits
+
+
+def write_engine_wrapper(
+    source_onnx: Path,
+    engine_path: Path,
+    wrapper_path: Path,
+    *,
+    gpu_arch: str,
+    tensorrt_version: str,
+) -> None:
+    """Write the EP context model that lets ONNX Runtime's TensorRT EP load ``engine_path``.
+
+    One ``com.microsoft`` ``EPContext`` node with ``embed_mode=0`` and ``ep_cache_context`` set to
+    the engine's path relative to the wrapper's folder (the EP refuses absolute paths and ``..``),
+    ``source="TensorrtExecutionProvider"``, ``hardware_architecture`` as the EP formats compute
+    capability and ``ep_sdk_version`` = the TensorRT version that built the engine. The graph's
+    inputs and outputs are copied from ``source_onnx`` (names, element types, fixed and named
+    dynamic dimensions), so clients and the server see the same signature as the ONNX variants.
+    The engine itself is neither read nor copied.
+
+    Args:
+        source_onnx: the ONNX model the engine was built from.
+        engine_path: the serialised engine; must lie in the wrapper's folder or below it.
+        wrapper_path: where to write the wrapper (``.onnx``).
+        gpu_arch: the engine's GPU architecture, ``sm_86``.
+        tensorrt_version: the TensorRT version that built it, ``10.3.0``.
+
+    Raises:
+        ValueError: the engine is not inside the wrapper's folder, or ``gpu_arch`` is malformed.
+        FileNotFoundError: the engine or the source model is missing.
+    """
+    if not engine_path.is_file():
+        raise FileNotFoundError(f"engine {engine_path} does not exist")
+    try:
+        relative = engine_path.resolve().relative_to(wrapper_path.parent.resolve()).as_posix()
+    except ValueError as exc:
+        raise ValueError(
+            f"engine {engine_path} must lie in the wrapper's folder {wrapper_path.parent} or below it: "
+            "ONNX Runtime refuses ep_cache_context paths that are absolute or contain '..'"
+        ) from exc
+    source = onnx.load(str(source_onnx), load_external_data=False)
+    initializers = {t.name for t in source.graph.initializer}
+    inputs = [vi for vi in source.graph.input if vi.name not in initializers]
+    node = helper.make_node(
+        EPCONTEXT_OP,
+        [vi.name for vi in inputs],
+        [vi.name for vi in source.graph.output],
+        name=f"{EPCONTEXT_OP}_{wrapper_path.stem}",
+        domain=EPCONTEXT_DOMAIN,
+        main_context=1,
+        embed_mode=0,
+        ep_cache_context=relative,
+        source=TRT_EP,
+        hardware_architecture=hardware_architecture(gpu_arch),
+        ep_sdk_version=tensorrt_version,
+        onnx_model_filename=source_onnx.name,
+    )
+    graph = helper.make_graph([node], f"{source.graph.name or 'model'}_trt_{gpu_arch}", inputs, [])
+    graph.output.extend(source.graph.output)
+    default_opset = next((o.version for o in source.opset_import if o.domain in ("", "ai.onnx")), 17)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", default_opset), helper.make_opsetid(EPCONTEXT_DOMAIN, 1)],
+        producer_name="dualdeploy.model_build",
+    )
+    # The wrapper is read by the same ONNX Runtime as the source model, so keep its IR version.
+    model.ir_version = source.ir_version
+    onnx.checker.check_model(model)
+    wrapper_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(wrapper_path))
+
+
 def run_engine(engine_path: Path, spec: Spec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a serialised engine once on ``inputs`` using PyTorch CUDA tensors as device memory.
 
@@ -247,10 +349,19 @@ def tensorrt_stage(
                     engine.unlink()
                     report["dropped"].append({"variant": name, "reason": f"failed its gate: {exc}"})
                     continue
+                wrapper = out / f"{name}.onnx"
+                write_engine_wrapper(
+                    fp32_onnx,
+                    engine,
+                    wrapper,
+                    gpu_arch=arch,
+                    tensorrt_version=str(env.tensorrt_version),
+                )
                 report["engines"].append(
                     {
                         "name": name,
                         "file": engine.name,
+                        "wrapper": wrapper.name,
                         "precision": precision,
                         "gpu_arch": arch,
                         "tensorrt_version": env.tensorrt_version,

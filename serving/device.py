@@ -11,6 +11,8 @@ choice can be tested from facts alone.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import math
 import os
 import platform
@@ -56,6 +58,7 @@ class DeviceFacts:
         commands: the programs named by the table that are on PATH.
         nvidia_gpu: an NVIDIA driver is present.
         gpu_arch: the GPU's compute capability as ``sm_XY``, when known.
+        tensorrt_version: the TensorRT library this machine would load (``10.3.0``), when known.
     """
 
     arch: str
@@ -63,6 +66,7 @@ class DeviceFacts:
     commands: frozenset[str] = field(default_factory=frozenset)
     nvidia_gpu: bool = False
     gpu_arch: str | None = None
+    tensorrt_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class VariantChoice:
     variant: Mapping[str, Any]
     providers: tuple[str, ...]
     reason: str
+    refused: tuple[str, ...] = ()
+    """TensorRT variants built for the class that this machine cannot run, each with the reason."""
 
 
 _REQUIRED_KEYS = ("detect", "formats", "precisions", "onnxruntime_package", "providers", "memory_max")
@@ -152,6 +158,34 @@ def detect_class(table: Mapping[str, DeviceClass], facts: DeviceFacts) -> Device
     )
 
 
+def gpu_arch_from_compute_cap(output: str) -> str | None:
+    """``nvidia-smi --query-gpu=compute_cap --format=csv,noheader`` output -> ``sm_86`` (first GPU).
+
+    Returns None when the output holds no ``major.minor`` figure (no GPU, ``[N/A]``, an error).
+    """
+    lines = output.strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    major, dot, minor = first.partition(".")
+    if not (dot and major.isdigit() and minor.isdigit()):
+        return None
+    return f"sm_{int(major)}{minor}"
+
+
+def tensorrt_version_from_int(value: int) -> str:
+    """TensorRT's ``getInferLibVersion()`` integer -> ``major.minor.patch``.
+
+    TensorRT 10 and later encode ``major*10000 + minor*100 + patch`` (100300 for 10.3.0);
+    TensorRT 8 and earlier ``major*1000 + minor*100 + patch`` (8601 for 8.6.1).
+    """
+    if value >= 100000:
+        return f"{value // 10000}.{value // 100 % 100}.{value % 100}"
+    return f"{value // 1000}.{value // 100 % 10}.{value % 100}"
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.strip().split(".")[:2])
+
+
 def _probe_gpu_arch() -> str | None:
     try:
         out = subprocess.run(
@@ -163,8 +197,33 @@ def _probe_gpu_arch() -> str | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    first = out.strip().splitlines()[0] if out.strip() else ""
-    return "sm_" + first.replace(".", "") if first else None
+    return gpu_arch_from_compute_cap(out)
+
+
+_NVINFER_LIBS = ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so")
+_TENSORRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-cu12-libs")
+
+
+def _probe_tensorrt_version() -> str | None:
+    """The TensorRT version ONNX Runtime's TensorRT EP would load here, or None when unknown.
+
+    First the shared library the dynamic linker finds (what the EP dlopens), then the version of
+    an installed ``tensorrt`` Python distribution. ONNX Runtime's Python API does not report the
+    TensorRT version it was built against, so nothing else is asked.
+    """
+    for name in _NVINFER_LIBS:
+        try:
+            lib = ctypes.CDLL(name)
+            lib.getInferLibVersion.restype = ctypes.c_int32
+            return tensorrt_version_from_int(int(lib.getInferLibVersion()))
+        except (OSError, AttributeError):
+            continue
+    for dist in _TENSORRT_DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def gather_facts(table: Mapping[str, DeviceClass]) -> DeviceFacts:
@@ -181,6 +240,7 @@ def gather_facts(table: Mapping[str, DeviceClass]) -> DeviceFacts:
         commands=frozenset(commands),
         nvidia_gpu=nvidia,
         gpu_arch=_probe_gpu_arch() if nvidia else None,
+        tensorrt_version=_probe_tensorrt_version() if nvidia else None,
     )
 
 
@@ -189,20 +249,42 @@ def _latency(variant: Mapping[str, Any]) -> float:
     return float(value) if isinstance(value, int | float) else math.inf
 
 
-def _tensorrt_problem(variant: Mapping[str, Any], available: set[str], facts: DeviceFacts) -> str | None:
-    if not str(variant.get("file", "")).endswith(".onnx"):
-        # A raw serialized engine (.engine/.plan) needs the TensorRT runtime itself; ONNX
-        # Runtime only loads engines wrapped in an ONNX EPContext model.
-        return (
-            f"{variant.get('file')} is a raw TensorRT engine; this server runs TensorRT through ONNX "
-            "Runtime's TensorrtExecutionProvider, which loads ONNX models (the onnx variants) instead"
+def _tensorrt_problems(variant: Mapping[str, Any], available: set[str], facts: DeviceFacts) -> list[str]:
+    """Every reason this machine cannot run a TensorRT variant (empty when it can).
+
+    An engine runs only on the GPU architecture and the TensorRT major.minor it was built with,
+    so both must be known here and equal to the manifest's; an unknown TensorRT version is a
+    refusal, not a guess.
+    """
+    problems = []
+    file = str(variant.get("file", ""))
+    if not file.endswith(".onnx"):
+        # Bundles from before the EP context wrapper: ONNX Runtime cannot load a raw engine.
+        problems.append(
+            f"{file} is a raw TensorRT engine; ONNX Runtime's TensorrtExecutionProvider loads an engine "
+            "only through its EP context wrapper (.onnx), which this bundle lacks (rebuild it)"
+        )
+    arch = variant.get("gpu_arch")
+    built_with = variant.get("tensorrt_version")
+    if not arch or not built_with:
+        problems.append("the manifest does not pin the engine's gpu_arch and tensorrt_version")
+    if facts.gpu_arch is None:
+        problems.append(f"engine built for {arch}, no NVIDIA GPU compute capability detected here")
+    elif arch and facts.gpu_arch != arch:
+        problems.append(f"engine built for {arch}, this GPU is {facts.gpu_arch}")
+    if facts.tensorrt_version is None:
+        problems.append(
+            f"engine built with TensorRT {built_with}, the TensorRT version here is unknown "
+            "(no libnvinfer and no tensorrt Python package found)"
+        )
+    elif built_with and _major_minor(str(built_with)) != _major_minor(facts.tensorrt_version):
+        problems.append(
+            f"engine built with TensorRT {built_with}, this machine has TensorRT {facts.tensorrt_version} "
+            "(major.minor must match)"
         )
     if "TensorrtExecutionProvider" not in available:
-        return "needs ONNX Runtime's TensorrtExecutionProvider, which this onnxruntime build lacks"
-    arch = variant.get("gpu_arch")
-    if arch and facts.gpu_arch != arch:
-        return f"engine built for {arch}, this GPU is {facts.gpu_arch or 'unknown'}"
-    return None
+        problems.append("needs ONNX Runtime's TensorrtExecutionProvider, which this onnxruntime build lacks")
+    return problems
 
 
 def runnable_problem(
@@ -214,19 +296,19 @@ def runnable_problem(
     """Why this machine cannot run ``variant`` (None when it can).
 
     A TensorRT variant runs through ONNX Runtime's TensorRT execution provider, so
-    its file must be an ONNX model embedding the engine (EPContext), and it needs
-    that provider and a GPU of the architecture the engine was built for. A raw
-    ``.engine`` file is not runnable here; on a GPU the onnx variants then run with
-    the TensorRT and CUDA providers.
+    its file must be the EP context wrapper (an ONNX model naming the engine), and
+    it needs that provider, a GPU of the architecture the engine was built for and
+    the same TensorRT major.minor. Otherwise the onnx variants run, with the
+    TensorRT and CUDA providers where they are available.
     """
     available = set(available_providers)
     fmt = variant.get("format")
     if fmt not in device_class.formats:
         return f"format {fmt!r} is not run on device class {device_class.name} ({list(device_class.formats)})"
     if fmt == "tensorrt":
-        problem = _tensorrt_problem(variant, available, facts)
-        if problem:
-            return problem
+        problems = _tensorrt_problems(variant, available, facts)
+        if problems:
+            return "; ".join(problems)
     elif fmt != "onnx":
         return f"unknown format {fmt!r}"
     if not any(p in available for p in device_class.providers):
@@ -240,6 +322,8 @@ def choose_variant(
     available_providers: Sequence[str],
     facts: DeviceFacts,
     requested: str = "auto",
+    *,
+    exclude: Mapping[str, str] | None = None,
 ) -> VariantChoice:
     """Choose the variant to serve and its execution providers.
 
@@ -255,6 +339,7 @@ def choose_variant(
         available_providers: ``onnxruntime.get_available_providers()``.
         facts: the detection facts (for the GPU architecture).
         requested: ``"auto"`` or a variant name.
+        exclude: variants already tried and failed here, by name, with the reason (``"auto"`` only).
 
     Returns:
         The choice, with providers in the class's order, filtered to those available.
@@ -264,6 +349,7 @@ def choose_variant(
             variant suits the class.
     """
     providers = tuple(p for p in device_class.providers if p in set(available_providers))
+    exclude = exclude or {}
     by_name = {str(v.get("name")): v for v in variants}
     if requested != "auto":
         if requested not in by_name:
@@ -276,8 +362,13 @@ def choose_variant(
 
     candidates = []
     rejected = []
+    refused = []
     for variant in variants:
-        name = variant.get("name")
+        name = str(variant.get("name"))
+        if name in exclude:
+            rejected.append(f"{name}: {exclude[name]}")
+            refused.append(f"{name}: {exclude[name]}")
+            continue
         if device_class.name not in variant.get("device_classes", []):
             rejected.append(f"{name}: not built for {device_class.name}")
             continue
@@ -287,6 +378,8 @@ def choose_variant(
         problem = runnable_problem(variant, device_class, available_providers, facts)
         if problem:
             rejected.append(f"{name}: {problem}")
+            if variant.get("format") == "tensorrt":
+                refused.append(f"{name}: {problem}")
             continue
         candidates.append(variant)
     if not candidates:
@@ -299,4 +392,4 @@ def choose_variant(
         f"fastest measured for {device_class.name} "
         f"(p50 {_latency(best):.3g} ms among {', '.join(str(v.get('name')) for v in candidates)})"
     )
-    return VariantChoice(best, providers, reason)
+    return VariantChoice(best, providers, reason, tuple(refused))

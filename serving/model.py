@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,30 +170,120 @@ def load(
             dclass = table[device_class]
         else:
             raise device.DeviceError(f"--device-class {device_class!r} is not one of {', '.join(table)}")
-        choice = device.choose_variant(
-            manifest.get("variants", []), dclass, ort.get_available_providers(), facts, variant
-        )
     except device.DeviceError as exc:
         raise ModelLoadError(str(exc)) from exc
-    chosen = choice.variant
-    log.info(
-        "device class %s; variant %s (%s); providers %s",
-        dclass.name,
-        chosen.get("name"),
-        choice.reason,
-        ", ".join(choice.providers),
-    )
+    if dclass.name in ("nvidia_gpu", "jetson"):
+        log.info(
+            "GPU facts: compute capability %s, TensorRT %s",
+            facts.gpu_arch or "unknown",
+            facts.tensorrt_version or "unknown",
+        )
 
     serving_cfg = manifest.get("serving", {})
     batch = int(max_batch_size or serving_cfg.get("max_batch_size", 1))
     if batch < 1:
         raise ModelLoadError(f"max_batch_size must be at least 1, got {batch}")
     spec = model_spec(manifest, batch)
+    batchable = all(t.shape[:1] == (BATCH_AXIS,) for t in (*spec.inputs, *spec.outputs))
 
+    # A TensorRT variant chosen automatically that fails to open or to reproduce the golden
+    # outputs is set aside (with the reason) and the choice is made again, so a GPU node still
+    # serves its onnx variant. An explicitly requested variant that fails is a failure.
+    failed: dict[str, str] = {}
+    while True:
+        try:
+            choice = device.choose_variant(
+                manifest.get("variants", []),
+                dclass,
+                ort.get_available_providers(),
+                facts,
+                variant,
+                exclude=failed,
+            )
+        except device.DeviceError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        chosen = choice.variant
+        for refusal in choice.refused:
+            log.warning("TensorRT variant not used: %s", refusal)
+        log.info(
+            "device class %s; variant %s (%s); providers %s",
+            dclass.name,
+            chosen.get("name"),
+            choice.reason,
+            ", ".join(choice.providers),
+        )
+        try:
+            session = open_session(verified, chosen, choice.providers, intra_op_threads)
+            loaded = LoadedModel(
+                bundle=verified,
+                spec=spec,
+                variant=chosen,
+                device_class=dclass.name,
+                providers=tuple(session.get_providers()),
+                session=session,
+                load_seconds=0.0,
+                batchable=batchable,
+            )
+            loaded.warmup_figures = warm_up(loaded)
+        except ModelLoadError as exc:
+            if variant != "auto" or chosen.get("format") != "tensorrt":
+                raise
+            log.warning("falling back from %s: %s", chosen.get("name"), exc)
+            failed[str(chosen.get("name"))] = f"failed here at start-up ({exc})"
+            continue
+        loaded.load_seconds = time.perf_counter() - started
+        return loaded
+
+
+def execution_providers(
+    variant: Mapping[str, Any], providers: Sequence[str], model_path: Path
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """The ``providers`` argument of ``InferenceSession`` for one variant.
+
+    For a TensorRT variant (its file is the EP context wrapper) the TensorRT EP is told to use
+    the prebuilt engine: ``trt_engine_cache_enable`` with ``trt_ep_context_file_path`` set to the
+    wrapper's folder in the bundle, which is where the engine named by the wrapper lies. The
+    bundle is read-only, so nothing that writes is switched on: no context-model dump, no timing
+    cache, and no ``trt_engine_cache_path`` (the EP would create that folder). CUDA and CPU follow
+    as the class's table lists them. Other variants get the provider names as they are.
+
+    Args:
+        variant: the manifest entry.
+        providers: the class's providers available here, in order.
+        model_path: the variant's file in the verified bundle.
+    """
+    if variant.get("format") != "tensorrt":
+        return list(providers)
+    trt_options: dict[str, Any] = {
+        "trt_engine_cache_enable": True,
+        "trt_ep_context_file_path": str(model_path.parent),
+        "trt_dump_ep_context_model": False,
+        "trt_timing_cache_enable": False,
+    }
+    return [(p, trt_options) if p == "TensorrtExecutionProvider" else p for p in providers]
+
+
+def open_session(
+    verified: VerifiedBundle,
+    variant: Mapping[str, Any],
+    providers: Sequence[str],
+    intra_op_threads: int,
+) -> ort.InferenceSession:
+    """Open an ONNX Runtime session on a variant's file from the verified bundle.
+
+    Raises:
+        ModelLoadError: the file (or, for TensorRT, the engine the wrapper names) is not in the
+            bundle, or ONNX Runtime cannot open it.
+    """
     try:
-        model_path = verified.file(str(chosen.get("file")))
-        session = ort.InferenceSession(
-            str(model_path), session_options(intra_op_threads), providers=list(choice.providers)
+        model_path = verified.file(str(variant.get("file")))
+        if variant.get("format") == "tensorrt":
+            # Verification covered every listed file; the engine must be one of them.
+            verified.file(str(variant.get("engine")))
+        return ort.InferenceSession(
+            str(model_path),
+            session_options(intra_op_threads),
+            providers=execution_providers(variant, providers, model_path),
         )
     except (
         BundleError,
@@ -201,25 +291,13 @@ def load(
         ort.capi.onnxruntime_pybind11_state.InvalidGraph,
         ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
         ort.capi.onnxruntime_pybind11_state.NoSuchFile,
+        ort.capi.onnxruntime_pybind11_state.NotImplemented,
+        ort.capi.onnxruntime_pybind11_state.EPFail,
+        ort.capi.onnxruntime_pybind11_state.RuntimeException,
     ) as exc:
         raise ModelLoadError(
-            f"variant {chosen.get('name')}: cannot open {chosen.get('file')}: {exc}"
+            f"variant {variant.get('name')}: cannot open {variant.get('file')}: {exc}"
         ) from exc
-
-    batchable = all(t.shape[:1] == (BATCH_AXIS,) for t in (*spec.inputs, *spec.outputs))
-    loaded = LoadedModel(
-        bundle=verified,
-        spec=spec,
-        variant=chosen,
-        device_class=dclass.name,
-        providers=tuple(session.get_providers()),
-        session=session,
-        load_seconds=0.0,
-        batchable=batchable,
-    )
-    loaded.warmup_figures = warm_up(loaded)
-    loaded.load_seconds = time.perf_counter() - started
-    return loaded
 
 
 def warm_up(model: LoadedModel) -> dict[str, float]:

@@ -1,12 +1,19 @@
-"""The device-class table and the variant choice, from facts alone (serving/device.py)."""
+"""The device-class table and the variant choice, from facts alone (serving/device.py), and the
+TensorRT variant's eligibility, refusal and fallback (also through the server's start-up path)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from serving_support import Bundle, make_bundle, run_refused, running_server
 
+from model_build import bundle as contract
+from model_build.tensorrt import write_engine_wrapper
 from serving import device
+from serving.model import execution_providers
 
 TABLE = device.load_table()
 X86 = device.DeviceFacts(arch="x86_64")
@@ -86,16 +93,32 @@ def test_variants_not_built_for_the_class_are_skipped_with_reasons() -> None:
         device.choose_variant(only_gpu, TABLE["x86_cpu"], CPU, X86)
 
 
+def trt(name: str, arch: str, version: str = "10.3.0", p50: float = 0.4) -> dict[str, Any]:
+    """A TensorRT variant as the prebuild writes it: the file is the EP context wrapper."""
+    return variant(
+        name,
+        "fp16",
+        p50,
+        fmt="tensorrt",
+        classes=("nvidia_gpu",),
+        gpu_arch=arch,
+        tensorrt_version=version,
+        cuda_version="12.4",
+        engine=f"engines/{name}.engine",
+    )
+
+
+GPU_86 = device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_86", tensorrt_version="10.3.1")
+FP32_GPU = variant("fp32", "fp32", 3.0, classes=("nvidia_gpu", "x86_cpu"))
+
+
 def test_gpu_prefers_the_tensorrt_engine_for_its_arch_and_falls_back_without_it() -> None:
-    facts = device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_86")
+    facts = GPU_86
     variants = [
-        variant("fp32", "fp32", 3.0, classes=("nvidia_gpu", "x86_cpu")),
-        variant("trt-sm_86-fp16", "fp16", 0.4, fmt="tensorrt", classes=("nvidia_gpu",), gpu_arch="sm_86"),
-        variant("trt-sm_89-fp16", "fp16", 0.3, fmt="tensorrt", classes=("nvidia_gpu",), gpu_arch="sm_89"),
-        {
-            **variant("trt-raw", "fp16", 0.1, fmt="tensorrt", classes=("nvidia_gpu",), gpu_arch="sm_86"),
-            "file": "trt-raw.engine",
-        },
+        FP32_GPU,
+        trt("trt-sm_86-fp16", "sm_86"),
+        trt("trt-sm_89-fp16", "sm_89", p50=0.3),
+        {**trt("trt-raw", "sm_86", p50=0.1), "file": "trt-raw.engine"},
     ]
     chosen = device.choose_variant(variants, TABLE["nvidia_gpu"], GPU_EPS, facts)
     assert chosen.variant["name"] == "trt-sm_86-fp16"
@@ -106,10 +129,8 @@ def test_gpu_prefers_the_tensorrt_engine_for_its_arch_and_falls_back_without_it(
 
 
 def test_requested_variant_that_cannot_run_here_says_why() -> None:
-    variants = [
-        variant("trt-sm_86-fp16", "fp16", 0.4, fmt="tensorrt", classes=("nvidia_gpu",), gpu_arch="sm_86")
-    ]
-    facts = device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_75")
+    variants = [trt("trt-sm_86-fp16", "sm_86")]
+    facts = device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_75", tensorrt_version="10.3.0")
     with pytest.raises(device.DeviceError, match="engine built for sm_86, this GPU is sm_75"):
         device.choose_variant(variants, TABLE["nvidia_gpu"], GPU_EPS, facts, "trt-sm_86-fp16")
     with pytest.raises(device.DeviceError, match="format 'tensorrt' is not run on device class x86_cpu"):
@@ -137,12 +158,168 @@ def test_malformed_table_names_the_class_and_key() -> None:
 
 
 def test_raw_tensorrt_engine_is_not_chosen_and_says_why() -> None:
-    facts = device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_86")
-    raw = {
-        **variant("trt", "fp16", 0.1, fmt="tensorrt", classes=("nvidia_gpu",), gpu_arch="sm_86"),
-        "file": "model.trt-sm_86-fp16.engine",
-    }
+    facts = GPU_86
+    raw = {**trt("trt", "sm_86", p50=0.1), "file": "model.trt-sm_86-fp16.engine"}
     onnx = variant("fp32", "fp32", 3.0, classes=("nvidia_gpu",))
     assert device.choose_variant([raw, onnx], TABLE["nvidia_gpu"], GPU_EPS, facts).variant["name"] == "fp32"
     with pytest.raises(device.DeviceError, match="is a raw TensorRT engine"):
         device.choose_variant([raw, onnx], TABLE["nvidia_gpu"], GPU_EPS, facts, "trt")
+
+
+@pytest.mark.parametrize(
+    ("output", "arch"),
+    [
+        ("8.6\n", "sm_86"),
+        ("9.0\n9.0\n", "sm_90"),  # several GPUs: the first one's
+        ("12.1", "sm_121"),
+        ("10.0\n", "sm_100"),
+        ("", None),
+        ("[N/A]\n", None),
+        ("No devices were found\n", None),
+    ],
+)
+def test_gpu_arch_from_nvidia_smi_compute_cap(output: str, arch: str | None) -> None:
+    assert device.gpu_arch_from_compute_cap(output) == arch
+
+
+@pytest.mark.parametrize(
+    ("value", "version"), [(100300, "10.3.0"), (101601, "10.16.1"), (8601, "8.6.1"), (8502, "8.5.2")]
+)
+def test_tensorrt_version_from_the_library_integer(value: int, version: str) -> None:
+    assert device.tensorrt_version_from_int(value) == version
+
+
+def test_engine_for_this_arch_and_tensorrt_minor_is_chosen_without_refusals() -> None:
+    # 10.3.1 here, 10.3.0 in the manifest: same major.minor, so the engine is eligible.
+    chosen = device.choose_variant(
+        [FP32_GPU, trt("trt-sm_86-fp16", "sm_86")], TABLE["nvidia_gpu"], GPU_EPS, GPU_86
+    )
+    assert chosen.variant["name"] == "trt-sm_86-fp16" and chosen.refused == ()
+
+
+@pytest.mark.parametrize(
+    ("facts", "reason"),
+    [
+        (
+            device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_89", tensorrt_version="10.3.0"),
+            "engine built for sm_86, this GPU is sm_89",
+        ),
+        (
+            device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_86", tensorrt_version="8.6.1"),
+            "engine built with TensorRT 10.3.0, this machine has TensorRT 8.6.1 (major.minor must match)",
+        ),
+        (
+            device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_86", tensorrt_version="10.4.0"),
+            "engine built with TensorRT 10.3.0, this machine has TensorRT 10.4.0",
+        ),
+        (
+            device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_86"),
+            "engine built with TensorRT 10.3.0, the TensorRT version here is unknown",
+        ),
+        (
+            device.DeviceFacts(arch="x86_64", nvidia_gpu=True),
+            "engine built for sm_86, no NVIDIA GPU compute capability detected here",
+        ),
+    ],
+)
+def test_engine_that_cannot_run_here_is_refused_and_the_onnx_variant_serves(
+    facts: device.DeviceFacts, reason: str
+) -> None:
+    choice = device.choose_variant(
+        [FP32_GPU, trt("trt-sm_86-fp16", "sm_86")], TABLE["nvidia_gpu"], GPU_EPS, facts
+    )
+    assert choice.variant["name"] == "fp32"
+    assert choice.providers == tuple(GPU_EPS)  # the onnx variant still gets TensorRT/CUDA EPs
+    [refusal] = choice.refused
+    assert refusal.startswith("trt-sm_86-fp16: ") and reason in refusal
+
+
+def test_requested_engine_for_another_gpu_and_tensorrt_names_both_sides() -> None:
+    facts = device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_75", tensorrt_version="8.6.1")
+    with pytest.raises(device.DeviceError) as info:
+        device.choose_variant(
+            [trt("trt-sm_86-fp16", "sm_86")], TABLE["nvidia_gpu"], GPU_EPS, facts, "trt-sm_86-fp16"
+        )
+    message = str(info.value)
+    assert message.startswith("variant 'trt-sm_86-fp16' cannot run on this machine: ")
+    assert "engine built for sm_86, this GPU is sm_75" in message
+    assert "engine built with TensorRT 10.3.0, this machine has TensorRT 8.6.1" in message
+
+
+def test_a_variant_that_failed_at_start_up_is_set_aside_with_its_reason() -> None:
+    variants = [FP32_GPU, trt("trt-sm_86-fp16", "sm_86")]
+    failed = {"trt-sm_86-fp16": "failed here at start-up (warm-up mismatch)"}
+    choice = device.choose_variant(variants, TABLE["nvidia_gpu"], GPU_EPS, GPU_86, exclude=failed)
+    assert choice.variant["name"] == "fp32"
+    assert choice.refused == ("trt-sm_86-fp16: failed here at start-up (warm-up mismatch)",)
+
+
+def test_wrapper_session_uses_the_prebuilt_engine_and_writes_nothing(tmp_path: Path) -> None:
+    wrapper = tmp_path / "bundle" / "engines" / "trt-sm_86-fp16.onnx"
+    providers = execution_providers(trt("trt-sm_86-fp16", "sm_86"), GPU_EPS, wrapper)
+    assert providers[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    first = providers[0]
+    assert isinstance(first, tuple) and first[0] == "TensorrtExecutionProvider"
+    options = first[1]
+    assert options["trt_engine_cache_enable"] is True
+    assert options["trt_ep_context_file_path"] == str(wrapper.parent)
+    # Read-only bundle: no context-model dump, no timing cache, no engine cache folder to create.
+    assert options["trt_dump_ep_context_model"] is False and options["trt_timing_cache_enable"] is False
+    assert "trt_engine_cache_path" not in options
+    # onnx variants keep plain provider names (TensorRT EP builds from the ONNX model, as before).
+    assert execution_providers(FP32_GPU, GPU_EPS, tmp_path / "model.fp32.onnx") == GPU_EPS
+
+
+def _bundle_with_engine(tmp_path: Path) -> Bundle:
+    """The tiny test bundle plus a TensorRT variant as the prebuild writes it (fake engine bytes)."""
+    built = make_bundle(tmp_path)
+    engines = built.path / "engines"
+    engines.mkdir()
+    (engines / "trt-sm_86-fp16.engine").write_bytes(b"engine bytes; never deserialised here")
+    write_engine_wrapper(
+        built.path / "model.fp32.onnx",
+        engines / "trt-sm_86-fp16.engine",
+        engines / "trt-sm_86-fp16.onnx",
+        gpu_arch="sm_86",
+        tensorrt_version="10.3.0",
+    )
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    manifest["variants"].append(
+        {
+            **trt("trt-sm_86-fp16", "sm_86", p50=0.001),
+            "file": "engines/trt-sm_86-fp16.onnx",
+            "tolerance": {"kind": "top1", "min_agreement": 0.75},
+        }
+    )
+    rels = [p.relative_to(built.path).as_posix() for p in built.path.rglob("*") if p.is_file()]
+    manifest["files"] = contract.file_entries(
+        built.path, [r for r in rels if r not in (contract.MANIFEST_NAME, contract.SIGNATURE_NAME)]
+    )
+    contract.write_manifest(built.path, manifest, contract.load_private_key(tmp_path / "keys" / "signer.pem"))
+    return built
+
+
+def test_server_refuses_a_requested_engine_it_cannot_run_and_says_why(tmp_path: Path) -> None:
+    built = _bundle_with_engine(tmp_path)
+    code, output = run_refused(
+        built.path, built.public_key, ["--variant", "trt-sm_86-fp16", "--device-class", "nvidia_gpu"]
+    )
+    assert code == 2
+    assert "variant 'trt-sm_86-fp16' cannot run on this machine" in output
+    # This machine has no GPU, no TensorRT and the CPU build of ONNX Runtime: all three are named.
+    assert "engine built for sm_86, no NVIDIA GPU compute capability detected here" in output
+    assert "engine built with TensorRT 10.3.0, the TensorRT version here is unknown" in output
+    assert "needs ONNX Runtime's TensorrtExecutionProvider" in output
+
+
+def test_server_on_the_gpu_class_falls_back_to_the_onnx_variant_and_logs_why(tmp_path: Path) -> None:
+    built = _bundle_with_engine(tmp_path)
+    with running_server(
+        built.path, built.public_key, tmp_path / "logs", ["--device-class", "nvidia_gpu"]
+    ) as proc:
+        with proc.client() as client:
+            metrics = client.get("/metrics").text
+        log = proc.log()
+    assert 'variant="int8"' in metrics
+    assert "TensorRT variant not used: trt-sm_86-fp16: engine built for sm_86" in log
+    assert "device class nvidia_gpu; variant int8 (fastest measured" in log
