@@ -138,6 +138,7 @@ def main() -> None:
                 bundle_version=cfg.bundle.version,
                 public_key=Path.cwd() / cfg.serving.public_key if cfg.serving.public_key else None,
                 base="gpu",  # every cloud pool is a GPU pool
+                tensorrt_version=cfg.bundle.tensorrt_version,
                 keep_images=cfg.serving.keep_images,
                 # `pulumi destroy` of a dev stack removes its images too; prod keeps them (and then
                 # refuses to delete the repository until someone empties it on purpose).

@@ -107,6 +107,9 @@ class BundleRef:
         model: ``manifest["model"]``.
         version: ``manifest["version"]``.
         engine_arches: GPU architectures with a TensorRT variant in the manifest.
+        tensorrt_version: the TensorRT version the engines were built with (None without
+            engines); the GPU image installs exactly this runtime, since an engine loads only
+            under the TensorRT version that built it.
     """
 
     path: str
@@ -114,6 +117,7 @@ class BundleRef:
     model: str
     version: str
     engine_arches: frozenset[str]
+    tensorrt_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -450,17 +454,25 @@ def read_bundle(path: str, key: str, base_dir: Path) -> BundleRef:
         manifest = read_manifest(folder)
     except BundleError as exc:
         raise ConfigError(key, f"{path!r} is not a bundle: {exc}") from None
-    arches = frozenset(
-        str(v["gpu_arch"])
+    engines = [
+        v
         for v in manifest.get("variants", [])
         if isinstance(v, Mapping) and v.get("format") == "tensorrt" and v.get("gpu_arch")
-    )
+    ]
+    trt_versions = sorted({str(v["tensorrt_version"]) for v in engines if v.get("tensorrt_version")})
+    if len(trt_versions) > 1:
+        raise ConfigError(
+            key,
+            f"{path!r} has engines from several TensorRT versions {trt_versions}; one image carries "
+            "one TensorRT runtime, so rebuild every engine with the same version",
+        )
     return BundleRef(
         path=path,
         resolved=folder.resolve(),
         model=str(manifest.get("model", "")),
         version=str(manifest.get("version", "")),
-        engine_arches=arches,
+        engine_arches=frozenset(str(v["gpu_arch"]) for v in engines),
+        tensorrt_version=trt_versions[0] if trt_versions else None,
     )
 
 

@@ -41,6 +41,7 @@ IMAGE_SOURCES: tuple[str, ...] = ("serving", "model_build/__init__.py", "model_b
 """What the Dockerfile copies besides the bundle and the key: it decides the image's source hash."""
 _REPOSITORY_NAME = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*")
 _VERSION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}")
+_TRT_VERSION = re.compile(r"\d+(\.\d+){1,3}")
 
 
 @dataclass
@@ -68,6 +69,11 @@ class ModelImageArgs:
 
     base: str = "gpu"
     """``gpu`` (CUDA runtime, onnxruntime-gpu) for GPU stacks, ``cpu`` otherwise."""
+
+    tensorrt_version: str | None = None
+    """TensorRT runtime the GPU image installs: the version that built the bundle's engines
+    (``BundleRef.tensorrt_version``). None: no TensorRT runtime, so the server refuses the engines
+    and serves the ONNX variant on the CUDA provider."""
 
     keep_images: int = 10
     """Images the lifecycle policy keeps; older ones expire."""
@@ -104,6 +110,13 @@ def validate(args: ModelImageArgs) -> None:
         raise ValueError(f"bundle_version: {args.bundle_version!r} cannot be part of an image tag")
     if args.base not in BASES:
         raise ValueError(f"base: {args.base!r} is not one of {', '.join(BASES)}")
+    if args.tensorrt_version is not None:
+        if args.base != "gpu":
+            raise ValueError("tensorrt_version: only the gpu base carries a TensorRT runtime")
+        if not _TRT_VERSION.fullmatch(args.tensorrt_version):
+            raise ValueError(
+                f"tensorrt_version: {args.tensorrt_version!r} is not a release number such as 10.9.0.34"
+            )
     if args.keep_images < 1:
         raise ValueError(f"keep_images: must be ≥ 1, got {args.keep_images}")
     if not (args.context_dir / DOCKERFILE).is_file():
@@ -197,6 +210,8 @@ class ModelImage(pulumi.ComponentResource):
             "BASE": args.base,
             "BUNDLE": _inside(args.bundle_dir, args.context_dir, "bundle_dir"),
         }
+        if args.tensorrt_version is not None:
+            build_args["TENSORRT_VERSION"] = args.tensorrt_version
         if args.public_key is not None:
             build_args["PUBLIC_KEY"] = _inside(args.public_key, args.context_dir, "public_key")
         image = docker.Image(

@@ -218,6 +218,8 @@ def image_args(project: Path, **overrides: Any) -> ModelImageArgs:
         ({"bundle_version": "v1 beta"}, "bundle_version: 'v1 beta' cannot be part of an image tag"),
         ({"base": "rocm"}, "base: 'rocm' is not one of cpu, gpu"),
         ({"keep_images": 0}, "keep_images: must be ≥ 1"),
+        ({"tensorrt_version": "latest"}, "tensorrt_version: 'latest' is not a release number"),
+        ({"base": "cpu", "tensorrt_version": "10.9"}, "tensorrt_version: only the gpu base"),
         ({"bundle_dir": Path("/")}, "bundle_dir: / is outside the build context"),
         ({"public_key": Path("/etc/hostname")}, "public_key: /etc/hostname is outside the build context"),
     ],

@@ -602,6 +602,16 @@ def test_the_image_is_built_for_amd64_on_the_gpu_base_from_the_bundles_real_fold
     assert re.fullmatch(r".*/dualdeploy/demo:0123456789ab-[0-9a-f]{12}", built["inputs"]["imageName"])
 
 
+def test_the_gpu_image_carries_the_tensorrt_runtime_that_built_the_engines(cloud: StackRun) -> None:
+    (built,) = cloud.of_type("docker:index/image:Image")
+    args = built["inputs"]["build"]["args"]
+    if ENGINES.get(cloud.stack):
+        assert args["TENSORRT_VERSION"] == "10.0"  # the fixture engines' manifest entry
+    else:
+        # No engines: no TensorRT runtime; the server serves ONNX on the CUDA provider.
+        assert "TENSORRT_VERSION" not in args
+
+
 def test_registry_credentials_reach_the_state_only_as_secrets(cloud: StackRun) -> None:
     (built,) = cloud.of_type("docker:index/image:Image")
     registry = built["inputs"]["registry"]
