@@ -1,0 +1,75 @@
+"""Stage 7: CPU benchmark of the ONNX variants, measured side by side.
+
+Variants are timed round-robin (one run of each in turn) rather than one after another, so a
+neighbour's load on a shared machine slows them alike and the ratios stay fair.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .onnx_stages import session
+from .spec import BenchmarkSpec
+
+Progress = Callable[[str], None]
+
+
+def _timed(sess: Any, feed: Mapping[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    sess.run(None, feed)
+    return time.perf_counter() - start
+
+
+def benchmark(
+    variants: Mapping[str, Path],
+    sample: Mapping[str, np.ndarray],
+    cfg: BenchmarkSpec,
+    progress: Progress,
+) -> dict[str, dict[str, float]]:
+    """Measure batch-1 p50/p99 latency and batch-N throughput of each ONNX file.
+
+    Args:
+        variants: variant name → ONNX file.
+        sample: model inputs with at least one sample (tiled up to the throughput batch).
+        cfg: iterations, warm-up, threads and the throughput batch size.
+        progress: receives one-line progress messages.
+
+    Returns:
+        name → ``{latency_ms_p50, latency_ms_p99, throughput_b8}`` (throughput in samples/s).
+    """
+    from .tensors import batch_of
+
+    sessions = {name: session(path, cfg.threads) for name, path in variants.items()}
+    one = batch_of(sample, 1)
+    many = batch_of(sample, cfg.throughput_batch)
+    for sess in sessions.values():
+        for _ in range(cfg.warmup):
+            sess.run(None, one)
+            sess.run(None, many)
+    single: dict[str, list[float]] = {name: [] for name in sessions}
+    batched: dict[str, list[float]] = {name: [] for name in sessions}
+    progress(f"batch 1 × {cfg.iterations} and batch {cfg.throughput_batch} × {max(10, cfg.iterations // 4)}, round-robin")
+    for _ in range(cfg.iterations):
+        for name, sess in sessions.items():
+            single[name].append(_timed(sess, one))
+    for _ in range(max(10, cfg.iterations // 4)):
+        for name, sess in sessions.items():
+            batched[name].append(_timed(sess, many))
+    results: dict[str, dict[str, float]] = {}
+    for name in sessions:
+        lat = np.array(single[name]) * 1e3
+        results[name] = {
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 4),
+            "latency_ms_p99": round(float(np.percentile(lat, 99)), 4),
+            "throughput_b8": round(cfg.throughput_batch / float(np.median(batched[name])), 2),
+        }
+        progress(
+            f"{name}: p50 {results[name]['latency_ms_p50']:.3f} ms, p99 {results[name]['latency_ms_p99']:.3f} ms, "
+            f"{results[name]['throughput_b8']:.1f} samples/s at batch {cfg.throughput_batch}"
+        )
+    return results

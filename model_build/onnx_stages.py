@@ -1,0 +1,333 @@
+"""Stages 3–5: export to ONNX, the FP32 parity gate, INT8 quantization and its accuracy gate."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import BundleError, compare_outputs, load_tensors
+from .errors import BuildError
+from .load import load_model
+from .spec import Spec
+from .tensors import LABELS, take
+
+Progress = Callable[[str], None]
+FP32_FILE = "model.fp32.onnx"
+INT8_FILE = "model.int8.onnx"
+_CHUNK = 32
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' chatter (progress lines, deprecation notes) on success."""
+    sink = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "root")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _set_dims(value_info: Any, shape: list[int | str]) -> None:
+    """Write explicit dims (fixed sizes and axis names) into a graph input/output."""
+    dims = value_info.type.tensor_type.shape.dim
+    for dim, want in zip(dims, shape, strict=True):
+        if isinstance(want, int):
+            dim.dim_value = want
+        else:
+            dim.dim_param = want
+
+
+def export_stage(spec: Spec, model_dir: Path, out: Path, progress: Progress) -> None:
+    """Export the model to a single ONNX file with named dynamic axes and a pinned opset.
+
+    Runs the ONNX checker (full check) and strict shape inference, names every dynamic axis
+    after the spec, and folds any external-data file back into the one ``.onnx`` file.
+
+    Raises:
+        BuildError: the exporter, the checker or shape inference fails, or the graph's
+            inputs/outputs do not match the spec.
+    """
+    import onnx
+    import torch
+
+    model = load_model(model_dir)
+    golden = load_tensors(model_dir / "golden" / "inputs.npz")
+    args = tuple(torch.from_numpy(golden[t.name]) for t in spec.inputs)
+    in_names = [t.name for t in spec.inputs]
+    out_names = [t.name for t in spec.outputs]
+    work = Path(tempfile.mkdtemp(prefix="export.", dir=out))
+    target = work / FP32_FILE
+    progress(f"torch.onnx.export ({spec.export.exporter}, opset {spec.export.opset})")
+    try:
+        with _quiet():
+            if spec.export.exporter == "dynamo":
+                dims = {name: torch.export.Dim(name) for name in ("batch", "sequence")}
+                dynamic_shapes = tuple(
+                    {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs
+                )
+                torch.onnx.export(
+                    model, args, str(target), input_names=in_names, output_names=out_names,
+                    opset_version=spec.export.opset, dynamo=True, dynamic_shapes=dynamic_shapes,
+                    external_data=False, optimize=True, verbose=False,
+                )
+            else:
+                dynamic_axes = {
+                    t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)}
+                    for t in [*spec.inputs, *spec.outputs]
+                }
+                torch.onnx.export(
+                    model, args, str(target), input_names=in_names, output_names=out_names,
+                    opset_version=spec.export.opset, dynamo=False, dynamic_axes=dynamic_axes,
+                    do_constant_folding=True,
+                )
+    except Exception as exc:
+        raise BuildError("export", f"export.exporter={spec.export.exporter}: {type(exc).__name__}: {exc}") from exc
+
+    proto = onnx.load(str(target))  # pulls in any external data the exporter wrote
+    graph_in = [i.name for i in proto.graph.input]
+    graph_out = [o.name for o in proto.graph.output]
+    if graph_in != in_names:
+        raise BuildError("export", f"inputs: graph inputs {graph_in} != spec {in_names}")
+    if graph_out != out_names:
+        raise BuildError("export", f"outputs: graph outputs {graph_out} != spec {out_names}")
+    for value_info, tensor in zip([*proto.graph.input, *proto.graph.output], [*spec.inputs, *spec.outputs], strict=True):
+        if len(value_info.type.tensor_type.shape.dim) != len(tensor.shape):
+            raise BuildError("export", f"{tensor.name}: graph rank differs from the spec shape {tensor.shape}")
+        _set_dims(value_info, tensor.shape)
+    opsets = {o.domain: o.version for o in proto.opset_import}
+    if opsets.get("", opsets.get("ai.onnx")) != spec.export.opset:
+        raise BuildError("export", f"export.opset: graph has opset {opsets} but the spec pins {spec.export.opset}")
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+        onnx.save_model(proto, str(out / FP32_FILE), save_as_external_data=False)
+        onnx.checker.check_model(str(out / FP32_FILE), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise BuildError("export", f"onnx checker / shape inference: {exc}") from exc
+    shutil.rmtree(work)
+    stray = sorted(p.name for p in out.iterdir() if p.name != FP32_FILE)
+    if stray:
+        raise BuildError("export", f"stray files next to the model: {stray}")
+    progress(f"{FP32_FILE}: {(out / FP32_FILE).stat().st_size:,} bytes, opset {spec.export.opset}")
+
+
+def session(path: Path, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session with warnings silenced."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess: Any, spec: Spec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a session on ``inputs`` in chunks; return outputs by name."""
+    names = [t.name for t in spec.inputs]
+    count = len(inputs[names[0]])
+    chunks = []
+    for start in range(0, count, _CHUNK):
+        part = take({n: inputs[n] for n in names}, start, start + _CHUNK)
+        outs = sess.run(None, part)
+        chunks.append({o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)})
+    return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+
+def quality_tolerance(spec: Spec) -> dict[str, Any]:
+    """The INT8 gate as a bundle tolerance: top-1 for classifiers, cosine for embeddings."""
+    if spec.task == "classification":
+        return {"kind": "top1", "min_agreement": spec.quantize.min_agreement}
+    return {"kind": "cosine", "min_cosine": spec.quantize.min_cosine}
+
+
+def _quality_figures(spec: Spec, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Agreement or cosine without gating (for FP32's own metrics)."""
+    return compare_outputs(ref, got, {**quality_tolerance(spec), "min_agreement": 0.0, "min_cosine": -1.0})
+
+
+def parity_stage(spec: Spec, model_dir: Path, export_dir: Path, out: Path, progress: Progress) -> None:
+    """Gate: ONNX Runtime FP32 against the PyTorch golden and evaluation outputs.
+
+    Raises:
+        BuildError: wrapping :class:`ShapeMismatch` or :class:`ToleranceExceeded`, with the max difference.
+    """
+    sess = session(export_dir / FP32_FILE)
+    tolerance = {"kind": "allclose", "atol": spec.parity.atol, "rtol": spec.parity.rtol}
+    figures: dict[str, Any] = {}
+    for split in ("golden", "eval"):
+        inputs = load_tensors(model_dir / split / "inputs.npz")
+        reference = load_tensors(model_dir / split / "outputs.npz")
+        got = run_onnx(sess, spec, inputs)
+        try:
+            measured = compare_outputs(reference, got, tolerance)
+        except BundleError as exc:
+            raise BuildError(
+                "parity", f"parity.atol={spec.parity.atol} rtol={spec.parity.rtol} on {split} set: {exc}"
+            ) from exc
+        figures[split] = measured
+        if split == "eval":
+            figures["quality"] = _quality_figures(spec, reference, got)
+    progress(
+        f"FP32 ONNX vs PyTorch: max abs diff {figures['golden']['max_abs_diff']:.2e} (golden), "
+        f"{figures['eval']['max_abs_diff']:.2e} (eval)"
+    )
+    (out / "parity.json").write_text(json.dumps({"tolerance": tolerance, **figures}, indent=2, sort_keys=True))
+
+
+class _Reader:
+    """ONNX Runtime calibration reader over in-memory batches."""
+
+    def __init__(self, inputs: Mapping[str, np.ndarray], batch_size: int) -> None:
+        count = len(next(iter(inputs.values())))
+        self._batches = iter([take(inputs, s, s + batch_size) for s in range(0, count, batch_size)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+    def __len__(self) -> int:  # quantize_static asks for it only with strided calibration
+        return 0
+
+
+def calibration_inputs(spec: Spec, draw: Callable[[int, int], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Calibration samples from ``calibration.file`` or the data factory.
+
+    Raises:
+        BuildError: the file is missing or lacks an input.
+    """
+    names = [t.name for t in spec.inputs]
+    cfg = spec.calibration
+    if cfg.file is not None:
+        path = spec.resolve(cfg.file)
+        if not path.is_file():
+            raise BuildError("quantize", f"calibration.file: {path} does not exist")
+        arrays = load_tensors(path)
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise BuildError("quantize", f"calibration.file: {path} lacks inputs {missing}")
+        return {n: arrays[n][: cfg.samples] for n in names}
+    drawn = draw(cfg.samples, cfg.seed)
+    return {n: drawn[n] for n in names}
+
+
+def quantize_stage(
+    spec: Spec,
+    model_dir: Path,
+    export_dir: Path,
+    out: Path,
+    calibration_cache: Path,
+    draw: Callable[[int, int], dict[str, np.ndarray]],
+    progress: Progress,
+) -> None:
+    """Quantize to INT8 with ONNX Runtime, then gate on accuracy against the PyTorch reference.
+
+    Pre-processes (shape inference, graph optimisation), then quantizes: static QDQ with a
+    calibration reader whose result is cached at ``calibration_cache``, or dynamic.
+    Writes ``model.int8.onnx`` and ``quantize.json`` (gate figures, pass/fail).
+
+    Raises:
+        BuildError: quantization fails, or the gate fails and ``quantize.on_gate_failure`` is ``fail``.
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    cfg = spec.quantize
+    qtypes = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
+    pre = out / "pre.onnx"
+    target = out / INT8_FILE
+    progress("pre-processing (symbolic shape inference, graph optimisation)")
+    try:
+        with _quiet():
+            quant_pre_process(str(export_dir / FP32_FILE), str(pre), skip_symbolic_shape=spec.task == "classification")
+    except Exception as exc:
+        raise BuildError("quantize", f"quant_pre_process: {type(exc).__name__}: {exc}") from exc
+    op_types = list(cfg.op_types) or None
+    calib_cached = calibration_cache.is_file()
+    try:
+        if cfg.mode == "static":
+            methods = {
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }
+            reader = None if calib_cached else _Reader(calibration_inputs(spec, draw), spec.calibration.batch_size)
+            progress(
+                "static QDQ, per-channel" if cfg.per_channel else "static QDQ, per-tensor"
+            )
+            progress("calibration: reusing cached ranges" if calib_cached else
+                     f"calibrating on {spec.calibration.samples} samples ({spec.calibration.method})")
+            calibration_cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp_cache = out / "calibration.json"
+            if calib_cached:
+                shutil.copyfile(calibration_cache, tmp_cache)
+            with _quiet():
+                quantize_static(
+                    str(pre), str(target), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                    per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+                    activation_type=qtypes[cfg.activation_type], weight_type=qtypes[cfg.weight_type],
+                    calibrate_method=methods[spec.calibration.method], calibration_cache_path=str(tmp_cache),
+                )
+            if not calib_cached:
+                shutil.copyfile(tmp_cache, calibration_cache.with_suffix(".tmp"))
+                calibration_cache.with_suffix(".tmp").replace(calibration_cache)
+            tmp_cache.unlink()
+        else:
+            progress("dynamic, per-channel" if cfg.per_channel else "dynamic, per-tensor")
+            with _quiet():
+                quantize_dynamic(
+                    str(pre), str(target), op_types_to_quantize=op_types, per_channel=cfg.per_channel,
+                    reduce_range=cfg.reduce_range, weight_type=qtypes[cfg.weight_type],
+                )
+    except BuildError:
+        raise
+    except Exception as exc:
+        raise BuildError("quantize", f"quantize.mode={cfg.mode}: {type(exc).__name__}: {exc}") from exc
+    pre.unlink()
+
+    sess = session(target)
+    tolerance = quality_tolerance(spec)
+    report: dict[str, Any] = {"tolerance": tolerance, "calibration_cached": calib_cached, "passed": True}
+    for split in ("golden", "eval"):
+        reference = load_tensors(model_dir / split / "outputs.npz")
+        inputs = load_tensors(model_dir / split / "inputs.npz")
+        got = run_onnx(sess, spec, inputs)
+        try:
+            report[split] = compare_outputs(reference, got, tolerance)
+        except BundleError as exc:
+            message = f"quantize.{'min_agreement' if spec.task == 'classification' else 'min_cosine'} on {split} set: {exc}"
+            if cfg.on_gate_failure == "fail":
+                raise BuildError("quantize", message) from exc
+            report.update(passed=False, reason=message)
+            break
+        if split == "eval" and LABELS in inputs and spec.task == "classification":
+            name = spec.outputs[0].name
+            report["task_accuracy"] = float(np.mean(np.argmax(got[name], -1) == inputs[LABELS]))
+    figures = report.get("eval", {})
+    progress(
+        f"{INT8_FILE}: {target.stat().st_size:,} bytes; gate "
+        + ("passed" if report["passed"] else "FAILED")
+        + "".join(f", {k} {v:.4f}" for k, v in figures.items() if k != "max_abs_diff")
+    )
+    (out / "quantize.json").write_text(json.dumps(report, indent=2, sort_keys=True))

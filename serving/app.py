@@ -1,0 +1,336 @@
+"""The HTTP layer: Open Inference Protocol (KServe v2) REST endpoints on Starlette.
+
+The handlers are thin: they read the body within its limit, hand it to
+:mod:`serving.protocol` to parse, queue it on the :class:`~serving.batching.Batcher`,
+and encode the result. Every refusal is a 4xx with ``{"error": "..."}``; a 5xx
+means an internal fault, overload or shutdown, and is counted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from serving import __version__, logs
+from serving.batching import Batcher, QueueFull, QueueTimeout
+from serving.metrics import CONTENT_TYPE, Metrics
+from serving.model import LoadedModel, ModelRunError
+from serving.openapi import openapi_document
+from serving.protocol import HEADER_LENGTH, ProtocolError, encode_response, parse_infer_request
+
+log = logging.getLogger("serving.app")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+
+
+@dataclass
+class Settings:
+    """Serving limits and options (the CLI fills them from flags and environment)."""
+
+    max_queue_delay_ms: float = 1.0
+    max_queue: int = 256
+    request_timeout_s: float = 30.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    token: str | None = None
+    retry_after_s: int = 1
+
+
+@dataclass
+class State:
+    """What the handlers share: the model, the batcher, metrics and the lifecycle flags."""
+
+    model: LoadedModel
+    settings: Settings
+    metrics: Metrics
+    batcher: Batcher
+    ready: bool = False
+    draining: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def set_draining(self) -> None:
+        """Stop reporting ready and refuse new inference requests (SIGTERM)."""
+        self.draining = True
+        self.metrics.ready.set(0)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware: request id on every log line and response, bearer token check."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        """Wrap ``app``; with ``token`` set, every path except the health checks needs it."""
+        self.app = app
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection scope."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        token = logs.request_id.set(rid)
+        try:
+            if self.expected is not None and scope["path"] not in OPEN_PATHS:
+                given = headers.get(b"authorization")
+                if given is None or not hmac.compare_digest(given, self.expected):
+                    reason = "missing bearer token" if given is None else "wrong bearer token"
+                    log.warning("refused %s %s: %s", scope["method"], scope["path"], reason)
+                    response = _error(
+                        401,
+                        f"{reason}: send 'Authorization: Bearer <token>'",
+                        {"WWW-Authenticate": 'Bearer realm="dualdeploy"', "x-request-id": rid},
+                    )
+                    await response(scope, receive, send)
+                    return
+
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                await send(message)
+
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logs.request_id.reset(token)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ProtocolError(f"request body of {length} bytes is above the limit of {limit} bytes", 413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"request body is above the limit of {limit} bytes", 413)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("identity", ""):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ProtocolError(f"Content-Encoding {encoding!r} is not supported (gzip, deflate)", 415)
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"body is not valid {encoding} data ({exc})") from exc
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise ProtocolError(f"decompressed body is above the limit of {limit} bytes", 413)
+    return data
+
+
+class _Overloaded(Exception):
+    """Answer 503 with Retry-After."""
+
+
+class V2Api:
+    """The endpoint handlers, bound to one served model."""
+
+    def __init__(self, state: State) -> None:
+        """Bind the handlers to ``state``."""
+        self.state = state
+        self.spec = state.model.spec
+        self.metrics = state.metrics
+        self.settings = state.settings
+        self.batcher = state.batcher
+        self.server_meta = {
+            "name": "dualdeploy",
+            "version": __version__,
+            "extensions": ["binary_tensor_data"],
+        }
+        self.openapi = openapi_document(self.spec.name, self.spec.version)
+
+    def _known(self, request: Request) -> str | None:
+        """None when the path names the served model (and version), else the error message."""
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
+        if name != self.spec.name:
+            return f"unknown model {name!r}: this server serves {self.spec.name!r}"
+        if version is not None and version != self.spec.version:
+            return f"unknown version {version!r} of model {name!r}: this server serves {self.spec.version!r}"
+        return None
+
+    def _ready(self) -> bool:
+        return self.state.ready and not self.state.draining
+
+    def count(self, endpoint: str, status: int) -> None:
+        """Count an answer; 5xx answers also in ``dualdeploy_server_errors_total``."""
+        self.metrics.requests.labels(self.spec.name, endpoint, str(status)).inc()
+        if status >= 500:
+            self.metrics.server_errors.labels(endpoint).inc()
+
+    async def live(self, _request: Request) -> Response:
+        """GET /v2/health/live."""
+        self.count("live", 200)
+        return JSONResponse({"live": True})
+
+    async def ready(self, _request: Request) -> Response:
+        """GET /v2/health/ready: 200 after warm-up, 503 before and while draining."""
+        ok = self._ready()
+        self.count("ready", 200 if ok else 503)
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def server_metadata(self, _request: Request) -> Response:
+        """GET /v2."""
+        self.count("server_metadata", 200)
+        return JSONResponse(self.server_meta)
+
+    async def model_metadata(self, request: Request) -> Response:
+        """GET /v2/models/{name}[/versions/{version}]."""
+        problem = self._known(request)
+        self.count("model_metadata", 404 if problem else 200)
+        return _error(404, problem) if problem else JSONResponse(self.spec.metadata())
+
+    async def model_ready(self, request: Request) -> Response:
+        """GET /v2/models/{name}[/versions/{version}]/ready."""
+        problem = self._known(request)
+        if problem:
+            self.count("model_ready", 404)
+            return _error(404, problem)
+        ok = self._ready()
+        self.count("model_ready", 200 if ok else 503)
+        return JSONResponse({"name": self.spec.name, "ready": ok}, status_code=200 if ok else 503)
+
+    async def metrics_text(self, _request: Request) -> Response:
+        """GET /metrics."""
+        self.count("metrics", 200)
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def openapi_json(self, _request: Request) -> Response:
+        """GET /openapi.json."""
+        self.count("openapi", 200)
+        return JSONResponse(self.openapi)
+
+    async def _infer(self, request: Request, arriving: list[bool]) -> Response:
+        if self.state.draining:
+            raise _Overloaded("server is shutting down")
+        problem = self._known(request)
+        if problem:
+            raise ProtocolError(problem, 404)
+        body = await _read_body(request, self.settings.max_body_bytes)
+        parsed = parse_infer_request(
+            body, request.headers.get(HEADER_LENGTH), self.spec, self.spec.max_batch_size
+        )
+        self.batcher.arriving -= 1
+        arriving[0] = False
+        try:
+            outputs, stats = await self.batcher.submit(parsed, self.settings.request_timeout_s)
+        except (QueueFull, QueueTimeout) as exc:
+            raise _Overloaded(str(exc)) from exc
+        payload, header_length = encode_response(self.spec, parsed, outputs)
+        self.metrics.queue_seconds.observe(stats.queue_seconds)
+        if header_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(header_length)},
+        )
+
+    async def infer(self, request: Request) -> Response:
+        """POST /v2/models/{name}[/versions/{version}]/infer."""
+        started = time.perf_counter()
+        self.metrics.inflight.inc()
+        self.batcher.arriving += 1
+        arriving = [True]
+        response: Response
+        try:
+            response = await self._infer(request, arriving)
+        except ProtocolError as exc:
+            log.info("refused inference request (%d): %s", exc.status, exc.message)
+            response = _error(exc.status, exc.message)
+        except ModelRunError as exc:
+            log.info("model rejected the input values: %s", exc)
+            response = _error(400, f"the model rejected the input values: {exc}")
+        except _Overloaded as exc:
+            log.warning("refused inference request (503): %s", exc)
+            response = _error(503, str(exc), {"Retry-After": str(self.settings.retry_after_s)})
+        except Exception:
+            log.exception("internal error while serving an inference request")
+            response = _error(500, "internal server error (see the server log for the request id)")
+        finally:
+            if arriving[0]:
+                self.batcher.arriving -= 1
+            self.metrics.inflight.dec()
+            self.metrics.request_seconds.observe(time.perf_counter() - started)
+        self.count("infer", response.status_code)
+        return response
+
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        """Unknown paths and wrong methods: the v2 JSON error body."""
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        detail = exc.detail if isinstance(exc, HTTPException) else "error"
+        headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else None
+        self.count("other", status)
+        return _error(status, f"{request.method} {request.url.path}: {detail}", headers)
+
+    async def internal_error(self, _request: Request, exc: Exception) -> Response:
+        """Anything unhandled: 500, logged and counted."""
+        log.error("unhandled error: %r", exc)
+        self.count("other", 500)
+        return _error(500, "internal server error (see the server log for the request id)")
+
+    def routes(self) -> list[Route]:
+        """The v2 routes, with the optional ``/versions/{version}`` forms."""
+        routes = [
+            Route("/v2/health/live", self.live, methods=["GET"]),
+            Route("/v2/health/ready", self.ready, methods=["GET"]),
+            Route("/v2", self.server_metadata, methods=["GET"]),
+            Route("/metrics", self.metrics_text, methods=["GET"]),
+            Route("/openapi.json", self.openapi_json, methods=["GET"]),
+        ]
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            routes += [
+                Route(prefix, self.model_metadata, methods=["GET"]),
+                Route(f"{prefix}/ready", self.model_ready, methods=["GET"]),
+                Route(f"{prefix}/infer", self.infer, methods=["POST"]),
+            ]
+        return routes
+
+
+def build_app(state: State) -> ASGIApp:
+    """The ASGI application serving ``state.model``, wrapped in the :class:`Guard`."""
+    api = V2Api(state)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        state.batcher.start()
+        state.ready = True
+        state.metrics.ready.set(1)
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.metrics.ready.set(0)
+            await state.batcher.stop()
+
+    app = Starlette(
+        routes=api.routes(),
+        lifespan=lifespan,
+        exception_handlers={HTTPException: api.http_error, Exception: api.internal_error},
+    )
+    return Guard(app, state.settings.token)

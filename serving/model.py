@@ -1,0 +1,259 @@
+"""Load a verified bundle into an ONNX Runtime session and prove it on the golden data.
+
+Order matters and is the point of this module: verify the bundle (signature and
+every checksum), choose the variant for this device, open the session, run the
+golden inputs and compare with the golden outputs under the variant's tolerance.
+Only a model that passed all of that is handed to the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from model_build.bundle import (
+    BundleError,
+    VerifiedBundle,
+    compare_outputs,
+    load_public_key,
+    load_tensors,
+    verify_bundle,
+)
+from serving import device
+from serving.protocol import BATCH_AXIS, ModelSpec, tensor_spec
+
+log = logging.getLogger("serving.model")
+
+
+class ModelLoadError(Exception):
+    """The bundle cannot be served: untrusted, malformed, unrunnable or failing its golden check."""
+
+
+class ModelRunError(Exception):
+    """ONNX Runtime refused the inputs of one run (e.g. an index out of range)."""
+
+
+@dataclass
+class LoadedModel:
+    """A verified bundle with an open session that has passed its golden check."""
+
+    bundle: VerifiedBundle
+    spec: ModelSpec
+    variant: Mapping[str, Any]
+    device_class: str
+    providers: tuple[str, ...]
+    session: ort.InferenceSession
+    load_seconds: float
+    warmup_figures: dict[str, float] = field(default_factory=dict)
+    batchable: bool = True
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model once (blocking; call it off the event loop).
+
+        Raises:
+            ModelRunError: ONNX Runtime rejected the input values.
+        """
+        names = [t.name for t in self.spec.outputs]
+        try:
+            values = self.session.run(names, dict(inputs))
+        except (
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+        ) as exc:
+            raise ModelRunError(str(exc).splitlines()[0][:500]) from exc
+        return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
+
+
+def model_spec(manifest: Mapping[str, Any], max_batch_size: int) -> ModelSpec:
+    """The protocol view of a manifest.
+
+    Raises:
+        ModelLoadError: the manifest's inputs or outputs are malformed.
+    """
+    try:
+        inputs = tuple(tensor_spec(e, "inputs") for e in manifest.get("inputs", []))
+        outputs = tuple(tensor_spec(e, "outputs") for e in manifest.get("outputs", []))
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if not inputs or not outputs:
+        raise ModelLoadError("manifest: 'inputs' and 'outputs' must list the model's tensors")
+    return ModelSpec(
+        name=str(manifest.get("model")),
+        version=str(manifest.get("version")),
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch_size,
+    )
+
+
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    """Session options for serving: full graph optimisation, thread count, no spinning.
+
+    Spinning intra-op threads would burn the cores that the HTTP event loop needs
+    between runs, so they sleep when idle.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads > 0:
+        options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Run errors are raised to the caller and logged there, with the request id; ORT's own
+    # copy on stderr would be a second, unstructured line.
+    options.log_severity_level = 4
+    return options
+
+
+def verify(bundle_dir: Path, public_key_path: Path) -> VerifiedBundle:
+    """Verify a bundle with the shared contract code.
+
+    Raises:
+        ModelLoadError: naming the key or the bundle file that failed.
+    """
+    try:
+        return verify_bundle(bundle_dir, load_public_key(public_key_path))
+    except BundleError as exc:
+        raise ModelLoadError(f"bundle {bundle_dir} refused: {exc}") from exc
+
+
+def load(
+    bundle_dir: Path,
+    public_key_path: Path,
+    *,
+    variant: str = "auto",
+    device_class: str = "auto",
+    device_table: Path = device.DEFAULT_TABLE,
+    max_batch_size: int | None = None,
+    intra_op_threads: int = 0,
+) -> LoadedModel:
+    """Verify, choose, open and warm up a bundle.
+
+    Args:
+        bundle_dir: the bundle folder (``dist/<model>/<version>`` or the ``latest`` link).
+        public_key_path: the trusted signer's PEM public key.
+        variant: ``"auto"`` or a variant name from the manifest.
+        device_class: ``"auto"`` to detect, or a class name from the table.
+        device_table: the device-class table.
+        max_batch_size: overrides ``manifest["serving"]["max_batch_size"]``.
+        intra_op_threads: ONNX Runtime intra-op threads (0: its default).
+
+    Returns:
+        The loaded model, ready to serve.
+
+    Raises:
+        ModelLoadError: anything that makes the bundle unservable, with the reason.
+    """
+    started = time.perf_counter()
+    verified = verify(bundle_dir, public_key_path)
+    manifest = verified.manifest
+    log.info(
+        "bundle %s verified (model %s version %s, key %s)",
+        bundle_dir,
+        manifest.get("model"),
+        manifest.get("version"),
+        verified.key_id,
+    )
+
+    try:
+        table = device.load_table(device_table)
+        facts = device.gather_facts(table)
+        if device_class == "auto":
+            dclass = device.detect_class(table, facts)
+        elif device_class in table:
+            dclass = table[device_class]
+        else:
+            raise device.DeviceError(f"--device-class {device_class!r} is not one of {', '.join(table)}")
+        choice = device.choose_variant(
+            manifest.get("variants", []), dclass, ort.get_available_providers(), facts, variant
+        )
+    except device.DeviceError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    chosen = choice.variant
+    log.info(
+        "device class %s; variant %s (%s); providers %s",
+        dclass.name,
+        chosen.get("name"),
+        choice.reason,
+        ", ".join(choice.providers),
+    )
+
+    serving_cfg = manifest.get("serving", {})
+    batch = int(max_batch_size or serving_cfg.get("max_batch_size", 1))
+    if batch < 1:
+        raise ModelLoadError(f"max_batch_size must be at least 1, got {batch}")
+    spec = model_spec(manifest, batch)
+
+    try:
+        model_path = verified.file(str(chosen.get("file")))
+        session = ort.InferenceSession(
+            str(model_path), session_options(intra_op_threads), providers=list(choice.providers)
+        )
+    except (
+        BundleError,
+        ort.capi.onnxruntime_pybind11_state.Fail,
+        ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+        ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
+        ort.capi.onnxruntime_pybind11_state.NoSuchFile,
+    ) as exc:
+        raise ModelLoadError(
+            f"variant {chosen.get('name')}: cannot open {chosen.get('file')}: {exc}"
+        ) from exc
+
+    batchable = all(t.shape[:1] == (BATCH_AXIS,) for t in (*spec.inputs, *spec.outputs))
+    loaded = LoadedModel(
+        bundle=verified,
+        spec=spec,
+        variant=chosen,
+        device_class=dclass.name,
+        providers=tuple(session.get_providers()),
+        session=session,
+        load_seconds=0.0,
+        batchable=batchable,
+    )
+    loaded.warmup_figures = warm_up(loaded)
+    loaded.load_seconds = time.perf_counter() - started
+    return loaded
+
+
+def warm_up(model: LoadedModel) -> dict[str, float]:
+    """Run the golden inputs and compare with the golden outputs under the variant's tolerance.
+
+    Also runs the first golden row alone, so the batch-1 path is warm too.
+
+    Returns:
+        The measured figures (max_abs_diff, and agreement or min_cosine).
+
+    Raises:
+        ModelLoadError: the golden files are missing or the outputs are out of tolerance.
+    """
+    golden = model.bundle.manifest.get("golden", {})
+    tolerance = model.variant.get("tolerance")
+    if not isinstance(tolerance, dict):
+        raise ModelLoadError(f"variant {model.variant.get('name')}: manifest gives no tolerance")
+    try:
+        inputs = load_tensors(model.bundle.file(golden["inputs"]))
+        expected = load_tensors(model.bundle.file(golden["outputs"]))
+    except (KeyError, BundleError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"golden data unusable: {exc}") from exc
+    expected = {t.name: expected[t.name] for t in model.spec.outputs if t.name in expected}
+    try:
+        actual = model.run(inputs)
+        figures = compare_outputs(expected, actual, tolerance)
+    except (BundleError, ModelRunError) as exc:
+        raise ModelLoadError(
+            f"warm-up: variant {model.variant.get('name')} does not reproduce the golden outputs: {exc}"
+        ) from exc
+    if model.batchable:
+        model.run({k: v[:1] for k, v in inputs.items()})
+    log.info(
+        "warm-up matched the golden outputs (%s)",
+        ", ".join(f"{k}={v:.3g}" for k, v in sorted(figures.items())),
+    )
+    return figures

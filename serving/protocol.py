@@ -1,0 +1,399 @@
+"""The Open Inference Protocol (KServe v2) REST body: parsing, validation and encoding.
+
+Pure functions over bytes and NumPy arrays, with no HTTP framework in sight, so
+the rules are testable on their own. Both tensor encodings are handled:
+
+* JSON: every tensor carries ``data`` (flat or nested, row-major).
+* The binary tensor data extension: the request header
+  ``Inference-Header-Content-Length: N`` says the first N bytes of the body are
+  the JSON header; an input with ``parameters.binary_data_size`` has its raw
+  little-endian bytes in the rest of the body, in the order the inputs are
+  listed. Outputs are sent raw when the request asks for it, per output with
+  ``parameters.binary_data: true`` or for all with the request parameter
+  ``binary_data_output: true``.
+
+Every problem with a request raises :class:`ProtocolError` carrying a 4xx status
+and a message that names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Manifest dtype -> (v2 datatype, NumPy dtype). The models in bundles take these two.
+_DTYPES: dict[str, tuple[str, np.dtype[Any]]] = {
+    "float32": ("FP32", np.dtype("<f4")),
+    "float16": ("FP16", np.dtype("<f2")),
+    "float64": ("FP64", np.dtype("<f8")),
+    "int64": ("INT64", np.dtype("<i8")),
+    "int32": ("INT32", np.dtype("<i4")),
+    "int8": ("INT8", np.dtype("i1")),
+    "uint8": ("UINT8", np.dtype("u1")),
+    "bool": ("BOOL", np.dtype("?")),
+}
+DATATYPES = sorted({dt for dt, _ in _DTYPES.values()} | {"BYTES", "UINT16", "UINT32", "UINT64", "INT16"})
+BATCH_AXIS = "batch"
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as the manifest describes it."""
+
+    name: str
+    datatype: str
+    dtype: np.dtype[Any]
+    shape: tuple[int | str, ...]
+    allow_nonfinite: bool = True
+
+    def metadata(self) -> dict[str, Any]:
+        """The v2 model-metadata entry: unknown dimensions are -1."""
+        return {
+            "name": self.name,
+            "datatype": self.datatype,
+            "shape": [d if isinstance(d, int) else -1 for d in self.shape],
+        }
+
+
+def tensor_spec(entry: Mapping[str, Any], where: str) -> TensorSpec:
+    """Build a :class:`TensorSpec` from a manifest ``inputs``/``outputs`` entry.
+
+    Raises:
+        ValueError: naming the manifest entry with the unsupported dtype or shape.
+    """
+    name = entry.get("name")
+    dtype = entry.get("dtype")
+    if not isinstance(name, str) or dtype not in _DTYPES:
+        raise ValueError(f"manifest {where}: entry {entry!r} needs a name and a dtype in {sorted(_DTYPES)}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int | str) for d in shape):
+        raise ValueError(f"manifest {where} {name!r}: shape must be a list of ints and axis names")
+    datatype, np_dtype = _DTYPES[dtype]
+    return TensorSpec(name, datatype, np_dtype, tuple(shape), bool(entry.get("allow_nonfinite", True)))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the protocol layer needs to know about the served model."""
+
+    name: str
+    version: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    platform: str = "onnxruntime_onnx"
+
+    def metadata(self) -> dict[str, Any]:
+        """The v2 model-metadata response body."""
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": self.platform,
+            "inputs": [t.metadata() for t in self.inputs],
+            "outputs": [t.metadata() for t in self.outputs],
+        }
+
+
+@dataclass
+class InferRequest:
+    """A parsed and validated inference request."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    batch_size: int
+    outputs: list[tuple[str, bool]]  # (output name, send as binary)
+
+    def signature(self) -> tuple[Any, ...]:
+        """Requests with equal signatures can be stacked into one batch."""
+        return tuple((name, arr.shape[1:]) for name, arr in sorted(self.inputs.items()))
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be a JSON object")
+    return value
+
+
+def _shape(tensor: Mapping[str, Any], spec: TensorSpec, where: str, max_batch: int) -> tuple[int, ...]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise ProtocolError(f"{where}.shape must be a list of integers")
+    if len(shape) != len(spec.shape):
+        raise ProtocolError(
+            f"{where}: shape {shape} has rank {len(shape)}, input {spec.name!r} expects rank "
+            f"{len(spec.shape)} {list(spec.shape)}"
+        )
+    for got, want in zip(shape, spec.shape, strict=True):
+        if got < 1:
+            raise ProtocolError(f"{where}: shape {shape} has a dimension below 1")
+        if isinstance(want, int) and got != want:
+            raise ProtocolError(
+                f"{where}: shape {shape} does not match {list(spec.shape)} of input {spec.name!r}"
+            )
+    if spec.shape and spec.shape[0] == BATCH_AXIS and shape[0] > max_batch:
+        raise ProtocolError(f"{where}: batch size {shape[0]} is above the maximum of {max_batch}")
+    return tuple(shape)
+
+
+def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...], where: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ProtocolError(f"{where}.data must be a JSON array")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, OverflowError) as exc:
+        raise ProtocolError(f"{where}.data is not a regular array of numbers ({exc})") from exc
+    kinds = "biuf" if spec.dtype.kind == "f" else "biu"
+    if arr.size and arr.dtype.kind not in kinds:
+        what = {"U": "strings", "S": "strings", "O": "ragged or mixed values", "f": "fractional numbers"}
+        raise ProtocolError(
+            f"{where}.data holds {what.get(arr.dtype.kind, arr.dtype.name)}, "
+            f"not numbers of datatype {spec.datatype}"
+        )
+    count = math.prod(shape)
+    if arr.size != count:
+        raise ProtocolError(f"{where}.data has {arr.size} elements, shape {list(shape)} needs {count}")
+    try:
+        return arr.astype(spec.dtype, casting="unsafe").reshape(shape)
+    except (ValueError, OverflowError) as exc:
+        raise ProtocolError(f"{where}.data cannot be converted to {spec.datatype} ({exc})") from exc
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """Split a request body into its JSON header and binary tail.
+
+    Raises:
+        ProtocolError: the header length is not an integer or exceeds the body.
+    """
+    if header_length is None:
+        return body, b""
+    try:
+        length = int(header_length)
+    except ValueError as exc:
+        raise ProtocolError(f"Inference-Header-Content-Length {header_length!r} is not an integer") from exc
+    if length < 0 or length > len(body):
+        raise ProtocolError(
+            f"Inference-Header-Content-Length {length} does not fit a body of {len(body)} bytes"
+        )
+    return body[:length], body[length:]
+
+
+@dataclass
+class _Cursor:
+    """Walks the binary tail of a request and remembers the named axes seen so far."""
+
+    binary: bytes
+    offset: int = 0
+    axes: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    def check_axes(self, name: str, shape: tuple[int, ...], spec: TensorSpec) -> None:
+        for dim, axis in zip(shape, spec.shape, strict=True):
+            if isinstance(axis, str):
+                seen = self.axes.setdefault(axis, (dim, name))
+                if seen[0] != dim:
+                    raise ProtocolError(
+                        f"input {name!r}: axis {axis!r} is {dim} but {seen[0]} in input {seen[1]!r}"
+                    )
+
+    def take(self, size: int, spec: TensorSpec, shape: tuple[int, ...], where: str) -> np.ndarray:
+        if self.offset + size > len(self.binary):
+            raise ProtocolError(
+                f"{where}: binary data ends at byte {self.offset + size} but the body has only "
+                f"{len(self.binary)} bytes after the JSON header (check Inference-Header-Content-Length)"
+            )
+        count = math.prod(shape)
+        arr = np.frombuffer(self.binary, dtype=spec.dtype, count=count, offset=self.offset).reshape(shape)
+        self.offset += size
+        return arr
+
+
+def _parse_input(
+    index: int,
+    raw: Any,
+    specs: Mapping[str, TensorSpec],
+    *,
+    cursor: _Cursor,
+    model: ModelSpec,
+    max_batch: int,
+) -> tuple[str, np.ndarray]:
+    tensor = _object(raw, f"inputs[{index}]")
+    name = tensor.get("name")
+    if not isinstance(name, str):
+        raise ProtocolError(f"inputs[{index}].name must be a string")
+    where = f"input {name!r}"
+    if name not in specs:
+        raise ProtocolError(f"{where} is not an input of model {model.name!r} (inputs: {', '.join(specs)})")
+    spec = specs[name]
+    if tensor.get("datatype") != spec.datatype:
+        raise ProtocolError(
+            f"{where}: datatype {tensor.get('datatype')!r} is wrong, expected {spec.datatype!r}"
+        )
+    shape = _shape(tensor, spec, where, max_batch)
+    cursor.check_axes(name, shape, spec)
+    tparams = _object(tensor.get("parameters", {}), f"{where}.parameters")
+    size = tparams.get("binary_data_size")
+    if size is not None:
+        if "data" in tensor:
+            raise ProtocolError(f"{where} has both data and parameters.binary_data_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ProtocolError(f"{where}.parameters.binary_data_size must be a non-negative integer")
+        expected = math.prod(shape) * spec.dtype.itemsize
+        if size != expected:
+            raise ProtocolError(
+                f"{where}: binary_data_size {size} != {expected} bytes "
+                f"for shape {list(shape)} {spec.datatype}"
+            )
+        arr = cursor.take(size, spec, shape, where)
+    elif "data" in tensor:
+        arr = _json_data(tensor["data"], spec, shape, where)
+    else:
+        raise ProtocolError(f"{where} has neither data nor parameters.binary_data_size")
+    if spec.dtype.kind == "f" and not spec.allow_nonfinite and not np.isfinite(arr).all():
+        raise ProtocolError(f"{where} contains NaN or Inf, which this model does not accept")
+    return name, arr
+
+
+def _parse_outputs(
+    doc: Mapping[str, Any], params: Mapping[str, Any], model: ModelSpec
+) -> list[tuple[str, bool]]:
+    binary_all = params.get("binary_data_output", False)
+    if not isinstance(binary_all, bool):
+        raise ProtocolError("parameters.binary_data_output must be a boolean")
+    out_names = [t.name for t in model.outputs]
+    raw_outputs = doc.get("outputs")
+    if raw_outputs is None:
+        return [(n, binary_all) for n in out_names]
+    if not isinstance(raw_outputs, list):
+        raise ProtocolError("outputs must be a list")
+    outputs: list[tuple[str, bool]] = []
+    for index, raw in enumerate(raw_outputs):
+        out = _object(raw, f"outputs[{index}]")
+        name = out.get("name")
+        if not isinstance(name, str) or name not in out_names:
+            raise ProtocolError(
+                f"outputs[{index}].name {name!r} is not an output of model {model.name!r} "
+                f"(outputs: {', '.join(out_names)})"
+            )
+        oparams = _object(out.get("parameters", {}), f"outputs[{index}].parameters")
+        as_binary = oparams.get("binary_data", binary_all)
+        if not isinstance(as_binary, bool):
+            raise ProtocolError(f"outputs[{index}].parameters.binary_data must be a boolean")
+        outputs.append((name, as_binary))
+    return outputs
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None, model: ModelSpec, max_batch: int
+) -> InferRequest:
+    """Parse and validate an inference request body.
+
+    Args:
+        body: the raw request body.
+        header_length: the ``Inference-Header-Content-Length`` header, if sent.
+        model: the served model.
+        max_batch: the largest batch one request may carry.
+
+    Returns:
+        The request with NumPy inputs of the model's dtypes and shapes.
+
+    Raises:
+        ProtocolError: with a message naming the field that is wrong.
+    """
+    header, binary = split_body(body, header_length)
+    try:
+        doc = json.loads(header)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        where = (
+            "request body"
+            if header_length is None
+            else (f"the JSON header (the first {header_length} bytes, per Inference-Header-Content-Length)")
+        )
+        raise ProtocolError(f"{where} is not valid JSON ({exc})") from exc
+    doc = _object(doc, "request body")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError("id must be a string")
+    params = _object(doc.get("parameters", {}), "parameters")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ProtocolError("inputs must be a non-empty list of tensors")
+
+    specs = {t.name: t for t in model.inputs}
+    cursor = _Cursor(binary)
+    inputs: dict[str, np.ndarray] = {}
+    for index, raw in enumerate(raw_inputs):
+        name, arr = _parse_input(index, raw, specs, cursor=cursor, model=model, max_batch=max_batch)
+        if name in inputs:
+            raise ProtocolError(f"input {name!r} is given twice")
+        inputs[name] = arr
+    if cursor.offset != len(binary):
+        raise ProtocolError(
+            f"body has {len(binary) - cursor.offset} bytes of binary data beyond those the inputs declare "
+            "(check Inference-Header-Content-Length and binary_data_size)"
+        )
+    missing = [n for n in specs if n not in inputs]
+    if missing:
+        raise ProtocolError(f"missing input(s) {', '.join(map(repr, missing))} of model {model.name!r}")
+    batch = cursor.axes.get(BATCH_AXIS, (1, ""))[0]
+    return InferRequest(request_id, inputs, batch, _parse_outputs(doc, params, model))
+
+
+def encode_response(
+    model: ModelSpec, request: InferRequest, results: Mapping[str, np.ndarray]
+) -> tuple[bytes, int | None]:
+    """Encode an inference response.
+
+    Returns:
+        The body, and the JSON header length when binary outputs follow it
+        (to send as ``Inference-Header-Content-Length``), else None.
+    """
+    by_name = {t.name: t for t in model.outputs}
+    outputs: list[dict[str, Any]] = []
+    buffers: list[bytes] = []
+    for name, as_binary in request.outputs:
+        arr = results[name]
+        spec = by_name[name]
+        entry: dict[str, Any] = {"name": name, "datatype": spec.datatype, "shape": list(arr.shape)}
+        if as_binary:
+            raw = np.ascontiguousarray(arr, dtype=spec.dtype).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            buffers.append(raw)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
+    if request.id is not None:
+        doc["id"] = request.id
+    # NaN/Inf in outputs (possible only where inputs allow them) go out as the JSON extension tokens.
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not buffers:
+        return header, None
+    return header + b"".join(buffers), len(header)
+
+
+def validate_outputs(model: ModelSpec, results: Mapping[str, np.ndarray]) -> None:
+    """Check that a model run produced every declared output (an internal fault otherwise)."""
+    missing = [t.name for t in model.outputs if t.name not in results]
+    if missing:
+        raise RuntimeError(f"model run did not produce output(s) {missing}")
+
+
+def stack(requests: Sequence[InferRequest]) -> dict[str, np.ndarray]:
+    """Concatenate the inputs of compatible requests along the batch axis."""
+    if len(requests) == 1:
+        return requests[0].inputs
+    return {name: np.concatenate([r.inputs[name] for r in requests]) for name in requests[0].inputs}

@@ -1,0 +1,333 @@
+"""The command line: flags and ``DUALDEPLOY_*`` environment variables, load, serve, drain.
+
+Start-up order: verify the bundle, choose the variant, open the session, match the
+golden outputs, and only then bind the port and report ready. A bundle that fails
+any step is never served: the process exits 2 with the reason.
+
+On SIGTERM the server stops reporting ready, stops accepting connections,
+lets in-flight requests finish within the grace period, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from serving import __version__, logs
+from serving.app import Settings, State, build_app
+from serving.batching import Batcher
+from serving.device import DEFAULT_TABLE
+from serving.metrics import Metrics
+from serving.model import ModelLoadError, load
+
+log = logging.getLogger("serving")
+_IMPORTED = time.monotonic()
+DEV_PUBLIC_KEY = Path(".keys/dev-ed25519.pub")
+EXIT_REFUSED = 2
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc; since import where /proc is absent)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"DUALDEPLOY_{name}", default)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser; every flag's default comes from its ``DUALDEPLOY_*`` variable."""
+    p = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="Serve a signed dualdeploy bundle over the Open Inference Protocol (KServe v2 REST). "
+        "Every flag can also be set by the environment variable named in its help.",
+    )
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=_env("BUNDLE"),
+        help="bundle folder, e.g. dist/demo/latest (DUALDEPLOY_BUNDLE)",
+    )
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to bind (DUALDEPLOY_HOST)")
+    p.add_argument("--port", type=int, default=_env("PORT", "8000"), help="port to bind (DUALDEPLOY_PORT)")
+    p.add_argument(
+        "--variant",
+        default=_env("VARIANT", "auto"),
+        help="'auto' or a variant name from the manifest (DUALDEPLOY_VARIANT)",
+    )
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        default=_env("PUBLIC_KEY"),
+        help=f"trusted signer's PEM public key; default {DEV_PUBLIC_KEY} with a warning "
+        "(DUALDEPLOY_PUBLIC_KEY)",
+    )
+    p.add_argument(
+        "--device-class",
+        default=_env("DEVICE_CLASS", "auto"),
+        help="'auto' to detect, or a class of the device table (DUALDEPLOY_DEVICE_CLASS)",
+    )
+    p.add_argument(
+        "--device-table",
+        type=Path,
+        default=_env("DEVICE_TABLE", str(DEFAULT_TABLE)),
+        help="the device-class table (DUALDEPLOY_DEVICE_TABLE)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_env("TLS_CERT"),
+        help="PEM certificate: serve HTTPS (DUALDEPLOY_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key",
+        type=Path,
+        default=_env("TLS_KEY"),
+        help="PEM private key of --tls-cert (DUALDEPLOY_TLS_KEY)",
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=_env("TOKEN_FILE"),
+        help="file holding the bearer token; health checks stay open (DUALDEPLOY_TOKEN_FILE)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=_env("MAX_BATCH_SIZE"),
+        help="override the manifest's serving.max_batch_size (DUALDEPLOY_MAX_BATCH_SIZE)",
+    )
+    p.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=_env("MAX_QUEUE_DELAY_MS"),
+        help="override the manifest's serving.max_queue_delay_ms (DUALDEPLOY_MAX_QUEUE_DELAY_MS)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=_env("MAX_QUEUE", "256"),
+        help="requests that may wait; beyond, 503 with Retry-After (DUALDEPLOY_MAX_QUEUE)",
+    )
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=_env("REQUEST_TIMEOUT_S", "30"),
+        help="longest wait for a result (DUALDEPLOY_REQUEST_TIMEOUT_S)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=_env("MAX_BODY_BYTES", str(16 << 20)),
+        help="largest request body, after decompression (DUALDEPLOY_MAX_BODY_BYTES)",
+    )
+    p.add_argument(
+        "--grace-period-s",
+        type=float,
+        default=_env("GRACE_PERIOD_S", "25"),
+        help="how long SIGTERM waits for in-flight requests (DUALDEPLOY_GRACE_PERIOD_S)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=_env("THREADS", "0"),
+        help="ONNX Runtime intra-op threads, 0 for its default (DUALDEPLOY_THREADS)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=_env("LOG_FORMAT", "text"),
+        help="'json' for one JSON object a line (DUALDEPLOY_LOG_FORMAT)",
+    )
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="(DUALDEPLOY_LOG_LEVEL)")
+    p.add_argument("--version", action="version", version=f"dualdeploy serving {__version__}")
+    return p
+
+
+class ConfigError(Exception):
+    """A flag or environment variable has an unusable value."""
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """Validate the arguments; return the bearer token if one is configured.
+
+    Raises:
+        ConfigError: naming the flag.
+    """
+    if args.bundle is None:
+        raise ConfigError("--bundle (or DUALDEPLOY_BUNDLE) is required")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    for flag in ("tls_cert", "tls_key"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
+    for flag, low in (("max_batch_size", 1), ("max_queue", 1), ("max_body_bytes", 1024)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least {low}, got {value}")
+    for flag in ("max_queue_delay_ms", "request_timeout_s", "grace_period_s"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must not be negative, got {value}")
+    if args.token_file is None:
+        return None
+    try:
+        token = args.token_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"--token-file {args.token_file}: cannot read ({exc})") from exc
+    if not token:
+        raise ConfigError(f"--token-file {args.token_file}: the file is empty")
+    return token
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, marking the state as draining on the first SIGTERM/SIGINT."""
+
+    def __init__(self, config: uvicorn.Config, state: State) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.state.draining:
+            log.info(
+                "signal %s: draining (not ready, no new connections, %.0f s grace)",
+                signal.Signals(sig).name,
+                self.config.timeout_graceful_shutdown or 0,
+            )
+            self.state.set_draining()
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown, which would turn a clean
+        # drain into death by SIGTERM; a finished drain is a normal exit (0).
+        if sig == signal.SIGTERM:
+            self._captured_signals.remove(sig)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            age = process_age()
+            self.state.metrics.startup_seconds.set(age)
+            log.info(
+                "ready: process start to ready %.3f s (model load %.3f s)", age, self.state.model.load_seconds
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server; return the process exit status.
+
+    0 after a clean shutdown, 2 when the configuration or the bundle is refused.
+    """
+    args = parser().parse_args(argv)
+    logs.configure(args.log_format, args.log_level)
+    try:
+        token = _check_args(args)
+    except ConfigError as exc:
+        log.error("refused to start: %s", exc)
+        return EXIT_REFUSED
+    public_key = args.public_key
+    if public_key is None:
+        public_key = DEV_PUBLIC_KEY
+        log.warning(
+            "WARNING: no --public-key given; trusting the development key %s. "
+            "Production must pass the release signer's key.",
+            public_key,
+        )
+    try:
+        model = load(
+            args.bundle,
+            public_key,
+            variant=args.variant,
+            device_class=args.device_class,
+            device_table=args.device_table,
+            max_batch_size=args.max_batch_size,
+            intra_op_threads=args.threads,
+        )
+    except ModelLoadError as exc:
+        log.error("refused to serve: %s", exc)
+        return EXIT_REFUSED
+
+    serving_cfg = model.bundle.manifest.get("serving", {})
+    delay_ms = args.max_queue_delay_ms
+    if delay_ms is None:
+        delay_ms = float(serving_cfg.get("max_queue_delay_ms", 1.0))
+    settings = Settings(
+        max_queue_delay_ms=delay_ms,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout_s,
+        max_body_bytes=args.max_body_bytes,
+        token=token,
+    )
+    metrics = Metrics()
+    metrics.load_seconds.set(model.load_seconds)
+    metrics.info.info(
+        {
+            "model": model.spec.name,
+            "bundle_version": model.spec.version,
+            "variant": str(model.variant.get("name")),
+            "precision": str(model.variant.get("precision")),
+            "device_class": model.device_class,
+            "providers": ",".join(model.providers),
+            "key_id": model.bundle.key_id,
+            "server_version": __version__,
+        }
+    )
+    batcher = Batcher(
+        model.run,
+        max_batch_size=model.spec.max_batch_size,
+        max_queue_delay_s=delay_ms / 1000.0,
+        max_queue=args.max_queue,
+        batchable=model.batchable,
+        on_depth=metrics.queue_depth.set,
+        on_batch=metrics.observe_batch,
+    )
+    state = State(model=model, settings=settings, metrics=metrics, batcher=batcher)
+    log.info(
+        "serving model %s version %s, variant %s, max batch %d, queue delay %.3g ms, on %s://%s:%d",
+        model.spec.name,
+        model.spec.version,
+        model.variant.get("name"),
+        model.spec.max_batch_size,
+        delay_ms,
+        "https" if args.tls_cert else "http",
+        args.host,
+        args.port,
+    )
+    config = uvicorn.Config(
+        build_app(state),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=int(args.grace_period_s + 0.999),
+        ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
+        ssl_keyfile=str(args.tls_key) if args.tls_key else None,
+        lifespan="on",
+    )
+    server = _Server(config, state)
+    try:
+        server.run()
+    except OSError as exc:
+        log.error("cannot serve on %s:%d: %s", args.host, args.port, exc)
+        return EXIT_REFUSED
+    return 0 if server.started else EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Helpers for the serving tests: real signed bundles of tiny ONNX models, and real server processes.
+
+The bundles follow the manifest contract of BRIEF.md and ``model_build/bundle.py``
+exactly; the golden outputs come from ONNX Runtime on the FP32 model (the
+prebuild takes them from PyTorch instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from model_build import bundle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _classifier(path: Path) -> None:
+    """x FP32 [batch, 4] -> logits FP32 [batch, 3]: two dense layers with a ReLU."""
+    rng = np.random.default_rng(7)
+    w1 = numpy_helper.from_array(rng.normal(size=(4, 16)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.normal(size=(16,)).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.normal(size=(16, 3)).astype(np.float32), "w2")
+    b2 = numpy_helper.from_array(rng.normal(size=(3,)).astype(np.float32), "b2")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w2"], ["h3"]),
+        helper.make_node("Add", ["h3", "b2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [w1, b1, w2, b2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def _embedder(path: Path) -> None:
+    """ids, mask INT64 [batch, sequence] -> embedding FP32 [batch, 8]: masked mean of a lookup table."""
+    rng = np.random.default_rng(11)
+    table = numpy_helper.from_array(rng.normal(size=(32, 8)).astype(np.float32), "table")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"]),
+        helper.make_node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "two"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axes"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["maskf", "axes"], ["count"], keepdims=1),
+        helper.make_node("Max", ["count", "one"], ["safe"]),
+        helper.make_node("Div", ["summed", "safe"], ["embedding"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_embedder",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "sequence"]),
+        ],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 8])],
+        [
+            table,
+            axes,
+            numpy_helper.from_array(np.array([2], np.int64), "two"),
+            numpy_helper.from_array(np.array([1.0], np.float32), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+class _Calibration(CalibrationDataReader):
+    def __init__(self, sample: dict[str, np.ndarray]) -> None:
+        self.rows = iter(
+            [{k: v[i : i + 1] for k, v in sample.items()} for i in range(len(next(iter(sample.values()))))]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.rows, None)
+
+
+def _quantize(fp32: Path, int8: Path, sample: dict[str, np.ndarray]) -> None:
+    """Static QDQ INT8 with per-channel weights, as the prebuild makes it (batch-independent results)."""
+    quantize_static(
+        str(fp32),
+        str(int8),
+        _Calibration(sample),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QInt8,
+    )
+
+
+@dataclass
+class Bundle:
+    """A signed test bundle and the public key that verifies it."""
+
+    path: Path
+    public_key: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def make_bundle(
+    root: Path,
+    *,
+    kind: str = "classifier",
+    max_batch_size: int = 8,
+    max_queue_delay_ms: float = 2.0,
+    int8_faster: bool = True,
+    golden_outputs_override: dict[str, np.ndarray] | None = None,
+) -> Bundle:
+    """Build and sign a bundle ``root/<model>/<version>`` with an fp32 and an int8 variant.
+
+    Args:
+        root: a scratch folder (``tmp_path``).
+        kind: ``"classifier"`` (FP32 input, top-1 tolerance) or ``"embedder"`` (INT64 inputs, cosine).
+        max_batch_size: the manifest's ``serving.max_batch_size``.
+        max_queue_delay_ms: the manifest's ``serving.max_queue_delay_ms``.
+        int8_faster: whether the manifest measures int8 faster than fp32.
+        golden_outputs_override: golden outputs to write instead of the true ones (to fail warm-up).
+
+    Returns:
+        The bundle and its public key.
+    """
+    name = "tiny" if kind == "classifier" else "tinyemb"
+    out = root / name / "v1"
+    out.mkdir(parents=True)
+    key_path = root / "keys" / "signer.pem"
+    key = bundle.generate_key(key_path) if not key_path.exists() else bundle.load_private_key(key_path)
+    fp32 = out / "model.fp32.onnx"
+    int8 = out / "model.int8.onnx"
+    rng = np.random.default_rng(3)
+    if kind == "classifier":
+        _classifier(fp32)
+        golden_in = {"x": rng.normal(size=(4, 4)).astype(np.float32)}
+        inputs = [{"name": "x", "dtype": "float32", "shape": ["batch", 4], "allow_nonfinite": False}]
+        outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", 3]}]
+        tolerances = (
+            {"kind": "allclose", "atol": 1e-4, "rtol": 1e-4},
+            {"kind": "top1", "min_agreement": 0.75},
+        )
+        task = "classification"
+    else:
+        _embedder(fp32)
+        golden_in = {
+            "ids": rng.integers(0, 32, size=(3, 5)).astype(np.int64),
+            "mask": np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], np.int64),
+        }
+        inputs = [
+            {"name": "ids", "dtype": "int64", "shape": ["batch", "sequence"], "allow_nonfinite": True},
+            {"name": "mask", "dtype": "int64", "shape": ["batch", "sequence"], "allow_nonfinite": True},
+        ]
+        outputs = [{"name": "embedding", "dtype": "float32", "shape": ["batch", 8]}]
+        tolerances = ({"kind": "cosine", "min_cosine": 0.9999}, {"kind": "cosine", "min_cosine": 0.98})
+        task = "embedding"
+    _quantize(fp32, int8, golden_in)
+    session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    names: list[str] = [str(o["name"]) for o in outputs]
+    golden_out: dict[str, np.ndarray] = dict(zip(names, session.run(None, golden_in), strict=True))
+    if golden_outputs_override is not None:
+        golden_out = golden_outputs_override
+    bundle.save_tensors(out / "golden" / "inputs.npz", golden_in)
+    bundle.save_tensors(out / "golden" / "outputs.npz", golden_out)
+    p50 = (0.05, 0.03) if int8_faster else (0.03, 0.05)
+    variants = []
+    for vname, file, precision, tol, latency in (
+        ("fp32", fp32.name, "fp32", tolerances[0], p50[0]),
+        ("int8", int8.name, "int8", tolerances[1], p50[1]),
+    ):
+        variants.append(
+            {
+                "name": vname,
+                "file": file,
+                "format": "onnx",
+                "precision": precision,
+                "device_classes": ["x86_cpu", "arm64_cpu", "nvidia_gpu", "ascend"],
+                "tolerance": tol,
+                "metrics": {
+                    "latency_ms_p50": latency,
+                    "latency_ms_p99": latency * 2,
+                    "throughput_b8": 1000.0 / latency,
+                    "size_bytes": (out / file).stat().st_size,
+                },
+            }
+        )
+    manifest: dict[str, Any] = {
+        "schema_version": bundle.SCHEMA_VERSION,
+        "model": name,
+        "version": "v1",
+        "task": task,
+        "inputs": inputs,
+        "outputs": outputs,
+        "variants": variants,
+        "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz"},
+        "serving": {"max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms},
+        "dropped": [],
+        "skipped": [{"stage": "tensorrt", "reason": "test bundle"}],
+        "tools": {"onnx": onnx.__version__, "onnxruntime": ort.__version__},
+    }
+    rels = [fp32.name, int8.name, "golden/inputs.npz", "golden/outputs.npz"]
+    manifest["files"] = bundle.file_entries(out, rels)
+    bundle.write_manifest(out, manifest, key)
+    return Bundle(out, bundle.public_path(key_path), manifest)
+
+
+# --------------------------------------------------------------------------- server processes
+
+
+def free_port() -> int:
+    """A port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A running ``python -m serving`` and how to reach it."""
+
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+    verify: ssl.SSLContext | bool = True
+
+    def log(self) -> str:
+        """Everything the server wrote to stderr and stdout so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        """An HTTP client bound to this server."""
+        return httpx.Client(base_url=self.base_url, verify=self.verify, timeout=10.0, **kwargs)
+
+
+def server_command(bundle_dir: Path, public_key: Path, port: int, extra: Sequence[str] = ()) -> list[str]:
+    """The command line that starts a server on 127.0.0.1:port."""
+    return [
+        sys.executable,
+        "-m",
+        "serving",
+        "--bundle",
+        str(bundle_dir),
+        "--public-key",
+        str(public_key),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALDEPLOY_")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def run_refused(
+    bundle_dir: Path, public_key: Path, extra: Sequence[str] = (), timeout: float = 30
+) -> tuple[int, str]:
+    """Run a server that is expected to refuse to start; return (exit code, output)."""
+    proc = subprocess.run(
+        server_command(bundle_dir, public_key, free_port(), extra),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@contextlib.contextmanager
+def running_server(
+    bundle_dir: Path,
+    public_key: Path,
+    log_dir: Path,
+    extra: Sequence[str] = (),
+    *,
+    scheme: str = "http",
+    verify: ssl.SSLContext | bool = True,
+    timeout: float = 30.0,
+) -> Iterator[ServerProcess]:
+    """Start a server process, wait until it reports ready, stop it afterwards."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"server-{port}.log"
+    with log_path.open("wb") as sink:
+        proc = subprocess.Popen(
+            server_command(bundle_dir, public_key, port, extra),
+            cwd=REPO,
+            env=_env(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(proc, f"{scheme}://127.0.0.1:{port}", log_path, verify)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+            try:
+                with server.client() as client:
+                    if client.get("/v2/health/ready").status_code == 200:
+                        break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready within {timeout} s:\n{server.log()}")
+            time.sleep(0.05)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def binary_request(
+    inputs: dict[str, np.ndarray], binary_outputs: bool = True, outputs: list[dict[str, Any]] | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """Encode a request with the binary tensor data extension; return (body, headers)."""
+    datatypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    header: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": n,
+                "shape": list(a.shape),
+                "datatype": datatypes[a.dtype],
+                "parameters": {"binary_data_size": a.nbytes},
+            }
+            for n, a in inputs.items()
+        ],
+    }
+    if outputs is not None:
+        header["outputs"] = outputs
+    if binary_outputs:
+        header["parameters"] = {"binary_data_output": True}
+    head = json.dumps(header).encode()
+    body = head + b"".join(np.ascontiguousarray(a).tobytes() for a in inputs.values())
+    return body, {
+        "Inference-Header-Content-Length": str(len(head)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+def decode_binary_response(body: bytes, header_length: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Split a binary-extension response into its JSON header and NumPy outputs."""
+    doc = json.loads(body[:header_length])
+    offset = header_length
+    arrays: dict[str, np.ndarray] = {}
+    kinds = {"FP32": np.float32, "INT64": np.int64}
+    for out in doc["outputs"]:
+        size = out.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            arrays[out["name"]] = np.asarray(out["data"], kinds[out["datatype"]]).reshape(out["shape"])
+            continue
+        arrays[out["name"]] = np.frombuffer(
+            body,
+            kinds[out["datatype"]],
+            count=size // 4 if out["datatype"] == "FP32" else size // 8,
+            offset=offset,
+        ).reshape(out["shape"])
+        offset += size
+    return doc, arrays
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    """A copy of a bundle folder (to tamper with)."""
+    shutil.copytree(src, dst)
+    return dst
