@@ -26,8 +26,16 @@ def main() -> int:
     except BundleError as exc:
         print(f"bundle {args.bundle} failed verification: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"path": str(verified.path), "model": verified.manifest["model"],
-                      "version": verified.manifest["version"], "key_id": verified.key_id}))
+    print(
+        json.dumps(
+            {
+                "path": str(verified.path),
+                "model": verified.manifest["model"],
+                "version": verified.manifest["version"],
+                "key_id": verified.key_id,
+            }
+        )
+    )
     return 0
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_build.bundle import BundleError, compare_outputs, load_tensors, read_manifest
@@ -34,15 +33,21 @@ class HealthGateError(Exception):
     """The server is not ready or answers outside the golden tolerance."""
 
 
-def _request(url: str, *, token: str | None, context: ssl.SSLContext | None,
-             body: dict[str, Any] | None = None, timeout: float = 30.0) -> tuple[int, dict[str, Any]]:
+def _request(
+    url: str,
+    *,
+    token: str | None,
+    context: ssl.SSLContext | None,
+    body: dict[str, Any] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, dict[str, Any]]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             text = resp.read().decode() or "{}"
             return resp.status, json.loads(text)
     except urllib.error.HTTPError as exc:
@@ -73,7 +78,7 @@ def served_info(base: str, token: str | None, context: ssl.SSLContext | None) ->
     req = urllib.request.Request(f"{base}/metrics")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=10, context=context) as resp:  # noqa: S310
+    with urllib.request.urlopen(req, timeout=10, context=context) as resp:
         text = resp.read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -82,23 +87,33 @@ def served_info(base: str, token: str | None, context: ssl.SSLContext | None) ->
     raise HealthGateError(f"{base}/metrics has no dualdeploy_model_info: cannot tell what is served")
 
 
-def golden_inference(base: str, bundle: Path, token: str | None,
-                     context: ssl.SSLContext | None) -> dict[str, Any]:
+def golden_inference(
+    base: str, bundle: Path, token: str | None, context: ssl.SSLContext | None
+) -> dict[str, Any]:
     """Send the golden inputs; compare with the golden outputs under the served variant's tolerance."""
     manifest = read_manifest(bundle)
     model = manifest["model"]
     inputs = load_tensors(bundle / manifest["golden"]["inputs"])
     reference = load_tensors(bundle / manifest["golden"]["outputs"])
-    body = {"inputs": [
-        {"name": name, "shape": list(array.shape), "datatype": _DATATYPES[str(array.dtype)],
-         "data": array.reshape(-1).tolist()}
-        for name, array in inputs.items()
-    ]}
+    body = {
+        "inputs": [
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "datatype": _DATATYPES[str(array.dtype)],
+                "data": array.reshape(-1).tolist(),
+            }
+            for name, array in inputs.items()
+        ]
+    }
     started = time.perf_counter()
     _, answer = _request(f"{base}/v2/models/{model}/infer", token=token, context=context, body=body)
     latency_ms = (time.perf_counter() - started) * 1000
     info = served_info(base, token, context)
-    if info.get("bundle_version") != manifest["version"] or answer.get("model_version") != manifest["version"]:
+    if (
+        info.get("bundle_version") != manifest["version"]
+        or answer.get("model_version") != manifest["version"]
+    ):
         raise HealthGateError(
             f"the server runs bundle {info.get('bundle_version')!r} (answer says "
             f"{answer.get('model_version')!r}), not {manifest['version']!r}"
@@ -106,7 +121,9 @@ def golden_inference(base: str, bundle: Path, token: str | None,
     variants = {v["name"]: v for v in manifest.get("variants", [])}
     name = info.get("variant")
     if name not in variants:
-        raise HealthGateError(f"the server runs variant {name!r}, which is not in the manifest {sorted(variants)}")
+        raise HealthGateError(
+            f"the server runs variant {name!r}, which is not in the manifest {sorted(variants)}"
+        )
     actual = {
         out["name"]: np.asarray(out["data"], dtype=np.float64).reshape(out["shape"])
         for out in answer.get("outputs", [])
@@ -115,9 +132,15 @@ def golden_inference(base: str, bundle: Path, token: str | None,
         figures = compare_outputs(reference, actual, variants[name]["tolerance"])
     except BundleError as exc:
         raise HealthGateError(f"golden output of variant {name} out of tolerance: {exc}") from exc
-    return {"version": manifest["version"], "model": model, "variant": name,
-            "device_class": info.get("device_class"), "providers": info.get("providers"),
-            "latency_ms": round(latency_ms, 2), "figures": figures}
+    return {
+        "version": manifest["version"],
+        "model": model,
+        "variant": name,
+        "device_class": info.get("device_class"),
+        "providers": info.get("providers"),
+        "latency_ms": round(latency_ms, 2),
+        "figures": figures,
+    }
 
 
 def main() -> int:

@@ -7,8 +7,9 @@ from typing import Any
 from ansible.errors import AnsibleFilterError
 
 
-def select_variant(manifest: dict[str, Any], device_class: str, entry: dict[str, Any],
-                   gpu_arch: str | None = None) -> dict[str, Any]:
+def select_variant(
+    manifest: dict[str, Any], device_class: str, entry: dict[str, Any], gpu_arch: str | None = None
+) -> dict[str, Any]:
     """Pick what the server on this device should run.
 
     Args:
@@ -28,7 +29,9 @@ def select_variant(manifest: dict[str, Any], device_class: str, entry: dict[str,
     """
     variants = manifest.get("variants") or []
     formats = entry.get("formats") or ["onnx"]
-    usable = [v for v in variants if device_class in (v.get("device_classes") or []) and v.get("format") in formats]
+    usable = [
+        v for v in variants if device_class in (v.get("device_classes") or []) and v.get("format") in formats
+    ]
     if not usable:
         served = sorted({c for v in variants for c in (v.get("device_classes") or [])})
         raise AnsibleFilterError(
@@ -40,7 +43,11 @@ def select_variant(manifest: dict[str, Any], device_class: str, entry: dict[str,
     if not cache or gpu_arch is None:
         return {"variant": "auto", "trt_engine_cache": cache, "reason": "the server picks from the table"}
     if any(v.get("gpu_arch") == gpu_arch for v in engines):
-        return {"variant": "auto", "trt_engine_cache": cache, "reason": f"the bundle has an engine for {gpu_arch}"}
+        return {
+            "variant": "auto",
+            "trt_engine_cache": cache,
+            "reason": f"the bundle has an engine for {gpu_arch}",
+        }
     onnx = [v for v in usable if v.get("format") == "onnx"]
     if not onnx:
         raise AnsibleFilterError(

@@ -1,4 +1,5 @@
 #!/usr/bin/python
+# ruff: noqa: E402  (Ansible modules put DOCUMENTATION before their imports by convention)
 """Ansible module: switch a symlink to a new target atomically."""
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def switch(path: str, target: str) -> tuple[bool, str | None]:
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec={"path": {"type": "path", "required": True}, "target": {"type": "str", "required": True}},
+        argument_spec={
+            "path": {"type": "path", "required": True},
+            "target": {"type": "str", "required": True},
+        },
         supports_check_mode=False,
     )
     try:

@@ -1,4 +1,5 @@
 #!/usr/bin/python
+# ruff: noqa: E402  (Ansible modules put DOCUMENTATION before their imports by convention)
 """Ansible module: detect a device's class from the shared device-class table."""
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ free_mb:
   returned: always
   type: int
 found:
-  description: The facts found, e.g. C({"arch": "x86_64", "files": [], "commands": [], "nvidia_gpu": false}).
+  description: >-
+    The facts found: arch, files and commands that exist, nvidia_gpu, cpu_flags, gpu_arch.
   returned: always
   type: dict
 """

@@ -1,4 +1,5 @@
 #!/usr/bin/python
+# ruff: noqa: E402  (Ansible modules put DOCUMENTATION before their imports by convention)
 """Ansible module: turn a verified staging folder into a release folder."""
 
 from __future__ import annotations

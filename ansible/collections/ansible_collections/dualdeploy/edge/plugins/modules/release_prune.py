@@ -1,4 +1,5 @@
 #!/usr/bin/python
+# ruff: noqa: E402  (Ansible modules put DOCUMENTATION before their imports by convention)
 """Ansible module: remove old releases, keeping the newest N and every linked one."""
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def main() -> None:
     survivors = set(versions[:keep]) | protected
     doomed = [v for v in versions if v not in survivors]
     doomed += [n for n in names if n.endswith(".trt-cache") and n[: -len(".trt-cache")] not in survivors]
-    doomed += [n for n in names if n.startswith(".staging-") and n[len(".staging-"):] not in protected]
+    doomed += [n for n in names if n.startswith(".staging-") and n[len(".staging-") :] not in protected]
     if not module.check_mode:
         for name in doomed:
             shutil.rmtree(os.path.join(releases, name))

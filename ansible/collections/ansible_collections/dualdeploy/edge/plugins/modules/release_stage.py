@@ -1,4 +1,5 @@
 #!/usr/bin/python
+# ruff: noqa: E402  (Ansible modules put DOCUMENTATION before their imports by convention)
 """Ansible module: stage a bundle release, reusing files that earlier releases already hold."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ description:
   - When C(releases/<version>/) already exists, reports C(present=true) and changes nothing.
   - Otherwise creates (or resumes) C(releases/.staging-<version>/). A file that the staging folder already
     holds with the right sha256 is kept (an interrupted rollout resumes); a file whose sha256 an earlier
-    release holds is hard-linked from it; every other file is reported in C(missing) for the controller to send.
+    release holds is hard-linked from it; every other file is reported in C(missing) for the controller
+    to send.
   - The manifest and its signature are always reported missing: they are small and name the version.
   - Files in earlier releases are trusted only as a source of bytes; the staging folder is verified in full
     (signature and every checksum) before it becomes a release.
@@ -110,8 +112,14 @@ def stage(releases_dir: str, version: str, files: dict) -> dict:
     final = os.path.join(releases_dir, version)
     staging = os.path.join(releases_dir, f".staging-{version}")
     if os.path.isdir(final):
-        return {"changed": False, "present": True, "staging_dir": staging, "missing": [],
-                "linked": [], "missing_bytes": 0}
+        return {
+            "changed": False,
+            "present": True,
+            "staging_dir": staging,
+            "missing": [],
+            "linked": [],
+            "missing_bytes": 0,
+        }
     os.makedirs(staging, mode=0o755, exist_ok=True)
     known = _known_files(releases_dir, skip=version)
     missing: list[str] = []
@@ -139,8 +147,14 @@ def stage(releases_dir: str, version: str, files: dict) -> dict:
                 continue
         missing.append(rel)
         missing_bytes += int(entry["size"])
-    return {"changed": True, "present": False, "staging_dir": staging, "missing": list(_META) + missing,
-            "linked": linked, "missing_bytes": missing_bytes}
+    return {
+        "changed": True,
+        "present": False,
+        "staging_dir": staging,
+        "missing": list(_META) + missing,
+        "linked": linked,
+        "missing_bytes": missing_bytes,
+    }
 
 
 def main() -> None:
