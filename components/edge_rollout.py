@@ -159,7 +159,10 @@ def _parse_events(events: Iterable[Mapping[str, Any]]) -> dict[str, HostResult]:
                 health = result.get("health") or {}
                 entry.variant = health.get("variant") if isinstance(health, dict) else None
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
-            entry.reason = str(res.get("msg") or res.get("stderr") or "failed")
+            msg = str(res.get("msg") or "")
+            stderr = str(res.get("stderr") or "").strip()
+            # A failed command says only "non-zero return code": its stderr carries the reason.
+            entry.reason = stderr if stderr and (not msg or msg == "non-zero return code") else msg or "failed"
         elif kind == "runner_on_unreachable":
             entry.reason = str(res.get("msg") or "unreachable")
         if data.get("task") == SEND_TASK and kind == "runner_on_ok":

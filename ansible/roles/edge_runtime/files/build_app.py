@@ -20,18 +20,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="the repository root")
     parser.add_argument("--dest", type=Path, required=True, help="folder for app-<hash>.tar")
+    parser.add_argument(
+        "--add", action="append", default=[], metavar="SRC=NAME", help="also pack file SRC as NAME"
+    )
     parser.add_argument("patterns", nargs="+", help="globs relative to the root (serving/*.py, ...)")
     args = parser.parse_args()
 
-    files = sorted({p for pattern in args.patterns for p in args.root.glob(pattern) if p.is_file()})
-    if not files:
+    found = sorted({p for pattern in args.patterns for p in args.root.glob(pattern) if p.is_file()})
+    if not found:
         print(f"no files match {args.patterns} under {args.root}", file=sys.stderr)
         return 1
+    members = [(p, p.relative_to(args.root).as_posix()) for p in found]
+    for spec in args.add:
+        src, _, name = spec.partition("=")
+        members.append((Path(src), name or Path(src).name))
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in files:
+        for path, name in members:
             data = path.read_bytes()
-            info = tarfile.TarInfo(path.relative_to(args.root).as_posix())
+            info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
     content = buffer.getvalue()
@@ -52,7 +59,7 @@ def main() -> int:
                 "tar": str(archive),
                 "hash": digest,
                 "built": built,
-                "files": [p.relative_to(args.root).as_posix() for p in files],
+                "files": [name for _, name in members],
             }
         )
     )
