@@ -81,6 +81,7 @@ class RolloutResult:
     rc: int
     hosts: dict[str, HostResult]
     seconds: float
+    errors: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[str]:
@@ -162,7 +163,9 @@ def _parse_events(events: Iterable[Mapping[str, Any]]) -> dict[str, HostResult]:
             msg = str(res.get("msg") or "")
             stderr = str(res.get("stderr") or "").strip()
             # A failed command says only "non-zero return code": its stderr carries the reason.
-            entry.reason = stderr if stderr and (not msg or msg == "non-zero return code") else msg or "failed"
+            entry.reason = (
+                stderr if stderr and (not msg or msg == "non-zero return code") else msg or "failed"
+            )
         elif kind == "runner_on_unreachable":
             entry.reason = str(res.get("msg") or "unreachable")
         if data.get("task") == SEND_TASK and kind == "runner_on_ok":
@@ -251,6 +254,12 @@ def run_rollout(
         seconds = time.perf_counter() - started
         hosts = _parse_events(runner.events)
         stats = runner.stats or {}
+        # Errors before any host ran (inventory, vault, syntax) are only in Ansible's own output.
+        errors = [
+            line.strip()
+            for line in runner.stdout.read().splitlines()
+            if line.lstrip().startswith(("ERROR!", "[ERROR]"))
+        ]
     for host, count in (stats.get("changed") or {}).items():
         hosts.setdefault(host, HostResult(status="unchanged")).changed = int(count)
     for host in hosts.values():
@@ -258,7 +267,9 @@ def run_rollout(
     for key, status in (("failures", "failed"), ("dark", "unreachable")):
         for host in stats.get(key) or {}:
             hosts.setdefault(host, HostResult(status=status)).status = status
-    result = RolloutResult(status=str(runner.status), rc=int(runner.rc or 0), hosts=hosts, seconds=seconds)
+    result = RolloutResult(
+        status=str(runner.status), rc=int(runner.rc or 0), hosts=hosts, seconds=seconds, errors=errors
+    )
     if raise_on_failure and result.status != "successful":
         raise RolloutError(failure_message(result), result)
     return result
@@ -272,7 +283,7 @@ def failure_message(result: RolloutResult) -> str:
         if r.status in ("failed", "unreachable")
     ]
     if not parts:
-        parts = [f"ansible-runner ended with status {result.status} (rc {result.rc}) and no failed host"]
+        parts = result.errors or [f"ansible-runner ended with status {result.status} (rc {result.rc})"]
     return f"edge rollout {result.status}: " + "; ".join(parts)
 
 

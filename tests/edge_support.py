@@ -7,6 +7,7 @@ prebuild's real demo bundle and copies of it re-signed with the development key 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -66,15 +67,24 @@ def demo_bundle() -> Path:
     """The prebuild's demo bundle (built with `python -m model_build build` when absent)."""
     if not (DEMO_LATEST / "manifest.json").is_file():
         subprocess.run(
-            [str(REPO / ".venv" / "bin" / "python"), "-m", "model_build", "build", "models/demo.yaml",
-             "--out", "dist"],
-            cwd=REPO, check=True,
+            [
+                str(REPO / ".venv" / "bin" / "python"),
+                "-m",
+                "model_build",
+                "build",
+                "models/demo.yaml",
+                "--out",
+                "dist",
+            ],
+            cwd=REPO,
+            check=True,
         )
     return DEMO_LATEST.resolve()
 
 
-def derive_bundle(src: Path, dst: Path, suffix: str, mutate: Callable[[Path], None], *,
-                  sign: bool = True) -> Path:
+def derive_bundle(
+    src: Path, dst: Path, suffix: str, mutate: Callable[[Path], None], *, sign: bool = True
+) -> Path:
     """Copy a bundle, change it with ``mutate``, and re-sign it as version ``<version>-<suffix>``.
 
     With ``sign=False`` the mutation happens after signing, which is what tampering looks like.
@@ -96,7 +106,7 @@ def derive_bundle(src: Path, dst: Path, suffix: str, mutate: Callable[[Path], No
 
 def touch_onnx_docstring(bundle: Path, relpath: str = "model.fp32.onnx", text: str = "update") -> None:
     """Change one ONNX file's doc string: new bytes, same behaviour (a realistic one-file update)."""
-    import onnx  # noqa: PLC0415  (prebuild dependency, present in the dev venv)
+    import onnx
 
     model = onnx.load(str(bundle / relpath))
     model.doc_string = f"{model.doc_string} {text}".strip()
@@ -136,9 +146,10 @@ class SshServer:
         """Start sshd in the foreground (its own process group) and wait for it to listen."""
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation folder
-        self.proc = subprocess.Popen(  # noqa: S603
+        self.proc = subprocess.Popen(
             [str(SSHD), "-D", "-e", "-f", str(self.root / "sshd_config")],
-            stdout=subprocess.DEVNULL, stderr=(self.root / "sshd.log").open("ab"),
+            stdout=subprocess.DEVNULL,
+            stderr=(self.root / "sshd.log").open("ab"),
             start_new_session=True,
         )
         wait_port(self.port)
@@ -147,10 +158,8 @@ class SshServer:
         """Stop sshd and every connection it serves (the whole process group)."""
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=10)
         self.proc = None
 
@@ -180,26 +189,30 @@ def make_sshd(root: Path) -> SshServer:
     (root / "authorized_keys").chmod(0o600)
     host_pub = (root / "host.pub").read_text().split()
     (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
-                 if Path(p).exists()), "internal-sftp")
+    sftp = next(
+        (p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server") if Path(p).exists()),
+        "internal-sftp",
+    )
     (root / "sshd_config").write_text(
-        "\n".join([
-            f"Port {port}",
-            "ListenAddress 127.0.0.1",
-            f"HostKey {root / 'host'}",
-            f"PidFile {root / 'sshd.pid'}",
-            f"AuthorizedKeysFile {root / 'authorized_keys'}",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PermitRootLogin prohibit-password",
-            # The keys sit under the pytest temporary folder, whose parents (/tmp) are world-writable.
-            "StrictModes no",
-            "UsePAM no",
-            f"Subsystem sftp {sftp}",
-            "LogLevel ERROR",
-            "",
-        ])
+        "\n".join(
+            [
+                f"Port {port}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {root / 'host'}",
+                f"PidFile {root / 'sshd.pid'}",
+                f"AuthorizedKeysFile {root / 'authorized_keys'}",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                # The keys sit under the pytest temporary folder, whose parents (/tmp) are world-writable.
+                "StrictModes no",
+                "UsePAM no",
+                f"Subsystem sftp {sftp}",
+                "LogLevel ERROR",
+                "",
+            ]
+        )
     )
     return SshServer(root=root, port=port, client_key=root / "client", known_hosts=root / "known_hosts")
 
@@ -224,12 +237,21 @@ class Device:
 
     def host_vars(self) -> dict[str, Any]:
         """Inventory variables of this device."""
-        conn = self.ssh.host_vars() if self.ssh else {
-            "ansible_connection": "local",
-            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+        conn = (
+            self.ssh.host_vars()
+            if self.ssh
+            else {
+                "ansible_connection": "local",
+                "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+            }
+        )
+        return {
+            **conn,
+            "edge_common_prefix": str(self.prefix),
+            "edge_common_instance": "dualdeploy",
+            "edge_service_port": self.port,
+            **self.extra,
         }
-        return {**conn, "edge_common_prefix": str(self.prefix), "edge_common_instance": "dualdeploy",
-                "edge_service_port": self.port, **self.extra}
 
     def current_version(self) -> str | None:
         """The release the device's `current` link points at."""
@@ -251,9 +273,13 @@ class Device:
 
 def write_inventory(path: Path, devices: Iterable[Device], group_vars: dict[str, Any] | None = None) -> Path:
     """Write a YAML inventory with every device in the `edge` group."""
-    inventory = {"all": {
-        "children": {"edge": {"hosts": {d.name: d.host_vars() for d in devices}, "vars": group_vars or {}}},
-        "vars": {"edge_monitoring_output_dir": str(path.parent / "monitoring")},
-    }}
+    inventory = {
+        "all": {
+            "children": {
+                "edge": {"hosts": {d.name: d.host_vars() for d in devices}, "vars": group_vars or {}}
+            },
+            "vars": {"edge_monitoring_output_dir": str(path.parent / "monitoring")},
+        }
+    }
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
     return path

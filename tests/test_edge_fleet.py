@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from components.edge_rollout import RolloutError, RolloutResult, run_rollout
-from tests.edge_support import (
+from edge_support import (
     DEV_PUB,
     SSHD,
     Device,
@@ -30,6 +28,9 @@ from tests.edge_support import (
     touch_onnx_docstring,
     write_inventory,
 )
+
+from components.edge_fleet import EdgeRolloutProvider, fingerprints
+from components.edge_rollout import RolloutError, RolloutResult, run_rollout
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,11 +52,12 @@ class Fleet:
     first: RolloutResult
     root: Path
 
-    def rollout(self, bundle: Path, **kwargs: object) -> RolloutResult:
-        extravars = dict(ALL_AT_ONCE)
-        extravars.update(kwargs.pop("extravars", {}) or {})  # type: ignore[arg-type]
-        return run_rollout(self.inventory, bundle, public_key=DEV_PUB, extravars=extravars,
-                           **kwargs)  # type: ignore[arg-type]
+    def rollout(
+        self, bundle: Path, *, extravars: dict[str, object] | None = None, limit: str | None = None
+    ) -> RolloutResult:
+        """Roll ``bundle`` out (every device in one batch unless ``extravars`` says otherwise)."""
+        variables = {**ALL_AT_ONCE, **(extravars or {})}
+        return run_rollout(self.inventory, bundle, public_key=DEV_PUB, extravars=variables, limit=limit)
 
     def device(self, name: str) -> Device:
         return next(d for d in self.devices if d.name == name)
@@ -103,7 +105,8 @@ def test_first_rollout_converges_every_device_over_local_and_ssh(fleet: Fleet) -
 def test_second_run_changes_nothing_on_any_host(fleet: Fleet) -> None:
     result = fleet.rollout(fleet.v1)
     assert {h: r.changed for h, r in result.hosts.items()} == {
-        **{d.name: 0 for d in fleet.devices}, "localhost": 0,
+        **{d.name: 0 for d in fleet.devices},
+        "localhost": 0,
     }
 
 
@@ -134,7 +137,9 @@ def test_one_file_update_sends_only_that_file_and_links_the_rest(fleet: Fleet) -
         assert host.sent_bytes == size + (fleet.v2 / "manifest.json").stat().st_size + 64
         releases = device.prefix / "releases"
         for rel in ("model.int8.onnx", "golden/inputs.npz"):
-            assert (releases / new["version"] / rel).stat().st_ino == (releases / old["version"] / rel).stat().st_ino
+            assert (releases / new["version"] / rel).stat().st_ino == (
+                releases / old["version"] / rel
+            ).stat().st_ino
         assert device.served()["versions"] == [new["version"]]
 
 
@@ -180,11 +185,14 @@ def test_failing_health_gate_rolls_the_canary_back_and_stops_the_rollout(fleet: 
     broken = derive_bundle(fleet.v2, fleet.root / "bundles", "badgolden", skew_golden)
     version = json.loads((fleet.v2 / "manifest.json").read_text())["version"]
     with pytest.raises(RolloutError) as caught:
-        fleet.rollout(broken, extravars={
-            "edge_rollout_serial": [1, "50%", "100%"],
-            "edge_rollout_max_fail_percentage": 0,
-            "edge_service_health_timeout": 20,
-        })
+        fleet.rollout(
+            broken,
+            extravars={
+                "edge_rollout_serial": [1, "50%", "100%"],
+                "edge_rollout_max_fail_percentage": 0,
+                "edge_service_health_timeout": 20,
+            },
+        )
     message = str(caught.value)
     canary = fleet.devices[0]
     assert f"{canary.name} failed" in message and "health gate" in message
@@ -220,3 +228,36 @@ def test_unreachable_host_is_reported_others_converge_and_rerun_converges(fleet:
         d.name: 0 for d in fleet.devices if d is not down
     }
     assert _versions(fleet) == {d.name: [v1_version] for d in fleet.devices}
+
+
+def test_dynamic_provider_diffs_creates_and_updates_for_real(fleet: Fleet) -> None:
+    """The EdgeFleet provider's own methods, run against a local-connection device of the fleet."""
+    device = fleet.device("local-3")
+    v1_version = json.loads((fleet.v1 / "manifest.json").read_text())["version"]
+    v2_version = json.loads((fleet.v2 / "manifest.json").read_text())["version"]
+
+    def props(bundle: Path) -> dict[str, object]:
+        return {
+            "inventory": str(fleet.inventory),
+            "bundle_dir": str(bundle),
+            "playbook": "ansible/edge.yml",
+            "public_key": str(DEV_PUB),
+            "limit": device.name,
+            "vault_password": "unused-here",
+            **fingerprints(str(fleet.inventory), str(bundle), "ansible/edge.yml"),
+        }
+
+    provider = EdgeRolloutProvider()
+    created = provider.create(props(fleet.v2))
+    assert created.outs is not None and "vault_password" not in created.outs
+    assert created.outs["hosts"] == {
+        device.name: {"version": v2_version, "status": "changed", "endpoint": device.endpoint},
+    }
+    assert device.served()["versions"] == [v2_version]
+    assert provider.diff(created.id, created.outs, props(fleet.v2)).changes is False
+    assert provider.diff(created.id, created.outs, props(fleet.v1)).changes is True
+
+    updated = provider.update(created.id, created.outs, props(fleet.v1))
+    assert updated.outs is not None
+    assert updated.outs["hosts"][device.name]["version"] == v1_version
+    assert device.served()["versions"] == [v1_version]
