@@ -48,8 +48,55 @@ def test_ansible_lint_production_profile_is_clean() -> None:
     assert "Passed" in run.stdout + run.stderr
 
 
+def _render(tmp_path: Path, template: Path, dest: Path, variables: dict[str, object]) -> Path:
+    """Render a role template through Ansible itself (ansible.builtin.template)."""
+    (tmp_path / "vars.json").write_text(json.dumps(variables))
+    subprocess.run(
+        [
+            str(BIN / "ansible"),
+            "localhost",
+            "-c",
+            "local",
+            "-m",
+            "ansible.builtin.template",
+            "-a",
+            f"src={template} dest={dest} mode=0644",
+            "-e",
+            f"@{tmp_path / 'vars.json'}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+        },
+    )
+    return dest
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft missing (apt: nftables)")
+def test_example_site_firewall_ruleset_passes_nft_check(tmp_path: Path) -> None:
+    site = yaml.safe_load(
+        (ANSIBLE_DIR / "inventories" / "example-site" / "group_vars" / "all" / "main.yml").read_text()
+    )
+    variables = {k: v for k, v in site.items() if k.startswith("edge_hardening_")}
+    variables.update({"_edge_hardening_table": "dualdeploy", "_edge_hardening_port": 8443})
+    ruleset = _render(
+        tmp_path,
+        ANSIBLE_DIR / "roles" / "edge_hardening" / "templates" / "dualdeploy.nft.j2",
+        tmp_path / "dualdeploy.nft",
+        variables,
+    )
+    text = ruleset.read_text()
+    assert "policy drop" in text and "10.0.0.0/24" in text and "tcp dport 8443 drop" in text
+    check = subprocess.run(["nft", "-c", "-f", str(ruleset)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+
+
 def _render_unit(tmp_path: Path, device_class: str) -> Path:
-    """Render the role's unit template through Ansible itself (ansible.builtin.template)."""
+    """Render the role's unit template for a device class, with an executable ExecStart."""
     prefix = tmp_path / device_class
     (prefix / "bin").mkdir(parents=True)
     wrapper = prefix / "bin" / "dualdeploy-serve"
