@@ -190,7 +190,7 @@ def test_failing_health_gate_rolls_the_canary_back_and_stops_the_rollout(fleet: 
             extravars={
                 "edge_rollout_serial": [1, "50%", "100%"],
                 "edge_rollout_max_fail_percentage": 0,
-                "edge_service_health_timeout": 20,
+                "edge_service_health_timeout": 12,
             },
         )
     message = str(caught.value)

@@ -39,11 +39,18 @@ def _request(
     token: str | None,
     context: ssl.SSLContext | None,
     body: dict[str, Any] | None = None,
+    binary: bytes = b"",
     timeout: float = 30.0,
 ) -> tuple[int, dict[str, Any]]:
-    data = json.dumps(body).encode() if body is not None else None
+    header = json.dumps(body).encode() if body is not None else None
+    data = header + binary if header is not None else None
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    req.add_header("Content-Type", "application/json")
+    if header is not None and binary:
+        # The v2 binary tensor extension: JSON header, then the raw tensors (no float formatting).
+        req.add_header("Content-Type", "application/octet-stream")
+        req.add_header("Inference-Header-Content-Length", str(len(header)))
+    else:
+        req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -95,19 +102,25 @@ def golden_inference(
     model = manifest["model"]
     inputs = load_tensors(bundle / manifest["golden"]["inputs"])
     reference = load_tensors(bundle / manifest["golden"]["outputs"])
+    arrays = [(name, np.ascontiguousarray(array)) for name, array in inputs.items()]
     body = {
         "inputs": [
             {
                 "name": name,
                 "shape": list(array.shape),
                 "datatype": _DATATYPES[str(array.dtype)],
-                "data": array.reshape(-1).tolist(),
+                "parameters": {"binary_data_size": array.nbytes},
             }
-            for name, array in inputs.items()
+            for name, array in arrays
         ]
     }
+    binary = b"".join(
+        array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes() for _, array in arrays
+    )
     started = time.perf_counter()
-    _, answer = _request(f"{base}/v2/models/{model}/infer", token=token, context=context, body=body)
+    _, answer = _request(
+        f"{base}/v2/models/{model}/infer", token=token, context=context, body=body, binary=binary
+    )
     latency_ms = (time.perf_counter() - started) * 1000
     info = served_info(base, token, context)
     if (
