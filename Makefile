@@ -11,7 +11,7 @@ REQS := requirements.txt requirements-dev.txt serving/requirements.txt
 SPEC ?= models/demo.yaml
 DIST ?= dist
 
-.PHONY: help setup build test lint bench clean
+.PHONY: help setup build test lint bench clean serve image image-smoke
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,17 @@ lint: setup ## ruff, mypy (and ansible-lint once ansible/ has roles).
 
 bench: setup ## Run every benchmark in bench/; each prints a table and writes bench/results/<name>.json.
 	for b in bench/*_bench.py; do echo "== $$b"; $(PY) $$b; done
+
+serve: setup ## Serve the built bundle on 127.0.0.1:8000 (BUNDLE=dist/demo/latest by default).
+	$(PY) -m serving --bundle $(or $(BUNDLE),$(DIST)/demo/latest)
+
+image: ## Build the CPU serving image with the demo bundle baked in (needs docker and a local python:3.11-slim).
+	docker build -f serving/Dockerfile --build-arg BASE=$(or $(BASE),cpu) \
+	  --build-arg BUNDLE="$$(realpath --relative-to=. $(or $(BUNDLE),$(DIST)/demo/latest))" \
+	  -t dualdeploy-serving:$(or $(TAG),demo) .
+
+image-smoke: setup ## Build the CPU image offline (buildah, local Debian base), run it, infer, SIGTERM (root).
+	serving/image_smoke.sh $(or $(BUNDLE),$(DIST)/demo/latest)
 
 clean: ## Remove build outputs (keeps .venv and the dev signing key).
 	rm -rf $(DIST) build .cache

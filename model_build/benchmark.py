@@ -1,7 +1,10 @@
 """Stage 7: CPU benchmark of the ONNX variants, measured side by side.
 
-Variants are timed round-robin (one run of each in turn) rather than one after another, so a
-neighbour's load on a shared machine slows them alike and the ratios stay fair.
+Variants are timed in interleaved blocks (a block of runs of each in turn, repeated) rather
+than one after another, so a neighbour's load on a shared machine slows them alike and the
+ratios stay fair. Blocks rather than single alternating runs because ONNX Runtime's intra-op
+threads keep spinning for a moment after each run: alternating sessions run by run would have
+one session's idle spinners compete with the other's work, which penalises the faster variant.
 """
 
 from __future__ import annotations
@@ -19,10 +22,18 @@ from .spec import BenchmarkSpec
 Progress = Callable[[str], None]
 
 
-def _timed(sess: Any, feed: Mapping[str, np.ndarray]) -> float:
-    start = time.perf_counter()
-    sess.run(None, feed)
-    return time.perf_counter() - start
+_BLOCK = 25
+_SETTLE = 3  # runs at the start of each block that are not counted (the other session's spinners settle)
+
+
+def _block(sess: Any, feed: Mapping[str, np.ndarray]) -> list[float]:
+    """Time ``_BLOCK`` consecutive runs; return all but the first ``_SETTLE``."""
+    times = []
+    for _ in range(_BLOCK):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return times[_SETTLE:]
 
 
 def benchmark(
@@ -53,13 +64,19 @@ def benchmark(
             sess.run(None, many)
     single: dict[str, list[float]] = {name: [] for name in sessions}
     batched: dict[str, list[float]] = {name: [] for name in sessions}
-    progress(f"batch 1 × {cfg.iterations} and batch {cfg.throughput_batch} × {max(10, cfg.iterations // 4)}, round-robin")
-    for _ in range(cfg.iterations):
+    rounds = max(1, cfg.iterations // _BLOCK)
+    batched_rounds = max(2, rounds // 2)
+    progress(
+        f"batch 1 × {rounds * _BLOCK} and batch {cfg.throughput_batch} × {batched_rounds * _BLOCK} "
+        "per variant, "
+        f"interleaved in blocks of {_BLOCK}"
+    )
+    for _ in range(rounds):
         for name, sess in sessions.items():
-            single[name].append(_timed(sess, one))
-    for _ in range(max(10, cfg.iterations // 4)):
+            single[name].extend(_block(sess, one))
+    for _ in range(batched_rounds):
         for name, sess in sessions.items():
-            batched[name].append(_timed(sess, many))
+            batched[name].extend(_block(sess, many))
     results: dict[str, dict[str, float]] = {}
     for name in sessions:
         lat = np.array(single[name]) * 1e3
@@ -69,7 +86,8 @@ def benchmark(
             "throughput_b8": round(cfg.throughput_batch / float(np.median(batched[name])), 2),
         }
         progress(
-            f"{name}: p50 {results[name]['latency_ms_p50']:.3f} ms, p99 {results[name]['latency_ms_p99']:.3f} ms, "
+            f"{name}: p50 {results[name]['latency_ms_p50']:.3f} ms, "
+            f"p99 {results[name]['latency_ms_p99']:.3f} ms, "
             f"{results[name]['throughput_b8']:.1f} samples/s at batch {cfg.throughput_batch}"
         )
     return results

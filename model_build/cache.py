@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,30 @@ def file_digest(path: Path) -> str:
     return sha256_file(path)
 
 
+STALE_S = 3600.0
+
+
+def sweep_stale(folder: Path, prefix: str, max_age_s: float = STALE_S) -> None:
+    """Remove hidden temporary folders ``<prefix>*`` older than ``max_age_s``.
+
+    They are what a killed process (SIGKILL, power loss) leaves behind; nothing ever reads them,
+    and the age limit keeps a concurrent build's live temporary folder safe.
+    """
+    if not folder.is_dir():
+        return
+    now = time.time()
+    for path in folder.iterdir():
+        if path.name.startswith(prefix) and path.is_dir() and now - path.stat().st_mtime > max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class StageCache:
     """Folders ``<root>/<stage>-<key>/`` holding each completed stage's outputs."""
 
     def __init__(self, root: Path) -> None:
-        """Create the cache rooted at ``root`` (made on first use)."""
+        """Create the cache rooted at ``root`` (made on first use); sweep stale temporary folders."""
         self.root = root
+        sweep_stale(root, ".")
 
     def folder(self, stage: str, key: str) -> Path:
         """Where the outputs of ``stage`` with ``key`` live once complete."""

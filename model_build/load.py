@@ -47,7 +47,9 @@ def draw_samples(spec: Spec, count: int, seed: int, stage: str) -> dict[str, np.
     factory = import_callable(spec.data.factory, stage, "data.factory")
     raw = factory(count=count, seed=seed, **spec.data.kwargs)
     if not isinstance(raw, Mapping):
-        raise BuildError(stage, f"data.factory: {spec.data.factory} returned {type(raw).__name__}, not a mapping")
+        raise BuildError(
+            stage, f"data.factory: {spec.data.factory} returned {type(raw).__name__}, not a mapping"
+        )
     arrays = {str(k): np.ascontiguousarray(np.asarray(v)) for k, v in raw.items()}
     check_signature(arrays, spec.inputs, "inputs", f"data factory {spec.data.factory}", stage)
     return arrays
@@ -93,17 +95,23 @@ def load_stage(spec: Spec, out: Path, progress: Progress) -> None:
     started = time.perf_counter()
     result = factory(**spec.model.kwargs)
     if not isinstance(result, tuple) or len(result) not in (2, 3):
-        raise BuildError("load", f"model.factory: {spec.model.factory} must return (module, example_inputs[, figures])")
+        raise BuildError(
+            "load", f"model.factory: {spec.model.factory} must return (module, example_inputs[, figures])"
+        )
     model, example = result[0], result[1]
     figures: dict[str, Any] = dict(result[2]) if len(result) == 3 else {}
     if not isinstance(model, torch.nn.Module):
-        raise BuildError("load", f"model.factory: {spec.model.factory} returned {type(model).__name__}, not nn.Module")
+        raise BuildError(
+            "load", f"model.factory: {spec.model.factory} returned {type(model).__name__}, not nn.Module"
+        )
     model.eval()
     golden_in = input_dict(spec, example, f"factory {spec.model.factory}", "load")
     check_signature(golden_in, spec.inputs, "inputs", f"factory {spec.model.factory} example inputs", "load")
     batch = len(next(iter(golden_in.values())))
     if batch < 2:
-        raise BuildError("load", f"inputs: golden batch must be at least 2 to exercise the batch axis, got {batch}")
+        raise BuildError(
+            "load", f"inputs: golden batch must be at least 2 to exercise the batch axis, got {batch}"
+        )
     golden_out = run_torch(model, spec, golden_in, "load")
     check_signature(golden_out, spec.outputs, "outputs", "the model's outputs", "load")
     progress(f"factory done in {time.perf_counter() - started:.1f}s; {_param_count(model):,} parameters")
@@ -119,7 +127,11 @@ def load_stage(spec: Spec, out: Path, progress: Progress) -> None:
     save_tensors(out / "golden" / "outputs.npz", golden_out)
     save_tensors(out / "eval" / "inputs.npz", eval_all)
     save_tensors(out / "eval" / "outputs.npz", eval_out)
-    info: dict[str, Any] = {"parameters": _param_count(model), "factory": spec.model.factory, "figures": figures}
+    info: dict[str, Any] = {
+        "parameters": _param_count(model),
+        "factory": spec.model.factory,
+        "figures": figures,
+    }
     if LABELS in eval_all and spec.task == "classification":
         (name,) = [t.name for t in spec.outputs][:1]
         info["task_accuracy"] = float(np.mean(np.argmax(eval_out[name], -1) == eval_all[LABELS]))
@@ -138,35 +150,13 @@ def read_info(folder: Path) -> dict[str, Any]:
     return dict(json.loads((folder / "info.json").read_text()))
 
 
-def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -> None:
-    """Distil the teacher into the spec's student: softened KL to the teacher plus the task loss.
-
-    The student is trained on fresh samples from the data factory; the task loss uses the
-    samples' ``labels`` when the factory gives them, the teacher's top-1 otherwise.
-
-    Raises:
-        BuildError: the student is too large (``distil.max_param_ratio``) or agrees with the
-            teacher less than ``distil.min_agreement``.
-    """
+def _train_student(spec: Spec, teacher: Any, student: Any, progress: Progress) -> None:
+    """Knowledge distillation: ``alpha`` x T²-scaled KL(teacher_T || student_T) + (1 - alpha) x CE."""
     import torch
     from torch.nn import functional as F  # noqa: N812
 
     cfg = spec.distil
     assert cfg is not None
-    teacher = load_model(teacher_dir)
-    factory = import_callable(cfg.student.factory, "distil", "distil.student.factory")
-    result = factory(**cfg.student.kwargs)
-    student = result[0] if isinstance(result, tuple) else result
-    if not isinstance(student, torch.nn.Module):
-        raise BuildError("distil", f"distil.student.factory: returned {type(student).__name__}, not nn.Module")
-    t_params, s_params = _param_count(teacher), _param_count(student)
-    ratio = s_params / t_params
-    if ratio > cfg.max_param_ratio:
-        raise BuildError(
-            "distil",
-            f"distil.max_param_ratio: student has {s_params:,} parameters, {ratio:.3f} of the teacher's "
-            f"{t_params:,} > {cfg.max_param_ratio}",
-        )
     (logits_name,) = [t.name for t in spec.outputs][:1]
     torch.manual_seed(cfg.seed)
     optimiser = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -179,12 +169,14 @@ def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -
         batch = draw_samples(spec, cfg.batch_size, seed=1_000_000 + cfg.seed * 10_007 + step, stage="distil")
         args = [torch.from_numpy(batch[t.name]) for t in spec.inputs]
         with torch.no_grad():
-            t_logits = output_dict(spec, teacher(*args), "distil")[logits_name]
-        t_logits_t = torch.from_numpy(t_logits)
+            t_logits = torch.from_numpy(output_dict(spec, teacher(*args), "distil")[logits_name])
         s_logits = student(*args)
-        labels = torch.from_numpy(batch[LABELS]) if LABELS in batch else t_logits_t.argmax(-1)
+        labels = torch.from_numpy(batch[LABELS]) if LABELS in batch else t_logits.argmax(-1)
         kl = F.kl_div(
-            F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits_t / temp, -1), reduction="batchmean", log_target=True
+            F.log_softmax(s_logits / temp, -1),
+            F.log_softmax(t_logits / temp, -1),
+            reduction="batchmean",
+            log_target=True,
         ) * (temp * temp)
         loss = cfg.alpha * kl + (1.0 - cfg.alpha) * F.cross_entropy(s_logits, labels)
         optimiser.zero_grad(set_to_none=True)
@@ -192,7 +184,45 @@ def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -
         optimiser.step()
         schedule.step()
         if (step + 1) % max(1, cfg.steps // 5) == 0 or step + 1 == cfg.steps:
-            progress(f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.perf_counter() - started:.1f}s)")
+            progress(
+                f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.perf_counter() - started:.1f}s)"
+            )
+    student.eval()
+
+
+def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -> None:
+    """Distil the teacher into the spec's student: softened KL to the teacher plus the task loss.
+
+    The student is trained on fresh samples from the data factory; the task loss uses the
+    samples' ``labels`` when the factory gives them, the teacher's top-1 otherwise.
+
+    Raises:
+        BuildError: the student is too large (``distil.max_param_ratio``) or agrees with the
+            teacher less than ``distil.min_agreement``.
+    """
+    import torch
+
+    cfg = spec.distil
+    assert cfg is not None
+    teacher = load_model(teacher_dir)
+    factory = import_callable(cfg.student.factory, "distil", "distil.student.factory")
+    result = factory(**cfg.student.kwargs)
+    student = result[0] if isinstance(result, tuple) else result
+    if not isinstance(student, torch.nn.Module):
+        raise BuildError(
+            "distil", f"distil.student.factory: returned {type(student).__name__}, not nn.Module"
+        )
+    t_params, s_params = _param_count(teacher), _param_count(student)
+    ratio = s_params / t_params
+    if ratio > cfg.max_param_ratio:
+        raise BuildError(
+            "distil",
+            f"distil.max_param_ratio: student has {s_params:,} parameters, {ratio:.3f} of the teacher's "
+            f"{t_params:,} > {cfg.max_param_ratio}",
+        )
+    (logits_name,) = [t.name for t in spec.outputs][:1]
+    started = time.perf_counter()
+    _train_student(spec, teacher, student, progress)
     student.eval()
 
     golden_in = load_tensors(teacher_dir / "golden" / "inputs.npz")
@@ -200,7 +230,9 @@ def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -
     teacher_eval = load_tensors(teacher_dir / "eval" / "outputs.npz")
     golden_out = run_torch(student, spec, golden_in, "distil")
     eval_out = run_torch(student, spec, _model_inputs(eval_in), "distil")
-    agreement = float(np.mean(np.argmax(eval_out[logits_name], -1) == np.argmax(teacher_eval[logits_name], -1)))
+    agreement = float(
+        np.mean(np.argmax(eval_out[logits_name], -1) == np.argmax(teacher_eval[logits_name], -1))
+    )
     info: dict[str, Any] = {
         "parameters": s_params,
         "factory": cfg.student.factory,
@@ -209,7 +241,7 @@ def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -
             "student_parameters": s_params,
             "param_ratio": round(ratio, 5),
             "teacher_agreement": agreement,
-            "temperature": temp,
+            "temperature": cfg.temperature,
             "alpha": cfg.alpha,
             "steps": cfg.steps,
             "train_seconds": round(time.perf_counter() - started, 2),
@@ -221,7 +253,8 @@ def distil_stage(spec: Spec, teacher_dir: Path, out: Path, progress: Progress) -
     progress(f"student {s_params:,} params ({ratio:.3f}× teacher), teacher agreement {agreement:.4f}")
     if agreement < cfg.min_agreement:
         raise BuildError(
-            "distil", f"distil.min_agreement: student agrees with the teacher {agreement:.4f} < {cfg.min_agreement}"
+            "distil",
+            f"distil.min_agreement: student agrees with the teacher {agreement:.4f} < {cfg.min_agreement}",
         )
     torch.save(student, out / "model.pt")
     save_tensors(out / "golden" / "inputs.npz", golden_in)

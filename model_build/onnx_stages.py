@@ -31,7 +31,9 @@ _CHUNK = 32
 def _quiet() -> Iterator[None]:
     """Silence the exporters' chatter (progress lines, deprecation notes) on success."""
     sink = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "root")]
+    loggers = [
+        logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "root")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -52,6 +54,33 @@ def _set_dims(value_info: Any, shape: list[int | str]) -> None:
             dim.dim_value = want
         else:
             dim.dim_param = want
+
+
+def _rename_value(graph: Any, old: str, new: str) -> None:
+    """Rename one value everywhere it appears in ``graph``."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for collection in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for item in collection:
+            if item.name == old:
+                item.name = new
+
+
+def _rename_io(graph: Any, in_names: list[str], out_names: list[str]) -> None:
+    """Give graph inputs and outputs the spec's names, moving aside any inner value that has one."""
+    io_values = [v.name for v in [*graph.input, *graph.output]]
+    wanted = [*in_names, *out_names]
+    taken = {n for node in graph.node for n in [*node.input, *node.output]}
+    taken |= {i.name for i in graph.initializer}
+    for name in wanted:
+        if name in taken and name not in io_values:
+            _rename_value(graph, name, f"{name}__inner")
+    # Rename through temporary names so that swapping two names cannot collide.
+    for i, current in enumerate(io_values):
+        _rename_value(graph, current, f"__io_{i}__")
+    for i, name in enumerate(wanted):
+        _rename_value(graph, f"__io_{i}__", name)
 
 
 def export_stage(spec: Spec, model_dir: Path, out: Path, progress: Progress) -> None:
@@ -80,12 +109,22 @@ def export_stage(spec: Spec, model_dir: Path, out: Path, progress: Progress) -> 
             if spec.export.exporter == "dynamo":
                 dims = {name: torch.export.Dim(name) for name in ("batch", "sequence")}
                 dynamic_shapes = tuple(
-                    {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs
+                    {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)}
+                    for t in spec.inputs
                 )
+                # Names are applied afterwards (see _rename_io): the dynamo exporter can name an
+                # inner value like the requested output ("embedding" from aten.embedding) and then
+                # emit two producers of one name, which strict shape inference rejects.
                 torch.onnx.export(
-                    model, args, str(target), input_names=in_names, output_names=out_names,
-                    opset_version=spec.export.opset, dynamo=True, dynamic_shapes=dynamic_shapes,
-                    external_data=False, optimize=True, verbose=False,
+                    model,
+                    args,
+                    str(target),
+                    opset_version=spec.export.opset,
+                    dynamo=True,
+                    dynamic_shapes=dynamic_shapes,
+                    external_data=False,
+                    optimize=True,
+                    verbose=False,
                 )
             else:
                 dynamic_axes = {
@@ -93,27 +132,49 @@ def export_stage(spec: Spec, model_dir: Path, out: Path, progress: Progress) -> 
                     for t in [*spec.inputs, *spec.outputs]
                 }
                 torch.onnx.export(
-                    model, args, str(target), input_names=in_names, output_names=out_names,
-                    opset_version=spec.export.opset, dynamo=False, dynamic_axes=dynamic_axes,
+                    model,
+                    args,
+                    str(target),
+                    input_names=in_names,
+                    output_names=out_names,
+                    opset_version=spec.export.opset,
+                    dynamo=False,
+                    dynamic_axes=dynamic_axes,
                     do_constant_folding=True,
                 )
     except Exception as exc:
-        raise BuildError("export", f"export.exporter={spec.export.exporter}: {type(exc).__name__}: {exc}") from exc
+        raise BuildError(
+            "export", f"export.exporter={spec.export.exporter}: {type(exc).__name__}: {exc}"
+        ) from exc
 
     proto = onnx.load(str(target))  # pulls in any external data the exporter wrote
+    if len(proto.graph.input) != len(in_names) or len(proto.graph.output) != len(out_names):
+        raise BuildError(
+            "export",
+            f"inputs/outputs: graph has {len(proto.graph.input)} inputs and "
+            f"{len(proto.graph.output)} outputs, "
+            f"spec lists {in_names} and {out_names}",
+        )
+    _rename_io(proto.graph, in_names, out_names)
     graph_in = [i.name for i in proto.graph.input]
     graph_out = [o.name for o in proto.graph.output]
     if graph_in != in_names:
         raise BuildError("export", f"inputs: graph inputs {graph_in} != spec {in_names}")
     if graph_out != out_names:
         raise BuildError("export", f"outputs: graph outputs {graph_out} != spec {out_names}")
-    for value_info, tensor in zip([*proto.graph.input, *proto.graph.output], [*spec.inputs, *spec.outputs], strict=True):
+    for value_info, tensor in zip(
+        [*proto.graph.input, *proto.graph.output], [*spec.inputs, *spec.outputs], strict=True
+    ):
         if len(value_info.type.tensor_type.shape.dim) != len(tensor.shape):
-            raise BuildError("export", f"{tensor.name}: graph rank differs from the spec shape {tensor.shape}")
+            raise BuildError(
+                "export", f"{tensor.name}: graph rank differs from the spec shape {tensor.shape}"
+            )
         _set_dims(value_info, tensor.shape)
     opsets = {o.domain: o.version for o in proto.opset_import}
     if opsets.get("", opsets.get("ai.onnx")) != spec.export.opset:
-        raise BuildError("export", f"export.opset: graph has opset {opsets} but the spec pins {spec.export.opset}")
+        raise BuildError(
+            "export", f"export.opset: graph has opset {opsets} but the spec pins {spec.export.opset}"
+        )
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
         onnx.save_model(proto, str(out / FP32_FILE), save_as_external_data=False)
@@ -157,7 +218,9 @@ def quality_tolerance(spec: Spec) -> dict[str, Any]:
     return {"kind": "cosine", "min_cosine": spec.quantize.min_cosine}
 
 
-def _quality_figures(spec: Spec, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> dict[str, float]:
+def _quality_figures(
+    spec: Spec, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]
+) -> dict[str, float]:
     """Agreement or cosine without gating (for FP32's own metrics)."""
     return compare_outputs(ref, got, {**quality_tolerance(spec), "min_agreement": 0.0, "min_cosine": -1.0})
 
@@ -188,7 +251,9 @@ def parity_stage(spec: Spec, model_dir: Path, export_dir: Path, out: Path, progr
         f"FP32 ONNX vs PyTorch: max abs diff {figures['golden']['max_abs_diff']:.2e} (golden), "
         f"{figures['eval']['max_abs_diff']:.2e} (eval)"
     )
-    (out / "parity.json").write_text(json.dumps({"tolerance": tolerance, **figures}, indent=2, sort_keys=True))
+    (out / "parity.json").write_text(
+        json.dumps({"tolerance": tolerance, **figures}, indent=2, sort_keys=True)
+    )
 
 
 class _Reader:
@@ -205,7 +270,9 @@ class _Reader:
         return 0
 
 
-def calibration_inputs(spec: Spec, draw: Callable[[int, int], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def calibration_inputs(
+    spec: Spec, draw: Callable[[int, int], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """Calibration samples from ``calibration.file`` or the data factory.
 
     Raises:
@@ -226,11 +293,134 @@ def calibration_inputs(spec: Spec, draw: Callable[[int, int], dict[str, np.ndarr
     return {n: drawn[n] for n in names}
 
 
+def _preprocess(source: Path, target: Path, progress: Progress) -> None:
+    """ONNX Runtime's quantization pre-processing: shape inference and graph optimisation."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    progress("pre-processing (shape inference, graph optimisation)")
+    try:
+        with _quiet():
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=False)
+    except Exception as exc:
+        # ONNX Runtime's symbolic shape inference does not know every op the dynamo exporter
+        # emits; the exported graph already carries ONNX shape inference, so go on without it.
+        progress(f"symbolic shape inference failed ({type(exc).__name__}: {exc}); using ONNX shape inference")
+        try:
+            with _quiet():
+                quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+        except Exception as exc2:
+            raise BuildError("quantize", f"quant_pre_process: {type(exc2).__name__}: {exc2}") from exc2
+
+
+def _quantize_static(
+    spec: Spec,
+    pre: Path,
+    target: Path,
+    *,
+    calibration_cache: Path,
+    draw: Callable[[int, int], dict[str, np.ndarray]],
+    progress: Progress,
+) -> bool:
+    """Static QDQ quantization; calibration ranges come from (and go to) ``calibration_cache``.
+
+    Returns:
+        Whether the calibration ranges were reused from the cache.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    cfg = spec.quantize
+    qtypes = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    cached = calibration_cache.is_file()
+    progress("static QDQ, per-channel" if cfg.per_channel else "static QDQ, per-tensor")
+    progress(
+        "calibration: reusing cached ranges"
+        if cached
+        else f"calibrating on {spec.calibration.samples} samples ({spec.calibration.method})"
+    )
+    reader = None if cached else _Reader(calibration_inputs(spec, draw), spec.calibration.batch_size)
+    # quantize_static reads the ranges from this file when it exists and writes them otherwise;
+    # it works on a private copy so the shared cache file only ever appears complete.
+    work_cache = target.parent / "calibration.json"
+    if cached:
+        shutil.copyfile(calibration_cache, work_cache)
+    with _quiet():
+        quantize_static(
+            str(pre),
+            str(target),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(cfg.op_types) or None,
+            per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range,
+            activation_type=qtypes[cfg.activation_type],
+            weight_type=qtypes[cfg.weight_type],
+            calibrate_method=methods[spec.calibration.method],
+            calibration_cache_path=str(work_cache),
+        )
+    if not cached:
+        calibration_cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(work_cache, calibration_cache.with_suffix(".tmp"))
+        calibration_cache.with_suffix(".tmp").replace(calibration_cache)
+    work_cache.unlink()
+    return cached
+
+
+def _quantize_dynamic(spec: Spec, pre: Path, target: Path, progress: Progress) -> None:
+    """Dynamic quantization (weights INT8 offline, activations at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    cfg = spec.quantize
+    progress("dynamic, per-channel" if cfg.per_channel else "dynamic, per-tensor")
+    with _quiet():
+        quantize_dynamic(
+            str(pre),
+            str(target),
+            op_types_to_quantize=list(cfg.op_types) or None,
+            per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range,
+            weight_type={"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}[cfg.weight_type],
+        )
+
+
+def _gate(spec: Spec, model_dir: Path, target: Path) -> dict[str, Any]:
+    """Accuracy gate of the INT8 model against the PyTorch golden and evaluation outputs.
+
+    Raises:
+        BuildError: the gate fails and ``quantize.on_gate_failure`` is ``fail``.
+    """
+    sess = session(target)
+    tolerance = quality_tolerance(spec)
+    report: dict[str, Any] = {"tolerance": tolerance, "passed": True}
+    for split in ("golden", "eval"):
+        reference = load_tensors(model_dir / split / "outputs.npz")
+        inputs = load_tensors(model_dir / split / "inputs.npz")
+        got = run_onnx(sess, spec, inputs)
+        try:
+            report[split] = compare_outputs(reference, got, tolerance)
+        except BundleError as exc:
+            gate_key = "min_agreement" if spec.task == "classification" else "min_cosine"
+            message = f"quantize.{gate_key} on {split} set: {exc}"
+            if spec.quantize.on_gate_failure == "fail":
+                raise BuildError("quantize", message) from exc
+            report.update(passed=False, reason=message)
+            break
+        if split == "eval" and LABELS in inputs and spec.task == "classification":
+            name = spec.outputs[0].name
+            report["task_accuracy"] = float(np.mean(np.argmax(got[name], -1) == inputs[LABELS]))
+    return report
+
+
 def quantize_stage(
     spec: Spec,
     model_dir: Path,
     export_dir: Path,
     out: Path,
+    *,
     calibration_cache: Path,
     draw: Callable[[int, int], dict[str, np.ndarray]],
     progress: Progress,
@@ -244,86 +434,25 @@ def quantize_stage(
     Raises:
         BuildError: quantization fails, or the gate fails and ``quantize.on_gate_failure`` is ``fail``.
     """
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    cfg = spec.quantize
-    qtypes = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
     pre = out / "pre.onnx"
     target = out / INT8_FILE
-    progress("pre-processing (symbolic shape inference, graph optimisation)")
+    _preprocess(export_dir / FP32_FILE, pre, progress)
+    calib_cached = False
     try:
-        with _quiet():
-            quant_pre_process(str(export_dir / FP32_FILE), str(pre), skip_symbolic_shape=spec.task == "classification")
-    except Exception as exc:
-        raise BuildError("quantize", f"quant_pre_process: {type(exc).__name__}: {exc}") from exc
-    op_types = list(cfg.op_types) or None
-    calib_cached = calibration_cache.is_file()
-    try:
-        if cfg.mode == "static":
-            methods = {
-                "minmax": CalibrationMethod.MinMax,
-                "entropy": CalibrationMethod.Entropy,
-                "percentile": CalibrationMethod.Percentile,
-            }
-            reader = None if calib_cached else _Reader(calibration_inputs(spec, draw), spec.calibration.batch_size)
-            progress(
-                "static QDQ, per-channel" if cfg.per_channel else "static QDQ, per-tensor"
+        if spec.quantize.mode == "static":
+            calib_cached = _quantize_static(
+                spec, pre, target, calibration_cache=calibration_cache, draw=draw, progress=progress
             )
-            progress("calibration: reusing cached ranges" if calib_cached else
-                     f"calibrating on {spec.calibration.samples} samples ({spec.calibration.method})")
-            calibration_cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp_cache = out / "calibration.json"
-            if calib_cached:
-                shutil.copyfile(calibration_cache, tmp_cache)
-            with _quiet():
-                quantize_static(
-                    str(pre), str(target), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
-                    per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
-                    activation_type=qtypes[cfg.activation_type], weight_type=qtypes[cfg.weight_type],
-                    calibrate_method=methods[spec.calibration.method], calibration_cache_path=str(tmp_cache),
-                )
-            if not calib_cached:
-                shutil.copyfile(tmp_cache, calibration_cache.with_suffix(".tmp"))
-                calibration_cache.with_suffix(".tmp").replace(calibration_cache)
-            tmp_cache.unlink()
         else:
-            progress("dynamic, per-channel" if cfg.per_channel else "dynamic, per-tensor")
-            with _quiet():
-                quantize_dynamic(
-                    str(pre), str(target), op_types_to_quantize=op_types, per_channel=cfg.per_channel,
-                    reduce_range=cfg.reduce_range, weight_type=qtypes[cfg.weight_type],
-                )
+            _quantize_dynamic(spec, pre, target, progress)
     except BuildError:
         raise
     except Exception as exc:
-        raise BuildError("quantize", f"quantize.mode={cfg.mode}: {type(exc).__name__}: {exc}") from exc
+        raise BuildError(
+            "quantize", f"quantize.mode={spec.quantize.mode}: {type(exc).__name__}: {exc}"
+        ) from exc
     pre.unlink()
-
-    sess = session(target)
-    tolerance = quality_tolerance(spec)
-    report: dict[str, Any] = {"tolerance": tolerance, "calibration_cached": calib_cached, "passed": True}
-    for split in ("golden", "eval"):
-        reference = load_tensors(model_dir / split / "outputs.npz")
-        inputs = load_tensors(model_dir / split / "inputs.npz")
-        got = run_onnx(sess, spec, inputs)
-        try:
-            report[split] = compare_outputs(reference, got, tolerance)
-        except BundleError as exc:
-            message = f"quantize.{'min_agreement' if spec.task == 'classification' else 'min_cosine'} on {split} set: {exc}"
-            if cfg.on_gate_failure == "fail":
-                raise BuildError("quantize", message) from exc
-            report.update(passed=False, reason=message)
-            break
-        if split == "eval" and LABELS in inputs and spec.task == "classification":
-            name = spec.outputs[0].name
-            report["task_accuracy"] = float(np.mean(np.argmax(got[name], -1) == inputs[LABELS]))
+    report = {**_gate(spec, model_dir, target), "calibration_cached": calib_cached}
     figures = report.get("eval", {})
     progress(
         f"{INT8_FILE}: {target.stat().st_size:,} bytes; gate "

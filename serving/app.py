@@ -9,6 +9,7 @@ means an internal fault, overload or shutdown, and is counted.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import time
 import uuid
@@ -83,6 +84,9 @@ class Guard:
         """Wrap ``app``; with ``token`` set, every path except the health checks needs it."""
         self.app = app
         self.expected = f"Bearer {token}".encode() if token else None
+        # Request ids: a random per-process prefix and a counter (cheaper than a uuid4 a request).
+        self.prefix = uuid.uuid4().hex[:12]
+        self.counter = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection scope."""
@@ -90,7 +94,9 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        rid = (
+            headers.get(b"x-request-id", b"").decode("latin-1")[:128] or f"{self.prefix}-{next(self.counter)}"
+        )
         token = logs.request_id.set(rid)
         try:
             if self.expected is not None and scope["path"] not in OPEN_PATHS:
@@ -296,7 +302,10 @@ class V2Api:
 
     def routes(self) -> list[Route]:
         """The v2 routes, with the optional ``/versions/{version}`` forms."""
+        # Inference first: Starlette tries routes in order, and it is the hot path.
         routes = [
+            Route("/v2/models/{name}/infer", self.infer, methods=["POST"]),
+            Route("/v2/models/{name}/versions/{version}/infer", self.infer, methods=["POST"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
             Route("/v2", self.server_metadata, methods=["GET"]),
@@ -307,7 +316,6 @@ class V2Api:
             routes += [
                 Route(prefix, self.model_metadata, methods=["GET"]),
                 Route(f"{prefix}/ready", self.model_ready, methods=["GET"]),
-                Route(f"{prefix}/infer", self.infer, methods=["POST"]),
             ]
         return routes
 

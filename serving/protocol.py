@@ -173,14 +173,14 @@ def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...], where: str) 
         raise ProtocolError(f"{where}.data cannot be converted to {spec.datatype} ({exc})") from exc
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
-    """Split a request body into its JSON header and binary tail.
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """Split a request body into its JSON header and binary tail (a view: tensors are not copied).
 
     Raises:
         ProtocolError: the header length is not an integer or exceeds the body.
     """
     if header_length is None:
-        return body, b""
+        return body, memoryview(b"")
     try:
         length = int(header_length)
     except ValueError as exc:
@@ -189,14 +189,14 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
         raise ProtocolError(
             f"Inference-Header-Content-Length {length} does not fit a body of {len(body)} bytes"
         )
-    return body[:length], body[length:]
+    return body[:length], memoryview(body)[length:]
 
 
 @dataclass
 class _Cursor:
     """Walks the binary tail of a request and remembers the named axes seen so far."""
 
-    binary: bytes
+    binary: memoryview
     offset: int = 0
     axes: dict[str, tuple[int, str]] = field(default_factory=dict)
 

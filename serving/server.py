@@ -156,6 +156,12 @@ def parser() -> argparse.ArgumentParser:
         help="'json' for one JSON object a line (DUALDEPLOY_LOG_FORMAT)",
     )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="(DUALDEPLOY_LOG_LEVEL)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="verify, load and warm up the bundle, then exit 0 without serving "
+        "(image builds and edge installs use it)",
+    )
     p.add_argument("--version", action="version", version=f"dualdeploy serving {__version__}")
     return p
 
@@ -262,6 +268,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("refused to serve: %s", exc)
         return EXIT_REFUSED
 
+    if args.check:
+        log.info(
+            "check passed: %s version %s, variant %s, loaded and warmed up in %.3f s",
+            model.spec.name,
+            model.spec.version,
+            model.variant.get("name"),
+            model.load_seconds,
+        )
+        return 0
+
     serving_cfg = model.bundle.manifest.get("serving", {})
     delay_ms = args.max_queue_delay_ms
     if delay_ms is None:
@@ -315,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         server_header=False,
+        proxy_headers=False,
         timeout_graceful_shutdown=int(args.grace_period_s + 0.999),
         ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
         ssl_keyfile=str(args.tls_key) if args.tls_key else None,

@@ -118,6 +118,33 @@ def _quantize(fp32: Path, int8: Path, sample: dict[str, np.ndarray]) -> None:
     )
 
 
+def _slow(path: Path) -> None:
+    """x FP32 [batch, 4, 256, 256] -> features FP32 [batch, 32]: convolutions, tens of ms a row on a CPU."""
+    rng = np.random.default_rng(5)
+    w1 = numpy_helper.from_array((rng.normal(size=(32, 4, 3, 3)) * 0.1).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.normal(size=(32, 32, 3, 3)) * 0.05).astype(np.float32), "w2")
+    w3 = numpy_helper.from_array((rng.normal(size=(32, 32, 3, 3)) * 0.05).astype(np.float32), "w3")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c3"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["features"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slow_convnet",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 256, 256])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 32])],
+        [w1, w2, w3],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
 @dataclass
 class Bundle:
     """A signed test bundle and the public key that verifies it."""
@@ -134,22 +161,23 @@ def make_bundle(
     max_batch_size: int = 8,
     max_queue_delay_ms: float = 2.0,
     int8_faster: bool = True,
-    golden_outputs_override: dict[str, np.ndarray] | None = None,
+    corrupt_golden: bool = False,
 ) -> Bundle:
     """Build and sign a bundle ``root/<model>/<version>`` with an fp32 and an int8 variant.
 
     Args:
         root: a scratch folder (``tmp_path``).
-        kind: ``"classifier"`` (FP32 input, top-1 tolerance) or ``"embedder"`` (INT64 inputs, cosine).
+        kind: ``"classifier"`` (FP32 input, top-1 tolerance), ``"embedder"`` (INT64 inputs, cosine),
+            or ``"slow"`` (convolutions on 4x256x256, tens of milliseconds a row).
         max_batch_size: the manifest's ``serving.max_batch_size``.
         max_queue_delay_ms: the manifest's ``serving.max_queue_delay_ms``.
         int8_faster: whether the manifest measures int8 faster than fp32.
-        golden_outputs_override: golden outputs to write instead of the true ones (to fail warm-up).
+        corrupt_golden: write negated golden outputs, which no variant reproduces (to fail warm-up).
 
     Returns:
         The bundle and its public key.
     """
-    name = "tiny" if kind == "classifier" else "tinyemb"
+    name = {"classifier": "tiny", "embedder": "tinyemb", "slow": "slow"}[kind]
     out = root / name / "v1"
     out.mkdir(parents=True)
     key_path = root / "keys" / "signer.pem"
@@ -167,6 +195,15 @@ def make_bundle(
             {"kind": "top1", "min_agreement": 0.75},
         )
         task = "classification"
+    elif kind == "slow":
+        _slow(fp32)
+        golden_in = {"x": rng.normal(size=(2, 4, 256, 256)).astype(np.float32)}
+        inputs = [
+            {"name": "x", "dtype": "float32", "shape": ["batch", 4, 256, 256], "allow_nonfinite": False}
+        ]
+        outputs = [{"name": "features", "dtype": "float32", "shape": ["batch", 32]}]
+        tolerances = ({"kind": "cosine", "min_cosine": 0.9999}, {"kind": "cosine", "min_cosine": 0.9})
+        task = "embedding"
     else:
         _embedder(fp32)
         golden_in = {
@@ -184,8 +221,8 @@ def make_bundle(
     session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     names: list[str] = [str(o["name"]) for o in outputs]
     golden_out: dict[str, np.ndarray] = dict(zip(names, session.run(None, golden_in), strict=True))
-    if golden_outputs_override is not None:
-        golden_out = golden_outputs_override
+    if corrupt_golden:
+        golden_out = {k: -v for k, v in golden_out.items()}
     bundle.save_tensors(out / "golden" / "inputs.npz", golden_in)
     bundle.save_tensors(out / "golden" / "outputs.npz", golden_out)
     p50 = (0.05, 0.03) if int8_faster else (0.03, 0.05)

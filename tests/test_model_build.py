@@ -1,0 +1,526 @@
+"""The prebuild on tiny real models: export, gates, quantization, caching, bad input, verification.
+
+Every build here runs the real stages (torch.onnx export, ONNX checker, ONNX Runtime parity,
+ONNX Runtime quantization, CPU benchmark) on models small enough to take a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+
+from model_build import bundle
+from model_build.__main__ import main
+from model_build.errors import BuildError, SpecError
+from model_build.pipeline import BuildResult, Reporter, build
+from model_build.spec import load_spec
+
+# The spec factories name the fixture module "model_build_tiny" (tests/model_build_tiny.py); make it
+# importable whatever rootdir/import mode pytest uses.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FIXTURES = "model_build_tiny"  # tests/model_build_tiny.py (pytest puts tests/ on sys.path)
+
+
+def tiny_spec(**overrides: Any) -> dict[str, Any]:
+    """A spec for the tiny classifier; ``overrides`` replace or extend top-level sections."""
+    spec: dict[str, Any] = {
+        "name": "tiny",
+        "task": "classification",
+        "model": {"factory": f"{FIXTURES}:classifier"},
+        "inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 3, 16, 16]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 4]}],
+        "data": {"factory": f"{FIXTURES}:samples"},
+        "evaluation": {"samples": 64, "seed": 2},
+        "calibration": {"samples": 32, "seed": 1, "batch_size": 8},
+        "quantize": {"mode": "static", "per_channel": True, "min_agreement": 0.9},
+        "benchmark": {"warmup": 2, "iterations": 25, "max_slowdown": 10.0},
+        "serving": {"max_batch_size": 4, "max_queue_delay_ms": 2.0},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def write_spec(folder: Path, data: dict[str, Any], name: str = "tiny.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A signing key for the tests (never the development key in the checkout)."""
+    path = tmp_path_factory.mktemp("keys") / "signer.pem"
+    bundle.generate_key(path)
+    return path
+
+
+def run_build(spec_path: Path, out: Path, key: Path, cache: Path) -> BuildResult:
+    with open(os.devnull, "w") as sink:
+        return build(load_spec(spec_path), out, key_path=key, cache_root=cache, report=Reporter(sink))
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory, signer: Path) -> tuple[BuildResult, Path, Path]:
+    """One complete build of the tiny classifier, shared by the read-only tests."""
+    root = tmp_path_factory.mktemp("tiny")
+    spec_path = write_spec(root, tiny_spec())
+    result = run_build(spec_path, root / "dist", signer, root / "cache")
+    return result, root, spec_path
+
+
+@pytest.fixture
+def shared_cache(tiny_build: tuple[BuildResult, Path, Path]) -> Any:
+    """Copy the shared tiny build's stage cache into a test's own folder (saves re-training)."""
+    import shutil
+
+    def copy(tmp_path: Path) -> Path:
+        target = tmp_path / "cache"
+        shutil.copytree(tiny_build[1] / "cache", target)
+        return target
+
+    return copy
+
+
+# --------------------------------------------------------------------------- the happy path
+
+
+def test_tiny_model_builds_a_bundle_that_verifies(
+    tiny_build: tuple[BuildResult, Path, Path], signer: Path
+) -> None:
+    result, root, _ = tiny_build
+    latest = root / "dist" / "tiny" / "latest"
+    assert latest.is_symlink() and os.readlink(latest) == result.version
+    verified = bundle.verify_bundle(latest, bundle.load_public_key(bundle.public_path(signer)))
+    manifest = verified.manifest
+    assert manifest["model"] == "tiny" and manifest["version"] == result.version
+    assert manifest["inputs"] == [
+        {"name": "image", "dtype": "float32", "shape": ["batch", 3, 16, 16], "allow_nonfinite": False}
+    ]
+    assert manifest["serving"] == {"max_batch_size": 4, "max_queue_delay_ms": 2.0}
+    assert set(manifest["tools"]) >= {"torch", "onnx", "onnxruntime", "python"}
+    golden_in = bundle.load_tensors(latest / manifest["golden"]["inputs"])
+    assert golden_in["image"].shape[0] >= 2
+
+
+def test_exported_onnx_is_one_file_with_named_axes_and_pinned_opset(
+    tiny_build: tuple[BuildResult, Path, Path],
+) -> None:
+    result, _, _ = tiny_build
+    fp32 = next(v for v in result.manifest["variants"] if v["name"] == "fp32")
+    path = result.bundle_dir / fp32["file"]
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    assert not any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    assert {o.domain: o.version for o in model.opset_import}[""] == 18
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, 16, 16]
+    assert fp32["device_classes"] == ["jetson", "ascend", "nvidia_gpu", "x86_cpu", "arm64_cpu"]
+    assert fp32["tolerance"]["kind"] == "allclose"
+    assert fp32["metrics"]["max_abs_diff"] < 1e-4
+
+
+def test_onnx_runtime_reproduces_the_golden_outputs(tiny_build: tuple[BuildResult, Path, Path]) -> None:
+    import onnxruntime as ort
+
+    result, _, _ = tiny_build
+    manifest = result.manifest
+    golden_in = bundle.load_tensors(result.bundle_dir / manifest["golden"]["inputs"])
+    golden_out = bundle.load_tensors(result.bundle_dir / manifest["golden"]["outputs"])
+    for variant in manifest["variants"]:
+        sess = ort.InferenceSession(
+            str(result.bundle_dir / variant["file"]), providers=["CPUExecutionProvider"]
+        )
+        (logits,) = sess.run(None, golden_in)
+        bundle.compare_outputs(golden_out, {"logits": logits}, variant["tolerance"])
+
+
+def test_int8_is_static_qdq_gated_and_measured_or_dropped_with_reason(
+    tiny_build: tuple[BuildResult, Path, Path],
+) -> None:
+    result, _, _ = tiny_build
+    manifest = result.manifest
+    int8 = [v for v in manifest["variants"] if v["name"] == "int8"]
+    dropped = [d for d in manifest["dropped"] if d["variant"] == "int8"]
+    assert len(int8) + len(dropped) == 1
+    if dropped:  # measured slower than fp32 on this CPU: the reason says by how much
+        assert "slower than fp32" in dropped[0]["reason"]
+        return
+    (variant,) = int8
+    model = onnx.load(str(result.bundle_dir / variant["file"]))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert variant["tolerance"] == {"kind": "top1", "min_agreement": 0.9}
+    assert variant["metrics"]["agreement"] >= 0.9
+    assert variant["device_classes"] == ["x86_cpu", "arm64_cpu", "jetson", "ascend"]
+    for key in ("latency_ms_p50", "latency_ms_p99", "throughput_b8", "size_bytes"):
+        assert variant["metrics"][key] > 0
+    assert variant["metrics"]["size_bytes"] < result.manifest["variants"][0]["metrics"]["size_bytes"]
+
+
+def test_missing_tensorrt_is_recorded_as_skipped(tmp_path: Path, signer: Path, shared_cache: Any) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here; the skip path does not apply")
+    spec = write_spec(tmp_path, tiny_spec(tensorrt={"archs": ["sm_86"], "precisions": ["fp16"]}))
+    result = run_build(spec, tmp_path / "dist", signer, shared_cache(tmp_path))
+    (skip,) = result.manifest["skipped"]
+    assert skip["stage"] == "tensorrt" and "tensorrt" in skip["reason"] and "sm_86" in skip["reason"]
+    assert not any(v["format"] == "tensorrt" for v in result.manifest["variants"])
+    assert not list((tmp_path / "dist").rglob("*.engine"))
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def test_broken_model_fails_the_parity_gate_with_the_max_difference(tmp_path: Path, signer: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        tiny_spec(model={"factory": f"{FIXTURES}:broken_classifier"}, export={"exporter": "torchscript"}),
+    )
+    with pytest.raises(BuildError) as err:
+        run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+    assert err.value.stage == "parity"
+    assert "max abs diff" in str(err.value) and "eval set" in str(err.value)
+    assert isinstance(err.value.__cause__, bundle.ToleranceExceeded)
+    assert not (tmp_path / "dist" / "tiny").exists() or not any((tmp_path / "dist" / "tiny").iterdir())
+
+
+def test_failed_gate_in_a_late_stage_leaves_no_bundle_and_no_partial_cache(
+    tmp_path: Path, signer: Path
+) -> None:
+    # Cosine 1.0 exactly is unreachable for an INT8 model, so the quantize gate fails after
+    # load, export and parity have completed.
+    spec = write_spec(
+        tmp_path,
+        {
+            "name": "emb",
+            "task": "embedding",
+            "model": {"factory": f"{FIXTURES}:embedder"},
+            "inputs": [{"name": "features", "dtype": "float32", "shape": ["batch", 32]}],
+            "outputs": [{"name": "embedding", "dtype": "float32", "shape": ["batch", 16]}],
+            "data": {"factory": f"{FIXTURES}:features"},
+            "quantize": {"mode": "dynamic", "min_cosine": 1.0},
+            "benchmark": {"warmup": 1, "iterations": 25},
+        },
+    )
+    out, cache = tmp_path / "dist", tmp_path / "cache"
+    with pytest.raises(BuildError, match="min_cosine") as err:
+        run_build(spec, out, signer, cache)
+    assert err.value.stage == "quantize"
+    assert not (out / "emb").exists() or not any((out / "emb").iterdir())
+    stage_dirs = sorted(p.name.split("-")[0] for p in cache.iterdir() if p.is_dir())
+    assert stage_dirs == ["export", "load", "parity"]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_exits_non_zero_naming_the_stage(
+    tmp_path: Path, signer: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write_spec(tmp_path, tiny_spec(model={"factory": f"{FIXTURES}:embedder"}))
+    code = main(
+        [
+            "build",
+            str(spec),
+            "--out",
+            str(tmp_path / "dist"),
+            "--key",
+            str(signer),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "stage load" in err and "inputs" in err and "features" in err
+
+
+# --------------------------------------------------------------------------- bad specs
+
+
+def test_unknown_spec_key_is_named_with_the_file(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, tiny_spec(quantize={"mode": "static", "per_chanel": True}))
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert err.value.key == "quantize.per_chanel"
+    assert str(spec) in str(err.value) and "per_channel" in str(err.value)
+
+
+def test_unknown_top_level_key_and_bad_value_are_named(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="'modle'"):
+        load_spec(write_spec(tmp_path, {**tiny_spec(), "modle": {}}, "a.yaml"))
+    with pytest.raises(SpecError, match=r"key 'name'"):
+        load_spec(write_spec(tmp_path, tiny_spec(name="../escape"), "n.yaml"))
+    with pytest.raises(SpecError, match=r"'quantize.mode': 'fast' is not one of 'static', 'dynamic'"):
+        load_spec(write_spec(tmp_path, tiny_spec(quantize={"mode": "fast"}), "b.yaml"))
+    with pytest.raises(SpecError, match=r"'inputs\[0\].shape'"):
+        load_spec(
+            write_spec(
+                tmp_path,
+                tiny_spec(inputs=[{"name": "image", "dtype": "float32", "shape": [3, 16]}]),
+                "c.yaml",
+            )
+        )
+
+
+def test_factory_that_does_not_import_is_named(tmp_path: Path, signer: Path) -> None:
+    spec = write_spec(tmp_path, tiny_spec(model={"factory": "model_build_tiny_nonexistent:build"}))
+    with pytest.raises(
+        BuildError, match=r"model.factory: cannot import module 'model_build_tiny_nonexistent'"
+    ):
+        run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+
+
+def test_input_signature_mismatch_is_named(tmp_path: Path, signer: Path) -> None:
+    spec = write_spec(
+        tmp_path, tiny_spec(inputs=[{"name": "image", "dtype": "float32", "shape": ["batch", 3, 32, 32]}])
+    )
+    with pytest.raises(BuildError) as err:
+        run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+    assert err.value.stage == "load"
+    assert "inputs[0].shape[2]: spec says 32" in str(err.value) and "gives 16" in str(err.value)
+
+
+def test_missing_calibration_file_is_named(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, tiny_spec(calibration={"file": "calib/missing.npz"}))
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert err.value.key == "calibration.file" and "missing.npz" in str(err.value)
+
+
+def test_calibration_file_is_used_when_given(tmp_path: Path, signer: Path) -> None:
+    import model_build_tiny as tiny
+
+    bundle.save_tensors(tmp_path / "calib.npz", {"image": tiny.samples(16, seed=3)["image"]})
+    spec = write_spec(tmp_path, tiny_spec(calibration={"file": "calib.npz", "samples": 16}))
+    result = run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+    assert "quantize" in result.ran()
+    assert result.manifest["files"]
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def test_second_build_is_up_to_date_and_runs_no_stage(tmp_path: Path, signer: Path) -> None:
+    spec = write_spec(tmp_path, tiny_spec())
+    first = run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+    assert {"load", "export", "parity", "quantize", "benchmark", "bundle"} <= set(first.ran())
+    second = run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+    assert second.up_to_date and second.version == first.version
+    assert second.ran() == []
+    assert second.manifest == first.manifest
+
+
+def test_changed_quantize_setting_reruns_only_from_quantize(
+    tmp_path: Path, signer: Path, shared_cache: Any
+) -> None:
+    spec_data = tiny_spec()
+    spec = write_spec(tmp_path, spec_data)
+    cache = shared_cache(tmp_path)
+    first = run_build(spec, tmp_path / "dist", signer, cache)
+    spec_data["quantize"] = {**spec_data["quantize"], "per_channel": False}
+    write_spec(tmp_path, spec_data)
+    second = run_build(spec, tmp_path / "dist", signer, cache)
+    assert second.version != first.version
+    status = {s.name: s.status for s in second.stages}
+    assert status["load"] == status["export"] == status["parity"] == "cached"
+    assert status["quantize"] == status["benchmark"] == status["bundle"] == "ran"
+    quant_dirs = [p for p in cache.iterdir() if p.name.startswith("quantize-")]
+    reports = [json.loads((p / "quantize.json").read_text()) for p in quant_dirs]
+    assert sorted(r["calibration_cached"] for r in reports) == [False, True]  # calibration reused
+    assert os.readlink(tmp_path / "dist" / "tiny" / "latest") == second.version
+    assert (tmp_path / "dist" / "tiny" / first.version).is_dir()  # older bundles stay for rollback
+
+
+def test_changed_model_kwargs_rerun_from_load(tmp_path: Path, signer: Path, shared_cache: Any) -> None:
+    spec_data = tiny_spec()
+    spec = write_spec(tmp_path, spec_data)
+    cache = shared_cache(tmp_path)
+    first = run_build(spec, tmp_path / "dist", signer, cache)
+    spec_data["model"] = {"factory": f"{FIXTURES}:classifier", "kwargs": {"steps": 41}}
+    write_spec(tmp_path, spec_data)
+    second = run_build(spec, tmp_path / "dist", signer, cache)
+    assert second.version != first.version and "load" in second.ran() and "export" in second.ran()
+
+
+# --------------------------------------------------------------------------- verify CLI
+
+
+@pytest.fixture
+def bundle_copy(tiny_build: tuple[BuildResult, Path, Path], tmp_path: Path) -> Path:
+    import shutil
+
+    result, _, _ = tiny_build
+    target = tmp_path / "bundle"
+    shutil.copytree(result.bundle_dir, target)
+    return target
+
+
+def _verify(folder: Path, public: Path) -> int:
+    return main(["verify", str(folder), "--public-key", str(public)])
+
+
+def test_verify_cli_accepts_the_untouched_bundle(bundle_copy: Path, signer: Path) -> None:
+    assert _verify(bundle_copy, bundle.public_path(signer)) == 0
+
+
+def test_verify_cli_refuses_a_tampered_file_naming_it(
+    bundle_copy: Path, signer: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = bundle_copy / "golden" / "outputs.npz"
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert _verify(bundle_copy, bundle.public_path(signer)) == 1
+    assert "golden/outputs.npz" in capsys.readouterr().err
+
+
+def test_verify_cli_refuses_a_tampered_manifest(
+    bundle_copy: Path, signer: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["serving"]["max_batch_size"] = 64
+    (bundle_copy / "manifest.json").write_bytes(bundle.canonical_json(manifest))
+    assert _verify(bundle_copy, bundle.public_path(signer)) == 1
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "signature" in err
+
+
+def test_verify_cli_refuses_the_wrong_key(
+    bundle_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other.pem"
+    bundle.generate_key(other)
+    assert _verify(bundle_copy, bundle.public_path(other)) == 1
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_verify_cli_refuses_a_stray_file(
+    bundle_copy: Path, signer: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (bundle_copy / "extra.onnx").write_bytes(b"x")
+    assert _verify(bundle_copy, bundle.public_path(signer)) == 1
+    assert "extra.onnx" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def test_distillation_reports_param_ratio_and_teacher_agreement(tmp_path: Path, signer: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        tiny_spec(
+            distil={
+                "student": {"factory": f"{FIXTURES}:student", "kwargs": {"width": 4}},
+                "steps": 60,
+                "batch_size": 32,
+                "lr": 0.02,
+                "min_agreement": 0.8,
+                "max_param_ratio": 0.125,
+            },
+            quantize={"enabled": False},
+        ),
+    )
+    result = run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+    distil = result.manifest["distillation"]
+    assert distil["param_ratio"] <= 0.125
+    assert distil["param_ratio"] == pytest.approx(
+        distil["student_parameters"] / distil["teacher_parameters"], abs=1e-4
+    )
+    assert distil["teacher_agreement"] >= 0.8
+    assert result.manifest["source"]["parameters"] == distil["student_parameters"]
+    assert {"stage": "quantize", "reason": "quantize.enabled is false in the spec"} in result.manifest[
+        "skipped"
+    ]
+
+
+def test_distillation_refuses_a_student_that_is_too_large(tmp_path: Path, signer: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        tiny_spec(
+            distil={"student": {"factory": f"{FIXTURES}:student", "kwargs": {"width": 16}}, "steps": 1}
+        ),
+    )
+    with pytest.raises(BuildError, match=r"distil.max_param_ratio: student has .* 1.000 of the teacher"):
+        run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+
+
+def test_golden_inputs_are_exact_pytorch_inputs(tiny_build: tuple[BuildResult, Path, Path]) -> None:
+    import model_build_tiny as tiny
+
+    result, _, _ = tiny_build
+    golden = bundle.load_tensors(result.bundle_dir / "golden" / "inputs.npz")
+    np.testing.assert_array_equal(golden["image"], tiny.samples(4, seed=99)["image"])
+
+
+def test_sigterm_during_a_build_leaves_no_bundle_and_no_stage_leftovers(tmp_path: Path, signer: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "started"
+    spec = write_spec(
+        tmp_path,
+        tiny_spec(model={"factory": f"{FIXTURES}:slow_classifier", "kwargs": {"marker": str(marker)}}),
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "model_build",
+            "build",
+            str(spec),
+            "--out",
+            str(tmp_path / "dist"),
+            "--key",
+            str(signer),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not (tmp_path / "dist" / "tiny").exists()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_stale_temporary_folders_of_killed_builds_are_swept(tmp_path: Path) -> None:
+    import time
+
+    from model_build.cache import StageCache
+
+    stale, fresh = tmp_path / ".load-abc.x1", tmp_path / ".load-abc.x2"
+    stale.mkdir()
+    fresh.mkdir()
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    StageCache(tmp_path)
+    assert not stale.exists() and fresh.exists()

@@ -1,0 +1,122 @@
+"""Edge security options: TLS with a certificate and key, and a bearer token read from a file."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from serving_support import Bundle, ServerProcess, make_bundle, run_refused, running_server
+
+TOKEN = "s3cret-token-for-tests"
+INFER = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bundle, ServerProcess]]:
+    folder = tmp_path_factory.mktemp("secure")
+    built = make_bundle(folder / "bundles")
+    cert, key = self_signed(folder)
+    token_file = folder / "token"
+    token_file.write_text(TOKEN + "\n")
+    context = ssl.create_default_context(cafile=str(cert))
+    extra = ["--tls-cert", str(cert), "--tls-key", str(key), "--token-file", str(token_file)]
+    with running_server(
+        built.path, built.public_key, folder / "logs", extra, scheme="https", verify=context
+    ) as proc:
+        yield built, proc
+
+
+def test_health_stays_open_over_tls(secured: tuple[Bundle, ServerProcess]) -> None:
+    _, proc = secured
+    with proc.client() as c:
+        assert c.get("/v2/health/live").status_code == 200
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_plain_http_is_not_served_on_a_tls_port(secured: tuple[Bundle, ServerProcess]) -> None:
+    _, proc = secured
+    with pytest.raises(httpx.TransportError):
+        httpx.get(proc.base_url.replace("https://", "http://") + "/v2/health/live", timeout=3)
+
+
+def test_untrusted_certificate_is_rejected_by_a_verifying_client(
+    secured: tuple[Bundle, ServerProcess],
+) -> None:
+    _, proc = secured
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(proc.base_url + "/v2/health/live", verify=ssl.create_default_context(), timeout=3)
+
+
+@pytest.mark.parametrize(
+    "path", ["/v2", "/v2/models/tiny", "/v2/models/tiny/ready", "/metrics", "/openapi.json"]
+)
+def test_everything_but_health_needs_the_token(secured: tuple[Bundle, ServerProcess], path: str) -> None:
+    _, proc = secured
+    with proc.client() as c:
+        missing = c.get(path)
+        wrong = c.get(path, headers={"Authorization": "Bearer nope"})
+        right = c.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert missing.status_code == 401 and "missing bearer token" in missing.json()["error"]
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert wrong.status_code == 401 and "wrong bearer token" in wrong.json()["error"]
+    assert right.status_code == 200
+
+
+def test_inference_with_and_without_the_token(secured: tuple[Bundle, ServerProcess]) -> None:
+    _, proc = secured
+    with proc.client() as c:
+        assert c.post("/v2/models/tiny/infer", json=INFER).status_code == 401
+        ok = c.post("/v2/models/tiny/infer", json=INFER, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and ok.json()["outputs"][0]["shape"] == [1, 3]
+    assert TOKEN not in proc.log()
+
+
+def test_empty_token_file_is_refused(tmp_path: Path) -> None:
+    built = make_bundle(tmp_path)
+    (tmp_path / "token").write_text("\n")
+    code, output = run_refused(built.path, built.public_key, ["--token-file", str(tmp_path / "token")])
+    assert code == 2 and "the file is empty" in output
+
+
+def test_tls_cert_without_key_is_refused(tmp_path: Path) -> None:
+    built = make_bundle(tmp_path)
+    cert, _ = self_signed(tmp_path)
+    code, output = run_refused(built.path, built.public_key, ["--tls-cert", str(cert)])
+    assert code == 2 and "--tls-cert and --tls-key go together" in output
