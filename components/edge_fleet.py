@@ -19,7 +19,7 @@ from typing import Any
 import pulumi
 import pulumi.dynamic
 
-from components.edge_rollout import REPO_ROOT, bundle_version, playbook_hash, tree_hash
+from components.edge_rollout import REPO_ROOT, bundle_version, inventory_hash, playbook_hash
 
 # Inputs whose change means a new rollout. The vault password is deliberately absent: rotating it
 # changes nothing on the devices.
@@ -71,7 +71,7 @@ def fingerprints(inventory: str, bundle_dir: str, playbook: str) -> dict[str, st
         raise ValueError(f"EdgeFleetArgs.bundle_dir: {exc}") from exc
     return {
         "bundle_version": version,
-        "inventory_hash": tree_hash([inv]),
+        "inventory_hash": inventory_hash(inv),
         "playbook_hash": playbook_hash(book),
     }
 

@@ -115,6 +115,16 @@ def tree_hash(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
+def inventory_hash(inventory: Path) -> str:
+    """Content hash of an inventory: the file or folder, plus the group_vars/ and host_vars/ that Ansible
+    reads beside an inventory file."""
+    inventory = Path(inventory)
+    paths = [inventory]
+    if inventory.is_file():
+        paths += [p for p in (inventory.parent / "group_vars", inventory.parent / "host_vars") if p.exists()]
+    return tree_hash(paths)
+
+
 def playbook_hash(playbook: Path = DEFAULT_PLAYBOOK) -> str:
     """Content hash of the playbook, its roles, the local collection and ansible.cfg."""
     base = playbook.resolve().parent

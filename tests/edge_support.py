@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -229,11 +230,13 @@ class Device:
     port: int
     ssh: SshServer | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tls_cert: Path | None = None
+    token: str | None = None
 
     @property
     def endpoint(self) -> str:
         """The server's base URL."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_cert else 'http'}://127.0.0.1:{self.port}"
 
     def host_vars(self) -> dict[str, Any]:
         """Inventory variables of this device."""
@@ -260,7 +263,9 @@ class Device:
 
     def served(self) -> dict[str, Any]:
         """Ask the running server what it serves (model metadata) — a real HTTP request."""
-        response = httpx.get(f"{self.endpoint}/v2/models/demo", timeout=10.0)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        verify: Any = str(self.tls_cert) if self.tls_cert else True
+        response = httpx.get(f"{self.endpoint}/v2/models/demo", headers=headers, verify=verify, timeout=10.0)
         response.raise_for_status()
         return dict(response.json())
 
@@ -282,4 +287,65 @@ def write_inventory(path: Path, devices: Iterable[Device], group_vars: dict[str,
         }
     }
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def self_signed_cert(folder: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM text (cryptography)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    (folder / "server.crt").write_text(cert_pem)
+    return cert_pem, key_pem
+
+
+def write_vault_file(path: Path, data: dict[str, Any], password: str) -> Path:
+    """Write ``data`` as YAML encrypted with Ansible Vault (the ansible-vault CLI, as a site would)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    secret = path.parent / ".vault-pass"
+    secret.write_text(password)
+    secret.chmod(0o600)
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ansible-vault"),
+            "encrypt",
+            "--vault-password-file",
+            str(secret),
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    secret.unlink()
+    assert path.read_text().startswith("$ANSIBLE_VAULT;")
     return path

@@ -16,7 +16,7 @@ import yaml
 from pulumi.runtime import rpc
 
 from components.edge_fleet import EdgeFleet, EdgeFleetArgs, EdgeRolloutProvider
-from components.edge_rollout import REPO_ROOT, playbook_hash, tree_hash
+from components.edge_rollout import REPO_ROOT, inventory_hash, playbook_hash
 
 LOCAL_INVENTORY = "ansible/inventories/local"
 
@@ -72,7 +72,7 @@ def test_rollout_inputs_carry_the_three_fingerprints(mocks: FleetMocks, bundle: 
     def check(_hosts: Any) -> None:
         inputs = _rollout(mocks).inputs
         assert inputs["bundle_version"] == "0123abcd"
-        assert inputs["inventory_hash"] == tree_hash([REPO_ROOT / LOCAL_INVENTORY])
+        assert inputs["inventory_hash"] == inventory_hash(REPO_ROOT / LOCAL_INVENTORY)
         assert inputs["playbook_hash"] == playbook_hash(REPO_ROOT / "ansible" / "edge.yml")
 
     return fleet.hosts.apply(check)
@@ -164,3 +164,13 @@ def test_provider_diff_keys_on_version_inventory_and_playbook_only() -> None:
 def test_provider_check_names_missing_inputs() -> None:
     result = EdgeRolloutProvider().check({}, {"inventory": "", "bundle_dir": "dist/demo/latest"})
     assert {f.property for f in result.failures} == {"inventory", "bundle_version"}
+
+
+def test_inventory_hash_covers_host_vars_beside_an_inventory_file(tmp_path: Path) -> None:
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text("all:\n  hosts:\n    box: {}\n")
+    (tmp_path / "host_vars").mkdir()
+    (tmp_path / "host_vars" / "box.yml").write_text("edge_service_port: 8000\n")
+    before = inventory_hash(inventory)
+    (tmp_path / "host_vars" / "box.yml").write_text("edge_service_port: 8001\n")
+    assert inventory_hash(inventory) != before

@@ -2,7 +2,9 @@
 
 One fleet for the whole module, because a fresh device costs a venv install: three devices over
 Ansible's local connection and two over real OpenSSH servers on 127.0.0.1, each with its own prefix and
-port. The tests run in order and each leaves the fleet in the state the next one starts from.
+port. One local device serves over TLS with a bearer token, both from an Ansible Vault file that only the
+runner's vault password opens. The tests run in order and each leaves the fleet in the state the next one
+starts from.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 from edge_support import (
     DEV_PUB,
     SSHD,
@@ -24,9 +28,11 @@ from edge_support import (
     flip_byte,
     free_port,
     make_sshd,
+    self_signed_cert,
     skew_golden,
     touch_onnx_docstring,
     write_inventory,
+    write_vault_file,
 )
 
 from components.edge_fleet import EdgeRolloutProvider, fingerprints
@@ -39,6 +45,7 @@ pytestmark = [
 
 # Every device in one batch: the tests that exercise the canary set their own strategy.
 ALL_AT_ONCE = {"edge_rollout_serial": "100%", "edge_rollout_max_fail_percentage": 100}
+VAULT_PASSWORD = "fleet-test-vault-password"
 
 
 @dataclass
@@ -57,7 +64,14 @@ class Fleet:
     ) -> RolloutResult:
         """Roll ``bundle`` out (every device in one batch unless ``extravars`` says otherwise)."""
         variables = {**ALL_AT_ONCE, **(extravars or {})}
-        return run_rollout(self.inventory, bundle, public_key=DEV_PUB, extravars=variables, limit=limit)
+        return run_rollout(
+            self.inventory,
+            bundle,
+            public_key=DEV_PUB,
+            extravars=variables,
+            limit=limit,
+            vault_password=VAULT_PASSWORD,
+        )
 
     def device(self, name: str) -> Device:
         return next(d for d in self.devices if d.name == name)
@@ -70,6 +84,20 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     v2 = derive_bundle(v1, root / "bundles", "u1", touch_onnx_docstring)
     servers: list[SshServer] = []
     devices = [Device(f"local-{i}", root / f"local-{i}", free_port()) for i in (1, 2, 3)]
+    # local-3: TLS and a bearer token, the secrets in an encrypted host_vars file beside the inventory.
+    cert_pem, key_pem = self_signed_cert(root)
+    secure = devices[2]
+    secure.tls_cert, secure.token = root / "server.crt", "fleet-token-" + "x" * 20
+    write_vault_file(
+        root / "host_vars" / "local-3.yml",
+        {
+            "edge_service_tls_cert": cert_pem,
+            "edge_service_tls_key": key_pem,
+            "edge_service_token": secure.token,
+        },
+        VAULT_PASSWORD,
+    )
+    secure.extra.update({"edge_service_tls_enabled": True, "edge_service_token_enabled": True})
     for i in (1, 2):
         server = make_sshd(root / f"sshd-{i}")
         server.start()
@@ -77,7 +105,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         devices.append(Device(f"ssh-{i}", root / f"ssh-{i}", free_port(), ssh=server))
     inventory = write_inventory(root / "hosts.yml", devices)
     try:
-        first = run_rollout(inventory, v1, public_key=DEV_PUB, extravars=ALL_AT_ONCE)
+        first = run_rollout(
+            inventory, v1, public_key=DEV_PUB, extravars=ALL_AT_ONCE, vault_password=VAULT_PASSWORD
+        )
         yield Fleet(devices, inventory, v1, v2, first, root)
     finally:
         for device in devices:
@@ -114,8 +144,19 @@ def test_prometheus_targets_list_every_device(fleet: Fleet) -> None:
     targets = json.loads((fleet.root / "monitoring" / "dualdeploy-edge.json").read_text())
     listed = {t["labels"]["instance"]: t["targets"][0] for t in targets}
     assert listed == {d.name: f"127.0.0.1:{d.port}" for d in fleet.devices}
-    scrape = (fleet.root / "monitoring" / "dualdeploy-edge.scrape.yml").read_text()
-    assert "file_sd_configs" in scrape and "dualdeploy-edge.json" in scrape
+    scrape = yaml.safe_load((fleet.root / "monitoring" / "dualdeploy-edge.scrape.yml").read_text())[0]
+    assert scrape["file_sd_configs"][0]["files"][0].endswith("dualdeploy-edge.json")
+    # One server needs TLS and a token, so the job scrapes over https with a credentials file.
+    assert scrape["scheme"] == "https" and scrape["authorization"]["type"] == "Bearer"
+
+
+def test_tls_device_refuses_requests_without_its_vault_token(fleet: Fleet) -> None:
+    secure = fleet.device("local-3")
+    assert secure.served()["name"] == "demo"  # https, certificate checked, token sent
+    anonymous = httpx.get(f"{secure.endpoint}/v2/models/demo", verify=str(secure.tls_cert), timeout=10.0)
+    assert anonymous.status_code == 401
+    token_file = secure.prefix / "etc" / "token"
+    assert token_file.read_text() == secure.token and (token_file.stat().st_mode & 0o777) == 0o600
 
 
 def test_one_file_update_sends_only_that_file_and_links_the_rest(fleet: Fleet) -> None:
@@ -243,7 +284,7 @@ def test_dynamic_provider_diffs_creates_and_updates_for_real(fleet: Fleet) -> No
             "playbook": "ansible/edge.yml",
             "public_key": str(DEV_PUB),
             "limit": device.name,
-            "vault_password": "unused-here",
+            "vault_password": VAULT_PASSWORD,
             **fingerprints(str(fleet.inventory), str(bundle), "ansible/edge.yml"),
         }
 
