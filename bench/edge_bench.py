@@ -71,7 +71,13 @@ def _make(target: str) -> float:
 
 def main() -> int:
     v1 = demo_bundle()
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
     devices: list[Device] = []
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         root = Path(tmp)
@@ -163,7 +169,11 @@ def main() -> int:
         ("make edge, fresh device", f"{results['make_edge_fresh_device_s']:.1f} s", "target < 60 s"),
         ("make edge, re-run", f"{results['make_edge_rerun_s']:.1f} s", "target < 60 s"),
     ]
-    print(f"edge benchmark ({results['machine']['cpus']} CPUs)")
+    load = results["machine"]
+    print(
+        f"edge benchmark ({load['cpus']} CPUs, load average before "
+        f"{load['load_average_before'][0]}, after {load['load_average_after'][0]})"
+    )
     print(f"{'measurement':36} {'value':>12}  ratio / target")
     for name, value, note in rows:
         print(f"{name:36} {value:>12}  {note}")
