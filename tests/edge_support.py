@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -264,7 +265,7 @@ class Device:
     def served(self) -> dict[str, Any]:
         """Ask the running server what it serves (model metadata) — a real HTTP request."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        verify: Any = str(self.tls_cert) if self.tls_cert else True
+        verify: Any = ssl.create_default_context(cafile=str(self.tls_cert)) if self.tls_cert else True
         response = httpx.get(f"{self.endpoint}/v2/models/demo", headers=headers, verify=verify, timeout=10.0)
         response.raise_for_status()
         return dict(response.json())

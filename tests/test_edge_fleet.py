@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,11 @@ def test_prometheus_targets_list_every_device(fleet: Fleet) -> None:
 def test_tls_device_refuses_requests_without_its_vault_token(fleet: Fleet) -> None:
     secure = fleet.device("local-3")
     assert secure.served()["name"] == "demo"  # https, certificate checked, token sent
-    anonymous = httpx.get(f"{secure.endpoint}/v2/models/demo", verify=str(secure.tls_cert), timeout=10.0)
+    anonymous = httpx.get(
+        f"{secure.endpoint}/v2/models/demo",
+        verify=ssl.create_default_context(cafile=str(secure.tls_cert)),
+        timeout=10.0,
+    )
     assert anonymous.status_code == 401
     token_file = secure.prefix / "etc" / "token"
     assert token_file.read_text() == secure.token and (token_file.stat().st_mode & 0o777) == 0o600
