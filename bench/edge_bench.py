@@ -126,6 +126,7 @@ def main() -> int:
     make_rerun = _make("edge")
     subprocess.run(["make", "edge-stop"], cwd=REPO, check=False, capture_output=True)
 
+    results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     results.update(
         {
             "fresh_1_s": round(first_1.seconds, 2),
