@@ -298,18 +298,27 @@ def _preprocess(source: Path, target: Path, progress: Progress) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     progress("pre-processing (shape inference, graph optimisation)")
+    source, target = source.resolve(), target.resolve()
+    # On failure, ONNX Runtime's symbolic shape inference dumps its model (≈ the model's size) into
+    # the working directory; run it in a scratch folder that is removed afterwards.
+    scratch = Path(tempfile.mkdtemp(prefix="preprocess.", dir=target.parent))
     try:
-        with _quiet():
-            quant_pre_process(str(source), str(target), skip_symbolic_shape=False)
-    except Exception as exc:
-        # ONNX Runtime's symbolic shape inference does not know every op the dynamo exporter
-        # emits; the exported graph already carries ONNX shape inference, so go on without it.
-        progress(f"symbolic shape inference failed ({type(exc).__name__}: {exc}); using ONNX shape inference")
-        try:
-            with _quiet():
-                quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
-        except Exception as exc2:
-            raise BuildError("quantize", f"quant_pre_process: {type(exc2).__name__}: {exc2}") from exc2
+        with contextlib.chdir(scratch):
+            try:
+                with _quiet():
+                    quant_pre_process(str(source), str(target), skip_symbolic_shape=False)
+            except Exception as exc:
+                # It does not know every op the dynamo exporter emits; the exported graph already
+                # carries ONNX shape inference, so go on without it.
+                progress(f"symbolic shape inference failed ({type(exc).__name__}: {exc}); using ONNX's")
+                try:
+                    with _quiet():
+                        quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+                except Exception as exc2:
+                    message = f"quant_pre_process: {type(exc2).__name__}: {exc2}"
+                    raise BuildError("quantize", message) from exc2
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _quantize_static(

@@ -158,7 +158,9 @@ class BenchmarkSpec:
     threads: int = 0
     """ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose."""
     max_slowdown: float = 0.0
-    """Drop a variant whose batch-1 p50 exceeds FP32's by more than this fraction."""
+    """Drop a variant whose batch-1 p50 exceeds FP32's by more than this fraction.
+
+    Negative values demand a speed-up (-0.1: at least 10 % faster than FP32)."""
 
 
 @dataclass(frozen=True)

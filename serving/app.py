@@ -168,7 +168,7 @@ class V2Api:
             "version": __version__,
             "extensions": ["binary_tensor_data"],
         }
-        self.openapi = openapi_document(self.spec.name, self.spec.version)
+        self.openapi = openapi_document(self.spec.name, self.spec.version, bool(self.settings.token))
 
     def _known(self, request: Request) -> str | None:
         """None when the path names the served model (and version), else the error message."""

@@ -189,6 +189,22 @@ def _latency(variant: Mapping[str, Any]) -> float:
     return float(value) if isinstance(value, int | float) else math.inf
 
 
+def _tensorrt_problem(variant: Mapping[str, Any], available: set[str], facts: DeviceFacts) -> str | None:
+    if not str(variant.get("file", "")).endswith(".onnx"):
+        # A raw serialized engine (.engine/.plan) needs the TensorRT runtime itself; ONNX
+        # Runtime only loads engines wrapped in an ONNX EPContext model.
+        return (
+            f"{variant.get('file')} is a raw TensorRT engine; this server runs TensorRT through ONNX "
+            "Runtime's TensorrtExecutionProvider, which loads ONNX models (the onnx variants) instead"
+        )
+    if "TensorrtExecutionProvider" not in available:
+        return "needs ONNX Runtime's TensorrtExecutionProvider, which this onnxruntime build lacks"
+    arch = variant.get("gpu_arch")
+    if arch and facts.gpu_arch != arch:
+        return f"engine built for {arch}, this GPU is {facts.gpu_arch or 'unknown'}"
+    return None
+
+
 def runnable_problem(
     variant: Mapping[str, Any],
     device_class: DeviceClass,
@@ -197,20 +213,20 @@ def runnable_problem(
 ) -> str | None:
     """Why this machine cannot run ``variant`` (None when it can).
 
-    A TensorRT variant runs through ONNX Runtime's TensorRT execution provider
-    (its file is an ONNX model with an embedded engine), so it needs that
-    provider and a GPU of the architecture the engine was built for.
+    A TensorRT variant runs through ONNX Runtime's TensorRT execution provider, so
+    its file must be an ONNX model embedding the engine (EPContext), and it needs
+    that provider and a GPU of the architecture the engine was built for. A raw
+    ``.engine`` file is not runnable here; on a GPU the onnx variants then run with
+    the TensorRT and CUDA providers.
     """
     available = set(available_providers)
     fmt = variant.get("format")
     if fmt not in device_class.formats:
         return f"format {fmt!r} is not run on device class {device_class.name} ({list(device_class.formats)})"
     if fmt == "tensorrt":
-        if "TensorrtExecutionProvider" not in available:
-            return "needs ONNX Runtime's TensorrtExecutionProvider, which this onnxruntime build lacks"
-        arch = variant.get("gpu_arch")
-        if arch and facts.gpu_arch != arch:
-            return f"engine built for {arch}, this GPU is {facts.gpu_arch or 'unknown'}"
+        problem = _tensorrt_problem(variant, available, facts)
+        if problem:
+            return problem
     elif fmt != "onnx":
         return f"unknown format {fmt!r}"
     if not any(p in available for p in device_class.providers):

@@ -36,8 +36,11 @@ def _error(description: str) -> dict[str, Any]:
     return _json({"$ref": "#/components/schemas/Error"}, description)
 
 
-def openapi_document(model_name: str, model_version: str) -> dict[str, Any]:
-    """The OpenAPI document for a server that serves ``model_name`` at ``model_version``."""
+def openapi_document(model_name: str, model_version: str, token_required: bool = False) -> dict[str, Any]:
+    """The OpenAPI document for a server that serves ``model_name`` at ``model_version``.
+
+    With ``token_required``, every operation but the health checks declares the bearer scheme.
+    """
     name_param = {
         "name": "name",
         "in": "path",
@@ -124,7 +127,7 @@ def openapi_document(model_name: str, model_version: str) -> dict[str, Any]:
         "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
         "additionalProperties": True,
     }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {
             "title": "dualdeploy inference server (Open Inference Protocol v2, REST)",
@@ -279,3 +282,8 @@ def openapi_document(model_name: str, model_version: str) -> dict[str, Any]:
             },
         },
     }
+    if token_required:
+        document["security"] = [{"bearer": []}]
+        for path in ("/v2/health/live", "/v2/health/ready"):
+            document["paths"][path]["get"]["security"] = []
+    return document

@@ -20,7 +20,7 @@ import yaml
 from model_build import bundle
 from model_build.__main__ import main
 from model_build.errors import BuildError, SpecError
-from model_build.pipeline import BuildResult, Reporter, build
+from model_build.pipeline import BuildResult, Reporter, build, device_class_names
 from model_build.spec import load_spec
 
 # The spec factories name the fixture module "model_build_tiny" (tests/model_build_tiny.py); make it
@@ -125,7 +125,8 @@ def test_exported_onnx_is_one_file_with_named_axes_and_pinned_opset(
     assert {o.domain: o.version for o in model.opset_import}[""] == 18
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, 16, 16]
-    assert fp32["device_classes"] == ["jetson", "ascend", "nvidia_gpu", "x86_cpu", "arm64_cpu"]
+    assert fp32["device_classes"] == device_class_names()  # every class in serving/device_classes.yaml
+    assert {"x86_cpu", "arm64_cpu", "nvidia_gpu", "jetson", "ascend"} <= set(fp32["device_classes"])
     assert fp32["tolerance"]["kind"] == "allclose"
     assert fp32["metrics"]["max_abs_diff"] < 1e-4
 
@@ -198,7 +199,7 @@ def test_broken_model_fails_the_parity_gate_with_the_max_difference(tmp_path: Pa
 
 
 def test_failed_gate_in_a_late_stage_leaves_no_bundle_and_no_partial_cache(
-    tmp_path: Path, signer: Path
+    tmp_path: Path, signer: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Cosine 1.0 exactly is unreachable for an INT8 model, so the quantize gate fails after
     # load, export and parity have completed.
@@ -215,6 +216,9 @@ def test_failed_gate_in_a_late_stage_leaves_no_bundle_and_no_partial_cache(
             "benchmark": {"warmup": 1, "iterations": 25},
         },
     )
+    workdir = tmp_path / "cwd"  # ONNX Runtime's pre-processing once left files in the working directory
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     out, cache = tmp_path / "dist", tmp_path / "cache"
     with pytest.raises(BuildError, match="min_cosine") as err:
         run_build(spec, out, signer, cache)
@@ -222,6 +226,7 @@ def test_failed_gate_in_a_late_stage_leaves_no_bundle_and_no_partial_cache(
     assert not (out / "emb").exists() or not any((out / "emb").iterdir())
     stage_dirs = sorted(p.name.split("-")[0] for p in cache.iterdir() if p.is_dir())
     assert stage_dirs == ["export", "load", "parity"]
+    assert list(workdir.iterdir()) == []
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
 
 
@@ -524,3 +529,42 @@ def test_stale_temporary_folders_of_killed_builds_are_swept(tmp_path: Path) -> N
     os.utime(stale, (old, old))
     StageCache(tmp_path)
     assert not stale.exists() and fresh.exists()
+
+
+def test_int8_not_fast_enough_is_dropped_with_the_measured_reason(
+    tmp_path: Path, signer: Path, shared_cache: Any
+) -> None:
+    # max_slowdown -0.99 demands INT8 be 100x faster than FP32, which no CPU gives: the measured
+    # variant must be dropped, named in `dropped`, and left out of the bundle's files.
+    spec = write_spec(tmp_path, tiny_spec(benchmark={"warmup": 2, "iterations": 25, "max_slowdown": -0.99}))
+    result = run_build(spec, tmp_path / "dist", signer, shared_cache(tmp_path))
+    (drop,) = result.manifest["dropped"]
+    assert drop["variant"] == "int8"
+    assert "batch-1 p50" in drop["reason"] and "benchmark.max_slowdown" in drop["reason"]
+    assert [v["name"] for v in result.manifest["variants"]] == ["fp32"]
+    assert "model.int8.onnx" not in result.manifest["files"]
+
+
+def test_cli_build_prints_a_summary_and_then_up_to_date(
+    tmp_path: Path, signer: Path, shared_cache: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write_spec(tmp_path, tiny_spec())
+    argv = ["build", str(spec), "--out", str(tmp_path / "dist"), "--key", str(signer)]
+    argv += ["--cache-dir", str(shared_cache(tmp_path))]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "stage" in first.out and "variant" in first.out and "fp32" in first.out
+    assert "[load] cached" in first.err and "[bundle] wrote" in first.err
+    assert main(argv) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "verify",
+                str(tmp_path / "dist" / "tiny" / "latest"),
+                "--public-key",
+                str(bundle.public_path(signer)),
+            ]
+        )
+        == 0
+    )

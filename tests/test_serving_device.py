@@ -92,6 +92,10 @@ def test_gpu_prefers_the_tensorrt_engine_for_its_arch_and_falls_back_without_it(
         variant("fp32", "fp32", 3.0, classes=("nvidia_gpu", "x86_cpu")),
         variant("trt-sm_86-fp16", "fp16", 0.4, fmt="tensorrt", classes=("nvidia_gpu",), gpu_arch="sm_86"),
         variant("trt-sm_89-fp16", "fp16", 0.3, fmt="tensorrt", classes=("nvidia_gpu",), gpu_arch="sm_89"),
+        {
+            **variant("trt-raw", "fp16", 0.1, fmt="tensorrt", classes=("nvidia_gpu",), gpu_arch="sm_86"),
+            "file": "trt-raw.engine",
+        },
     ]
     chosen = device.choose_variant(variants, TABLE["nvidia_gpu"], GPU_EPS, facts)
     assert chosen.variant["name"] == "trt-sm_86-fp16"
@@ -130,3 +134,15 @@ def test_malformed_table_names_the_class_and_key() -> None:
         )
     with pytest.raises(device.DeviceError, match="schema_version must be 1"):
         device.parse_table({"classes": {}})
+
+
+def test_raw_tensorrt_engine_is_not_chosen_and_says_why() -> None:
+    facts = device.DeviceFacts(arch="x86_64", nvidia_gpu=True, gpu_arch="sm_86")
+    raw = {
+        **variant("trt", "fp16", 0.1, fmt="tensorrt", classes=("nvidia_gpu",), gpu_arch="sm_86"),
+        "file": "model.trt-sm_86-fp16.engine",
+    }
+    onnx = variant("fp32", "fp32", 3.0, classes=("nvidia_gpu",))
+    assert device.choose_variant([raw, onnx], TABLE["nvidia_gpu"], GPU_EPS, facts).variant["name"] == "fp32"
+    with pytest.raises(device.DeviceError, match="is a raw TensorRT engine"):
+        device.choose_variant([raw, onnx], TABLE["nvidia_gpu"], GPU_EPS, facts, "trt")

@@ -120,3 +120,12 @@ def test_tls_cert_without_key_is_refused(tmp_path: Path) -> None:
     cert, _ = self_signed(tmp_path)
     code, output = run_refused(built.path, built.public_key, ["--tls-cert", str(cert)])
     assert code == 2 and "--tls-cert and --tls-key go together" in output
+
+
+def test_openapi_declares_the_bearer_scheme_except_on_health(secured: tuple[Bundle, ServerProcess]) -> None:
+    _, proc = secured
+    with proc.client() as c:
+        doc = c.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert doc["security"] == [{"bearer": []}]
+    assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert doc["paths"]["/v2/health/ready"]["get"]["security"] == []

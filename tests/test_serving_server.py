@@ -362,16 +362,24 @@ def test_no_5xx_was_counted_during_this_module(server: ServerProcess) -> None:
     assert "Traceback" not in server.log()
 
 
-def test_queue_bound_answers_503_with_retry_after(tmp_path: Path) -> None:
-    built = make_bundle(tmp_path / "b", kind="embedder", max_batch_size=1)
-    # One waiting request at most, one row a run, and requests big enough that runs take a while.
-    with running_server(built.path, built.public_key, tmp_path / "logs", ["--max-queue", "1"]) as proc:
-        ids = np.random.default_rng(0).integers(0, 32, size=(1, 20000)).astype(np.int64)
-        body, headers = binary_request({"ids": ids, "mask": np.ones_like(ids)})
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """Convolutions on 4x256x256, one row a run: requests that keep the model busy for a while."""
+    return make_bundle(tmp_path_factory.mktemp("slow"), kind="slow", max_batch_size=1)
+
+
+def _slow_request() -> tuple[bytes, dict[str, str]]:
+    return binary_request({"x": np.random.default_rng(0).normal(size=(1, 4, 256, 256)).astype(np.float32)})
+
+
+def test_queue_bound_answers_503_with_retry_after(slow: Bundle, tmp_path: Path) -> None:
+    # One waiting request at most: 24 concurrent clients overflow it.
+    with running_server(slow.path, slow.public_key, tmp_path, ["--max-queue", "1"]) as proc:
+        body, headers = _slow_request()
 
         def call(_: int) -> httpx.Response:
             with proc.client() as c:
-                return c.post("/v2/models/tinyemb/infer", content=body, headers=headers)
+                return c.post("/v2/models/slow/infer", content=body, headers=headers)
 
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
             responses = list(pool.map(call, range(48)))
@@ -380,21 +388,18 @@ def test_queue_bound_answers_503_with_retry_after(tmp_path: Path) -> None:
         refused = next(r for r in responses if r.status_code == 503)
         assert refused.headers["retry-after"] == "1" and "queue is full" in refused.json()["error"]
         with proc.client() as c:
-            assert c.post("/v2/models/tinyemb/infer", content=body, headers=headers).status_code == 200
+            assert c.post("/v2/models/slow/infer", content=body, headers=headers).status_code == 200
             values = metric_values(c.get("/metrics").text)
         assert values[("dualdeploy_server_errors_total", (("endpoint", "infer"),))] == sum(
             r.status_code == 503 for r in responses
         )
 
 
-def test_request_timeout_answers_503(tmp_path: Path) -> None:
-    built = make_bundle(tmp_path / "b", kind="embedder", max_batch_size=1)
-    with running_server(
-        built.path, built.public_key, tmp_path / "logs", ["--request-timeout-s", "0.001"]
-    ) as proc:
-        ids = np.zeros((1, 200000), np.int64)
-        body, headers = binary_request({"ids": ids, "mask": np.ones_like(ids)})
+def test_request_timeout_answers_503(slow: Bundle, tmp_path: Path) -> None:
+    with running_server(slow.path, slow.public_key, tmp_path, ["--request-timeout-s", "0.001"]) as proc:
+        body, headers = _slow_request()
         with proc.client() as c:
-            response = c.post("/v2/models/tinyemb/infer", content=body, headers=headers)
+            response = c.post("/v2/models/slow/infer", content=body, headers=headers)
             assert response.status_code == 503 and "timeout" in response.json()["error"]
+            assert response.headers["retry-after"] == "1"
             assert c.get("/v2/health/ready").status_code == 200
