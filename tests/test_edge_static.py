@@ -235,3 +235,47 @@ def test_jetson_without_an_engine_for_its_gpu_runs_onnx_on_the_tensorrt_ep_with_
         "trt_engine_cache": False,
         "reason": "the server picks from the table",
     }
+
+
+def test_example_site_inventory_opens_with_its_vault_password(tmp_path: Path) -> None:
+    secret = tmp_path / "vault-pass"
+    secret.write_text("example-site-vault-password")  # documented in ansible/README.md: example only
+    listing = subprocess.run(
+        [
+            str(BIN / "ansible-inventory"),
+            "-i",
+            "inventories/example-site",
+            "--vault-password-file",
+            str(secret),
+            "--host",
+            "line-2-orin",
+        ],
+        cwd=ANSIBLE_DIR,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg")},
+    )
+    host = json.loads(listing.stdout)
+    assert host["edge_service_tls_enabled"] and host["edge_hardening_nftables_enabled"]
+    assert host["vault_edge_token"] and "BEGIN CERTIFICATE" in host["vault_edge_tls_cert"]
+    assert host["edge_service_health_timeout"] == 900  # group_vars/jetson.yml
+    groups = json.loads(
+        subprocess.run(
+            [
+                str(BIN / "ansible-inventory"),
+                "-i",
+                "inventories/example-site",
+                "--vault-password-file",
+                str(secret),
+                "--list",
+            ],
+            cwd=ANSIBLE_DIR,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg")},
+        ).stdout
+    )
+    assert set(groups["edge"]["children"]) == {"x86_cpu", "jetson", "ascend"}
+    assert set(groups["edge"]["children"]) <= set(TABLE["classes"])
