@@ -74,3 +74,14 @@ image-smoke: setup ## Build the CPU image offline (buildah, local Debian base), 
 
 clean: ## Remove build outputs (keeps .venv and the dev signing key).
 	rm -rf $(DIST) build .cache
+
+# --- edge (ansible/README.md) ------------------------------------------------------------------
+EDGE_INVENTORY ?= ansible/inventories/local
+.PHONY: edge edge-stop
+
+edge: build ## Roll the demo bundle out to this machine as an edge device; a re-run changes nothing.
+	$(PY) -m components.edge_rollout up --inventory $(EDGE_INVENTORY) --bundle $(DIST)/demo/latest --smoke
+	@echo "Stop it with: make edge-stop"
+
+edge-stop: setup ## Stop the service that `make edge` started (releases and venv stay).
+	$(PY) -m components.edge_rollout stop --inventory $(EDGE_INVENTORY)

@@ -1,0 +1,69 @@
+"""Filter plugin: choose the bundle variant that a device class runs on the edge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+
+
+def select_variant(
+    manifest: dict[str, Any], device_class: str, entry: dict[str, Any], gpu_arch: str | None = None
+) -> dict[str, Any]:
+    """Pick what the server on this device should run.
+
+    Args:
+        manifest: the bundle manifest.
+        device_class: the device's class name.
+        entry: the class's entry in serving/device_classes.yaml.
+        gpu_arch: the device GPU's compute capability (``sm_87``) when known.
+
+    Returns:
+        ``{"variant": "auto" | NAME, "trt_engine_cache": bool, "reason": str}``. ``auto`` leaves the choice
+        to the server (it reads the same table). A named ONNX variant is forced when the class builds
+        TensorRT engines on the device and the bundle has no engine for this GPU: the server then runs it
+        on ONNX Runtime's TensorRT execution provider with a persistent engine cache.
+
+    Raises:
+        AnsibleFilterError: the bundle has no variant for the class, naming the classes it does serve.
+    """
+    variants = manifest.get("variants") or []
+    formats = entry.get("formats") or ["onnx"]
+    usable = [
+        v for v in variants if device_class in (v.get("device_classes") or []) and v.get("format") in formats
+    ]
+    if not usable:
+        served = sorted({c for v in variants for c in (v.get("device_classes") or [])})
+        raise AnsibleFilterError(
+            f"bundle {manifest.get('model')}/{manifest.get('version')} has no variant for device class "
+            f"{device_class!r} (formats {formats}); it serves: {', '.join(served) or 'nothing'}"
+        )
+    cache = bool(entry.get("trt_engine_cache"))
+    engines = [v for v in usable if v.get("format") == "tensorrt"]
+    if not cache or gpu_arch is None:
+        return {"variant": "auto", "trt_engine_cache": cache, "reason": "the server picks from the table"}
+    if any(v.get("gpu_arch") == gpu_arch for v in engines):
+        return {
+            "variant": "auto",
+            "trt_engine_cache": cache,
+            "reason": f"the bundle has an engine for {gpu_arch}",
+        }
+    onnx = [v for v in usable if v.get("format") == "onnx"]
+    if not onnx:
+        raise AnsibleFilterError(
+            f"bundle has no TensorRT engine for {gpu_arch} and no ONNX variant for {device_class!r}"
+        )
+    order = {p: i for i, p in enumerate(entry.get("precisions") or [])}
+    best = min(onnx, key=lambda v: order.get(v.get("precision"), len(order)))
+    return {
+        "variant": best["name"],
+        "trt_engine_cache": True,
+        "reason": f"no engine for {gpu_arch} in the bundle: {best['name']} on the TensorRT EP, engine cached",
+    }
+
+
+class FilterModule:
+    """Ansible filter plugin entry point."""
+
+    def filters(self) -> dict[str, Any]:
+        return {"select_variant": select_variant}

@@ -1,0 +1,281 @@
+"""Edge checks that need no device: ansible-lint, systemd-analyze on rendered units, the README matrix,
+the rollout strategy, and the collection's pure functions on real files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+from edge_support import demo_bundle
+
+from components.edge_rollout import ANSIBLE_DIR, REPO_ROOT, device_matrix
+
+BIN = Path(sys.executable).parent
+COLLECTION = ANSIBLE_DIR / "collections" / "ansible_collections" / "dualdeploy" / "edge" / "plugins"
+TABLE = yaml.safe_load((REPO_ROOT / "serving" / "device_classes.yaml").read_text())
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_ansible_lint_production_profile_is_clean() -> None:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "NO_COLOR": "1"}
+    run = subprocess.run(
+        [str(BIN / "ansible-lint"), "--profile", "production", "--offline"],
+        cwd=ANSIBLE_DIR,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Passed" in run.stdout + run.stderr
+
+
+def _render(tmp_path: Path, template: Path, dest: Path, variables: dict[str, object]) -> Path:
+    """Render a role template through Ansible itself (ansible.builtin.template)."""
+    (tmp_path / "vars.json").write_text(json.dumps(variables))
+    subprocess.run(
+        [
+            str(BIN / "ansible"),
+            "localhost",
+            "-c",
+            "local",
+            "-m",
+            "ansible.builtin.template",
+            "-a",
+            f"src={template} dest={dest} mode=0644",
+            "-e",
+            f"@{tmp_path / 'vars.json'}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+        },
+    )
+    return dest
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft missing (apt: nftables)")
+def test_example_site_firewall_ruleset_passes_nft_check(tmp_path: Path) -> None:
+    site = yaml.safe_load(
+        (ANSIBLE_DIR / "inventories" / "example-site" / "group_vars" / "all" / "main.yml").read_text()
+    )
+    variables = {k: v for k, v in site.items() if k.startswith("edge_hardening_")}
+    variables.update({"_edge_hardening_table": "dualdeploy", "_edge_hardening_port": 8443})
+    ruleset = _render(
+        tmp_path,
+        ANSIBLE_DIR / "roles" / "edge_hardening" / "templates" / "dualdeploy.nft.j2",
+        tmp_path / "dualdeploy.nft",
+        variables,
+    )
+    text = ruleset.read_text()
+    assert "policy drop" in text and "10.0.0.0/24" in text and "tcp dport 8443 drop" in text
+    check = subprocess.run(["nft", "-c", "-f", str(ruleset)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+
+
+def _render_unit(tmp_path: Path, device_class: str) -> Path:
+    """Render the role's unit template for a device class, with an executable ExecStart."""
+    prefix = tmp_path / device_class
+    (prefix / "bin").mkdir(parents=True)
+    wrapper = prefix / "bin" / "dualdeploy-serve"
+    wrapper.write_text("#!/bin/sh\nexit 0\n")
+    wrapper.chmod(0o755)
+    entry = TABLE["classes"][device_class]
+    variables = {
+        "edge_common_instance": "dualdeploy",
+        "edge_common_service_user": "root",
+        "edge_common_prefix": str(prefix),
+        "edge_preflight_device": {"device_class": device_class, "entry": entry},
+        "_edge_service_wrapper": str(wrapper),
+        "_edge_service_accelerated": entry["providers"] != ["CPUExecutionProvider"],
+        "edge_service_memory_max": "",
+        "edge_bundle_release": {"choice": {"trt_engine_cache": entry["trt_engine_cache"]}},
+    }
+    (tmp_path / "vars.json").write_text(json.dumps(variables))
+    unit = tmp_path / f"dualdeploy-{device_class}.service"
+    template = ANSIBLE_DIR / "roles" / "edge_service" / "templates" / "dualdeploy.service.j2"
+    subprocess.run(
+        [
+            str(BIN / "ansible"),
+            "localhost",
+            "-c",
+            "local",
+            "-m",
+            "ansible.builtin.template",
+            "-a",
+            f"src={template} dest={unit} mode=0644",
+            "-e",
+            f"@{tmp_path / 'vars.json'}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+        },
+    )
+    return unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (apt: systemd)")
+@pytest.mark.parametrize("device_class", ["x86_cpu", "jetson"])
+def test_rendered_unit_passes_systemd_analyze_verify_and_scores_ok(tmp_path: Path, device_class: str) -> None:
+    unit = _render_unit(tmp_path, device_class)
+    text = unit.read_text()
+    entry = TABLE["classes"][device_class]
+    for line in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        f"MemoryMax={entry['memory_max']}",
+    ):
+        assert line in text
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, check=False
+    )
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    score = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", security.stdout)
+    assert score, security.stdout[-2000:] + security.stderr
+    # systemd rates 0-10, lower is better; "OK" is its best band (below 3.0 here on every class).
+    assert float(score.group(1)) < 3.0 and score.group(2) == "OK", score.group(0)
+
+
+def test_readme_device_matrix_is_generated_from_the_table() -> None:
+    readme = (ANSIBLE_DIR / "README.md").read_text()
+    begin, end = "<!-- device-matrix:begin -->\n", "<!-- device-matrix:end -->"
+    assert begin in readme and end in readme, "ansible/README.md lost its matrix markers"
+    current = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert current == device_matrix(), (
+        "ansible/README.md's device matrix is stale: regenerate it with "
+        "`python -m components.edge_rollout matrix`"
+    )
+    for name in TABLE["classes"]:
+        assert f"`{name}`" in current
+
+
+def test_playbook_rolls_out_canary_first_with_configurable_batches() -> None:
+    plays = yaml.safe_load((ANSIBLE_DIR / "edge.yml").read_text())
+    rollout = plays[0]
+    assert rollout["serial"] == "{{ edge_rollout_serial | default([1, '25%', '100%']) }}"
+    assert rollout["max_fail_percentage"] == "{{ edge_rollout_max_fail_percentage | default(0) }}"
+
+
+def test_every_role_default_is_prefixed_and_mirrored_in_argument_specs() -> None:
+    for role in sorted((ANSIBLE_DIR / "roles").iterdir()):
+        defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text()) or {}
+        specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())
+        options = specs["argument_specs"]["main"]["options"]
+        assert set(defaults) == set(options), role.name
+        assert all(name.startswith(f"{role.name}_") for name in defaults), role.name
+
+
+def test_device_detection_matches_the_first_class_whose_facts_hold() -> None:
+    facts = _load(COLLECTION / "modules" / "device_facts.py")
+    classes = TABLE["classes"]
+    base = {"files": [], "commands": [], "nvidia_gpu": False}
+    assert facts.match(classes, {**base, "arch": "x86_64"}) == "x86_cpu"
+    assert facts.match(classes, {**base, "arch": "x86_64", "nvidia_gpu": True}) == "nvidia_gpu"
+    assert facts.match(classes, {**base, "arch": "aarch64", "files": ["/etc/nv_tegra_release"]}) == "jetson"
+    assert facts.match(classes, {**base, "arch": "aarch64", "commands": ["npu-smi"]}) == "ascend"
+    assert facts.match(classes, {**base, "arch": "aarch64"}) == "arm64_cpu"
+    assert facts.match(classes, {**base, "arch": "riscv64"}) is None
+
+
+def test_jetson_without_an_engine_for_its_gpu_runs_onnx_on_the_tensorrt_ep_with_a_cache() -> None:
+    select = _load(COLLECTION / "filter" / "variants.py").select_variant
+    manifest = json.loads((demo_bundle() / "manifest.json").read_text())
+    jetson = TABLE["classes"]["jetson"]
+    engine = {
+        "name": "trt-sm_87-fp16",
+        "file": "e.onnx",
+        "format": "tensorrt",
+        "precision": "fp16",
+        "device_classes": ["jetson"],
+        "gpu_arch": "sm_87",
+    }
+    choice = select(manifest, "jetson", jetson, "sm_87")
+    onnx_names = {v["name"] for v in manifest["variants"] if v["format"] == "onnx"}
+    assert choice["variant"] in onnx_names and choice["trt_engine_cache"] is True
+    with_engine = {**manifest, "variants": [*manifest["variants"], engine]}
+    assert select(with_engine, "jetson", jetson, "sm_87")["variant"] == "auto"
+    assert select(manifest, "x86_cpu", TABLE["classes"]["x86_cpu"], None) == {
+        "variant": "auto",
+        "trt_engine_cache": False,
+        "reason": "the server picks from the table",
+    }
+
+
+def test_example_site_inventory_opens_with_its_vault_password(tmp_path: Path) -> None:
+    secret = tmp_path / "vault-pass"
+    secret.write_text("example-site-vault-password")  # documented in ansible/README.md: example only
+    listing = subprocess.run(
+        [
+            str(BIN / "ansible-inventory"),
+            "-i",
+            "inventories/example-site",
+            "--vault-password-file",
+            str(secret),
+            "--host",
+            "line-2-orin",
+        ],
+        cwd=ANSIBLE_DIR,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg")},
+    )
+    host = json.loads(listing.stdout)
+    assert host["edge_service_tls_enabled"] and host["edge_hardening_nftables_enabled"]
+    assert host["vault_edge_token"] and "BEGIN CERTIFICATE" in host["vault_edge_tls_cert"]
+    assert host["edge_service_health_timeout"] == 900  # group_vars/jetson.yml
+    groups = json.loads(
+        subprocess.run(
+            [
+                str(BIN / "ansible-inventory"),
+                "-i",
+                "inventories/example-site",
+                "--vault-password-file",
+                str(secret),
+                "--list",
+            ],
+            cwd=ANSIBLE_DIR,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg")},
+        ).stdout
+    )
+    assert set(groups["edge"]["children"]) == {"x86_cpu", "jetson", "ascend"}
+    assert set(groups["edge"]["children"]) <= set(TABLE["classes"])
