@@ -41,9 +41,10 @@ bundles: setup ## Build the bundles the test suite serves (demo and MiniLM; cach
 test: setup $(CHECKOV) bundles ## Run the whole test suite (builds the demo and MiniLM bundles first).
 	$(PY) -m pytest
 
-lint: setup ## ruff, mypy (and ansible-lint once ansible/ has roles).
+lint: setup ## ruff, mypy, and ansible-lint (production profile) on ansible/.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy model_build serving components tests bench policy
+	cd ansible && ../$(VENV)/bin/ansible-lint
 
 bench: setup bundles ## Run every benchmark in bench/; each prints a table and writes bench/results/<name>.json.
 	for b in bench/*_bench.py; do echo "== $$b"; $(PY) $$b; done

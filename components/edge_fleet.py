@@ -19,7 +19,7 @@ from typing import Any
 import pulumi
 import pulumi.dynamic
 
-from components.edge_rollout import REPO_ROOT, bundle_version, inventory_hash, playbook_hash
+from components.edge_rollout import bundle_version, inventory_hash, playbook_hash
 
 # Inputs whose change means a new rollout. The vault password is deliberately absent: rotating it
 # changes nothing on the devices.
@@ -50,8 +50,14 @@ class EdgeFleetArgs:
 
 
 def _resolve(path: str) -> Path:
+    """A stack path as the program sees it: relative to the working folder.
+
+    Pulumi runs the program from the project folder, so this is the project root in real runs;
+    resolving against this module's own checkout instead would break a project that vendors
+    the components, and the test harness's fixture projects.
+    """
     candidate = Path(path)
-    return candidate if candidate.is_absolute() else REPO_ROOT / candidate
+    return candidate if candidate.is_absolute() else Path.cwd() / candidate
 
 
 def fingerprints(inventory: str, bundle_dir: str, playbook: str) -> dict[str, str]:
