@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/serving_bench.py` from the repository root
 
 from model_build.bundle import load_tensors, read_manifest  # noqa: E402
+from serving.client import encode_infer_request  # noqa: E402
 from serving.model import session_options  # noqa: E402
 
 TARGETS = {
@@ -49,7 +50,6 @@ TARGETS = {
 DEFAULT_TARGET = {"cold_start_s": 3.0, "throughput_ratio": 1.0}
 OVERHEAD_TARGET_MS = 1.0
 RSS_GROWTH_TARGET = 0.10
-_DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 
 
 # --------------------------------------------------------------------------- load generator (child process)
@@ -57,25 +57,11 @@ _DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 
 def encode_request(inputs: dict[str, np.ndarray], model: str, host: str, port: int) -> bytes:
     """A complete HTTP/1.1 request using the binary tensor data extension."""
-    header = {
-        "inputs": [
-            {
-                "name": n,
-                "shape": list(a.shape),
-                "datatype": _DATATYPES[a.dtype],
-                "parameters": {"binary_data_size": a.nbytes},
-            }
-            for n, a in inputs.items()
-        ],
-        "parameters": {"binary_data_output": True},
-    }
-    head = json.dumps(header).encode()
-    body = head + b"".join(np.ascontiguousarray(a).tobytes() for a in inputs.values())
+    body, headers = encode_infer_request(inputs)
     lines = [
         f"POST /v2/models/{model}/infer HTTP/1.1",
         f"Host: {host}:{port}",
-        "Content-Type: application/octet-stream",
-        f"Inference-Header-Content-Length: {len(head)}",
+        *(f"{name}: {value}" for name, value in headers.items()),
         f"Content-Length: {len(body)}",
         "",
         "",

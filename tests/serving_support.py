@@ -8,7 +8,6 @@ prebuild takes them from PyTorch instead).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -382,55 +381,6 @@ def running_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def binary_request(
-    inputs: dict[str, np.ndarray], binary_outputs: bool = True, outputs: list[dict[str, Any]] | None = None
-) -> tuple[bytes, dict[str, str]]:
-    """Encode a request with the binary tensor data extension; return (body, headers)."""
-    datatypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
-    header: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": n,
-                "shape": list(a.shape),
-                "datatype": datatypes[a.dtype],
-                "parameters": {"binary_data_size": a.nbytes},
-            }
-            for n, a in inputs.items()
-        ],
-    }
-    if outputs is not None:
-        header["outputs"] = outputs
-    if binary_outputs:
-        header["parameters"] = {"binary_data_output": True}
-    head = json.dumps(header).encode()
-    body = head + b"".join(np.ascontiguousarray(a).tobytes() for a in inputs.values())
-    return body, {
-        "Inference-Header-Content-Length": str(len(head)),
-        "Content-Type": "application/octet-stream",
-    }
-
-
-def decode_binary_response(body: bytes, header_length: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Split a binary-extension response into its JSON header and NumPy outputs."""
-    doc = json.loads(body[:header_length])
-    offset = header_length
-    arrays: dict[str, np.ndarray] = {}
-    kinds = {"FP32": np.float32, "INT64": np.int64}
-    for out in doc["outputs"]:
-        size = out.get("parameters", {}).get("binary_data_size")
-        if size is None:
-            arrays[out["name"]] = np.asarray(out["data"], kinds[out["datatype"]]).reshape(out["shape"])
-            continue
-        arrays[out["name"]] = np.frombuffer(
-            body,
-            kinds[out["datatype"]],
-            count=size // 4 if out["datatype"] == "FP32" else size // 8,
-            offset=offset,
-        ).reshape(out["shape"])
-        offset += size
-    return doc, arrays
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:

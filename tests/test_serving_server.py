@@ -18,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving_support import (
     Bundle,
     ServerProcess,
-    binary_request,
-    decode_binary_response,
     make_bundle,
     running_server,
 )
 from tritonclient.utils import InferenceServerException
+
+from serving.client import decode_infer_response, encode_infer_request
 
 MAX_BODY = 64 * 1024
 
@@ -98,12 +98,12 @@ def test_json_inference_matches_the_variant_run_in_process(server: ServerProcess
 
 def test_binary_inference_round_trips_raw_tensors(server: ServerProcess, tiny: Bundle) -> None:
     x = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
-    body, headers = binary_request({"x": x})
+    body, headers = encode_infer_request({"x": x})
     with server.client() as c:
         response = c.post("/v2/models/tiny/versions/v1/infer", content=body, headers=headers)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/octet-stream"
-    doc, arrays = decode_binary_response(
+    doc, arrays = decode_infer_response(
         response.content, int(response.headers["inference-header-content-length"])
     )
     assert doc["outputs"][0]["parameters"]["binary_data_size"] == 2 * 3 * 4
@@ -112,7 +112,7 @@ def test_binary_inference_round_trips_raw_tensors(server: ServerProcess, tiny: B
 
 def test_binary_input_with_json_output_on_request(server: ServerProcess, tiny: Bundle) -> None:
     x = np.ones((1, 4), np.float32)
-    body, headers = binary_request(
+    body, headers = encode_infer_request(
         {"x": x}, binary_outputs=False, outputs=[{"name": "logits", "parameters": {"binary_data": False}}]
     )
     with server.client() as c:
@@ -160,21 +160,21 @@ def test_int64_inputs_with_a_sequence_axis(embedder: tuple[Bundle, ServerProcess
     built, proc = embedder
     ids = np.array([[1, 5, 7, 9], [2, 3, 0, 0]], np.int64)
     mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.int64)
-    body, headers = binary_request({"ids": ids, "mask": mask})
+    body, headers = encode_infer_request({"ids": ids, "mask": mask})
     with proc.client() as c:
         response = c.post("/v2/models/tinyemb/infer", content=body, headers=headers)
         assert response.status_code == 200, response.text
-        _, arrays = decode_binary_response(
+        _, arrays = decode_infer_response(
             response.content, int(response.headers["inference-header-content-length"])
         )
         want = reference(built, {"ids": ids, "mask": mask})
         np.testing.assert_allclose(arrays["embedding"], want, rtol=1e-6)
         # An index outside the lookup table is the model's refusal: still a 4xx, and the server goes on.
         bad = {"ids": np.array([[1, 99]], np.int64), "mask": np.ones((1, 2), np.int64)}
-        body, headers = binary_request(bad)
+        body, headers = encode_infer_request(bad)
         refused = c.post("/v2/models/tinyemb/infer", content=body, headers=headers)
         assert refused.status_code == 400 and "out of data bounds" in refused.json()["error"]
-        mismatched = binary_request({"ids": ids, "mask": mask[:, :3].copy()})
+        mismatched = encode_infer_request({"ids": ids, "mask": mask[:, :3].copy()})
         refused = c.post("/v2/models/tinyemb/infer", content=mismatched[0], headers=mismatched[1])
         assert refused.status_code == 400 and "axis 'sequence'" in refused.json()["error"]
         assert c.get("/v2/health/ready").status_code == 200
@@ -187,11 +187,11 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(
     xs = [rng.normal(size=(1, 4)).astype(np.float32) for _ in range(48)]
 
     def call(x: np.ndarray) -> np.ndarray:
-        body, headers = binary_request({"x": x})
+        body, headers = encode_infer_request({"x": x})
         with server.client() as c:
             response = c.post("/v2/models/tiny/infer", content=body, headers=headers)
         assert response.status_code == 200, response.text
-        return decode_binary_response(
+        return decode_infer_response(
             response.content, int(response.headers["inference-header-content-length"])
         )[1]["logits"]
 
@@ -369,7 +369,8 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
 
 
 def _slow_request() -> tuple[bytes, dict[str, str]]:
-    return binary_request({"x": np.random.default_rng(0).normal(size=(1, 4, 256, 256)).astype(np.float32)})
+    x = np.random.default_rng(0).normal(size=(1, 4, 256, 256)).astype(np.float32)
+    return encode_infer_request({"x": x})
 
 
 def test_queue_bound_answers_503_with_retry_after(slow: Bundle, tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
-from serving_support import binary_request, make_bundle, running_server
+from serving_support import make_bundle, running_server
+
+from serving.client import encode_infer_request
 
 CLIENTS = 12
 
@@ -36,7 +38,7 @@ def test_sigterm_during_load_drains_in_flight_and_refuses_new(tmp_path: Path) ->
     # Eight rows a request, one request a run: each takes long enough for all to be in flight.
     built = make_bundle(tmp_path / "b", kind="slow", max_batch_size=8)
     x = np.random.default_rng(0).normal(size=(8, 4, 256, 256)).astype(np.float32)
-    body, headers = binary_request({"x": x})
+    body, headers = encode_infer_request({"x": x})
     extra = ["--grace-period-s", "30", "--max-queue", "64"]
     with running_server(built.path, built.public_key, tmp_path / "logs", extra) as proc:
         port = int(proc.base_url.rsplit(":", 1)[1])
