@@ -132,6 +132,7 @@ def load(
     device_table: Path = device.DEFAULT_TABLE,
     max_batch_size: int | None = None,
     intra_op_threads: int = 0,
+    trt_cache_dir: Path | None = None,
 ) -> LoadedModel:
     """Verify, choose, open and warm up a bundle.
 
@@ -143,6 +144,8 @@ def load(
         device_table: the device-class table.
         max_batch_size: overrides ``manifest["serving"]["max_batch_size"]``.
         intra_op_threads: ONNX Runtime intra-op threads (0: its default).
+        trt_cache_dir: a writable folder where the TensorRT EP caches the engines it builds from
+            an ONNX variant (Jetson, or a GPU without a matching prebuilt engine); None: no cache.
 
     Returns:
         The loaded model, ready to serve.
@@ -213,7 +216,7 @@ def load(
             ", ".join(choice.providers),
         )
         try:
-            session = open_session(verified, chosen, choice.providers, intra_op_threads)
+            session = open_session(verified, chosen, choice.providers, intra_op_threads, trt_cache_dir)
             loaded = LoadedModel(
                 bundle=verified,
                 spec=spec,
@@ -236,7 +239,10 @@ def load(
 
 
 def execution_providers(
-    variant: Mapping[str, Any], providers: Sequence[str], model_path: Path
+    variant: Mapping[str, Any],
+    providers: Sequence[str],
+    model_path: Path,
+    trt_cache_dir: Path | None = None,
 ) -> list[str | tuple[str, dict[str, Any]]]:
     """The ``providers`` argument of ``InferenceSession`` for one variant.
 
@@ -245,15 +251,28 @@ def execution_providers(
     wrapper's folder in the bundle, which is where the engine named by the wrapper lies. The
     bundle is read-only, so nothing that writes is switched on: no context-model dump, no timing
     cache, and no ``trt_engine_cache_path`` (the EP would create that folder). CUDA and CPU follow
-    as the class's table lists them. Other variants get the provider names as they are.
+    as the class's table lists them.
+
+    An ONNX variant on the TensorRT EP has its engine built at start-up (the warm-up pays for it,
+    not a request). With ``trt_cache_dir`` (the edge role puts it beside the release, so a restart
+    or a rollback reuses it) the EP caches that engine there; without it, the names go as they are.
 
     Args:
         variant: the manifest entry.
         providers: the class's providers available here, in order.
         model_path: the variant's file in the verified bundle.
+        trt_cache_dir: the writable engine cache folder for ONNX variants, or None.
     """
     if variant.get("format") != "tensorrt":
-        return list(providers)
+        if trt_cache_dir is None:
+            return list(providers)
+        build_options = {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(trt_cache_dir),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(trt_cache_dir),
+        }
+        return [(p, build_options) if p == "TensorrtExecutionProvider" else p for p in providers]
     trt_options: dict[str, Any] = {
         "trt_engine_cache_enable": True,
         "trt_ep_context_file_path": str(model_path.parent),
@@ -268,6 +287,7 @@ def open_session(
     variant: Mapping[str, Any],
     providers: Sequence[str],
     intra_op_threads: int,
+    trt_cache_dir: Path | None = None,
 ) -> ort.InferenceSession:
     """Open an ONNX Runtime session on a variant's file from the verified bundle.
 
@@ -283,7 +303,7 @@ def open_session(
         return ort.InferenceSession(
             str(model_path),
             session_options(intra_op_threads),
-            providers=execution_providers(variant, providers, model_path),
+            providers=execution_providers(variant, providers, model_path, trt_cache_dir),
         )
     except (
         BundleError,

@@ -150,6 +150,13 @@ def parser() -> argparse.ArgumentParser:
         help="ONNX Runtime intra-op threads, 0 for its default (DUALDEPLOY_THREADS)",
     )
     p.add_argument(
+        "--trt-cache-dir",
+        type=Path,
+        default=_env("TRT_CACHE_DIR"),
+        help="writable folder where the TensorRT EP caches engines it builds from an ONNX variant "
+        "(Jetson; the edge role sets it beside the release) (DUALDEPLOY_TRT_CACHE_DIR)",
+    )
+    p.add_argument(
         "--log-format",
         choices=["text", "json"],
         default=_env("LOG_FORMAT", "text"),
@@ -263,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device_table=args.device_table,
             max_batch_size=args.max_batch_size,
             intra_op_threads=args.threads,
+            trt_cache_dir=args.trt_cache_dir,
         )
     except ModelLoadError as exc:
         log.error("refused to serve: %s", exc)

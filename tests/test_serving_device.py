@@ -270,6 +270,21 @@ def test_wrapper_session_uses_the_prebuilt_engine_and_writes_nothing(tmp_path: P
     assert execution_providers(FP32_GPU, GPU_EPS, tmp_path / "model.fp32.onnx") == GPU_EPS
 
 
+def test_onnx_variant_on_tensorrt_caches_its_engine_where_the_device_says(tmp_path: Path) -> None:
+    cache = tmp_path / "release.trt-cache"
+    providers = execution_providers(FP32_GPU, GPU_EPS, tmp_path / "model.fp32.onnx", trt_cache_dir=cache)
+    assert providers[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    first = providers[0]
+    assert isinstance(first, tuple) and first[0] == "TensorrtExecutionProvider"
+    options = first[1]
+    assert options["trt_engine_cache_enable"] is True and options["trt_engine_cache_path"] == str(cache)
+
+
+def test_cpu_providers_ignore_the_tensorrt_cache(tmp_path: Path) -> None:
+    providers = execution_providers(FP32_GPU, ["CPUExecutionProvider"], tmp_path / "m.onnx", tmp_path / "c")
+    assert providers == ["CPUExecutionProvider"]
+
+
 def _bundle_with_engine(tmp_path: Path) -> Bundle:
     """The tiny test bundle plus a TensorRT variant as the prebuild writes it (fake engine bytes)."""
     built = make_bundle(tmp_path)
