@@ -33,7 +33,6 @@ from components.gpu_instances import GPU_INSTANCE_TYPES
 CLOUD_STACKS = ("cloud-dev", "cloud-prod")
 EDGE_STACKS = ("local", "edge-site", "hybrid")
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-HAS_EDGE_FLEET = (REPO_ROOT / "components" / "edge_fleet.py").is_file()
 # Engines the fixture bundle declares, per stack: prod requires them, dev and the rest do not.
 ENGINES = {"cloud-prod": ("sm_86", "sm_89")}
 TEST_VAULT_PASSWORD = "fixture-vault-password-not-real"
@@ -87,8 +86,8 @@ class StackRun:
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StackRun]:
-    """Run every stack that can run on this branch, once per test session."""
-    stacks = CLOUD_STACKS + (EDGE_STACKS if HAS_EDGE_FLEET else ())
+    """Run every stack once per test session (one fresh interpreter each)."""
+    stacks = CLOUD_STACKS + EDGE_STACKS
     results: dict[str, StackRun] = {}
     for stack in stacks:
         project = make_project(tmp_path_factory.mktemp(f"project-{stack}"), ENGINES.get(stack, ()))
@@ -114,8 +113,6 @@ def stack_file(stack: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("stack", CLOUD_STACKS + EDGE_STACKS)
 def test_graph_matches_snapshot(stack: str, runs: dict[str, StackRun]) -> None:
-    if stack in EDGE_STACKS and not HAS_EDGE_FLEET:
-        pytest.skip("components/edge_fleet.py (the EdgeFleet component, edge branch) is not on this branch")
     current = snapshot(runs[stack].graph)
     path = SNAPSHOTS / f"{stack}.json"
     text = json.dumps(current, indent=1, sort_keys=True) + "\n"
@@ -416,8 +413,6 @@ def test_a_value_set_with_pulumi_config_set_reaches_the_graph(tmp_path: Path) ->
 def test_edge_vault_password_never_reaches_the_state_in_plaintext(
     stack: str, runs: dict[str, StackRun]
 ) -> None:
-    if not HAS_EDGE_FLEET:
-        pytest.skip("components/edge_fleet.py (the EdgeFleet component, edge branch) is not on this branch")
     run = runs[stack]
     plain = json.dumps([mask_secrets(r["inputs"]) for r in run.resources])
     assert TEST_VAULT_PASSWORD not in plain
