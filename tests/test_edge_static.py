@@ -3,7 +3,6 @@ the rollout strategy, and the collection's pure functions on real files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -11,25 +10,44 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import pytest
 import yaml
 from edge_support import demo_bundle
 
 from components.edge_rollout import ANSIBLE_DIR, REPO_ROOT, device_matrix
+from serving import device
 
 BIN = Path(sys.executable).parent
 COLLECTION = ANSIBLE_DIR / "collections" / "ansible_collections" / "dualdeploy" / "edge" / "plugins"
 TABLE = yaml.safe_load((REPO_ROOT / "serving" / "device_classes.yaml").read_text())
 
 
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _in_child(plugin: Path, call: str, args: list[list[Any]]) -> list[Any]:
+    """Call a function of a collection plugin in a child interpreter and return its JSON result.
+
+    Importing an Ansible plugin pulls in ``ansible.module_utils``, whose import patches
+    ``sys.intern`` and ``dataclasses`` for the whole process; torch's exporter then fails in any
+    later test of the same run. The plugins run on devices in their own process anyway.
+    """
+    script = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.spec_from_file_location('plugin', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        f"print(json.dumps([getattr(module, {call!r})(*a) for a in json.loads(sys.argv[2])]))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(plugin), json.dumps(args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results: list[Any] = json.loads(run.stdout)
+    return results
 
 
 @pytest.mark.slow
@@ -201,20 +219,44 @@ def test_every_role_default_is_prefixed_and_mirrored_in_argument_specs() -> None
         assert all(name.startswith(f"{role.name}_") for name in defaults), role.name
 
 
+FACT_CASES: list[tuple[dict[str, Any], str | None]] = [
+    ({"arch": "x86_64"}, "x86_cpu"),
+    ({"arch": "x86_64", "nvidia_gpu": True}, "nvidia_gpu"),
+    ({"arch": "aarch64", "files": ["/etc/nv_tegra_release"]}, "jetson"),
+    ({"arch": "aarch64", "commands": ["npu-smi"]}, "ascend"),
+    ({"arch": "aarch64"}, "arm64_cpu"),
+    ({"arch": "riscv64"}, None),
+]
+
+
 def test_device_detection_matches_the_first_class_whose_facts_hold() -> None:
-    facts = _load(COLLECTION / "modules" / "device_facts.py")
-    classes = TABLE["classes"]
     base = {"files": [], "commands": [], "nvidia_gpu": False}
-    assert facts.match(classes, {**base, "arch": "x86_64"}) == "x86_cpu"
-    assert facts.match(classes, {**base, "arch": "x86_64", "nvidia_gpu": True}) == "nvidia_gpu"
-    assert facts.match(classes, {**base, "arch": "aarch64", "files": ["/etc/nv_tegra_release"]}) == "jetson"
-    assert facts.match(classes, {**base, "arch": "aarch64", "commands": ["npu-smi"]}) == "ascend"
-    assert facts.match(classes, {**base, "arch": "aarch64"}) == "arm64_cpu"
-    assert facts.match(classes, {**base, "arch": "riscv64"}) is None
+    cases = [{**base, **facts} for facts, _ in FACT_CASES]
+    found = _in_child(
+        COLLECTION / "modules" / "device_facts.py", "match", [[TABLE["classes"], c] for c in cases]
+    )
+    assert found == [expected for _, expected in FACT_CASES]
+
+
+def test_the_playbook_and_the_server_detect_the_same_class() -> None:
+    """The preflight module runs before the server is installed, so it carries its own matcher;
+    both must read the one table the same way."""
+    table = device.parse_table(TABLE)
+    for facts, expected in FACT_CASES:
+        given = device.DeviceFacts(
+            arch=str(facts["arch"]),
+            files=frozenset(facts.get("files", [])),
+            commands=frozenset(facts.get("commands", [])),
+            nvidia_gpu=bool(facts.get("nvidia_gpu", False)),
+        )
+        if expected is None:
+            with pytest.raises(device.DeviceError, match="no device class matches"):
+                device.detect_class(table, given)
+        else:
+            assert device.detect_class(table, given).name == expected
 
 
 def test_jetson_without_an_engine_for_its_gpu_runs_onnx_on_the_tensorrt_ep_with_a_cache() -> None:
-    select = _load(COLLECTION / "filter" / "variants.py").select_variant
     manifest = json.loads((demo_bundle() / "manifest.json").read_text())
     jetson = TABLE["classes"]["jetson"]
     engine = {
@@ -225,12 +267,20 @@ def test_jetson_without_an_engine_for_its_gpu_runs_onnx_on_the_tensorrt_ep_with_
         "device_classes": ["jetson"],
         "gpu_arch": "sm_87",
     }
-    choice = select(manifest, "jetson", jetson, "sm_87")
+    with_engine = {**manifest, "variants": [*manifest["variants"], engine]}
+    choice, with_engine_choice, x86_choice = _in_child(
+        COLLECTION / "filter" / "variants.py",
+        "select_variant",
+        [
+            [manifest, "jetson", jetson, "sm_87"],
+            [with_engine, "jetson", jetson, "sm_87"],
+            [manifest, "x86_cpu", TABLE["classes"]["x86_cpu"], None],
+        ],
+    )
     onnx_names = {v["name"] for v in manifest["variants"] if v["format"] == "onnx"}
     assert choice["variant"] in onnx_names and choice["trt_engine_cache"] is True
-    with_engine = {**manifest, "variants": [*manifest["variants"], engine]}
-    assert select(with_engine, "jetson", jetson, "sm_87")["variant"] == "auto"
-    assert select(manifest, "x86_cpu", TABLE["classes"]["x86_cpu"], None) == {
+    assert with_engine_choice["variant"] == "auto"
+    assert x86_choice == {
         "variant": "auto",
         "trt_engine_cache": False,
         "reason": "the server picks from the table",
