@@ -103,15 +103,20 @@ class RolloutResult:
 
 
 def tree_hash(paths: Iterable[Path]) -> str:
-    """sha256 over the relative names and bytes of every file under ``paths`` (sorted, stable)."""
+    """sha256 over the relative names and bytes of every file under ``paths``.
+
+    Files are taken in the order of their names relative to each root's parent, never of their
+    absolute paths, so the hash is the same wherever the checkout lies (and however it is reached:
+    a symlinked project folder gave a different order before, and so a different hash).
+    """
+    entries: list[tuple[str, Path]] = []
+    for root in (Path(p) for p in paths):
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        kept = [path for path in files if "__pycache__" not in path.parts]
+        entries += [(path.relative_to(root.parent).as_posix(), path) for path in kept]
     digest = hashlib.sha256()
-    for root in sorted(Path(p) for p in paths):
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in files:
-            if "__pycache__" in path.parts:
-                continue
-            rel = path.relative_to(root.parent).as_posix()
-            digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    for rel, path in sorted(entries):
+        digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 

@@ -7,6 +7,7 @@ password) plus one ``hosts`` entry for each device of the inventory at the bundl
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,19 @@ def test_provider_diff_keys_on_version_inventory_and_playbook_only() -> None:
 def test_provider_check_names_missing_inputs() -> None:
     result = EdgeRolloutProvider().check({}, {"inventory": "", "bundle_dir": "dist/demo/latest"})
     assert {f.property for f in result.failures} == {"inventory", "bundle_version"}
+
+
+def test_playbook_hash_is_the_same_wherever_the_checkout_lies(tmp_path: Path) -> None:
+    """The hash is a rollout's diff key: a checkout moved or reached through a link must not
+    trigger a rollout (it did once, through the sort order of absolute paths)."""
+    here = playbook_hash(REPO_ROOT / "ansible" / "edge.yml")
+    for name in ("aaa", "zzz"):  # sorts before and after the real checkout's path
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ansible").symlink_to(REPO_ROOT / "ansible")
+        assert playbook_hash(tmp_path / name / "ansible" / "edge.yml") == here
+    copy = tmp_path / "copy" / "ansible"
+    shutil.copytree(REPO_ROOT / "ansible", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert playbook_hash(copy / "edge.yml") == here
 
 
 def test_inventory_hash_covers_host_vars_beside_an_inventory_file(tmp_path: Path) -> None:
