@@ -84,9 +84,9 @@ def main() -> None:
             ),
         )
 
-        def pool(p: Any) -> NodePool:
+        def pool(p: Any, name: str) -> NodePool:
             return NodePool(
-                name=p.name,
+                name=name,
                 instance_types=list(p.instance_types),
                 min_size=p.min_size,
                 max_size=p.max_size,
@@ -94,7 +94,6 @@ def main() -> None:
                 disk_size_gib=p.disk_size_gib,
             )
 
-        system = cluster.system_pool
         gpu = GpuCluster(
             "cluster",
             GpuClusterArgs(
@@ -103,16 +102,11 @@ def main() -> None:
                 region=cfg.region,
                 vpc_id=network.vpc_id,
                 subnet_ids=network.private_subnet_ids,
-                system_pool=NodePool(
-                    name="system",
-                    instance_types=list(system.instance_types),
-                    min_size=system.min_size,
-                    max_size=system.max_size,
-                    desired_size=system.desired_size,
-                    disk_size_gib=system.disk_size_gib,
+                system_pool=pool(cluster.system_pool, "system"),
+                gpu_pools=[pool(p, p.name) for p in cluster.gpu_pools],
+                fallback_pool=(
+                    pool(cluster.fallback_pool, cluster.fallback_pool.name) if cluster.fallback_pool else None
                 ),
-                gpu_pools=[pool(p) for p in cluster.gpu_pools],
-                fallback_pool=pool(cluster.fallback_pool) if cluster.fallback_pool else None,
                 endpoint_public_access=cluster.endpoint.public_access,
                 public_access_cidrs=list(cluster.endpoint.public_access_cidrs),
                 log_types=list(cluster.log_types),
