@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import yaml
+from serving_support import free_port
 
 from model_build.bundle import (
     canonical_json,
@@ -41,13 +42,6 @@ SSHD = Path("/usr/sbin/sshd")
 DEV_KEY = REPO / ".keys" / "dev-ed25519.pem"
 DEV_PUB = REPO / ".keys" / "dev-ed25519.pub"
 DEMO_LATEST = REPO / "dist" / "demo" / "latest"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -292,41 +286,6 @@ def write_inventory(path: Path, devices: Iterable[Device], group_vars: dict[str,
 
 
 # --------------------------------------------------------------------------- secrets
-
-
-def self_signed_cert(folder: Path) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1 and its key, as PEM text (cryptography)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    (folder / "server.crt").write_text(cert_pem)
-    return cert_pem, key_pem
 
 
 def write_vault_file(path: Path, data: dict[str, Any], password: str) -> Path:

@@ -383,6 +383,47 @@ def running_server(
                 proc.wait()
 
 
+def self_signed_cert(folder: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM text (cryptography).
+
+    Also writes them to ``folder/server.crt`` and ``folder/server.key`` (0600). The certificate
+    is its own CA (basicConstraints CA:TRUE), so clients can trust it as a ``cafile``.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    (folder / "server.crt").write_text(cert_pem)
+    (folder / "server.key").write_text(key_pem)
+    (folder / "server.key").chmod(0o600)
+    return cert_pem, key_pem
+
+
 def copy_bundle(src: Path, dst: Path) -> Path:
     """A copy of a bundle folder (to tamper with)."""
     shutil.copytree(src, dst)

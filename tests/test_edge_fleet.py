@@ -27,14 +27,13 @@ from edge_support import (
     demo_bundle,
     derive_bundle,
     flip_byte,
-    free_port,
     make_sshd,
-    self_signed_cert,
     skew_golden,
     touch_onnx_docstring,
     write_inventory,
     write_vault_file,
 )
+from serving_support import free_port, self_signed_cert
 
 from components.edge_fleet import EdgeRolloutProvider, fingerprints
 from components.edge_rollout import RolloutError, RolloutResult, run_rollout

@@ -131,32 +131,9 @@ def _render_unit(tmp_path: Path, device_class: str) -> Path:
         "edge_service_memory_max": "",
         "edge_bundle_release": {"choice": {"trt_engine_cache": entry["trt_engine_cache"]}},
     }
-    (tmp_path / "vars.json").write_text(json.dumps(variables))
     unit = tmp_path / f"dualdeploy-{device_class}.service"
     template = ANSIBLE_DIR / "roles" / "edge_service" / "templates" / "dualdeploy.service.j2"
-    subprocess.run(
-        [
-            str(BIN / "ansible"),
-            "localhost",
-            "-c",
-            "local",
-            "-m",
-            "ansible.builtin.template",
-            "-a",
-            f"src={template} dest={unit} mode=0644",
-            "-e",
-            f"@{tmp_path / 'vars.json'}",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={
-            **os.environ,
-            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
-            "PATH": f"{BIN}:{os.environ['PATH']}",
-        },
-    )
-    return unit
+    return _render(tmp_path, template, unit, variables)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (apt: systemd)")
