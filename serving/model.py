@@ -263,22 +263,23 @@ def execution_providers(
         model_path: the variant's file in the verified bundle.
         trt_cache_dir: the writable engine cache folder for ONNX variants, or None.
     """
-    if variant.get("format") != "tensorrt":
-        if trt_cache_dir is None:
-            return list(providers)
-        build_options = {
+    trt_options: dict[str, Any] | None
+    if variant.get("format") == "tensorrt":
+        trt_options = {
+            "trt_engine_cache_enable": True,
+            "trt_ep_context_file_path": str(model_path.parent),
+            "trt_dump_ep_context_model": False,
+            "trt_timing_cache_enable": False,
+        }
+    elif trt_cache_dir is not None:
+        trt_options = {
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(trt_cache_dir),
             "trt_timing_cache_enable": True,
             "trt_timing_cache_path": str(trt_cache_dir),
         }
-        return [(p, build_options) if p == "TensorrtExecutionProvider" else p for p in providers]
-    trt_options: dict[str, Any] = {
-        "trt_engine_cache_enable": True,
-        "trt_ep_context_file_path": str(model_path.parent),
-        "trt_dump_ep_context_model": False,
-        "trt_timing_cache_enable": False,
-    }
+    else:
+        return list(providers)
     return [(p, trt_options) if p == "TensorrtExecutionProvider" else p for p in providers]
 
 
