@@ -328,6 +328,26 @@ def device_matrix(table_path: Path = DEVICE_TABLE) -> str:
             f"| `{entry.get('onnxruntime_package')}` | {', '.join(entry.get('providers', []))} "
             f"| {'yes' if entry.get('trt_engine_cache') else 'no'} | {entry.get('memory_max')} |"
         )
+    rows += [
+        "",
+        "INT8 is validated per CPU class (ONNX Runtime's integer kernels differ by CPU features). A device "
+        "serves an INT8 variant only on a class its manifest lists under `cpu.validated`; elsewhere it "
+        "serves FP32 and says so in its log, its model metadata and `dualdeploy_int8_not_validated`.",
+        "",
+        "| CPU class | Arch | CPU features (`/proc/cpuinfo`) | How a build checks it |",
+        "|---|---|---|---|",
+    ]
+    for name, entry in (table.get("cpu_classes") or {}).items():
+        emulator = entry.get("emulator")
+        how = (
+            f"natively on such a host; elsewhere emulated (`{' '.join(emulator)}`)"
+            if emulator
+            else "natively on such a host only; elsewhere recorded as unverified"
+        )
+        rows.append(
+            f"| `{name}` ({entry.get('description', '')}) | `{entry['arch']}` "
+            f"| {', '.join(f'`{f}`' for f in entry.get('requires') or []) or '—'} | {how} |"
+        )
     return "\n".join(rows) + "\n"
 
 

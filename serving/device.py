@@ -14,16 +14,17 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import math
-import os
-import platform
-import shutil
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from serving import detect
+from serving.detect import gpu_arch_from_compute_cap
+
+__all__ = ["gpu_arch_from_compute_cap"]  # re-exported: one implementation, in serving/detect.py
 
 DEFAULT_TABLE = Path(__file__).with_name("device_classes.yaml")
 TABLE_SCHEMA_VERSION = 1
@@ -59,6 +60,8 @@ class DeviceFacts:
         nvidia_gpu: an NVIDIA driver is present.
         gpu_arch: the GPU's compute capability as ``sm_XY``, when known.
         tensorrt_version: the TensorRT library this machine would load (``10.3.0``), when known.
+        cpu_class: the CPU class (``cpu_classes`` of the table) of this processor, None if none fits.
+        cpu_flags: the CPU features that some CPU class names, found here.
     """
 
     arch: str
@@ -67,6 +70,8 @@ class DeviceFacts:
     nvidia_gpu: bool = False
     gpu_arch: str | None = None
     tensorrt_version: str | None = None
+    cpu_class: str | None = None
+    cpu_flags: frozenset[str] = field(default_factory=frozenset)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class VariantChoice:
     reason: str
     refused: tuple[str, ...] = ()
     """TensorRT variants built for the class that this machine cannot run, each with the reason."""
+    cpu_refused: tuple[str, ...] = ()
+    """INT8 variants set aside because the build did not validate them for this machine's CPU class."""
 
 
 _REQUIRED_KEYS = ("detect", "formats", "precisions", "onnxruntime_package", "providers", "memory_max")
@@ -117,58 +124,64 @@ def parse_table(data: Any) -> dict[str, DeviceClass]:
     return table
 
 
+def _read(path: Path) -> Any:
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise DeviceError(f"device table {path}: cannot read ({exc})") from exc
+
+
 def load_table(path: Path = DEFAULT_TABLE) -> dict[str, DeviceClass]:
     """Read and validate the device-class table.
 
     Raises:
         DeviceError: the file is missing, not YAML, or malformed.
     """
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise DeviceError(f"device table {path}: cannot read ({exc})") from exc
-    return parse_table(data)
+    return parse_table(_read(path))
+
+
+def load_cpu_classes(path: Path = DEFAULT_TABLE) -> dict[str, dict[str, Any]]:
+    """The table's ``cpu_classes`` rows, in file order (empty for a table without them).
+
+    Raises:
+        DeviceError: the file cannot be read, or a row lacks ``arch``.
+    """
+    rows = (_read(path) or {}).get("cpu_classes") or {}
+    for name, row in rows.items():
+        if not isinstance(row, dict) or "arch" not in row:
+            raise DeviceError(f"device table: cpu class {name!r} must be a mapping with an 'arch'")
+    return dict(rows)
+
+
+def _found(facts: DeviceFacts) -> dict[str, Any]:
+    return {
+        "arch": facts.arch,
+        "files": facts.files,
+        "commands": facts.commands,
+        "nvidia_gpu": facts.nvidia_gpu,
+    }
 
 
 def matches(device_class: DeviceClass, facts: DeviceFacts) -> bool:
     """Whether every fact listed in the class's ``detect`` block holds."""
-    detect = device_class.detect
-    if "arch" in detect and detect["arch"] != facts.arch:
-        return False
-    if any(path not in facts.files for path in detect.get("files", [])):
-        return False
-    if any(cmd not in facts.commands for cmd in detect.get("commands", [])):
-        return False
-    return not ("nvidia_gpu" in detect and bool(detect["nvidia_gpu"]) != facts.nvidia_gpu)
+    rows = {device_class.name: {"detect": device_class.detect}}
+    return detect.match_device_class(rows, _found(facts)) is not None
 
 
 def detect_class(table: Mapping[str, DeviceClass], facts: DeviceFacts) -> DeviceClass:
-    """The first class of the table whose detection facts all hold.
+    """The first class of the table whose detection facts all hold (``serving/detect.py`` decides).
 
     Raises:
         DeviceError: no class matches (the message lists the facts).
     """
-    for device_class in table.values():
-        if matches(device_class, facts):
-            return device_class
+    name = detect.match_device_class({n: {"detect": c.detect} for n, c in table.items()}, _found(facts))
+    if name is not None:
+        return table[name]
     raise DeviceError(
         f"no device class matches this machine (arch={facts.arch}, files={sorted(facts.files)}, "
         f"commands={sorted(facts.commands)}, nvidia_gpu={facts.nvidia_gpu}); "
         f"pass --device-class with one of {', '.join(table)}"
     )
-
-
-def gpu_arch_from_compute_cap(output: str) -> str | None:
-    """``nvidia-smi --query-gpu=compute_cap --format=csv,noheader`` output -> ``sm_86`` (first GPU).
-
-    Returns None when the output holds no ``major.minor`` figure (no GPU, ``[N/A]``, an error).
-    """
-    lines = output.strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    major, dot, minor = first.partition(".")
-    if not (dot and major.isdigit() and minor.isdigit()):
-        return None
-    return f"sm_{int(major)}{minor}"
 
 
 def tensorrt_version_from_int(value: int) -> str:
@@ -184,20 +197,6 @@ def tensorrt_version_from_int(value: int) -> str:
 
 def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.strip().split(".")[:2])
-
-
-def _probe_gpu_arch() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return gpu_arch_from_compute_cap(out)
 
 
 _NVINFER_LIBS = ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so")
@@ -226,21 +225,59 @@ def _probe_tensorrt_version() -> str | None:
     return None
 
 
-def gather_facts(table: Mapping[str, DeviceClass]) -> DeviceFacts:
-    """Look at this machine for exactly the facts the table asks about."""
-    files: set[str] = set()
-    commands: set[str] = set()
-    for device_class in table.values():
-        files.update(p for p in device_class.detect.get("files", []) if os.path.exists(p))
-        commands.update(c for c in device_class.detect.get("commands", []) if shutil.which(c))
-    nvidia = shutil.which("nvidia-smi") is not None or os.path.exists("/proc/driver/nvidia")
+def gather_facts(
+    table: Mapping[str, DeviceClass], cpu_classes: Mapping[str, Mapping[str, Any]] | None = None
+) -> DeviceFacts:
+    """Look at this machine for exactly the facts the tables ask about (``serving/detect.py``)."""
+    found = detect.gather({n: {"detect": c.detect} for n, c in table.items()}, cpu_classes or {})
     return DeviceFacts(
-        arch=platform.machine(),
-        files=frozenset(files),
-        commands=frozenset(commands),
-        nvidia_gpu=nvidia,
-        gpu_arch=_probe_gpu_arch() if nvidia else None,
-        tensorrt_version=_probe_tensorrt_version() if nvidia else None,
+        arch=found["arch"],
+        files=frozenset(found["files"]),
+        commands=frozenset(found["commands"]),
+        nvidia_gpu=found["nvidia_gpu"],
+        gpu_arch=found["gpu_arch"],
+        tensorrt_version=_probe_tensorrt_version() if found["nvidia_gpu"] or found["gpu_arch"] else None,
+        cpu_class=found["cpu_class"],
+        cpu_flags=frozenset(found["cpu_flags"]),
+    )
+
+
+def cpu_problem(variant: Mapping[str, Any], facts: DeviceFacts) -> str | None:
+    """Why an INT8 ONNX variant must not run on this CPU (None when the build validated it here).
+
+    ONNX Runtime's integer kernels differ by CPU class (``cpu_classes`` of the table), so an INT8
+    variant serves only on the classes whose gate it passed at build: natively or under an emulator.
+    FP32 and FP16 variants, and TensorRT engines, carry no CPU condition.
+    """
+    if variant.get("precision") != "int8" or variant.get("format") != "onnx":
+        return None
+    record = variant.get("cpu")
+    if not isinstance(record, Mapping):
+        return "the manifest records no per-CPU-class validation (a bundle from before schema 2; rebuild it)"
+    validated = list(record.get("validated") or [])
+    if facts.cpu_class is None:
+        return (
+            f"this CPU ({facts.arch}, features {', '.join(sorted(facts.cpu_flags)) or 'none known'}) is of "
+            f"no CPU class of the table; the build validated it on {', '.join(validated) or 'no class'}"
+        )
+    if facts.cpu_class in validated:
+        return None
+    results = record.get("results") or {}
+    result = results.get(facts.cpu_class) or {}
+    status = result.get("status", "not claimed")
+    why = f": {result['reason']}" if result.get("reason") else ""
+    lacking = []
+    for name in validated:
+        row = results.get(name) or {}
+        missing = detect.missing_cpu_features(
+            {"arch": row.get("arch", facts.arch), "requires": row.get("requires", [])},
+            facts.arch,
+            facts.cpu_flags,
+        )
+        lacking.append(f"{name} (this CPU lacks {', '.join(missing)})" if missing else name)
+    return (
+        f"not validated for this CPU class {facts.cpu_class} at build ({status}{why}); "
+        f"validated on {', '.join(lacking) or 'no class'}"
     )
 
 
@@ -358,11 +395,18 @@ def choose_variant(
         problem = runnable_problem(variant, device_class, available_providers, facts)
         if problem:
             raise DeviceError(f"variant {requested!r} cannot run on this machine: {problem}")
+        unvalidated = cpu_problem(variant, facts)
+        if unvalidated:
+            # The operator's explicit choice stands; the on-device quality gate still has the last word.
+            return VariantChoice(
+                variant, providers, "requested with --variant", cpu_refused=(f"{requested}: {unvalidated}",)
+            )
         return VariantChoice(variant, providers, "requested with --variant")
 
     candidates = []
     rejected = []
     refused = []
+    cpu_refused = []
     for variant in variants:
         name = str(variant.get("name"))
         if name in exclude:
@@ -381,6 +425,11 @@ def choose_variant(
             if variant.get("format") == "tensorrt":
                 refused.append(f"{name}: {problem}")
             continue
+        problem = cpu_problem(variant, facts)
+        if problem:
+            rejected.append(f"{name}: {problem}")
+            cpu_refused.append(f"{name}: {problem}")
+            continue
         candidates.append(variant)
     if not candidates:
         raise DeviceError(
@@ -392,4 +441,4 @@ def choose_variant(
         f"fastest measured for {device_class.name} "
         f"(p50 {_latency(best):.3g} ms among {', '.join(str(v.get('name')) for v in candidates)})"
     )
-    return VariantChoice(best, providers, reason, tuple(refused))
+    return VariantChoice(best, providers, reason, tuple(refused), tuple(cpu_refused))

@@ -95,6 +95,18 @@ class Metrics:
         )
         self.ready = Gauge("dualdeploy_ready", "1 while the server reports ready.", registry=r)
         self.info = Info("dualdeploy_model", "The served bundle and variant.", registry=r)
+        self.int8_not_validated = Gauge(
+            "dualdeploy_int8_not_validated",
+            "1 when the bundle's INT8 variant was not validated at build for this CPU class "
+            "(another variant serves, or INT8 was forced with --variant).",
+            registry=r,
+        )
+        self.quality_gate = Gauge(
+            "dualdeploy_quality_gate",
+            "Figures of the on-device quality gate passed at start-up (agreement, max_abs_diff, ...).",
+            ["figure"],
+            registry=r,
+        )
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         """Record one model run: its rows and its compute time."""

@@ -8,6 +8,7 @@ Only a model that passed all of that is handed to the HTTP layer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -22,8 +23,10 @@ from model_build.bundle import (
     BundleError,
     VerifiedBundle,
     compare_outputs,
+    iter_quality_inputs,
     load_public_key,
     load_tensors,
+    quality_gate,
     verify_bundle,
 )
 from serving import device
@@ -53,6 +56,11 @@ class LoadedModel:
     load_seconds: float
     warmup_figures: dict[str, float] = field(default_factory=dict)
     batchable: bool = True
+    cpu_class: str | None = None
+    cpu_note: str = ""
+    """Why an INT8 variant was set aside (or forced) on this CPU class; empty when nothing was."""
+    quality_figures: dict[str, float] = field(default_factory=dict)
+    """The on-device quality gate's figures (empty when the variant has no quality entry)."""
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model once (blocking; call it off the event loop).
@@ -166,7 +174,7 @@ def load(
 
     try:
         table = device.load_table(device_table)
-        facts = device.gather_facts(table)
+        facts = device.gather_facts(table, device.load_cpu_classes(device_table))
         if device_class == "auto":
             dclass = device.detect_class(table, facts)
         elif device_class in table:
@@ -208,6 +216,7 @@ def load(
         chosen = choice.variant
         for refusal in choice.refused:
             log.warning("TensorRT variant not used: %s", refusal)
+        cpu_note = _log_cpu_choice(choice, facts, requested=variant != "auto")
         log.info(
             "device class %s; variant %s (%s); providers %s",
             dclass.name,
@@ -226,8 +235,14 @@ def load(
                 session=session,
                 load_seconds=0.0,
                 batchable=batchable,
+                cpu_class=facts.cpu_class,
+                cpu_note=cpu_note,
             )
             loaded.warmup_figures = warm_up(loaded)
+            loaded.quality_figures = quality_check(loaded)
+            loaded.spec = dataclasses.replace(
+                loaded.spec, parameters=choice_parameters(loaded, choice.reason)
+            )
         except ModelLoadError as exc:
             if variant != "auto" or chosen.get("format") != "tensorrt":
                 raise
@@ -236,6 +251,37 @@ def load(
             continue
         loaded.load_seconds = time.perf_counter() - started
         return loaded
+
+
+def _log_cpu_choice(choice: device.VariantChoice, facts: device.DeviceFacts, *, requested: bool) -> str:
+    """Log, in one line, an INT8 variant set aside (or forced) on this CPU class; return that reason."""
+    note = "; ".join(choice.cpu_refused)
+    if note and not requested:
+        log.warning(
+            "CPU class %s: serving %s instead of INT8, because %s",
+            facts.cpu_class or "unknown",
+            choice.variant.get("name"),
+            note,
+        )
+    elif note:
+        log.warning("serving the requested INT8 variant on an unvalidated CPU: %s", note)
+    return note
+
+
+def choice_parameters(model: LoadedModel, reason: str) -> dict[str, str]:
+    """What the server chose for this machine, for model metadata ``parameters`` (strings only)."""
+    params = {
+        "variant": str(model.variant.get("name")),
+        "precision": str(model.variant.get("precision")),
+        "device_class": model.device_class,
+        "cpu_class": model.cpu_class or "unknown",
+        "variant_reason": reason,
+    }
+    if model.cpu_note:
+        params["int8_not_validated_here"] = model.cpu_note
+    if model.quality_figures:
+        params["quality_gate"] = ", ".join(f"{k}={v:.4g}" for k, v in sorted(model.quality_figures.items()))
+    return params
 
 
 def execution_providers(
@@ -354,5 +400,55 @@ def warm_up(model: LoadedModel) -> dict[str, float]:
     log.info(
         "warm-up matched the golden outputs (%s)",
         ", ".join(f"{k}={v:.3g}" for k, v in sorted(figures.items())),
+    )
+    return figures
+
+
+def quality_check(model: LoadedModel) -> dict[str, float]:
+    """The on-device quality gate: the manifest's quality set on this machine's real kernels.
+
+    Runs every sample of the quality set through the chosen variant and checks, with
+    :func:`model_build.bundle.quality_gate`, that the outputs are within the build-derived tolerance of
+    what the build computed for this variant, and within the variant's tolerance of the FP32 reference.
+    Variants without a quality entry (TensorRT engines, bundles of schema 1) keep the golden check only.
+
+    Returns:
+        The gate's figures, or an empty dict when the variant has no quality entry.
+
+    Raises:
+        ModelLoadError: the quality set is unusable or the gate fails, with the measured figures.
+    """
+    manifest = model.bundle.manifest
+    quality = manifest.get("quality")
+    entry = model.variant.get("quality")
+    if not isinstance(quality, Mapping) or not isinstance(entry, Mapping):
+        log.info(
+            "variant %s has no on-device quality set; the golden check was the gate",
+            model.variant.get("name"),
+        )
+        return {}
+    started = time.perf_counter()
+    names = [t.name for t in model.spec.outputs]
+    try:
+        build = load_tensors(model.bundle.file(str(entry["outputs"])))
+        reference = load_tensors(model.bundle.file(str(quality["reference"])))
+        # Batch by batch, as the build ran them: dynamic INT8 quantizes each run's activations with one
+        # scale, so the same rows must go together here to compare like with like.
+        parts = [model.run(batch) for batch in iter_quality_inputs(quality, model.bundle.file)]
+        actual = {n: np.concatenate([part[n] for part in parts]) for n in names}
+        count = len(actual[names[0]])
+        figures = quality_gate(
+            model.variant, actual, {n: build[n] for n in names}, {n: reference[n] for n in names}
+        )
+    except (KeyError, BundleError, ModelRunError, OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"on-device quality gate: variant {model.variant.get('name')} on CPU class "
+            f"{model.cpu_class or 'unknown'}: {exc}"
+        ) from exc
+    log.info(
+        "on-device quality gate passed on %d samples in %.2f s (%s)",
+        count,
+        time.perf_counter() - started,
+        ", ".join(f"{k}={v:.4g}" for k, v in sorted(figures.items())),
     )
     return figures

@@ -97,16 +97,21 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
     platform: str = "onnxruntime_onnx"
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    """What was chosen for this machine (variant, device and CPU class, why): metadata ``parameters``."""
 
     def metadata(self) -> dict[str, Any]:
-        """The v2 model-metadata response body."""
-        return {
+        """The v2 model-metadata response body (``parameters`` is a KServe v2 extension field)."""
+        body: dict[str, Any] = {
             "name": self.name,
             "versions": [self.version],
             "platform": self.platform,
             "inputs": [t.metadata() for t in self.inputs],
             "outputs": [t.metadata() for t in self.outputs],
         }
+        if self.parameters:
+            body["parameters"] = dict(self.parameters)
+        return body
 
 
 @dataclass

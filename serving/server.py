@@ -306,11 +306,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "variant": str(model.variant.get("name")),
             "precision": str(model.variant.get("precision")),
             "device_class": model.device_class,
+            "cpu_class": model.cpu_class or "unknown",
             "providers": ",".join(model.providers),
             "key_id": model.bundle.key_id,
             "server_version": __version__,
         }
     )
+    metrics.int8_not_validated.set(1 if model.cpu_note else 0)
+    for figure, value in model.quality_figures.items():
+        metrics.quality_gate.labels(figure=figure).set(value)
     batcher = Batcher(
         model.run,
         max_batch_size=model.spec.max_batch_size,

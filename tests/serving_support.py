@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from model_build import bundle
+from serving import device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,6 +162,7 @@ def make_bundle(
     max_queue_delay_ms: float = 2.0,
     int8_faster: bool = True,
     corrupt_golden: bool = False,
+    int8_cpu_classes: Sequence[str] | None = None,
 ) -> Bundle:
     """Build and sign a bundle ``root/<model>/<version>`` with an fp32 and an int8 variant.
 
@@ -172,6 +174,8 @@ def make_bundle(
         max_queue_delay_ms: the manifest's ``serving.max_queue_delay_ms``.
         int8_faster: whether the manifest measures int8 faster than fp32.
         corrupt_golden: write negated golden outputs, which no variant reproduces (to fail warm-up).
+        int8_cpu_classes: the CPU classes the manifest records the int8 variant as validated on
+            (default: this machine's, as a build here would).
 
     Returns:
         The bundle and its public key.
@@ -246,6 +250,13 @@ def make_bundle(
                 },
             }
         )
+    if int8_cpu_classes is None:
+        host = device.gather_facts(device.load_table(), device.load_cpu_classes()).cpu_class
+        int8_cpu_classes = [host] if host else []
+    variants[1]["cpu"] = {
+        "validated": list(int8_cpu_classes),
+        "results": {c: {"status": "passed", "via": "native"} for c in int8_cpu_classes},
+    }
     manifest: dict[str, Any] = {
         "schema_version": bundle.SCHEMA_VERSION,
         "model": name,
@@ -291,7 +302,7 @@ class ServerProcess:
 
     def client(self, **kwargs: Any) -> httpx.Client:
         """An HTTP client bound to this server."""
-        return httpx.Client(base_url=self.base_url, verify=self.verify, timeout=10.0, **kwargs)
+        return httpx.Client(**{"base_url": self.base_url, "verify": self.verify, "timeout": 10.0, **kwargs})
 
 
 def server_command(bundle_dir: Path, public_key: Path, port: int, extra: Sequence[str] = ()) -> list[str]:
@@ -344,14 +355,18 @@ def running_server(
     scheme: str = "http",
     verify: ssl.SSLContext | bool = True,
     timeout: float = 30.0,
+    prefix: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
-    """Start a server process, wait until it reports ready, stop it afterwards."""
+    """Start a server process, wait until it reports ready, stop it afterwards.
+
+    ``prefix`` runs the server under another program, e.g. ``qemu-x86_64 -cpu Haswell``.
+    """
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
     with log_path.open("wb") as sink:
         proc = subprocess.Popen(
-            server_command(bundle_dir, public_key, port, extra),
+            [*prefix, *server_command(bundle_dir, public_key, port, extra)],
             cwd=REPO,
             env=_env(),
             stdout=sink,

@@ -33,6 +33,7 @@ def _in_child(plugin: Path, call: str, args: list[list[Any]]) -> list[Any]:
     """
     script = (
         "import importlib.util, json, sys\n"
+        f"sys.path.insert(0, {str(ANSIBLE_DIR / 'collections')!r})  # the collection's module_utils\n"
         "spec = importlib.util.spec_from_file_location('plugin', sys.argv[1])\n"
         "module = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
@@ -233,6 +234,75 @@ def test_the_playbook_and_the_server_detect_the_same_class() -> None:
             assert device.detect_class(table, given).name == expected
 
 
+def test_the_collection_ships_the_server_detection_module_byte_for_byte() -> None:
+    """One implementation of device and CPU detection: serving/detect.py, copied into module_utils."""
+    shipped = COLLECTION / "module_utils" / "detect.py"
+    assert shipped.read_bytes() == (REPO_ROOT / "serving" / "detect.py").read_bytes(), (
+        "module_utils/detect.py differs from serving/detect.py: run `make sync-detect`"
+    )
+
+
+def test_the_preflight_module_reports_this_machines_cpu_class_like_the_server() -> None:
+    (found,) = _in_child(
+        COLLECTION / "module_utils" / "detect.py", "gather", [[TABLE["classes"], TABLE["cpu_classes"]]]
+    )
+    facts = device.gather_facts(device.parse_table(TABLE), TABLE["cpu_classes"])
+    assert found["cpu_class"] == facts.cpu_class is not None
+    assert sorted(found["cpu_flags"]) == sorted(facts.cpu_flags)
+
+
+def _int8_manifest(validated: list[str]) -> dict[str, Any]:
+    manifest = json.loads((demo_bundle() / "manifest.json").read_text())
+    rows = TABLE["cpu_classes"]
+    for variant in manifest["variants"]:
+        if variant["name"] == "int8":
+            variant["cpu"] = {
+                "validated": validated,
+                "results": {c: {"status": "passed", "requires": rows[c]["requires"]} for c in validated},
+            }
+    return manifest
+
+
+def test_preflight_refuses_a_bundle_with_nothing_validated_for_the_device_cpu_naming_the_features() -> None:
+    vnni_only = _int8_manifest(["x86_64_avx512_vnni"])
+    vnni_only["variants"] = [v for v in vnni_only["variants"] if v["name"] == "int8"]
+    x86 = TABLE["classes"]["x86_cpu"]
+    script_error = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import importlib.util, json, sys\n"
+            "spec = importlib.util.spec_from_file_location('plugin', sys.argv[1])\n"
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+            "module.select_variant(*json.loads(sys.argv[2]))\n",
+            str(COLLECTION / "filter" / "variants.py"),
+            json.dumps([vnni_only, "x86_cpu", x86, None, "x86_64_avx2", ["avx2", "fma"]]),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert script_error.returncode != 0
+    assert "nothing validated for this device's CPU" in script_error.stderr
+    assert "x86_64_avx512_vnni (the device lacks avx512bw, avx512_vnni)" in script_error.stderr
+
+
+def test_preflight_notes_an_int8_variant_the_device_cpu_will_not_serve() -> None:
+    x86 = TABLE["classes"]["x86_cpu"]
+    served, set_aside = _in_child(
+        COLLECTION / "filter" / "variants.py",
+        "select_variant",
+        [
+            [_int8_manifest(["x86_64_avx2"]), "x86_cpu", x86, None, "x86_64_avx2", ["avx2", "fma"]],
+            [_int8_manifest(["x86_64_avx512_vnni"]), "x86_cpu", x86, None, "x86_64_avx2", ["avx2", "fma"]],
+        ],
+    )
+    assert served["variant"] == "auto" and served["cpu_note"] == ""
+    assert set_aside["variant"] == "auto"
+    assert "int8: not validated for CPU class x86_64_avx2" in set_aside["cpu_note"]
+
+
 def test_jetson_without_an_engine_for_its_gpu_runs_onnx_on_the_tensorrt_ep_with_a_cache() -> None:
     manifest = json.loads((demo_bundle() / "manifest.json").read_text())
     jetson = TABLE["classes"]["jetson"]
@@ -261,7 +331,10 @@ def test_jetson_without_an_engine_for_its_gpu_runs_onnx_on_the_tensorrt_ep_with_
         "variant": "auto",
         "trt_engine_cache": False,
         "reason": "the server picks from the table",
+        "cpu_note": x86_choice["cpu_note"],
     }
+    # Called without CPU facts, as this test does, no INT8 counts as validated for the device.
+    assert x86_choice["cpu_note"].startswith("int8: not validated for CPU class unknown")
 
 
 def test_example_site_inventory_opens_with_its_vault_password(tmp_path: Path) -> None:

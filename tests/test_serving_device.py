@@ -12,11 +12,35 @@ from serving_support import Bundle, make_bundle, run_refused, running_server
 
 from model_build import bundle as contract
 from model_build.tensorrt import write_engine_wrapper
-from serving import device
+from serving import detect, device
 from serving.model import execution_providers
 
 TABLE = device.load_table()
-X86 = device.DeviceFacts(arch="x86_64")
+CPU_CLASSES = device.load_cpu_classes()
+AVX2 = frozenset({"avx2", "fma"})
+X86 = device.DeviceFacts(arch="x86_64", cpu_class="x86_64_avx2", cpu_flags=AVX2)
+VNNI = frozenset({"avx2", "fma", "avx512bw", "avx512_vnni"})
+
+
+def validated(
+    *classes: str, failed: tuple[str, ...] = (), unverified: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A manifest ``cpu`` record: the classes an INT8 variant passed, failed, or could not be checked on."""
+    results: dict[str, Any] = {}
+    for status, names in (("passed", classes), ("failed", failed), ("unverified", unverified)):
+        for name in names:
+            row = CPU_CLASSES[name]
+            results[name] = {
+                "status": status,
+                "via": "native",
+                "arch": row["arch"],
+                "requires": row["requires"],
+            }
+            if status != "passed":
+                results[name]["reason"] = f"{status} at build"
+    return {"validated": list(classes), "results": results}
+
+
 CPU = ["CPUExecutionProvider"]
 GPU_EPS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -29,6 +53,8 @@ def variant(
     classes: tuple[str, ...] = ("x86_cpu",),
     **extra: Any,
 ) -> dict[str, Any]:
+    if precision == "int8" and fmt == "onnx":
+        extra.setdefault("cpu", validated("x86_64_avx2", "x86_64_avx512_vnni"))
     return {
         "name": name,
         "file": f"{name}.onnx",
@@ -85,6 +111,91 @@ def test_x86_picks_whichever_the_manifest_measured_faster() -> None:
 def test_equal_latency_falls_back_to_the_class_precision_order() -> None:
     tie = [variant("fp32", "fp32", 1.0), variant("int8", "int8", 1.0)]
     assert device.choose_variant(tie, TABLE["x86_cpu"], CPU, X86).variant["name"] == "int8"
+
+
+def test_int8_serves_only_on_the_cpu_classes_the_build_validated() -> None:
+    only_vnni = [
+        variant("fp32", "fp32", 2.0),
+        variant("int8", "int8", 1.1, cpu=validated("x86_64_avx512_vnni")),
+    ]
+    on_vnni = device.DeviceFacts(arch="x86_64", cpu_class="x86_64_avx512_vnni", cpu_flags=VNNI)
+    assert device.choose_variant(only_vnni, TABLE["x86_cpu"], CPU, on_vnni).variant["name"] == "int8"
+    choice = device.choose_variant(only_vnni, TABLE["x86_cpu"], CPU, X86)
+    assert choice.variant["name"] == "fp32"
+    (note,) = choice.cpu_refused
+    assert "not validated for this CPU class x86_64_avx2" in note
+    assert "x86_64_avx512_vnni (this CPU lacks avx512bw, avx512_vnni)" in note
+
+
+def test_int8_that_failed_or_was_unverified_on_this_class_says_so() -> None:
+    failed = [
+        variant("fp32", "fp32", 2.0),
+        variant("int8", "int8", 1.1, cpu=validated("x86_64_avx512_vnni", failed=("x86_64_avx2",))),
+    ]
+    (note,) = device.choose_variant(failed, TABLE["x86_cpu"], CPU, X86).cpu_refused
+    assert "(failed: failed at build)" in note
+    arm = device.DeviceFacts(arch="aarch64", cpu_class="aarch64")
+    unverified = [
+        variant("fp32", "fp32", 2.0, classes=("arm64_cpu",)),
+        variant(
+            "int8", "int8", 1.1, classes=("arm64_cpu",), cpu=validated("x86_64_avx2", unverified=("aarch64",))
+        ),
+    ]
+    choice = device.choose_variant(unverified, TABLE["arm64_cpu"], CPU, arm)
+    assert choice.variant["name"] == "fp32"
+    assert "(unverified: unverified at build)" in choice.cpu_refused[0]
+
+
+def test_int8_from_a_schema_1_bundle_or_on_an_unknown_cpu_is_not_served() -> None:
+    old = [variant("fp32", "fp32", 2.0), {**variant("int8", "int8", 1.1), "cpu": None}]
+    old[1].pop("cpu")
+    assert "before schema 2" in device.choose_variant(old, TABLE["x86_cpu"], CPU, X86).cpu_refused[0]
+    no_avx2 = device.DeviceFacts(arch="x86_64", cpu_class=None, cpu_flags=frozenset())
+    fast = [variant("fp32", "fp32", 2.0), variant("int8", "int8", 1.1)]
+    assert "is of no CPU class" in device.choose_variant(fast, TABLE["x86_cpu"], CPU, no_avx2).cpu_refused[0]
+
+
+def test_a_bundle_with_nothing_validated_for_this_cpu_is_refused_naming_the_missing_features() -> None:
+    int8_only = [variant("int8", "int8", 1.1, cpu=validated("x86_64_avx512_vnni"))]
+    with pytest.raises(device.DeviceError, match=r"this CPU lacks avx512bw, avx512_vnni"):
+        device.choose_variant(int8_only, TABLE["x86_cpu"], CPU, X86)
+
+
+def test_a_requested_int8_variant_on_an_unvalidated_cpu_is_served_with_a_warning() -> None:
+    only_vnni = [
+        variant("fp32", "fp32", 2.0),
+        variant("int8", "int8", 1.1, cpu=validated("x86_64_avx512_vnni")),
+    ]
+    choice = device.choose_variant(only_vnni, TABLE["x86_cpu"], CPU, X86, "int8")
+    assert choice.variant["name"] == "int8"
+    assert "not validated for this CPU class x86_64_avx2" in choice.cpu_refused[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "arch", "expected"),
+    [
+        ({"avx2", "fma", "avx512bw", "avx512_vnni"}, "x86_64", "x86_64_avx512_vnni"),
+        ({"avx2", "fma", "avx_vnni"}, "x86_64", "x86_64_avx_vnni"),
+        ({"avx2", "fma", "avx512bw"}, "x86_64", "x86_64_avx512"),
+        ({"avx2", "fma"}, "x86_64", "x86_64_avx2"),
+        ({"sse4_2"}, "x86_64", None),
+        ({"asimd", "asimddp"}, "aarch64", "aarch64"),
+    ],
+)
+def test_cpu_class_is_the_first_whose_features_the_cpu_has(flags: set[str], arch: str, expected: str) -> None:
+    assert detect.cpu_class(CPU_CLASSES, arch, flags) == expected
+
+
+def test_cpu_flags_are_read_from_cpuinfo_on_x86_and_arm() -> None:
+    x86 = "processor\t: 0\nflags\t\t: fpu avx2 fma avx512_vnni\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd asimddp\n"
+    assert {"avx2", "fma", "avx512_vnni"} <= detect.parse_cpu_flags(x86)
+    assert detect.parse_cpu_flags(arm) == {"fp", "asimd", "asimddp"}
+
+
+def test_this_machine_has_a_cpu_class() -> None:
+    facts = device.gather_facts(TABLE, CPU_CLASSES)
+    assert facts.cpu_class in CPU_CLASSES, facts
 
 
 def test_variants_not_built_for_the_class_are_skipped_with_reasons() -> None:

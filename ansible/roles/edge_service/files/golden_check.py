@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """The edge health gate: wait for readiness, then one golden-input inference within tolerance.
 
+The server itself runs the bundle's on-device quality gate (the whole quality set, on this device's real
+kernels) before it reports ready; this check reads that gate's figures from /metrics and reports them.
+
 Runs on the device with the server's venv (``PYTHONPATH`` = the shipped server code), so it uses the
 same bundle contract as the prebuild: ``model_build.bundle.compare_outputs`` against the manifest's golden
 outputs, with the tolerance of the variant the server reports it runs. Standard library HTTP only.
@@ -80,18 +83,26 @@ def wait_ready(base: str, timeout: float, token: str | None, context: ssl.SSLCon
     raise HealthGateError(f"{base}/v2/health/ready not ready after {timeout:.0f}s (last: {last})")
 
 
-def served_info(base: str, token: str | None, context: ssl.SSLContext | None) -> dict[str, str]:
-    """The labels of ``dualdeploy_model_info`` on /metrics: bundle_version, variant, device_class, ..."""
+def served_info(base: str, token: str | None, context: ssl.SSLContext | None) -> dict[str, Any]:
+    """What /metrics says is served: the labels of ``dualdeploy_model_info`` (bundle_version, variant,
+    device_class, cpu_class, ...) plus ``quality_gate``, the figures of the on-device quality gate that
+    the server passed at start-up on this device's kernels."""
     req = urllib.request.Request(f"{base}/metrics")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=10, context=context) as resp:
         text = resp.read().decode()
+    info: dict[str, Any] | None = None
+    quality: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "dualdeploy_model_info":
-                return dict(sample.labels)
-    raise HealthGateError(f"{base}/metrics has no dualdeploy_model_info: cannot tell what is served")
+                info = dict(sample.labels)
+            elif sample.name == "dualdeploy_quality_gate":
+                quality[sample.labels["figure"]] = float(sample.value)
+    if info is None:
+        raise HealthGateError(f"{base}/metrics has no dualdeploy_model_info: cannot tell what is served")
+    return {**info, "quality_gate": quality}
 
 
 def golden_inference(
@@ -145,14 +156,22 @@ def golden_inference(
         figures = compare_outputs(reference, actual, variants[name]["tolerance"])
     except BundleError as exc:
         raise HealthGateError(f"golden output of variant {name} out of tolerance: {exc}") from exc
+    if "quality" in variants[name] and not info["quality_gate"]:
+        # The server refuses to become ready when the gate fails; a ready server without its figures
+        # is one that never ran it.
+        raise HealthGateError(
+            f"variant {name} has an on-device quality set, but the server reports no quality gate figures"
+        )
     return {
         "version": manifest["version"],
         "model": model,
         "variant": name,
         "device_class": info.get("device_class"),
+        "cpu_class": info.get("cpu_class"),
         "providers": info.get("providers"),
         "latency_ms": round(latency_ms, 2),
         "figures": figures,
+        "quality_gate": info["quality_gate"],
     }
 
 

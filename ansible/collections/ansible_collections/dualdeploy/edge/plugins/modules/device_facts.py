@@ -11,13 +11,17 @@ short_description: Detect the device class of a host from serving/device_classes
 description:
   - Gathers exactly the facts that the device-class table's C(detect) entries name (architecture, files that
     must exist, commands that must be on PATH, whether an NVIDIA driver is present) plus the CPU flags that
-    matter for INT8, and returns the first class whose every fact holds.
+    the C(cpu_classes) name, and returns the first class whose every fact holds and the CPU class.
   - Never changes anything on the host.
 options:
   classes:
     description: The C(classes) map of the device-class table, in table order.
     type: dict
     required: true
+  cpu_classes:
+    description: The C(cpu_classes) map of the device-class table, in table order.
+    type: dict
+    default: {}
   path:
     description: A path whose file system's free space is reported (its nearest existing ancestor is used).
     type: path
@@ -41,80 +45,30 @@ free_mb:
   description: Free MiB on the file system of C(path) (null without C(path)).
   returned: always
   type: int
+cpu_class:
+  description: The first CPU class whose architecture and CPU features this host has, or null.
+  returned: always
+  type: str
 found:
   description: >-
-    The facts found: arch, files and commands that exist, nvidia_gpu, cpu_flags, gpu_arch.
+    The facts found: arch, files and commands that exist, nvidia_gpu, cpu_flags (those a CPU class names),
+    cpu_class, gpu_arch.
   returned: always
   type: dict
 """
 
 import os
-import platform
-import shutil
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.dualdeploy.edge.plugins.module_utils.detect import gather, match_device_class
 
-# CPU flags worth reporting: they decide whether INT8 pays off on x86 (VNNI) and Arm (dot product).
-_INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
-
-# Jetson module → CUDA compute capability, read from the device tree.
-_TEGRA_GPU_ARCH = {"tegra234": "sm_87", "tegra194": "sm_72", "tegra186": "sm_62", "tegra210": "sm_53"}
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            text = handle.read()
-    except OSError:
-        return []
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return sorted(f for f in _INTERESTING_FLAGS if f in flags)
-
-
-def _jetson_gpu_arch() -> str | None:
-    try:
-        with open("/proc/device-tree/compatible", "rb") as handle:
-            compatible = handle.read().decode(errors="replace")
-    except OSError:
-        return None
-    for soc, arch in _TEGRA_GPU_ARCH.items():
-        if soc in compatible:
-            return arch
-    return None
-
-
-def gather(classes: dict) -> dict:
-    """Collect every fact the table's detect entries refer to."""
-    files = sorted({f for c in classes.values() for f in (c.get("detect") or {}).get("files", [])})
-    commands = sorted({x for c in classes.values() for x in (c.get("detect") or {}).get("commands", [])})
-    return {
-        "arch": platform.machine(),
-        "files": [f for f in files if os.path.exists(f)],
-        "commands": [x for x in commands if shutil.which(x)],
-        "nvidia_gpu": bool(shutil.which("nvidia-smi") or os.path.exists("/proc/driver/nvidia")),
-        "cpu_flags": _cpu_flags(),
-        "gpu_arch": _jetson_gpu_arch(),
-    }
+# Detection is serving/detect.py, shipped here as this collection's module_utils (a byte-for-byte copy
+# that a test compares): the device and the server decide the device and CPU class the same way.
 
 
 def match(classes: dict, found: dict) -> str | None:
     """Return the first class (table order) whose every detect fact holds."""
-    for name, entry in classes.items():
-        detect = entry.get("detect") or {}
-        if "arch" in detect and detect["arch"] != found["arch"]:
-            continue
-        if any(f not in found["files"] for f in detect.get("files", [])):
-            continue
-        if any(c not in found["commands"] for c in detect.get("commands", [])):
-            continue
-        if "nvidia_gpu" in detect and bool(detect["nvidia_gpu"]) != found["nvidia_gpu"]:
-            continue
-        return name
-    return None
+    return match_device_class(classes, found)
 
 
 def free_mb(path: str) -> int:
@@ -127,13 +81,23 @@ def free_mb(path: str) -> int:
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec={"classes": {"type": "dict", "required": True}, "path": {"type": "path"}},
+        argument_spec={
+            "classes": {"type": "dict", "required": True},
+            "cpu_classes": {"type": "dict", "default": {}},
+            "path": {"type": "path"},
+        },
         supports_check_mode=True,
     )
     classes = module.params["classes"]
-    found = gather(classes)
+    found = gather(classes, module.params["cpu_classes"])
     space = free_mb(module.params["path"]) if module.params["path"] else None
-    module.exit_json(changed=False, found=found, device_class=match(classes, found), free_mb=space)
+    module.exit_json(
+        changed=False,
+        found=found,
+        device_class=match(classes, found),
+        cpu_class=found["cpu_class"],
+        free_mb=space,
+    )
 
 
 if __name__ == "__main__":
