@@ -33,6 +33,27 @@ Manifest, schema version 1 (keys that consumers rely on)::
     serving: {max_batch_size: int, max_queue_delay_ms: float}
     tools: {name: version}
     skipped: [{stage, reason}]
+
+Schema version 2 adds the on-device quality gate and per-CPU-class validation of INT8::
+
+    quality:                         # the quality set: enough samples to see a 1-point top-1 drop
+        count: int
+        batch: int                   # rows a run at build; the device runs the same rows together
+        inputs: {file: relpath}                               # shipped as arrays, or
+              | {base: relpath, noise: {input, std, seed}}    # base + std * N(0, 1) regenerated here
+                                     # both .npz files hold members "<input>/<batch index>"
+        first_batch_sha256: str      # of the rebuilt first batch, so a generator change is named as such
+        reference: relpath           # FP32 outputs on the quality set (computed natively at build)
+    variants[i].quality: {outputs: relpath, atol: float, near_ties: float}
+                                     # this variant's build outputs, the numeric tolerance derived from
+                                     # the build, the fraction of samples within 2*atol of a top-1 tie
+    variants[i].quantization: {format, mode, activation_type, weight_type, per_channel, reduce_range,
+                               calibration: {method, samples} | null}          # INT8 only
+    variants[i].cpu: {validated: [cpu class], results: {cpu class: {status, via, ...}}}   # INT8 only
+                                     # status: passed | failed | unverified; via: native | an emulator
+
+Readers accept schema versions 1 and 2; a version-1 INT8 variant has no ``cpu`` record, so no CPU
+class counts as validated for it and the server serves FP32 instead.
 """
 
 from __future__ import annotations
@@ -40,7 +61,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +74,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.json.sig"
 _CHUNK = 1 << 20
@@ -202,11 +224,11 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
         raise BundleVerificationError(MANIFEST_NAME, f"unreadable ({exc})") from exc
     if not isinstance(manifest, dict):
         raise BundleVerificationError(MANIFEST_NAME, "is not a JSON object")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise BundleVerificationError(
             MANIFEST_NAME,
             f"schema_version {manifest.get('schema_version')!r} is not supported "
-            f"(this build reads {SCHEMA_VERSION})",
+            f"(this build reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})",
         )
     return manifest
 
@@ -368,4 +390,179 @@ def compare_outputs(
                 )
         else:
             raise BundleError(f"tolerance kind {kind!r} is not one of allclose, top1, cosine")
+    return figures
+
+
+# --------------------------------------------------------------------------- the quality gate
+
+NOISE_GENERATOR = "numpy.random.default_rng(seed).standard_normal(shape, dtype=float32)"
+"""How the quality set's noise is regenerated on a device (NumPy's PCG64 stream, C order)."""
+
+
+class QualityGateFailed(ToleranceExceeded):
+    """A variant's outputs on the quality set differ from what the build validated."""
+
+
+def noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The quality set's additive noise: ``NOISE_GENERATOR`` drawn once for the whole set."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def tensors_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the arrays in name order: name, dtype, shape, then the C-order bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def save_batches(path: Path, arrays: Mapping[str, np.ndarray], batch: int) -> None:
+    """Save arrays as compressed ``.npz`` members of ``batch`` rows each (``name/00000``, ...).
+
+    A reader then decompresses one batch at a time: the quality set never sits whole in memory.
+    """
+    members = {
+        f"{name}/{i // batch:05d}": np.ascontiguousarray(array[i : i + batch])
+        for name, array in arrays.items()
+        for i in range(0, len(array), batch)
+    }
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, **members)  # type: ignore[arg-type]
+
+
+def first_batch_digest(arrays: Mapping[str, np.ndarray], batch: int) -> str:
+    """``tensors_digest`` of the first ``batch`` rows (what ``quality.first_batch_sha256`` records)."""
+    return tensors_digest({name: array[:batch] for name, array in arrays.items()})
+
+
+def iter_quality_inputs(quality: Mapping[str, Any], open_file: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The quality set's inputs, one batch of ``quality.batch`` rows at a time, rebuilt and checked.
+
+    Shipped inputs are read as they are; a regenerated set adds the contract's noise
+    (:data:`NOISE_GENERATOR`, drawn batch after batch from one generator, which gives the same stream
+    as one draw of the whole set) to the shipped base.
+
+    Args:
+        quality: ``manifest["quality"]``.
+        open_file: maps a bundle-relative path to a readable path (``VerifiedBundle.file``).
+
+    Raises:
+        BundleError: a file or member is missing, or the first batch does not hash to
+            ``first_batch_sha256`` (the NumPy here draws another noise stream than the build's).
+    """
+    spec = quality.get("inputs")
+    if not isinstance(spec, Mapping) or not ({"file", "base"} & set(spec)):
+        raise BundleError("manifest: quality.inputs must name a 'file' or a 'base'")
+    batch, count = int(quality.get("batch", 32)), int(quality.get("count", 0))
+    cfg = spec.get("noise") if "base" in spec else None
+    if cfg is not None and not all(key in cfg for key in ("input", "std", "seed")):
+        raise BundleError("manifest: quality.inputs.noise needs 'input', 'std' and 'seed'")
+    rng = np.random.default_rng(int(cfg["seed"])) if cfg is not None else None
+    with np.load(open_file(str(spec.get("file") or spec.get("base"))), allow_pickle=False) as data:
+        names = sorted({member.rsplit("/", 1)[0] for member in data.files})
+        for index, _start in enumerate(range(0, count, batch)):
+            try:
+                arrays = {name: data[f"{name}/{index:05d}"] for name in names}
+            except KeyError as exc:
+                raise BundleError(f"quality set: batch {index} is missing ({exc})") from exc
+            if cfg is not None and rng is not None:
+                name = str(cfg["input"])
+                if name not in arrays:
+                    raise BundleError(f"manifest: quality.inputs.noise.input {name!r} is not in the base")
+                drawn = rng.standard_normal(arrays[name].shape, dtype=np.float32)
+                arrays[name] = arrays[name] + drawn * np.float32(cfg["std"])
+            if index == 0 and tensors_digest(arrays) != quality.get("first_batch_sha256"):
+                raise BundleError(
+                    "quality set: the rebuilt first batch does not hash to first_batch_sha256 (NumPy "
+                    f"{np.__version__} here draws another noise stream than the build's; install the "
+                    "NumPy that the manifest's tools name)"
+                )
+            yield arrays
+
+
+def _margins(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 logit of each row (classifier outputs, last axis)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.shape[-1] < 2:
+        return np.full(len(flat), np.inf)
+    top2 = np.partition(flat, -2, axis=-1)[:, -2:]
+    return np.asarray(top2[:, 1] - top2[:, 0])
+
+
+def derive_quality_tolerance(
+    build_outputs: Mapping[str, np.ndarray], cross_class_diff: float
+) -> dict[str, float]:
+    """The numeric tolerance of the on-device gate, from what the build measured.
+
+    ``atol`` is twice the largest difference seen between CPU classes at build (native against
+    emulated), and never below 1e-3 of the largest output magnitude: kernels that compute the same
+    integers give the same floats to within float rounding. ``near_ties`` is the fraction of rows whose
+    top-1 lead is within ``2 * atol``: only those can change their top-1 class without the numeric check
+    failing, so while it stays under 1 %, a top-1 agreement drop of 1 point always fails the gate.
+    """
+    scale = max((float(np.max(np.abs(v))) for v in build_outputs.values() if v.size), default=1.0)
+    atol = max(2.0 * float(cross_class_diff), 1e-3 * scale, 1e-6)
+    ties = [float(np.mean(_margins(v) <= 2 * atol)) for v in build_outputs.values() if v.ndim >= 2]
+    return {"atol": atol, "near_ties": max(ties, default=0.0)}
+
+
+def quality_gate(
+    variant: Mapping[str, Any],
+    actual: Mapping[str, np.ndarray],
+    build_outputs: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+) -> dict[str, float]:
+    """The on-device quality gate: this device's outputs against the build's, and against FP32.
+
+    Two checks, both on the whole quality set:
+
+    1. numerically, every output within the variant's ``quality.atol`` of what the build computed for
+       this variant on a validated CPU class (the checks of :func:`derive_quality_tolerance`);
+    2. the variant's own tolerance (top-1 agreement or cosine) against the FP32 reference outputs.
+
+    Returns:
+        ``max_abs_diff`` to the build's outputs, ``agreement_to_build`` (classifiers), and the figures of
+        check 2 (``agreement`` or ``min_cosine``, and its ``max_abs_diff`` as ``max_abs_diff_to_fp32``).
+
+    Raises:
+        QualityGateFailed: either check fails; the message carries the measured figures.
+        ShapeMismatch: outputs are missing or have other shapes.
+    """
+    entry = variant.get("quality")
+    tolerance = variant.get("tolerance")
+    if not isinstance(entry, Mapping) or not isinstance(tolerance, Mapping):
+        raise BundleError(f"variant {variant.get('name')}: the manifest gives no quality or tolerance entry")
+    atol = float(entry["atol"])
+    figures: dict[str, float] = {}
+    if set(build_outputs) != set(actual):
+        raise ShapeMismatch(f"output names {sorted(actual)} != build {sorted(build_outputs)}")
+    worst = 0.0
+    agreements = []
+    for name in sorted(build_outputs):
+        want, got = build_outputs[name].astype(np.float64), actual[name].astype(np.float64)
+        if want.shape != got.shape:
+            raise ShapeMismatch(f"output {name!r}: shape {got.shape} != build {want.shape}")
+        worst = max(worst, float(np.max(np.abs(want - got))) if want.size else 0.0)
+        if tolerance.get("kind") == "top1":
+            agreements.append(float(np.mean(np.argmax(want, -1) == np.argmax(got, -1))))
+    figures["max_abs_diff"] = worst
+    if agreements:
+        figures["agreement_to_build"] = min(agreements)
+    try:
+        to_fp32 = compare_outputs(reference, actual, tolerance)
+    except ToleranceExceeded as exc:
+        raise QualityGateFailed(
+            f"{exc} on the {len(next(iter(actual.values())))}-sample quality set "
+            f"(max abs diff to the build's outputs {worst:.3g}, allowed {atol:.3g})"
+        ) from exc
+    figures.update({k if k != "max_abs_diff" else "max_abs_diff_to_fp32": v for k, v in to_fp32.items()})
+    if worst > atol:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(figures.items()))
+        raise QualityGateFailed(
+            f"outputs differ from the build's by up to {worst:.3g} > quality.atol {atol:.3g} "
+            f"on the {len(next(iter(actual.values())))}-sample quality set ({shown}): this CPU's kernels "
+            "do not compute what the build validated"
+        )
     return figures

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import load_tensors, save_tensors
+from .bundle import load_tensors, noise, save_tensors
 from .errors import BuildError
 from .spec import Spec
 from .tensors import (
@@ -36,8 +36,8 @@ Progress = Callable[[str], None]
 _CHUNK = 32
 
 
-def draw_samples(spec: Spec, count: int, seed: int, stage: str) -> dict[str, np.ndarray]:
-    """Call the spec's data factory and check what it returns.
+def draw_samples(spec: Spec, count: int, seed: int, stage: str, **extra: Any) -> dict[str, np.ndarray]:
+    """Call the spec's data factory (with ``extra`` keywords on top of the spec's) and check what it returns.
 
     Raises:
         BuildError: when there is no data section or the samples do not match the spec.
@@ -45,7 +45,7 @@ def draw_samples(spec: Spec, count: int, seed: int, stage: str) -> dict[str, np.
     if spec.data is None:
         raise BuildError(stage, "data: the spec has no data section to draw samples from")
     factory = import_callable(spec.data.factory, stage, "data.factory")
-    raw = factory(count=count, seed=seed, **spec.data.kwargs)
+    raw = factory(count=count, seed=seed, **{**spec.data.kwargs, **extra})
     if not isinstance(raw, Mapping):
         raise BuildError(
             stage, f"data.factory: {spec.data.factory} returned {type(raw).__name__}, not a mapping"
@@ -132,10 +132,48 @@ def load_stage(spec: Spec, out: Path, progress: Progress) -> None:
         "factory": spec.model.factory,
         "figures": figures,
     }
+    if spec.data is not None and spec.data.noise is not None:
+        info["quality_noise"] = _save_noise_free_base(spec, eval_all, out / "eval" / "base.npz")
     if LABELS in eval_all and spec.task == "classification":
         (name,) = [t.name for t in spec.outputs][:1]
         info["task_accuracy"] = float(np.mean(np.argmax(eval_out[name], -1) == eval_all[LABELS]))
     (out / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def _save_noise_free_base(spec: Spec, samples: Mapping[str, np.ndarray], target: Path) -> dict[str, Any]:
+    """Check the data factory's noise promise (``data.noise``) bit for bit, then save the base.
+
+    The evaluation samples must equal the factory's noise-free samples plus the contract's noise
+    (:func:`model_build.bundle.noise`); only then may devices regenerate them from the base and the seed.
+
+    Returns:
+        The ``noise`` entry of the manifest's quality inputs: ``{input, std, seed}``.
+
+    Raises:
+        BuildError: naming ``data.noise`` and the largest difference, when the promise does not hold.
+    """
+    assert spec.data is not None and spec.data.noise is not None
+    cfg = spec.data.noise
+    count, seed = spec.evaluation.samples, spec.evaluation.seed
+    base = draw_samples(spec, count, seed, "load", **{cfg.kwarg: 0.0})
+    names = [t.name for t in spec.inputs]
+    rebuilt = {n: base[n] for n in names}
+    rebuilt[cfg.input] = base[cfg.input] + noise(seed + cfg.seed_offset, base[cfg.input].shape) * np.float32(
+        cfg.std
+    )
+    for name in names:
+        if not np.array_equal(rebuilt[name], samples[name]):
+            diff = float(np.max(np.abs(rebuilt[name].astype(np.float64) - samples[name])))
+            raise BuildError(
+                "load",
+                f"data.noise: {spec.data.factory}(noise={cfg.std}) is not its {cfg.kwarg}=0 samples plus "
+                f"{cfg.std} * default_rng(seed + {cfg.seed_offset}).standard_normal on {cfg.input!r} "
+                f"(input {name!r} differs by up to {diff:.3g}); fix the factory or drop data.noise",
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as handle:
+        np.savez_compressed(handle, **{n: np.ascontiguousarray(base[n]) for n in names})  # type: ignore[arg-type]
+    return {"input": cfg.input, "std": cfg.std, "seed": seed + cfg.seed_offset}
 
 
 def load_model(folder: Path) -> Any:

@@ -8,14 +8,16 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bundle import BundleError, compare_outputs, load_tensors
+from .bundle import BundleError, compare_outputs, load_tensors, save_tensors
 from .errors import BuildError
 from .load import load_model
 from .spec import Spec
@@ -24,7 +26,9 @@ from .tensors import LABELS, take
 Progress = Callable[[str], None]
 FP32_FILE = "model.fp32.onnx"
 INT8_FILE = "model.int8.onnx"
-_CHUNK = 32
+QUALITY_FP32 = "quality.fp32.npz"
+QUALITY_INT8 = "quality.int8.npz"
+EVAL_BATCH = 32  # rows a run on evaluation data (also the quality set's batch)
 
 
 @contextlib.contextmanager
@@ -204,8 +208,8 @@ def run_onnx(sess: Any, spec: Spec, inputs: Mapping[str, np.ndarray]) -> dict[st
     names = [t.name for t in spec.inputs]
     count = len(inputs[names[0]])
     chunks = []
-    for start in range(0, count, _CHUNK):
-        part = take({n: inputs[n] for n in names}, start, start + _CHUNK)
+    for start in range(0, count, EVAL_BATCH):
+        part = take({n: inputs[n] for n in names}, start, start + EVAL_BATCH)
         outs = sess.run(None, part)
         chunks.append({o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)})
     return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
@@ -247,6 +251,9 @@ def parity_stage(spec: Spec, model_dir: Path, export_dir: Path, out: Path, progr
         figures[split] = measured
         if split == "eval":
             figures["quality"] = _quality_figures(spec, reference, got)
+            # The on-device quality gate's reference: FP32 ONNX Runtime outputs on the evaluation set,
+            # computed here, natively (FP32 is the same on every CPU class; INT8 is not).
+            save_tensors(out / QUALITY_FP32, got)
     progress(
         f"FP32 ONNX vs PyTorch: max abs diff {figures['golden']['max_abs_diff']:.2e} (golden), "
         f"{figures['eval']['max_abs_diff']:.2e} (eval)"
@@ -396,31 +403,168 @@ def _quantize_dynamic(spec: Spec, pre: Path, target: Path, progress: Progress) -
         )
 
 
-def _gate(spec: Spec, model_dir: Path, target: Path) -> dict[str, Any]:
-    """Accuracy gate of the INT8 model against the PyTorch golden and evaluation outputs.
+def _judge(
+    spec: Spec, reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], labels: np.ndarray | None
+) -> dict[str, Any]:
+    """One CPU class's verdict on one split: passed or failed, with the figures either way."""
+    tolerance = quality_tolerance(spec)
+    result: dict[str, Any] = {"status": "passed"}
+    try:
+        result.update(compare_outputs(reference, got, tolerance))
+    except BundleError as exc:
+        result.update(_quality_figures(spec, reference, got), status="failed", reason=str(exc))
+    if labels is not None and spec.task == "classification":
+        name = spec.outputs[0].name
+        result["task_accuracy"] = float(np.mean(np.argmax(got[name], -1) == labels))
+    return result
+
+
+@dataclass
+class _GateData:
+    """The sets every CPU class is judged on, loaded once."""
+
+    golden_in: dict[str, np.ndarray]
+    golden_ref: dict[str, np.ndarray]
+    eval_in: dict[str, np.ndarray]
+    eval_ref: dict[str, np.ndarray]
+
+    @classmethod
+    def load(cls, model_dir: Path) -> _GateData:
+        return cls(
+            *(
+                load_tensors(model_dir / split / f"{kind}.npz")
+                for split in ("golden", "eval")
+                for kind in ("inputs", "outputs")
+            )
+        )
+
+
+def _class_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"arch": row["arch"], "requires": list(row.get("requires") or [])}
+
+
+def _run_class(
+    spec: Spec,
+    item: Any,
+    target: Path,
+    *,
+    data: _GateData,
+    native: dict[str, Any],
+    limit: int,
+    progress: Progress,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Gate one checkable CPU class (native outputs given, or run under its emulator)."""
+    from . import cpu_gate
+
+    names = [t.name for t in spec.inputs]
+    total = len(data.eval_in[names[0]])
+    if item.via == "native":
+        got, count = native, total
+    else:
+        count = min(limit or total, total)
+        progress(f"CPU class {item.cpu_class}: {count} samples under {' '.join(item.emulator)}")
+        started = time.perf_counter()
+        gold, ev = cpu_gate.run_emulated(
+            item.emulator, target, [{n: data.golden_in[n] for n in names}, take(data.eval_in, 0, count)]
+        )
+        got = {"golden": gold, "eval": ev}
+        progress(f"CPU class {item.cpu_class}: emulated run took {time.perf_counter() - started:.1f}s")
+    labels = data.eval_in.get(LABELS)
+    golden = _judge(spec, data.golden_ref, got["golden"], None)
+    result = _judge(
+        spec, take(data.eval_ref, 0, count), got["eval"], labels[:count] if labels is not None else None
+    )
+    result["golden"] = {k: v for k, v in golden.items() if k not in ("status", "reason")}
+    if golden["status"] == "failed" and result["status"] == "passed":
+        result.update(status="failed", reason=f"golden set: {golden['reason']}")
+    result.update(via="native" if item.via == "native" else " ".join(item.emulator), samples=count)
+    return result, got
+
+
+def _gate(
+    spec: Spec, model_dir: Path, target: Path, progress: Progress
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The INT8 accuracy gate on every CPU class the variant claims: native, emulated or unverified.
+
+    Native runs first: its outputs are the reference the emulated classes are compared with (and, when
+    it passes, what devices check themselves against). An emulated class runs on
+    ``quantize.emulated_samples`` of the evaluation set, or all of it when native did not pass.
+
+    Returns:
+        The report (per-class results, the validated classes, the reference figures) and the INT8
+        outputs on the evaluation set of the class they were taken from (native when it passed).
 
     Raises:
-        BuildError: the gate fails and ``quantize.on_gate_failure`` is ``fail``.
+        BuildError: a class fails and ``quantize.on_gate_failure`` is ``fail``.
     """
+    from . import cpu_gate
+
+    table = cpu_gate.load_table()
+    rows = table.get("cpu_classes") or {}
+    data = _GateData.load(model_dir)
     sess = session(target)
-    tolerance = quality_tolerance(spec)
-    report: dict[str, Any] = {"tolerance": tolerance, "passed": True}
-    for split in ("golden", "eval"):
-        reference = load_tensors(model_dir / split / "outputs.npz")
-        inputs = load_tensors(model_dir / split / "inputs.npz")
-        got = run_onnx(sess, spec, inputs)
-        try:
-            report[split] = compare_outputs(reference, got, tolerance)
-        except BundleError as exc:
-            gate_key = "min_agreement" if spec.task == "classification" else "min_cosine"
-            message = f"quantize.{gate_key} on {split} set: {exc}"
-            if spec.quantize.on_gate_failure == "fail":
-                raise BuildError("quantize", message) from exc
-            report.update(passed=False, reason=message)
-            break
-        if split == "eval" and LABELS in inputs and spec.task == "classification":
-            name = spec.outputs[0].name
-            report["task_accuracy"] = float(np.mean(np.argmax(got[name], -1) == inputs[LABELS]))
+    native = {"golden": run_onnx(sess, spec, data.golden_in), "eval": run_onnx(sess, spec, data.eval_in)}
+    classes: dict[str, Any] = {}
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    native_passed = False
+    for item in sorted(cpu_gate.plan(spec, table), key=lambda p: p.via != "native"):
+        if item.via == "unverified":
+            classes[item.cpu_class] = {
+                "status": "unverified",
+                "via": "none",
+                "reason": item.reason,
+                **_class_row(rows[item.cpu_class]),
+            }
+            continue
+        limit = spec.quantize.emulated_samples if native_passed else 0
+        result, got = _run_class(spec, item, target, data=data, native=native, limit=limit, progress=progress)
+        result.update(_class_row(rows[item.cpu_class]))
+        if item.via != "native" and "eval" in outputs:
+            count = result["samples"]
+            result["max_abs_diff_to_native"] = float(
+                max(np.max(np.abs(got["eval"][k] - outputs["eval"][k][:count])) for k in got["eval"])
+            )
+        classes[item.cpu_class] = result
+        if result["status"] == "passed" and "eval" not in outputs:
+            outputs, native_passed = got, item.via == "native"
+        shown = "".join(
+            f", {k} {result[k]:.4f}" for k in ("agreement", "min_cosine", "task_accuracy") if k in result
+        )
+        progress(f"CPU class {item.cpu_class} ({result['via']}): {result['status']}{shown}")
+    return _report(spec, table, classes), outputs.get("eval", {})
+
+
+def _report(spec: Spec, table: Mapping[str, Any], classes: dict[str, Any]) -> dict[str, Any]:
+    """The quantize stage's verdict over all classes; raises when one failed and the spec says ``fail``."""
+    from . import cpu_gate
+
+    failed = {c: r for c, r in classes.items() if r["status"] == "failed"}
+    if failed and spec.quantize.on_gate_failure == "fail":
+        cls, res = next(iter(failed.items()))
+        gate_key = "min_agreement" if spec.task == "classification" else "min_cosine"
+        raise BuildError(
+            "quantize", f"quantize.{gate_key} on eval set, CPU class {cls} ({res['via']}): {res['reason']}"
+        )
+    validated = [c for c, r in classes.items() if r["status"] == "passed"]
+    report: dict[str, Any] = {
+        "tolerance": quality_tolerance(spec),
+        "host_cpu_class": cpu_gate.host_cpu_class(table),
+        "classes": classes,
+        "validated": validated,
+        "passed": bool(validated),
+    }
+    if not validated:
+        report["reason"] = "no CPU class passed the gate: " + "; ".join(
+            f"{c} {r['status']} ({r.get('reason', '')})" for c, r in classes.items()
+        )
+        return report
+    reference = classes[validated[0]]
+    report["eval"] = {k: v for k, v in reference.items() if isinstance(v, float) and k != "task_accuracy"}
+    report["golden"] = reference.get("golden", report["eval"])
+    if "task_accuracy" in reference:
+        report["task_accuracy"] = reference["task_accuracy"]
+    diffs = [r.get("max_abs_diff_to_native", 0.0) for c, r in classes.items() if c in validated]
+    report["cross_class_max_abs_diff"] = max(diffs, default=0.0)
     return report
 
 
@@ -461,11 +605,13 @@ def quantize_stage(
             "quantize", f"quantize.mode={spec.quantize.mode}: {type(exc).__name__}: {exc}"
         ) from exc
     pre.unlink()
-    report = {**_gate(spec, model_dir, target), "calibration_cached": calib_cached}
-    figures = report.get("eval", {})
+    report, outputs = _gate(spec, model_dir, target, progress)
+    report["calibration_cached"] = calib_cached
+    if outputs:
+        save_tensors(out / QUALITY_INT8, outputs)
     progress(
-        f"{INT8_FILE}: {target.stat().st_size:,} bytes; gate "
-        + ("passed" if report["passed"] else "FAILED")
-        + "".join(f", {k} {v:.4f}" for k, v in figures.items() if k != "max_abs_diff")
+        f"{INT8_FILE}: {target.stat().st_size:,} bytes; validated on "
+        + (", ".join(report["validated"]) or "NO CPU class")
+        + "".join(f"; {c} {r['status']}" for c, r in report["classes"].items() if r["status"] != "passed")
     )
     (out / "quantize.json").write_text(json.dumps(report, indent=2, sort_keys=True))

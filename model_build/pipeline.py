@@ -120,15 +120,32 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
     Raises:
         BuildError: a factory module cannot be found (named by its spec key).
     """
+    from . import cpu_gate
     from .tensorrt import WRAPPER_FORMAT
 
     env = {p: _version(p) for p in _KEYED_PACKAGES}
-    sources = {"model.factory": file_digest(source_file(spec.model.factory, "load", "model.factory"))}
+    factory_src = source_file(spec.model.factory, "load", "model.factory")
+    sources = {"model.factory": file_digest(factory_src)}
+    # Files a factory reads, named by its keyword arguments (e.g. committed weights next to it).
+    for key, value in sorted(spec.model.kwargs.items()):
+        for folder in (factory_src.parent, spec.folder):
+            if isinstance(value, str) and (folder / value).is_file():
+                sources[f"model.kwargs.{key}"] = file_digest(folder / value)
+                break
     if spec.data is not None:
         sources["data.factory"] = file_digest(source_file(spec.data.factory, "load", "data.factory"))
     d = spec.as_dict()
     load = digest(
-        "load", d["model"], d["inputs"], d["outputs"], d["data"], d["evaluation"], d["task"], sources, env
+        "load",
+        bundle.SCHEMA_VERSION,
+        d["model"],
+        d["inputs"],
+        d["outputs"],
+        d["data"],
+        d["evaluation"],
+        d["task"],
+        sources,
+        env,
     )
     distil = None
     if spec.distil is not None:
@@ -147,7 +164,9 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
         calibration = digest(
             "calibration", export, d["calibration"], calib_file, sources, spec.quantize.op_types, env
         )
-        quantize = digest("quantize", export, d["quantize"], calibration, d["task"], env)
+        # The gate's verdict depends on which CPU classes this host can check, and how.
+        gate_plan = [(c.cpu_class, c.via, c.emulator) for c in cpu_gate.plan(spec, cpu_gate.load_table())]
+        quantize = digest("quantize", export, d["quantize"], calibration, d["task"], env, gate_plan)
     tensorrt = digest(
         "tensorrt",
         export,
@@ -203,6 +222,11 @@ def summary_table(result: BuildResult) -> str:
                 f"{m.get('latency_ms_p99', float('nan')):>8.3f} "
                 f"{m.get('throughput_b8', float('nan')):>9.1f} {quality:>16}"
             )
+        for v in manifest.get("variants", []):
+            for cls, res in (v.get("cpu") or {}).get("results", {}).items():
+                figure = next((f" {k}={res[k]:.4f}" for k in ("agreement", "min_cosine") if k in res), "")
+                why = f": {res['reason']}" if res["status"] != "passed" and res.get("reason") else ""
+                lines.append(f"{v['name']} on CPU class {cls}: {res['status']} ({res['via']}){figure}{why}")
         for d in manifest.get("dropped", []):
             lines.append(f"dropped {d['variant']}: {d['reason']}")
         for s in manifest.get("skipped", []):
@@ -446,13 +470,14 @@ def _int8_variant(
     spec: Spec, folders: _Folders, bench: dict[str, Any], fp32_p50: float
 ) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
     """The INT8 ONNX variant, or why it was dropped (failed its gate, or slower than FP32)."""
-    from .onnx_stages import INT8_FILE, quality_tolerance
+    from .onnx_stages import INT8_FILE, QUALITY_INT8, quality_tolerance
 
     if folders.quantize is None:
         return None, None
     quant = _read_json(folders.quantize / "quantize.json")
     if not quant["passed"]:
         return None, {"variant": "int8", "reason": quant["reason"]}
+    unserved = {c: r for c, r in quant["classes"].items() if r["status"] == "failed"}
     quality_key = "agreement" if spec.task == "classification" else "min_cosine"
     metrics = {
         **bench["int8"],
@@ -471,7 +496,8 @@ def _int8_variant(
         )
         return None, {"variant": "int8", "reason": reason}
     cfg = spec.quantize
-    return {
+    outputs = bundle.load_tensors(folders.quantize / QUALITY_INT8)
+    entry = {
         "name": "int8",
         "file": INT8_FILE,
         "format": "onnx",
@@ -483,10 +509,29 @@ def _int8_variant(
             "mode": cfg.mode,
             "format": "QDQ" if cfg.mode == "static" else "QOperator",
             "per_channel": cfg.per_channel,
-            "activation_type": cfg.activation_type,
+            "reduce_range": cfg.reduce_range,
+            "activation_type": cfg.activation_type if cfg.mode == "static" else "quint8 (dynamic)",
             "weight_type": cfg.weight_type,
+            "op_types": list(cfg.op_types),
+            "calibration": (
+                {"method": spec.calibration.method, "samples": spec.calibration.samples}
+                if cfg.mode == "static"
+                else None
+            ),
         },
-    }, None
+        "cpu": {"validated": list(quant["validated"]), "results": quant["classes"]},
+        "quality": {
+            "outputs": "quality/int8.npz",
+            **bundle.derive_quality_tolerance(outputs, quant.get("cross_class_max_abs_diff", 0.0)),
+        },
+    }
+    if unserved:
+        reasons = "; ".join(f"{c}: {r.get('reason', '')}" for c, r in unserved.items())
+        return entry, {
+            "variant": "int8",
+            "reason": f"not served on CPU classes that failed its gate ({reasons})",
+        }
+    return entry, None
 
 
 def _engine_variants(trt: dict[str, Any], trt_dir: Path, tmp: Path) -> list[dict[str, Any]]:
@@ -526,7 +571,7 @@ def _variants(
     spec: Spec, folders: _Folders, tmp: Path
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[dict[str, str]]]:
     """Copy the model files into ``tmp``; return variants, dropped and skipped entries."""
-    from .onnx_stages import FP32_FILE, INT8_FILE
+    from .onnx_stages import FP32_FILE, INT8_FILE, QUALITY_FP32, QUALITY_INT8
 
     classes = device_class_names()
     unknown = [c for c in spec.quantize.device_classes if c not in classes]
@@ -551,11 +596,16 @@ def _variants(
             quality_key: parity["quality"][quality_key],
         },
     }
+    fp32["quality"] = {
+        "outputs": "quality/fp32.npz",
+        **bundle.derive_quality_tolerance(bundle.load_tensors(folders.parity / QUALITY_FP32), 0.0),
+    }
     variants: list[dict[str, Any]] = [fp32]
     dropped: list[dict[str, str]] = list(trt["dropped"])
     int8, drop = _int8_variant(spec, folders, bench, fp32["metrics"]["latency_ms_p50"])
     if int8 is not None and folders.quantize is not None:
         shutil.copyfile(folders.quantize / INT8_FILE, tmp / INT8_FILE)
+        shutil.copyfile(folders.quantize / QUALITY_INT8, tmp / "quality" / "int8.npz")
         variants.append(int8)
     if drop is not None:
         dropped.append(drop)
@@ -566,9 +616,48 @@ def _variants(
     return variants, dropped, skipped
 
 
+def _quality(spec: Spec, folders: _Folders, tmp: Path) -> dict[str, Any]:
+    """The quality set of the on-device gate: the evaluation set, shipped or regenerated, and its reference.
+
+    Raises:
+        BuildError: the evaluation inputs exceed ``quality.max_bytes`` and ``data.noise`` is not set.
+    """
+    from .onnx_stages import EVAL_BATCH, QUALITY_FP32
+
+    names = [t.name for t in spec.inputs]
+    evaluation = bundle.load_tensors(folders.model / "eval" / "inputs.npz")
+    arrays = {n: evaluation[n] for n in names}
+    (tmp / "quality").mkdir()
+    noise = _read_json(folders.load / "info.json").get("quality_noise")
+    inputs: dict[str, Any]
+    if noise:
+        base = bundle.load_tensors(folders.load / "eval" / "base.npz")
+        bundle.save_batches(tmp / "quality" / "base.npz", {n: base[n] for n in names}, EVAL_BATCH)
+        inputs = {"base": "quality/base.npz", "noise": noise}
+    else:
+        size = sum(a.nbytes for a in arrays.values())
+        if size > spec.quality.max_bytes:
+            raise BuildError(
+                "bundle",
+                f"quality.max_bytes: the evaluation inputs take {size:,} bytes > {spec.quality.max_bytes:,}; "
+                "set data.noise so that devices regenerate them, or raise quality.max_bytes",
+            )
+        bundle.save_batches(tmp / "quality" / "inputs.npz", arrays, EVAL_BATCH)
+        inputs = {"file": "quality/inputs.npz"}
+    shutil.copyfile(folders.parity / QUALITY_FP32, tmp / "quality" / "fp32.npz")
+    return {
+        "count": len(arrays[names[0]]),
+        "batch": EVAL_BATCH,
+        "inputs": inputs,
+        "first_batch_sha256": bundle.first_batch_digest(arrays, EVAL_BATCH),
+        "reference": "quality/fp32.npz",
+    }
+
+
 def _manifest(spec: Spec, keys: Keys, folders: _Folders, result: BuildResult, tmp: Path) -> dict[str, Any]:
     """Everything in the manifest except ``files`` (the model files are copied into ``tmp``)."""
     info = _read_json(folders.model / "info.json")
+    quality = _quality(spec, folders, tmp)
     variants, dropped, skipped = _variants(spec, folders, tmp)
     source: dict[str, Any] = {
         "spec": spec.path.name,
@@ -594,6 +683,7 @@ def _manifest(spec: Spec, keys: Keys, folders: _Folders, result: BuildResult, tm
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
         "variants": variants,
         "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz"},
+        "quality": quality,
         "serving": {
             "max_batch_size": spec.serving.max_batch_size,
             "max_queue_delay_ms": float(spec.serving.max_queue_delay_ms),

@@ -47,6 +47,25 @@ class FactorySpec:
 
 
 @dataclass(frozen=True)
+class NoiseSpec:
+    """The data factory's additive Gaussian noise, which devices regenerate instead of receiving.
+
+    The factory promises: ``factory(count, seed, **{kwarg: 0.0})`` returns the noise-free samples
+    (the *base*), and ``factory(count, seed)`` returns the base plus
+    ``std * numpy.random.default_rng(seed + seed_offset).standard_normal(shape, dtype=float32)`` on
+    input ``input``. The load stage checks the promise bit for bit, then the bundle ships the
+    (compressible) base and the seed rather than the full quality set.
+    """
+
+    input: str
+    """The input tensor the noise is added to."""
+    std: float = 1.0
+    seed_offset: int = 0
+    kwarg: str = "noise"
+    """The factory keyword that sets the noise's standard deviation (0 gives the base)."""
+
+
+@dataclass(frozen=True)
 class DataSpec:
     """Where sample inputs come from: ``factory(count=, seed=, **kwargs) -> {name: array}``.
 
@@ -55,6 +74,18 @@ class DataSpec:
 
     factory: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    noise: NoiseSpec | None = None
+    """How to regenerate the evaluation samples on a device (the on-device quality gate); without it the
+    bundle ships the evaluation inputs themselves, which must then fit ``quality.max_bytes``."""
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    """The on-device quality gate's sample set: the evaluation set, shipped or regenerated."""
+
+    max_bytes: int = 16 << 20
+    """Largest quality set (inputs, uncompressed) that a bundle ships as arrays; a larger one needs
+    ``data.noise`` so that devices regenerate it."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +133,9 @@ class QuantizeSpec:
     mode: Literal["static", "dynamic"] = "static"
     """``static`` QDQ with calibration (convolutional models) or ``dynamic`` (transformer MatMuls)."""
     per_channel: bool = True
-    reduce_range: bool = False
+    reduce_range: bool = True
+    """7-bit weights. On x86-64 without VNNI, ONNX Runtime's u8s8 kernels add pairs of products in 16
+    bits, which saturates with 8-bit weights; 7 bits keep the sums exact on every x86 CPU class."""
     activation_type: Literal["quint8", "qint8"] = "quint8"
     weight_type: Literal["qint8", "quint8"] = "qint8"
     op_types: list[str] = field(default_factory=list)
@@ -111,10 +144,18 @@ class QuantizeSpec:
     """Classification gate: top-1 agreement with the PyTorch reference."""
     min_cosine: float = 0.98
     """Embedding gate: minimum per-row cosine similarity to the PyTorch reference."""
-    on_gate_failure: Literal["fail", "drop"] = "fail"
-    """``fail`` stops the build; ``drop`` records the variant under ``dropped`` and goes on."""
+    on_gate_failure: Literal["fail", "drop"] = "drop"
+    """What a CPU class that fails the INT8 gate does. ``drop``: that class serves FP32, the failure is
+    recorded in the manifest and printed, and the build goes on (FP32 serves every class). ``fail``:
+    stop the build."""
     device_classes: list[str] = field(default_factory=lambda: ["x86_cpu", "arm64_cpu", "jetson", "ascend"])
     """Device classes (serving/device_classes.yaml) that may run the INT8 ONNX variant."""
+    cpu_classes: list[str] = field(default_factory=list)
+    """CPU classes (``cpu_classes`` of serving/device_classes.yaml) the INT8 variant must be right on;
+    empty means every CPU class of the architectures that ``device_classes`` detect. Each is gated
+    natively, under its emulator, or recorded as unverified."""
+    emulated_samples: int = 0
+    """Evaluation samples run under an emulator (it is slow); 0 means all of them."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +231,7 @@ class Spec:
     tensorrt: TensorRTSpec = field(default_factory=TensorRTSpec)
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
     serving: ServingSpec = field(default_factory=ServingSpec)
+    quality: QualitySpec = field(default_factory=QualitySpec)
     path: Path = Path()
     """The spec file (set by :func:`load_spec`, not a YAML key)."""
 
@@ -357,6 +399,22 @@ def _validate_sources(spec: Spec) -> None:
         raise SpecError(path, "data", "distillation needs a data section to draw training samples from")
 
 
+def _validate_quality(spec: Spec) -> None:
+    """The regenerated quality set's noise and the emulated sample count."""
+    path = spec.path
+    if spec.data is not None and spec.data.noise is not None:
+        noise = spec.data.noise
+        float_inputs = [t.name for t in spec.inputs if t.dtype == "float32"]
+        if noise.input not in float_inputs:
+            raise SpecError(
+                path, "data.noise.input", f"{noise.input!r} is not a float32 input ({float_inputs})"
+            )
+        if noise.std <= 0:
+            raise SpecError(path, "data.noise.std", f"must be positive, got {noise.std}")
+    if spec.quantize.emulated_samples < 0:
+        raise SpecError(path, "quantize.emulated_samples", "must be 0 (all) or positive")
+
+
 def _validate(spec: Spec) -> None:
     """Cross-field checks that types alone cannot express."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", spec.name):
@@ -366,6 +424,7 @@ def _validate(spec: Spec) -> None:
     _validate_tensors(spec)
     _validate_numbers(spec)
     _validate_sources(spec)
+    _validate_quality(spec)
     for arch in spec.tensorrt.archs:
         if not (arch.startswith("sm_") and arch[3:].isdigit()):
             raise SpecError(

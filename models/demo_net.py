@@ -7,12 +7,23 @@ the noise leaves some samples near the decision boundary, so agreement figures m
 
 Everything is seeded: the same ``seed`` gives the same data and, on the same machine and
 thread count, the same weights.
+
+The teacher's weights are committed (``models/demo_teacher.npz``) so that a build loads them in a
+second instead of training for a minute or two; ``python -m models.demo_net train`` is the command that
+made them, and a test checks that it still reproduces them.
+
+The pixel noise is NumPy's ``default_rng(seed + NOISE_SEED_OFFSET).standard_normal`` added last, in
+float32, so a device can regenerate the evaluation set from its noise-free base and the seed
+(``data.noise`` in the spec; the load stage checks it bit for bit).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +35,10 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 224
 _PROTOTYPE_SEED = 1234
 _GRID = 7  # prototypes are random 7x7 colour grids, upsampled to 224x224
+NOISE_SEED_OFFSET = 7919
+WEIGHTS = Path(__file__).with_name("demo_teacher.npz")
+TRAINING = {"steps": 150, "batch_size": 32, "lr": 6e-3, "seed": 0}
+"""The settings that made ``demo_teacher.npz`` (``python -m models.demo_net train``)."""
 
 
 def _prototypes() -> np.ndarray:
@@ -59,10 +74,11 @@ def sample_inputs(
     for i, label in enumerate(labels):
         images[i] = np.roll(_PROTOS[label], shift=tuple(shifts[i]), axis=(1, 2))
     images = images * contrast + brightness
-    # torch's generator draws the pixel noise about twice as fast as NumPy's, and this noise is
-    # most of the cost of a training step; seeded from the same seed, so still deterministic.
-    generator = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
-    images += torch.randn(images.shape, generator=generator).numpy() * noise
+    if noise:
+        pixels = np.random.default_rng(seed + NOISE_SEED_OFFSET).standard_normal(
+            images.shape, dtype=np.float32
+        )
+        images = images + pixels * np.float32(noise)
     return {"image": images, "labels": labels.astype(np.int64)}
 
 
@@ -167,6 +183,66 @@ def build_teacher(
     return model, {"image": torch.from_numpy(example["image"])}, figures
 
 
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Write a module's state dict as an uncompressed ``.npz`` (no pickle; deterministic bytes)."""
+    arrays = {name: value.detach().cpu().numpy() for name, value in model.state_dict().items()}
+    with path.open("wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a state dict written by :func:`save_weights` (every key must match)."""
+    with np.load(path, allow_pickle=False) as data:
+        state = {name: torch.from_numpy(data[name].copy()) for name in data.files}
+    model.load_state_dict(state, strict=True)
+
+
+def load_teacher(
+    *, weights: str = WEIGHTS.name, widths: list[int] | None = None, example_batch: int = 4
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
+    """The demo classifier with its committed weights, example inputs and figures.
+
+    Args:
+        weights: the ``.npz`` made by ``python -m models.demo_net train``, relative to ``models/``.
+        widths: channel widths the weights were trained with (default 32, 64, 128, 256).
+        example_batch: batch size of the example (golden) inputs; at least 2.
+
+    Returns:
+        ``(model, {"image": tensor}, {"task_accuracy", "parameters", "weights"})``.
+    """
+    path = Path(weights) if Path(weights).is_absolute() else Path(__file__).parent / weights
+    model = SmallCNN(tuple(widths or (32, 64, 128, 256)))
+    load_weights(model, path)
+    model.eval()
+    example = sample_inputs(example_batch, seed=int(TRAINING["seed"]) + 7)
+    figures = {
+        "task_accuracy": accuracy(model),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights": path.name,
+    }
+    return model, {"image": torch.from_numpy(example["image"])}, figures
+
+
+def train_teacher(threads: int = 1) -> nn.Module:
+    """Train the demo teacher from scratch with :data:`TRAINING` (what ``train`` runs).
+
+    One intra-op thread and deterministic algorithms: the same result on any machine whose float
+    arithmetic agrees, so the committed weights can be checked against a fresh run.
+    """
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(int(TRAINING["seed"]))
+    model = SmallCNN()
+    train(
+        model,
+        steps=int(TRAINING["steps"]),
+        batch_size=int(TRAINING["batch_size"]),
+        lr=float(TRAINING["lr"]),
+        seed=int(TRAINING["seed"]),
+    )
+    return model
+
+
 def build_student(
     widths: list[int] | None = None, seed: int = 0
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -179,3 +255,24 @@ def build_student(
     model = SmallCNN(tuple(widths or (10, 20, 40, 80)))
     example = sample_inputs(2, seed=seed + 7)
     return model, {"image": torch.from_numpy(example["image"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.demo_net train [--out PATH]``: retrain the teacher and write its weights."""
+    parser = argparse.ArgumentParser(prog="python -m models.demo_net", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("train", help="train the demo teacher with the committed settings")
+    cmd.add_argument("--out", type=Path, default=WEIGHTS, help=f"weights file to write (default {WEIGHTS})")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    model = train_teacher()
+    save_weights(model, args.out)
+    print(
+        f"wrote {args.out} in {time.perf_counter() - started:.1f}s; task accuracy {accuracy(model):.4f}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -113,3 +113,31 @@ def slow_classifier(marker: str, seconds: float = 60.0) -> tuple:
     pathlib.Path(marker).write_text("started")
     time.sleep(seconds)
     return classifier()
+
+
+NOISE_SEED_OFFSET = 11
+
+
+def noisy_samples(count: int, seed: int, noise: float = 0.5) -> dict[str, np.ndarray]:
+    """``samples`` with its pixel noise added last as the spec's ``data.noise`` promises: the noise-free
+    base plus ``noise * default_rng(seed + 11).standard_normal`` in float32."""
+    protos = np.random.default_rng(7).standard_normal((CLASSES, 3, SIZE, SIZE)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, size=count)
+    contrast = rng.uniform(0.5, 1.5, size=(count, 1, 1, 1)).astype(np.float32)
+    images = protos[labels] * contrast
+    if noise:
+        pixels = np.random.default_rng(seed + NOISE_SEED_OFFSET).standard_normal(
+            images.shape, dtype=np.float32
+        )
+        images = images + pixels * np.float32(noise)
+    return {"image": images, "labels": labels.astype(np.int64)}
+
+
+def noisy_samples_breaking_the_promise(count: int, seed: int, noise: float = 0.5) -> dict[str, np.ndarray]:
+    """Like ``noisy_samples`` but draws its noise from another stream: no device could regenerate it."""
+    data = noisy_samples(count, seed, noise=0.0)
+    if noise:
+        pixels = np.random.default_rng(seed + 12).standard_normal(data["image"].shape, dtype=np.float32)
+        data["image"] = data["image"] + pixels * np.float32(noise)
+    return data

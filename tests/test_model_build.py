@@ -50,6 +50,20 @@ def tiny_spec(**overrides: Any) -> dict[str, Any]:
     return spec
 
 
+def embedder_spec(quantize: dict[str, Any]) -> dict[str, Any]:
+    """A spec for the tiny embedder (cosine gate) with the given quantize section."""
+    return {
+        "name": "emb",
+        "task": "embedding",
+        "model": {"factory": f"{FIXTURES}:embedder"},
+        "inputs": [{"name": "features", "dtype": "float32", "shape": ["batch", 32]}],
+        "outputs": [{"name": "embedding", "dtype": "float32", "shape": ["batch", 16]}],
+        "data": {"factory": f"{FIXTURES}:features"},
+        "quantize": quantize,
+        "benchmark": {"warmup": 1, "iterations": 25},
+    }
+
+
 def write_spec(folder: Path, data: dict[str, Any], name: str = "tiny.yaml") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -204,17 +218,7 @@ def test_failed_gate_in_a_late_stage_leaves_no_bundle_and_no_partial_cache(
     # Cosine 1.0 exactly is unreachable for an INT8 model, so the quantize gate fails after
     # load, export and parity have completed.
     spec = write_spec(
-        tmp_path,
-        {
-            "name": "emb",
-            "task": "embedding",
-            "model": {"factory": f"{FIXTURES}:embedder"},
-            "inputs": [{"name": "features", "dtype": "float32", "shape": ["batch", 32]}],
-            "outputs": [{"name": "embedding", "dtype": "float32", "shape": ["batch", 16]}],
-            "data": {"factory": f"{FIXTURES}:features"},
-            "quantize": {"mode": "dynamic", "min_cosine": 1.0},
-            "benchmark": {"warmup": 1, "iterations": 25},
-        },
+        tmp_path, embedder_spec({"mode": "dynamic", "min_cosine": 1.0, "on_gate_failure": "fail"})
     )
     workdir = tmp_path / "cwd"  # ONNX Runtime's pre-processing once left files in the working directory
     workdir.mkdir()
@@ -568,3 +572,85 @@ def test_cli_build_prints_a_summary_and_then_up_to_date(
         )
         == 0
     )
+
+
+# --------------------------------------------------------------------------- the on-device quality set
+
+
+def test_quality_set_is_regenerated_from_its_base_and_seed_bit_for_bit(
+    tmp_path: Path, signer: Path, shared_cache: Any
+) -> None:
+    noise = {"input": "image", "std": 0.5, "seed_offset": 11}
+    data = {"factory": f"{FIXTURES}:noisy_samples", "noise": noise}
+    spec = write_spec(tmp_path, tiny_spec(data=data))
+    result = run_build(spec, tmp_path / "dist", signer, shared_cache(tmp_path))
+    quality = result.manifest["quality"]
+    assert quality["inputs"] == {
+        "base": "quality/base.npz",
+        "noise": {"input": "image", "std": 0.5, "seed": 13},
+    }
+    rebuilt = list(bundle.iter_quality_inputs(quality, result.bundle_dir.joinpath))
+    images = np.concatenate([b["image"] for b in rebuilt])
+    expected = __import__(FIXTURES).noisy_samples(64, 2)["image"]  # evaluation: 64 samples, seed 2
+    np.testing.assert_array_equal(images, expected)
+    assert [len(b["image"]) for b in rebuilt] == [32, 32]  # one batch at a time, never the whole set
+
+
+def test_a_factory_that_breaks_the_noise_promise_fails_naming_data_noise(
+    tmp_path: Path, signer: Path
+) -> None:
+    data = {
+        "factory": f"{FIXTURES}:noisy_samples_breaking_the_promise",
+        "noise": {"input": "image", "std": 0.5, "seed_offset": 11},
+    }
+    spec = write_spec(tmp_path, tiny_spec(data=data))
+    with pytest.raises(BuildError, match=r"data\.noise: .* is not its noise=0 samples plus") as err:
+        run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+    assert err.value.stage == "load"
+
+
+def test_noise_on_an_input_that_is_not_float_is_a_spec_error(tmp_path: Path) -> None:
+    data = {"factory": f"{FIXTURES}:noisy_samples", "noise": {"input": "labels", "std": 0.5}}
+    with pytest.raises(SpecError, match=r"'data.noise.input': 'labels' is not a float32 input"):
+        load_spec(write_spec(tmp_path, tiny_spec(data=data)))
+
+
+def test_a_shipped_quality_set_over_its_byte_budget_names_the_key(tmp_path: Path, signer: Path) -> None:
+    spec = write_spec(tmp_path, tiny_spec(quality={"max_bytes": 1000}))
+    with pytest.raises(
+        BuildError, match=r"quality.max_bytes: the evaluation inputs take 196,608 bytes > 1,000"
+    ):
+        run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+
+
+def test_int8_failing_its_gate_on_every_class_is_dropped_and_fp32_still_ships(
+    tmp_path: Path, signer: Path
+) -> None:
+    # Cosine 1.0 is unreachable for INT8; the default on_gate_failure (drop) applies.
+    spec = write_spec(tmp_path, embedder_spec({"mode": "dynamic", "min_cosine": 1.0}))
+    result = run_build(spec, tmp_path / "dist", signer, tmp_path / "cache")
+    assert [v["name"] for v in result.manifest["variants"]] == ["fp32"]
+    (drop,) = [d for d in result.manifest["dropped"] if d["variant"] == "int8"]
+    assert drop["reason"].startswith("no CPU class passed the gate:")
+    assert "failed" in drop["reason"] and "min cosine" in drop["reason"]
+    from model_build.pipeline import summary_table
+
+    assert "dropped int8: no CPU class passed the gate" in summary_table(result)
+
+
+def test_quality_gate_fails_on_outputs_that_drift_from_the_build_or_from_fp32() -> None:
+    rng = np.random.default_rng(0)
+    build = {"logits": rng.standard_normal((512, 10)).astype(np.float32) * 4}
+    variant = {
+        "name": "int8",
+        "tolerance": {"kind": "top1", "min_agreement": 0.99},
+        "quality": bundle.derive_quality_tolerance(build, 0.0),
+    }
+    assert bundle.quality_gate(variant, build, build, build)["agreement"] == 1.0
+    drifted = {"logits": build["logits"] + 0.5 * variant["quality"]["atol"] * 10}
+    with pytest.raises(bundle.QualityGateFailed, match=r"differ from the build's by up to .* > quality.atol"):
+        bundle.quality_gate(variant, drifted, build, build)
+    flipped = build["logits"].copy()
+    flipped[:8] = -flipped[:8]  # eight of 512 rows change class: agreement 0.984 < 0.99
+    with pytest.raises(bundle.QualityGateFailed, match=r"top-1 agreement 0\.98.* < min_agreement 0\.99"):
+        bundle.quality_gate(variant, {"logits": flipped}, build, build)
