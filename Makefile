@@ -15,7 +15,7 @@ STACK ?= cloud-prod
 CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov/bin/checkov
 
-.PHONY: help setup build bundles test lint bench clean snapshots render checkov serve image image-smoke
+.PHONY: help setup system-packages sync-detect build bundles test lint bench clean snapshots render checkov serve image image-smoke
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,7 +38,10 @@ TEST_SPECS := models/demo.yaml models/minilm.yaml
 bundles: setup ## Build the bundles the test suite serves (demo and MiniLM; cached).
 	for s in $(TEST_SPECS); do $(PY) -m model_build build $$s --out $(DIST); done
 
-test: setup $(CHECKOV) bundles ## Run the whole test suite (builds the demo and MiniLM bundles first).
+system-packages: ## Install the Debian packages the tests use (as root), or name the apt-get line and stop.
+	.ci/system-packages
+
+test: system-packages setup $(CHECKOV) bundles ## Run the whole test suite (builds the demo and MiniLM bundles first).
 	$(PY) -m pytest
 
 lint: setup ## ruff, mypy, and ansible-lint (production profile) on ansible/.
@@ -72,6 +75,9 @@ image: ## Build the CPU serving image with the demo bundle baked in (needs docke
 
 image-smoke: setup ## Build the CPU image offline (buildah, local Debian base), run it, infer, SIGTERM (root).
 	serving/image_smoke.sh $(or $(BUNDLE),$(DIST)/demo/latest)
+
+sync-detect: ## Copy serving/detect.py into the Ansible collection's module_utils (a test checks they match).
+	cp serving/detect.py ansible/collections/ansible_collections/dualdeploy/edge/plugins/module_utils/detect.py
 
 clean: ## Remove build outputs (keeps .venv and the dev signing key).
 	rm -rf $(DIST) build .cache
