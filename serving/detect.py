@@ -155,3 +155,44 @@ def gather(
         "cpu_class": cpu_class(cpu_classes, arch, flags),
         "gpu_arch": probe_gpu_arch() if nvidia or tegra else None,
     }
+
+
+def int8_cpu_refusal(
+    variant: Mapping[str, Any], cpu_class: str | None, arch: str, flags: Iterable[str]
+) -> str | None:
+    """Why an INT8 ONNX variant must not serve on this CPU (None when the build validated its class).
+
+    ONNX Runtime's integer kernels differ by CPU class, so an INT8 variant serves only on the classes
+    whose gate it passed at build (natively or under an emulator), as the manifest's ``cpu.validated``
+    lists them. FP32 and FP16 variants, and TensorRT engines, carry no CPU condition. The server and the
+    edge preflight both apply this one rule.
+    """
+    if variant.get("precision") != "int8" or variant.get("format") != "onnx":
+        return None
+    record = variant.get("cpu")
+    if not isinstance(record, Mapping):
+        return "the manifest records no per-CPU-class validation (a bundle from before schema 2; rebuild it)"
+    validated = [str(name) for name in record.get("validated") or []]
+    have = sorted(set(flags))
+    if cpu_class is None:
+        return (
+            f"this CPU ({arch}, features {', '.join(have) or 'none known'}) is of no CPU class of the "
+            f"table; the build validated it on {', '.join(validated) or 'no class'}"
+        )
+    if cpu_class in validated:
+        return None
+    results = record.get("results") or {}
+    result = results.get(cpu_class) or {}
+    why = f": {result['reason']}" if result.get("reason") else ""
+    lacking = []
+    for name in validated:
+        row = results.get(name) or {}
+        missing = missing_cpu_features(
+            {"arch": row.get("arch", arch), "requires": row.get("requires", [])}, arch, have
+        )
+        lacking.append(f"{name} (this CPU lacks {', '.join(missing)})" if missing else name)
+    status = result.get("status", "not claimed")
+    return (
+        f"not validated for this CPU class {cpu_class} at build ({status}{why}); "
+        f"validated on {', '.join(lacking) or 'no class'}"
+    )

@@ -245,40 +245,9 @@ def gather_facts(
 def cpu_problem(variant: Mapping[str, Any], facts: DeviceFacts) -> str | None:
     """Why an INT8 ONNX variant must not run on this CPU (None when the build validated it here).
 
-    ONNX Runtime's integer kernels differ by CPU class (``cpu_classes`` of the table), so an INT8
-    variant serves only on the classes whose gate it passed at build: natively or under an emulator.
-    FP32 and FP16 variants, and TensorRT engines, carry no CPU condition.
+    The rule is :func:`serving.detect.int8_cpu_refusal`, which the edge preflight applies too.
     """
-    if variant.get("precision") != "int8" or variant.get("format") != "onnx":
-        return None
-    record = variant.get("cpu")
-    if not isinstance(record, Mapping):
-        return "the manifest records no per-CPU-class validation (a bundle from before schema 2; rebuild it)"
-    validated = list(record.get("validated") or [])
-    if facts.cpu_class is None:
-        return (
-            f"this CPU ({facts.arch}, features {', '.join(sorted(facts.cpu_flags)) or 'none known'}) is of "
-            f"no CPU class of the table; the build validated it on {', '.join(validated) or 'no class'}"
-        )
-    if facts.cpu_class in validated:
-        return None
-    results = record.get("results") or {}
-    result = results.get(facts.cpu_class) or {}
-    status = result.get("status", "not claimed")
-    why = f": {result['reason']}" if result.get("reason") else ""
-    lacking = []
-    for name in validated:
-        row = results.get(name) or {}
-        missing = detect.missing_cpu_features(
-            {"arch": row.get("arch", facts.arch), "requires": row.get("requires", [])},
-            facts.arch,
-            facts.cpu_flags,
-        )
-        lacking.append(f"{name} (this CPU lacks {', '.join(missing)})" if missing else name)
-    return (
-        f"not validated for this CPU class {facts.cpu_class} at build ({status}{why}); "
-        f"validated on {', '.join(lacking) or 'no class'}"
-    )
+    return detect.int8_cpu_refusal(variant, facts.cpu_class, facts.arch, facts.cpu_flags)
 
 
 def _latency(variant: Mapping[str, Any]) -> float:

@@ -251,6 +251,9 @@ def test_the_preflight_module_reports_this_machines_cpu_class_like_the_server() 
     assert sorted(found["cpu_flags"]) == sorted(facts.cpu_flags)
 
 
+AVX2_DEVICE = {"arch": "x86_64", "cpu_class": "x86_64_avx2", "cpu_flags": ["avx2", "fma"], "gpu_arch": None}
+
+
 def _int8_manifest(validated: list[str]) -> dict[str, Any]:
     manifest = json.loads((demo_bundle() / "manifest.json").read_text())
     rows = TABLE["cpu_classes"]
@@ -272,11 +275,12 @@ def test_preflight_refuses_a_bundle_with_nothing_validated_for_the_device_cpu_na
             sys.executable,
             "-c",
             "import importlib.util, json, sys\n"
+            f"sys.path.insert(0, {str(ANSIBLE_DIR / 'collections')!r})\n"
             "spec = importlib.util.spec_from_file_location('plugin', sys.argv[1])\n"
             "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
             "module.select_variant(*json.loads(sys.argv[2]))\n",
             str(COLLECTION / "filter" / "variants.py"),
-            json.dumps([vnni_only, "x86_cpu", x86, None, "x86_64_avx2", ["avx2", "fma"]]),
+            json.dumps([vnni_only, "x86_cpu", x86, AVX2_DEVICE]),
         ],
         capture_output=True,
         text=True,
@@ -285,7 +289,7 @@ def test_preflight_refuses_a_bundle_with_nothing_validated_for_the_device_cpu_na
     )
     assert script_error.returncode != 0
     assert "nothing validated for this device's CPU" in script_error.stderr
-    assert "x86_64_avx512_vnni (the device lacks avx512bw, avx512_vnni)" in script_error.stderr
+    assert "x86_64_avx512_vnni (this CPU lacks avx512bw, avx512_vnni)" in script_error.stderr
 
 
 def test_preflight_notes_an_int8_variant_the_device_cpu_will_not_serve() -> None:
@@ -294,13 +298,13 @@ def test_preflight_notes_an_int8_variant_the_device_cpu_will_not_serve() -> None
         COLLECTION / "filter" / "variants.py",
         "select_variant",
         [
-            [_int8_manifest(["x86_64_avx2"]), "x86_cpu", x86, None, "x86_64_avx2", ["avx2", "fma"]],
-            [_int8_manifest(["x86_64_avx512_vnni"]), "x86_cpu", x86, None, "x86_64_avx2", ["avx2", "fma"]],
+            [_int8_manifest(["x86_64_avx2"]), "x86_cpu", x86, AVX2_DEVICE],
+            [_int8_manifest(["x86_64_avx512_vnni"]), "x86_cpu", x86, AVX2_DEVICE],
         ],
     )
     assert served["variant"] == "auto" and served["cpu_note"] == ""
     assert set_aside["variant"] == "auto"
-    assert "int8: not validated for CPU class x86_64_avx2" in set_aside["cpu_note"]
+    assert "int8: not validated for this CPU class x86_64_avx2" in set_aside["cpu_note"]
 
 
 def test_jetson_without_an_engine_for_its_gpu_runs_onnx_on_the_tensorrt_ep_with_a_cache() -> None:
@@ -319,9 +323,9 @@ def test_jetson_without_an_engine_for_its_gpu_runs_onnx_on_the_tensorrt_ep_with_
         COLLECTION / "filter" / "variants.py",
         "select_variant",
         [
-            [manifest, "jetson", jetson, "sm_87"],
-            [with_engine, "jetson", jetson, "sm_87"],
-            [manifest, "x86_cpu", TABLE["classes"]["x86_cpu"], None],
+            [manifest, "jetson", jetson, {"arch": "aarch64", "gpu_arch": "sm_87"}],
+            [with_engine, "jetson", jetson, {"arch": "aarch64", "gpu_arch": "sm_87"}],
+            [manifest, "x86_cpu", TABLE["classes"]["x86_cpu"], {"arch": "x86_64"}],
         ],
     )
     onnx_names = {v["name"] for v in manifest["variants"] if v["format"] == "onnx"}
@@ -334,7 +338,9 @@ def test_jetson_without_an_engine_for_its_gpu_runs_onnx_on_the_tensorrt_ep_with_
         "cpu_note": x86_choice["cpu_note"],
     }
     # Called without CPU facts, as this test does, no INT8 counts as validated for the device.
-    assert x86_choice["cpu_note"].startswith("int8: not validated for CPU class unknown")
+    assert x86_choice["cpu_note"].startswith(
+        "int8: this CPU (x86_64, features none known) is of no CPU class"
+    )
 
 
 def test_example_site_inventory_opens_with_its_vault_password(tmp_path: Path) -> None:

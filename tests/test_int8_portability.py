@@ -1,4 +1,4 @@
-"""INT8 that is right on every CPU class it claims, checked where it runs (issue: portable INT8).
+"""INT8 that is right on every CPU class it claims, checked on each class it runs on.
 
 ONNX Runtime picks its integer kernels by CPU features. On x86-64 without VNNI the u8s8 kernels sum
 pairs of products in 16 bits and saturate with 8-bit weights; ``qemu-x86_64 -cpu Haswell`` runs a
@@ -211,6 +211,7 @@ def test_on_device_gate_under_the_avx2_emulator_refuses_int8_built_without_reduc
         assert native.returncode == 0, native.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_training_command_reproduces_the_committed_demo_weights(tmp_path: Path) -> None:
     """models/demo_teacher.npz is what `python -m models.demo_net train` makes (1 thread, deterministic)."""
     out = tmp_path / "teacher.npz"

@@ -5,37 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from ansible.errors import AnsibleFilterError
+from ansible_collections.dualdeploy.edge.plugins.module_utils.detect import int8_cpu_refusal
 
 
-def _cpu_refusal(variant: dict[str, Any], cpu_class: str | None, cpu_flags: list[str]) -> str | None:
-    """Why an INT8 ONNX variant must not serve on this CPU class (the server applies the same rule)."""
-    if variant.get("precision") != "int8" or variant.get("format") != "onnx":
-        return None
-    record = variant.get("cpu")
-    if not isinstance(record, dict):
-        return f"{variant.get('name')}: no per-CPU-class validation in the manifest (schema 1 bundle)"
-    validated = list(record.get("validated") or [])
-    if cpu_class in validated:
-        return None
-    results = record.get("results") or {}
-    lacking = []
-    for name in validated:
-        missing = [f for f in (results.get(name) or {}).get("requires", []) if f not in cpu_flags]
-        lacking.append(f"{name} (the device lacks {', '.join(missing)})" if missing else name)
-    status = (results.get(cpu_class) or {}).get("status", "not claimed")
-    return (
-        f"{variant.get('name')}: not validated for CPU class {cpu_class or 'unknown'} ({status}); "
-        f"validated on {', '.join(lacking) or 'no class'}"
+def _cpu_refusal(variant: dict[str, Any], found: dict[str, Any]) -> str | None:
+    """The server's INT8 CPU rule (module_utils/detect.py is serving/detect.py), named by variant."""
+    problem = int8_cpu_refusal(
+        variant, found.get("cpu_class"), str(found.get("arch", "")), found.get("cpu_flags") or []
     )
+    return f"{variant.get('name')}: {problem}" if problem else None
 
 
-def select_variant(  # noqa: PLR0917 - a Jinja filter receives its arguments by position
-    manifest: dict[str, Any],
-    device_class: str,
-    entry: dict[str, Any],
-    gpu_arch: str | None = None,
-    cpu_class: str | None = None,
-    cpu_flags: list[str] | None = None,
+def select_variant(
+    manifest: dict[str, Any], device_class: str, entry: dict[str, Any], found: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Pick what the server on this device should run.
 
@@ -43,9 +25,8 @@ def select_variant(  # noqa: PLR0917 - a Jinja filter receives its arguments by 
         manifest: the bundle manifest.
         device_class: the device's class name.
         entry: the class's entry in serving/device_classes.yaml.
-        gpu_arch: the device GPU's compute capability (``sm_87``) when known.
-        cpu_class: the device's CPU class (``cpu_classes`` of the table), None when none fits.
-        cpu_flags: the device's CPU features that some CPU class names.
+        found: the device's detection facts (``device_facts``' ``found``): ``arch``, ``gpu_arch``
+            (``sm_87``) when known, ``cpu_class`` (None when none fits) and ``cpu_flags``.
 
     Returns:
         ``{"variant": "auto" | NAME, "trt_engine_cache": bool, "reason": str, "cpu_note": str}``. ``auto``
@@ -69,9 +50,11 @@ def select_variant(  # noqa: PLR0917 - a Jinja filter receives its arguments by 
             f"bundle {manifest.get('model')}/{manifest.get('version')} has no variant for device class "
             f"{device_class!r} (formats {formats}); it serves: {', '.join(served) or 'nothing'}"
         )
-    refusals = [r for v in usable if (r := _cpu_refusal(v, cpu_class, list(cpu_flags or [])))]
-    cpu_note = "; ".join(refusals)
-    usable = [v for v in usable if not _cpu_refusal(v, cpu_class, list(cpu_flags or []))]
+    found = found or {}
+    gpu_arch = found.get("gpu_arch")
+    refusals = {str(v.get("name")): r for v in usable if (r := _cpu_refusal(v, found))}
+    cpu_note = "; ".join(refusals.values())
+    usable = [v for v in usable if str(v.get("name")) not in refusals]
     if not usable:
         raise AnsibleFilterError(
             f"bundle {manifest.get('model')}/{manifest.get('version')} has nothing validated for this "
