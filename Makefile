@@ -15,7 +15,7 @@ STACK ?= cloud-prod
 CHECKOV_VERSION := 3.3.30
 CHECKOV := .tools/checkov/bin/checkov
 
-.PHONY: help setup system-packages sync-detect build bundles test lint bench clean snapshots render checkov serve image image-smoke
+.PHONY: help setup system-packages sync-detect build bundles test test-fast lint bench clean snapshots render checkov serve image image-smoke
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,14 @@ TEST_SPECS := models/demo.yaml models/minilm.yaml
 
 bundles: setup ## Build the bundles the test suite serves (demo and MiniLM; cached).
 	for s in $(TEST_SPECS); do $(PY) -m model_build build $$s --out $(DIST); done
+
+# The unit lane: pure and in-process tests (no server, Ansible, emulator or bundle build), for every edit.
+FAST_TESTS := tests/test_bundle.py tests/test_config.py tests/test_cloud_service.py tests/test_cloud_cluster.py \
+	tests/test_cloud_serving_contract.py tests/test_edge_component.py tests/test_serving_device.py \
+	tests/test_model_build_tensorrt.py tests/test_policy_pack.py tests/test_cloud_stacks.py
+
+test-fast: setup ## Run the unit lane (under 90 s): pure and in-process tests; `make test` runs everything.
+	$(PY) -m pytest -q -m "not slow" $(FAST_TESTS)
 
 system-packages: ## Install the Debian packages the tests use (as root), or name the apt-get line and stop.
 	.ci/system-packages
@@ -76,8 +84,8 @@ image: ## Build the CPU serving image with the demo bundle baked in (needs docke
 image-smoke: setup ## Build the CPU image offline (buildah, local Debian base), run it, infer, SIGTERM (root).
 	serving/image_smoke.sh $(or $(BUNDLE),$(DIST)/demo/latest)
 
-sync-detect: ## Copy serving/detect.py into the Ansible collection's module_utils (a test checks they match).
-	cp serving/detect.py ansible/collections/ansible_collections/dualdeploy/edge/plugins/module_utils/detect.py
+sync-detect: ## Copy contract/detect.py into the Ansible collection's module_utils (a test checks they match).
+	cp contract/detect.py ansible/collections/ansible_collections/dualdeploy/edge/plugins/module_utils/detect.py
 
 clean: ## Remove build outputs (keeps .venv and the dev signing key).
 	rm -rf $(DIST) build .cache

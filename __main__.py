@@ -162,7 +162,7 @@ def main() -> None:
         pulumi.export("bundle", {"model": cfg.bundle.model, "version": cfg.bundle.version})
 
     if cfg.edge is not None:
-        # components/edge_fleet.py is the edge engineer's module (issue 4).
+        # Imported only for stacks with an edge part: it pulls in ansible-runner.
         from components.edge_fleet import EdgeFleet, EdgeFleetArgs  # noqa: PLC0415
 
         edge = cfg.edge

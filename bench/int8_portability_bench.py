@@ -34,7 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model_build import bundle, cpu_gate  # noqa: E402
+from contract import bundle  # noqa: E402
+from model_build import cpu_gate  # noqa: E402
 from model_build.benchmark import benchmark  # noqa: E402
 from model_build.onnx_stages import EVAL_BATCH, run_onnx, session  # noqa: E402
 from model_build.spec import BenchmarkSpec, load_spec  # noqa: E402
@@ -61,7 +62,7 @@ def _quantize(fp32: Path, target: Path, reduce_range: bool, calibration: dict[st
     quantize_static(
         str(pre),
         str(target),
-        Reader(),  # type: ignore[arg-type]
+        Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         reduce_range=reduce_range,

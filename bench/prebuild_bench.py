@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model_build import bundle  # noqa: E402
+from contract import bundle  # noqa: E402
 from model_build.benchmark import benchmark  # noqa: E402
 from model_build.onnx_stages import session  # noqa: E402
 from model_build.spec import BenchmarkSpec  # noqa: E402

@@ -39,8 +39,8 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/serving_bench.py` from the repository root
 
-from model_build.bundle import load_tensors, read_manifest  # noqa: E402
-from serving.client import encode_infer_request  # noqa: E402
+from contract.bundle import load_tensors, read_manifest  # noqa: E402
+from contract.codec import encode_infer_request  # noqa: E402
 from serving.model import session_options  # noqa: E402
 
 TARGETS = {

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from components.gpu_instances import GPU_INSTANCE_TYPES, GpuInstanceType
-from model_build.bundle import BundleError, read_manifest
+from components.k8s_specs import EXIT_SECONDS, PRESTOP_SECONDS, SPOT_NOTICE_BUDGET_S
+from contract.bundle import BundleError, read_manifest
 
 NAMESPACE = "dualdeploy"
 
@@ -92,6 +93,14 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
+
+
+class MissingEngines(ConfigError):
+    """A GPU pool's architecture has no TensorRT engine in the bundle, and the stack requires engines.
+
+    Its own type so that ``make render`` can render the objects anyway (with every pool architecture)
+    and say that ``pulumi up`` would stop, without reading the message.
+    """
 
 
 # --------------------------------------------------------------------------- typed config
@@ -739,10 +748,6 @@ SERVING_KEYS = (
     "prometheusUrl", "dcgmExporter", "keepImages", "publicKey",
 )  # fmt: skip
 LOAD_BALANCERS = ("none", "internal", "internet-facing")
-SPOT_NOTICE_BUDGET_S = 110
-"""Seconds a pod may take to stop: the Spot notice is 120 s; 10 s stay for the kubelet and the node drain."""
-PRESTOP_SECONDS = 5
-"""preStop pause that lets endpoints and load balancers stop sending before the server drains."""
 
 
 NODE_GROUP_NAME_MAX = 63
@@ -794,11 +799,11 @@ def _parse_serving(raw: Any, base_dir: Path) -> ServingConfig:
             _key(f"{path}.memory"), f"{memory!r} is not a memory quantity in Mi or Gi (e.g. 8Gi)"
         )
     drain = _int(data, "drainSeconds", path, default=30, minimum=1)
-    if PRESTOP_SECONDS + drain + 5 > SPOT_NOTICE_BUDGET_S:
+    if PRESTOP_SECONDS + drain + EXIT_SECONDS > SPOT_NOTICE_BUDGET_S:
         raise ConfigError(
             _key(f"{path}.drainSeconds"),
             f"{drain} s of drain plus {PRESTOP_SECONDS} s preStop does not fit the two-minute Spot notice "
-            f"(at most {SPOT_NOTICE_BUDGET_S - PRESTOP_SECONDS - 5} s)",
+            f"(at most {SPOT_NOTICE_BUDGET_S - PRESTOP_SECONDS - EXIT_SECONDS} s)",
         )
     queue_target = (
         _int(data, "queueDepthTarget", path, default=None, minimum=1) if "queueDepthTarget" in data else None
@@ -976,7 +981,7 @@ def _check_pool_engine(
         return
     have = ", ".join(sorted(bundle.engine_arches)) or "none"
     if required:
-        raise ConfigError(
+        raise MissingEngines(
             _key(f"{path}.instanceTypes"),
             f"pool {pool.name!r} runs {pool.gpu_arch} but bundle {bundle.path} ({bundle.model} "
             f"{bundle.version}) has no TensorRT engine for it (engines: {have}). Build the engine on a "

@@ -28,9 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = REPO_ROOT / "ansible"
 DEFAULT_PLAYBOOK = ANSIBLE_DIR / "edge.yml"
 DEFAULT_INVENTORY = ANSIBLE_DIR / "inventories" / "local"
-DEVICE_TABLE = REPO_ROOT / "serving" / "device_classes.yaml"
-# The task whose loop sends bundle files; its results give the bytes a rollout sent.
-SEND_TASK = "Send the bundle files that the device does not hold yet."
+DEVICE_TABLE = REPO_ROOT / "contract" / "device_classes.yaml"
 
 
 class RolloutError(Exception):
@@ -167,6 +165,10 @@ def _parse_events(events: Iterable[Mapping[str, Any]]) -> dict[str, HostResult]:
         res = data.get("res") or {}
         if kind == "runner_on_ok":
             facts = res.get("ansible_facts") or {}
+            sent = facts.get("edge_bundle_sent")
+            if isinstance(sent, dict):
+                entry.sent_files.extend(str(f) for f in sent.get("files") or [])
+                entry.sent_bytes += int(sent.get("bytes") or 0)
             result = facts.get("edge_service_result")
             if isinstance(result, dict):
                 entry.version = result.get("version")
@@ -183,11 +185,6 @@ def _parse_events(events: Iterable[Mapping[str, Any]]) -> dict[str, HostResult]:
             )
         elif kind == "runner_on_unreachable":
             entry.reason = str(res.get("msg") or "unreachable")
-        if data.get("task") == SEND_TASK and kind == "runner_on_ok":
-            for item in res.get("results") or []:
-                if item.get("changed"):
-                    entry.sent_files.append(str(item.get("item")))
-                    entry.sent_bytes += int(item.get("size") or 0)
     return hosts
 
 
@@ -363,8 +360,8 @@ def smoke_inference(endpoint: str, bundle_dir: Path) -> dict[str, Any]:
     import httpx  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from model_build.bundle import load_tensors, read_manifest  # noqa: PLC0415
-    from serving.client import decode_infer_response, encode_infer_request  # noqa: PLC0415
+    from contract.bundle import load_tensors, read_manifest  # noqa: PLC0415
+    from contract.codec import decode_infer_response, encode_infer_request  # noqa: PLC0415
 
     manifest = read_manifest(Path(bundle_dir))
     inputs = load_tensors(Path(bundle_dir) / manifest["golden"]["inputs"])

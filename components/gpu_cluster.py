@@ -39,12 +39,19 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import yaml
 
-from components.config import LOG_TYPES, SUPPORTED_KUBERNETES_VERSIONS
+from components.config import (
+    CLUSTER_AUTOSCALER_IMAGE_TAGS,
+    DEFAULT_AUTOSCALER_CHART,
+    DEFAULT_DEVICE_PLUGIN_CHART,
+    DEFAULT_METRICS_SERVER_CHART,
+    LOG_TYPES,
+    SUPPORTED_KUBERNETES_VERSIONS,
+)
 from components.gpu_instances import GPU_INSTANCE_TYPES
+from components.k8s_specs import CAPACITY_LABEL, GPU_ARCH_LABEL, GPU_RESOURCE
 
-GPU_TAINT_KEY = "nvidia.com/gpu"
-GPU_ARCH_LABEL = "dualdeploy.io/gpu-arch"
-CAPACITY_LABEL = "dualdeploy.io/capacity-type"
+GPU_TAINT_KEY = GPU_RESOURCE
+"""GPU nodes are tainted with the device plugin's resource name; model pods tolerate exactly that."""
 POOL_LABEL = "dualdeploy.io/pool"
 GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
 CPU_AMI_TYPE = "AL2023_x86_64_STANDARD"
@@ -127,20 +134,20 @@ class GpuClusterArgs:
     log_retention_days: pulumi.Input[int] = 90
     """Retention of the control-plane log group."""
 
-    device_plugin_chart_version: pulumi.Input[str] = "0.18.0"
+    device_plugin_chart_version: pulumi.Input[str] = DEFAULT_DEVICE_PLUGIN_CHART
     """Pinned nvidia-device-plugin chart version."""
 
     time_slicing_replicas: int = 1
     """Pods sharing one GPU through time-slicing; 1 turns it off. Concrete: the autoscaler's
     scale-from-zero GPU count is multiplied by it."""
 
-    autoscaler_chart_version: pulumi.Input[str] = "9.46.6"
+    autoscaler_chart_version: pulumi.Input[str] = DEFAULT_AUTOSCALER_CHART
     """Pinned cluster-autoscaler chart version."""
 
-    autoscaler_image_tag: pulumi.Input[str] = "v1.33.0"
+    autoscaler_image_tag: pulumi.Input[str] = CLUSTER_AUTOSCALER_IMAGE_TAGS["1.33"]
     """cluster-autoscaler image; its minor must match ``kubernetes_version``."""
 
-    metrics_server_chart_version: pulumi.Input[str] = "3.12.2"
+    metrics_server_chart_version: pulumi.Input[str] = DEFAULT_METRICS_SERVER_CHART
     """Pinned metrics-server chart. EKS does not install metrics-server, and without it an HPA
     has no CPU metric and never scales."""
 

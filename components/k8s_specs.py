@@ -39,6 +39,10 @@ LIVE_PATH = "/v2/health/live"
 READY_PATH = "/v2/health/ready"
 SPOT_NOTICE_BUDGET_S = 110
 """Seconds a pod may take to stop: the Spot notice is 120 s; 10 s stay for the node's own drain."""
+PRESTOP_SECONDS = 5
+"""preStop pause that lets endpoints and load balancers stop sending before the server drains."""
+EXIT_SECONDS = 5
+"""What the grace period keeps beyond preStop and the drain for the process to exit."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class ServiceSpec:
     queue_metric: str | None = None
     queue_target: int | None = None
     drain_seconds: int = 30
-    prestop_seconds: int = 5
+    prestop_seconds: int = PRESTOP_SECONDS
     load_balancer: str = "none"
     prometheus_operator: bool = False
     bundle_path: str = BUNDLE_PATH
@@ -118,7 +122,7 @@ class ServiceSpec:
     @property
     def grace_seconds(self) -> int:
         """terminationGracePeriodSeconds: preStop, then the drain, then 5 s to exit."""
-        return self.prestop_seconds + self.drain_seconds + 5
+        return self.prestop_seconds + self.drain_seconds + EXIT_SECONDS
 
     @property
     def labels(self) -> dict[str, str]:

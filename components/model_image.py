@@ -37,7 +37,7 @@ import pulumi_docker as docker
 PLATFORM = "linux/amd64"
 BASES = ("cpu", "gpu")
 DOCKERFILE = "serving/Dockerfile"
-IMAGE_SOURCES: tuple[str, ...] = ("serving", "model_build/__init__.py", "model_build/bundle.py", DOCKERFILE)
+IMAGE_SOURCES: tuple[str, ...] = ("serving", "contract", DOCKERFILE)
 """What the Dockerfile copies besides the bundle and the key: it decides the image's source hash."""
 _REPOSITORY_NAME = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*")
 _VERSION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}")

@@ -20,13 +20,20 @@ import argparse
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from components import k8s_specs, model_service
-from components.config import ConfigError, StackConfig, parse_stack_config, raw_from_stack_yaml
+from components.config import (
+    ConfigError,
+    MissingEngines,
+    StackConfig,
+    parse_stack_config,
+    raw_from_stack_yaml,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLACEHOLDER_ACCOUNT = "000000000000"
@@ -58,7 +65,18 @@ def service_spec(cfg: StackConfig, image: Any, placeholders: tuple[str, ...] = (
         raise RenderError(f"invalid model service: {exc}") from None
 
 
-def load_stack(stack: str, base_dir: Path) -> tuple[StackConfig, list[str]]:
+@dataclass(frozen=True)
+class LoadedStack:
+    """A stack config parsed for rendering, with what to tell the reader about it."""
+
+    config: StackConfig
+    notes: list[str]
+    """Lines to print and write into PLACEHOLDERS.txt."""
+    engines_missing: bool = False
+    """The bundle lacks engines the stack requires: rendered with every pool architecture."""
+
+
+def load_stack(stack: str, base_dir: Path) -> LoadedStack:
     """Parse a stack file for rendering.
 
     A stack that requires TensorRT engines still renders when the bundle lacks them (a bundle
@@ -66,7 +84,7 @@ def load_stack(stack: str, base_dir: Path) -> tuple[StackConfig, list[str]]:
     keeps enforcing it.
 
     Returns:
-        The config and the notes to print (and write into PLACEHOLDERS.txt).
+        The config, the notes to print (and write into PLACEHOLDERS.txt), and whether engines are missing.
 
     Raises:
         RenderError: the stack file is missing or invalid for any other reason.
@@ -79,23 +97,25 @@ def load_stack(stack: str, base_dir: Path) -> tuple[StackConfig, list[str]]:
         raise RenderError(f"no stack file {path.relative_to(REPO_ROOT)} (stacks: {', '.join(known)})")
     raw, region = raw_from_stack_yaml(yaml.safe_load(path.read_text())["config"])
     notes: list[str] = []
+    engines_missing = False
     try:
         cfg = parse_stack_config(raw, stack=stack, region=region, base_dir=base_dir)
-    except ConfigError as exc:
-        if raw.get("requireEngines") is False or "TensorRT engine" not in str(exc):
-            raise RenderError(f"invalid stack config: {exc}") from None
+    except MissingEngines as exc:
         try:
             cfg = parse_stack_config(
                 {**raw, "requireEngines": False}, stack=stack, region=region, base_dir=base_dir
             )
         except ConfigError as again:
             raise RenderError(f"invalid stack config: {again}") from None
+        engines_missing = True
         notes.append(
             f"gpu-arches: the bundle lacks engines that the stack requires ({exc.key}); rendered with every "
             "pool architecture. `pulumi up` would stop here."
         )
+    except ConfigError as exc:
+        raise RenderError(f"invalid stack config: {exc}") from None
     notes.extend(cfg.warnings)
-    return cfg, notes
+    return LoadedStack(cfg, notes, engines_missing)
 
 
 def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
@@ -107,13 +127,14 @@ def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
     Raises:
         RenderError: the stack cannot be rendered.
     """
-    cfg, notes = load_stack(stack, base_dir)
+    loaded = load_stack(stack, base_dir)
+    cfg, notes = loaded.config, loaded.notes
     if cfg.cluster is None or cfg.bundle is None or cfg.serving is None:
         raise RenderError(f"stack {stack} has no cloud part (dualdeploy:cluster): nothing to render")
     registry = f"{PLACEHOLDER_ACCOUNT}.dkr.ecr.{cfg.region}.amazonaws.com"
     image = f"{registry}/dualdeploy/{cfg.bundle.model}@{PLACEHOLDER_DIGEST}"
     placeholders: tuple[str, ...] = ("image (account and digest are known after pulumi up pushes the image)",)
-    if notes and notes[0].startswith("gpu-arches"):
+    if loaded.engines_missing:
         placeholders += ("gpu-arches (bundle lacks the required engines)",)
     spec = service_spec(cfg, image, placeholders)
     objects = k8s_specs.all_objects(spec, pre_pull=cfg.serving.pre_pull)

@@ -7,7 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-from . import bundle
+from contract import bundle
+
 from .errors import BuildError
 
 DEV_PUBLIC_KEY = Path(".keys/dev-ed25519.pub")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .bundle import sha256_file
+from contract.bundle import sha256_file
 
 DEFAULT_CACHE = Path(".cache/model_build")
 _COMPLETE = ".complete"

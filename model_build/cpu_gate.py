@@ -2,7 +2,7 @@
 
 ONNX Runtime chooses its integer kernels by CPU features, and they do not all compute the same
 numbers (on x86-64 without VNNI the u8s8 kernels sum in 16 bits). So the INT8 gate runs once per CPU
-class of ``serving/device_classes.yaml``:
+class of ``contract/device_classes.yaml``:
 
 - **native**: the build host belongs to the class;
 - **emulated**: the class names an emulator that is installed here (``qemu-x86_64 -cpu Haswell`` for
@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from serving import detect
+from contract import detect
+from contract.bundle import load_tensors, save_tensors
 
-from .bundle import load_tensors, save_tensors
 from .errors import BuildError
 from .spec import Spec
 
-DEVICE_TABLE = Path(__file__).resolve().parent.parent / "serving" / "device_classes.yaml"
-REPO_ROOT = DEVICE_TABLE.parent.parent
+DEVICE_TABLE = detect.DEVICE_TABLE
+REPO_ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_TIMEOUT_S = 900.0
 
 
@@ -80,7 +80,7 @@ def claimed_classes(spec: Spec, table: Mapping[str, Any]) -> list[str]:
 
 
 def host_cpu_class(table: Mapping[str, Any]) -> str | None:
-    """This build host's CPU class, detected by the shared module (``serving/detect.py``)."""
+    """This build host's CPU class, detected by the shared module (``contract/detect.py``)."""
     return detect.cpu_class(table.get("cpu_classes") or {}, platform.machine(), detect.read_cpu_flags())
 
 
@@ -136,7 +136,7 @@ def plan(
 
 
 def run_emulated(
-    emulator: tuple[str, ...], model: Path, inputs: list[Mapping[str, np.ndarray]]
+    emulator: tuple[str, ...], model: Path, inputs: Sequence[Mapping[str, np.ndarray]]
 ) -> list[dict[str, np.ndarray]]:
     """Run ``model`` on each input set inside one emulated Python process.
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import load_tensors, noise, save_tensors
+from contract.bundle import load_tensors, noise, save_tensors
+
 from .errors import BuildError
 from .spec import Spec
 from .tensors import (
@@ -144,7 +145,7 @@ def _save_noise_free_base(spec: Spec, samples: Mapping[str, np.ndarray], target:
     """Check the data factory's noise promise (``data.noise``) bit for bit, then save the base.
 
     The evaluation samples must equal the factory's noise-free samples plus the contract's noise
-    (:func:`model_build.bundle.noise`); only then may devices regenerate them from the base and the seed.
+    (:func:`contract.bundle.noise`); only then may devices regenerate them from the base and the seed.
 
     Returns:
         The ``noise`` entry of the manifest's quality inputs: ``{input, std, seed}``.

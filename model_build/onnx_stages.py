@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import BundleError, compare_outputs, load_tensors, save_tensors
+from contract.bundle import BundleError, compare_outputs, load_tensors, save_tensors
+
 from .errors import BuildError
 from .load import load_model
 from .spec import Spec

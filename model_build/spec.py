@@ -149,9 +149,9 @@ class QuantizeSpec:
     recorded in the manifest and printed, and the build goes on (FP32 serves every class). ``fail``:
     stop the build."""
     device_classes: list[str] = field(default_factory=lambda: ["x86_cpu", "arm64_cpu", "jetson", "ascend"])
-    """Device classes (serving/device_classes.yaml) that may run the INT8 ONNX variant."""
+    """Device classes (contract/device_classes.yaml) that may run the INT8 ONNX variant."""
     cpu_classes: list[str] = field(default_factory=list)
-    """CPU classes (``cpu_classes`` of serving/device_classes.yaml) the INT8 variant must be right on;
+    """CPU classes (``cpu_classes`` of contract/device_classes.yaml) the INT8 variant must be right on;
     empty means every CPU class of the architectures that ``device_classes`` detect. Each is gated
     natively, under its emulator, or recorded as unverified."""
     emulated_samples: int = 0

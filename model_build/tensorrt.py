@@ -33,7 +33,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .bundle import BundleError, compare_outputs, load_tensors
+from contract.bundle import BundleError, compare_outputs, load_tensors
+
 from .errors import BuildError
 from .onnx_stages import quality_tolerance
 from .spec import Spec

@@ -1,6 +1,6 @@
 """Device classes: detect this machine's class and choose a bundle variant for it.
 
-The table lives in ``serving/device_classes.yaml`` and is shared with the edge
+The table lives in ``contract/device_classes.yaml`` and is shared with the edge
 playbooks, so the rules here are deliberately the same simple ones the playbooks
 apply: a class matches when every fact listed under ``detect`` holds, classes are
 tried in file order, and the first match wins.
@@ -21,12 +21,12 @@ from typing import Any
 
 import yaml
 
-from serving import detect
-from serving.detect import gpu_arch_from_compute_cap
+from contract import detect
+from contract.detect import gpu_arch_from_compute_cap
 
-__all__ = ["gpu_arch_from_compute_cap"]  # re-exported: one implementation, in serving/detect.py
+__all__ = ["gpu_arch_from_compute_cap"]  # re-exported: one implementation, in contract/detect.py
 
-DEFAULT_TABLE = Path(__file__).with_name("device_classes.yaml")
+DEFAULT_TABLE = detect.DEVICE_TABLE
 TABLE_SCHEMA_VERSION = 1
 
 
@@ -169,7 +169,7 @@ def matches(device_class: DeviceClass, facts: DeviceFacts) -> bool:
 
 
 def detect_class(table: Mapping[str, DeviceClass], facts: DeviceFacts) -> DeviceClass:
-    """The first class of the table whose detection facts all hold (``serving/detect.py`` decides).
+    """The first class of the table whose detection facts all hold (``contract/detect.py`` decides).
 
     Raises:
         DeviceError: no class matches (the message lists the facts).
@@ -228,7 +228,7 @@ def _probe_tensorrt_version() -> str | None:
 def gather_facts(
     table: Mapping[str, DeviceClass], cpu_classes: Mapping[str, Mapping[str, Any]] | None = None
 ) -> DeviceFacts:
-    """Look at this machine for exactly the facts the tables ask about (``serving/detect.py``)."""
+    """Look at this machine for exactly the facts the tables ask about (``contract/detect.py``)."""
     found = detect.gather({n: {"detect": c.detect} for n, c in table.items()}, cpu_classes or {})
     return DeviceFacts(
         arch=found["arch"],
@@ -245,7 +245,7 @@ def gather_facts(
 def cpu_problem(variant: Mapping[str, Any], facts: DeviceFacts) -> str | None:
     """Why an INT8 ONNX variant must not run on this CPU (None when the build validated it here).
 
-    The rule is :func:`serving.detect.int8_cpu_refusal`, which the edge preflight applies too.
+    The rule is :func:`contract.detect.int8_cpu_refusal`, which the edge preflight applies too.
     """
     return detect.int8_cpu_refusal(variant, facts.cpu_class, facts.arch, facts.cpu_flags)
 

@@ -60,7 +60,7 @@ echo "HEALTHCHECK command: ok"
 "$PY" - "$PORT" "$MODEL" "$BUNDLE" <<'EOF'
 import json, sys, urllib.request
 import numpy as np
-from model_build.bundle import load_tensors
+from contract.bundle import load_tensors
 port, model, bundle = sys.argv[1], sys.argv[2], sys.argv[3]
 manifest = json.load(open(f"{bundle}/manifest.json"))
 golden = load_tensors(__import__("pathlib").Path(bundle) / manifest["golden"]["inputs"])

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from model_build.bundle import (
+from contract.bundle import (
     BundleError,
     VerifiedBundle,
     compare_outputs,
@@ -408,7 +408,7 @@ def quality_check(model: LoadedModel) -> dict[str, float]:
     """The on-device quality gate: the manifest's quality set on this machine's real kernels.
 
     Runs every sample of the quality set through the chosen variant and checks, with
-    :func:`model_build.bundle.quality_gate`, that the outputs are within the build-derived tolerance of
+    :func:`contract.bundle.quality_gate`, that the outputs are within the build-derived tolerance of
     what the build computed for this variant, and within the variant's tolerance of the FP32 reference.
     Variants without a quality entry (TensorRT engines, bundles of schema 1) keep the golden check only.
 

@@ -26,18 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from contract.codec import WIRE_DTYPES
+
 # Manifest dtype -> (v2 datatype, NumPy dtype). The models in bundles take these two.
-_DTYPES: dict[str, tuple[str, np.dtype[Any]]] = {
-    "float32": ("FP32", np.dtype("<f4")),
-    "float16": ("FP16", np.dtype("<f2")),
-    "float64": ("FP64", np.dtype("<f8")),
-    "int64": ("INT64", np.dtype("<i8")),
-    "int32": ("INT32", np.dtype("<i4")),
-    "int8": ("INT8", np.dtype("i1")),
-    "uint8": ("UINT8", np.dtype("u1")),
-    "bool": ("BOOL", np.dtype("?")),
-}
-DATATYPES = sorted({dt for dt, _ in _DTYPES.values()} | {"BYTES", "UINT16", "UINT32", "UINT64", "INT16"})
+DATATYPES = sorted({dt for dt, _ in WIRE_DTYPES.values()} | {"BYTES", "UINT16", "UINT32", "UINT64", "INT16"})
 BATCH_AXIS = "batch"
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -78,12 +70,14 @@ def tensor_spec(entry: Mapping[str, Any], where: str) -> TensorSpec:
     """
     name = entry.get("name")
     dtype = entry.get("dtype")
-    if not isinstance(name, str) or dtype not in _DTYPES:
-        raise ValueError(f"manifest {where}: entry {entry!r} needs a name and a dtype in {sorted(_DTYPES)}")
+    if not isinstance(name, str) or dtype not in WIRE_DTYPES:
+        raise ValueError(
+            f"manifest {where}: entry {entry!r} needs a name and a dtype in {sorted(WIRE_DTYPES)}"
+        )
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int | str) for d in shape):
         raise ValueError(f"manifest {where} {name!r}: shape must be a list of ints and axis names")
-    datatype, np_dtype = _DTYPES[dtype]
+    datatype, np_dtype = WIRE_DTYPES[dtype]
     return TensorSpec(name, datatype, np_dtype, tuple(shape), bool(entry.get("allow_nonfinite", True)))
 
 

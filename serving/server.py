@@ -173,6 +173,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+UVICORN_PRIVATE_API_VERSION = "0.54.0"
+"""The uvicorn release whose private ``Server._captured_signals`` :func:`forget_captured_signal` uses
+(pinned in serving/requirements.txt; a test fails when the two part)."""
+
+
+def forget_captured_signal(server: uvicorn.Server, sig: int) -> None:
+    """Stop uvicorn from re-raising ``sig`` after its shutdown (the one use of a private uvicorn API).
+
+    uvicorn has no public way to say that a captured signal was handled; its ``Server`` keeps them in
+    ``_captured_signals`` and re-raises each one when ``serve()`` returns.
+    """
+    captured: list[int] = server._captured_signals  # private: wrapped here, pinned by a test
+    if sig in captured:
+        captured.remove(sig)
+
+
 class ConfigError(Exception):
     """A flag or environment variable has an unusable value."""
 
@@ -229,7 +245,7 @@ class _Server(uvicorn.Server):
         # uvicorn re-raises captured signals after shutdown, which would turn a clean
         # drain into death by SIGTERM; a finished drain is a normal exit (0).
         if sig == signal.SIGTERM:
-            self._captured_signals.remove(sig)
+            forget_captured_signal(self, sig)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)

@@ -333,12 +333,12 @@ def write_fixture_bundle(
     """Write a small signed bundle ``dist/<model>/<version>`` and point ``latest`` at it.
 
     Test data for the config rules: the ONNX and engine files are placeholder bytes, but
-    the manifest, checksums and signature are real (written with model_build.bundle), and
+    the manifest, checksums and signature are real (written with contract.bundle), and
     each entry of ``engine_arches`` is declared as a TensorRT variant with that ``gpu_arch``.
     """
     import numpy as np
 
-    from model_build import bundle
+    from contract import bundle
 
     folder = dist / model / version
     folder.mkdir(parents=True)

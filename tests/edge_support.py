@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 from serving_support import free_port
 
-from model_build.bundle import (
+from contract.bundle import (
     canonical_json,
     file_entries,
     load_private_key,

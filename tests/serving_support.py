@@ -1,6 +1,6 @@
 """Helpers for the serving tests: real signed bundles of tiny ONNX models, and real server processes.
 
-The bundles follow the manifest contract of BRIEF.md and ``model_build/bundle.py``
+The bundles follow the manifest contract of BRIEF.md and ``contract/bundle.py``
 exactly; the golden outputs come from ONNX Runtime on the FP32 model (the
 prebuild takes them from PyTorch instead).
 """
@@ -28,7 +28,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from model_build import bundle
+from contract import bundle
 from serving import device
 
 REPO = Path(__file__).resolve().parents[1]

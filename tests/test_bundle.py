@@ -1,11 +1,11 @@
-"""The bundle contract: signatures, checksums and tolerances (model_build/bundle.py)."""
+"""The bundle contract: signatures, checksums and tolerances (contract/bundle.py)."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from model_build import bundle
+from contract import bundle
 
 
 @pytest.fixture

@@ -24,14 +24,21 @@ from components.network import Network, NetworkArgs, subnet_cidrs
 REGION = "eu-west-1"
 
 
+# How Pulumi marks a secret value on the wire (pulumi.runtime.rpc: _special_sig_key / _special_secret_sig).
+SECRET_SIG = "4dabf18193072939515e22adb298388d"
+SECRET_SIG_VALUE = "1b47061264138c4ac30d75fd1eb44270"
+
+
 class ComponentMocks(pulumi.runtime.Mocks):
     """Per-type realistic outputs (shared with the program harness), and a log of registrations."""
 
     def __init__(self) -> None:
         self.registered: list[tuple[str, str]] = []
+        self.inputs: dict[tuple[str, str], dict[str, Any]] = {}
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         self.registered.append((args.typ, args.name))
+        self.inputs[(args.typ, args.name)] = dict(args.inputs)
         return _mock_outputs(args.typ, args.name, dict(args.inputs), REGION)
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], None]:
@@ -101,9 +108,23 @@ def test_kubeconfig_points_at_the_cluster_and_uses_aws_get_token() -> pulumi.Out
     return cluster.kubeconfig.apply(check)
 
 
-def test_provider_output_is_a_kubernetes_provider() -> None:
+@pulumi.runtime.test
+def test_provider_output_is_a_kubernetes_provider_on_the_clusters_kubeconfig(
+    mocks: ComponentMocks,
+) -> pulumi.Output[Any]:
     cluster = GpuCluster("unit", make_args())
     assert isinstance(cluster.provider, k8s.Provider)
+
+    def check(values: list[Any]) -> None:
+        kubeconfig, _urn = values
+        providers = [key for key in mocks.inputs if key[0] == "pulumi:providers:kubernetes"]
+        assert len(providers) == 1, providers
+        given = mocks.inputs[providers[0]]["kubeconfig"]
+        # The provider gets the kubeconfig the component exports, still a secret (Pulumi's secret sig).
+        assert given.get(SECRET_SIG) == SECRET_SIG_VALUE, "the provider's kubeconfig must stay a secret"
+        assert json.loads(given["value"]) == json.loads(kubeconfig)
+
+    return pulumi.Output.all(cluster.kubeconfig, cluster.provider.urn).apply(check)
 
 
 @pulumi.runtime.test

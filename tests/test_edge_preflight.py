@@ -35,7 +35,7 @@ def test_unknown_pinned_device_class_names_the_known_classes(tmp_path: Path) -> 
 
 
 def test_undetectable_device_names_the_facts_found(tmp_path: Path) -> None:
-    table = yaml.safe_load(Path("serving/device_classes.yaml").read_text())
+    table = yaml.safe_load(Path("contract/device_classes.yaml").read_text())
     only_accelerators = {k: v for k, v in table["classes"].items() if k in ("jetson", "ascend")}
     custom = tmp_path / "classes.yaml"
     custom.write_text(yaml.safe_dump({**table, "classes": only_accelerators}, sort_keys=False))

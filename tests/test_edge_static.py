@@ -21,7 +21,7 @@ from serving import device
 
 BIN = Path(sys.executable).parent
 COLLECTION = ANSIBLE_DIR / "collections" / "ansible_collections" / "dualdeploy" / "edge" / "plugins"
-TABLE = yaml.safe_load((REPO_ROOT / "serving" / "device_classes.yaml").read_text())
+TABLE = yaml.safe_load((REPO_ROOT / "contract" / "device_classes.yaml").read_text())
 
 
 def _in_child(plugin: Path, call: str, args: list[list[Any]]) -> list[Any]:
@@ -235,10 +235,10 @@ def test_the_playbook_and_the_server_detect_the_same_class() -> None:
 
 
 def test_the_collection_ships_the_server_detection_module_byte_for_byte() -> None:
-    """One implementation of device and CPU detection: serving/detect.py, copied into module_utils."""
+    """One implementation of device and CPU detection: contract/detect.py, copied into module_utils."""
     shipped = COLLECTION / "module_utils" / "detect.py"
-    assert shipped.read_bytes() == (REPO_ROOT / "serving" / "detect.py").read_bytes(), (
-        "module_utils/detect.py differs from serving/detect.py: run `make sync-detect`"
+    assert shipped.read_bytes() == (REPO_ROOT / "contract" / "detect.py").read_bytes(), (
+        "module_utils/detect.py differs from contract/detect.py: run `make sync-detect`"
     )
 
 

@@ -22,10 +22,11 @@ import pytest
 import yaml
 from serving_support import REPO, running_server, server_command
 
-from model_build import bundle, cpu_gate
+from contract import bundle
+from contract.codec import decode_infer_response, encode_infer_request
+from model_build import cpu_gate
 from model_build.pipeline import Reporter, build
 from model_build.spec import load_spec
-from serving.client import decode_infer_response, encode_infer_request
 
 QEMU = ("qemu-x86_64", "-cpu", "Haswell")
 DEMO = REPO / "dist" / "demo" / "latest"

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from model_build import bundle
+from contract import bundle
 from model_build.pipeline import Reporter, _engine_variants, build
 from model_build.spec import load_spec
 from model_build.tensorrt import (

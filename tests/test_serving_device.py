@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from serving_support import Bundle, make_bundle, run_refused, running_server
 
-from model_build import bundle as contract
+from contract import bundle as contract
+from contract import detect
 from model_build.tensorrt import write_engine_wrapper
-from serving import detect, device
+from serving import device
 from serving.model import execution_providers
 
 TABLE = device.load_table()

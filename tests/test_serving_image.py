@@ -89,15 +89,15 @@ def test_check_flag_verifies_and_warms_up_without_serving(tmp_path: Path) -> Non
     assert "Uvicorn running" not in result.stderr
 
 
-def test_server_imports_no_onnx_torch_or_prebuild_beyond_the_bundle_contract() -> None:
+def test_server_imports_no_onnx_torch_or_prebuild_only_the_contract() -> None:
     code = (
         "import sys, serving.server, serving.app, serving.model\n"
-        "banned = {'onnx', 'torch', 'pulumi', 'onnxscript'}\n"
+        "banned = {'onnx', 'torch', 'pulumi', 'onnxscript', 'model_build', 'components'}\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in banned)\n"
-        "prebuild = sorted(m for m in sys.modules if m.startswith('model_build'))\n"
-        "print(heavy, prebuild)\n"
+        "shared = sorted(m for m in sys.modules if m.split('.')[0] == 'contract')\n"
+        "print(heavy, shared)\n"
         "assert not heavy, heavy\n"
-        "assert prebuild == ['model_build', 'model_build.bundle'], prebuild\n"
+        "assert shared == ['contract', 'contract.bundle', 'contract.codec', 'contract.detect'], shared\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
@@ -113,3 +113,17 @@ def test_serving_requirements_stay_small() -> None:
     }
     assert not names & {"torch", "onnx", "pulumi", "ansible", "transformers", "onnxscript"}, names
     assert {"onnxruntime", "numpy", "cryptography", "starlette", "uvicorn", "prometheus-client"} <= names
+
+
+def test_the_image_build_context_holds_no_prebuild_or_deploy_code() -> None:
+    """The serving image ships the contract package alone: .dockerignore keeps the rest out."""
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {"model_build", "components", "ansible", "tests", "bench"} <= ignored
+    assert not {"contract", "serving"} & ignored
+    dockerfile = (REPO / "serving" / "Dockerfile").read_text().splitlines()
+    copies = [ln for ln in dockerfile if ln.startswith("COPY ")]
+    assert not any("model_build" in ln for ln in copies), copies

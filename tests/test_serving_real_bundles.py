@@ -15,7 +15,7 @@ import pytest
 import tritonclient.http as triton
 from serving_support import REPO, running_server
 
-from model_build.bundle import compare_outputs, load_tensors, read_manifest
+from contract.bundle import compare_outputs, load_tensors, read_manifest
 
 _DEFAULT = [REPO / "dist" / "demo" / "latest", REPO / "dist" / "minilm" / "latest"]
 BUNDLES = [Path(p) for p in os.environ.get("SERVING_TEST_BUNDLES", "").split(":") if p] or _DEFAULT

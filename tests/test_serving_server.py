@@ -23,7 +23,7 @@ from serving_support import (
 )
 from tritonclient.utils import InferenceServerException
 
-from serving.client import decode_infer_response, encode_infer_request
+from contract.codec import decode_infer_response, encode_infer_request
 
 MAX_BODY = 64 * 1024
 

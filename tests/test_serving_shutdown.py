@@ -13,7 +13,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from serving_support import make_bundle, running_server
 
-from serving.client import encode_infer_request
+from contract.codec import encode_infer_request
 
 CLIENTS = 12
 
@@ -74,3 +74,25 @@ def test_sigterm_during_load_drains_in_flight_and_refuses_new(tmp_path: Path) ->
         assert proc.proc.wait(timeout=30) == 0
     log = proc.log()
     assert "SIGTERM: draining" in log and "Traceback" not in log
+
+
+def test_the_one_private_uvicorn_api_is_wrapped_and_pinned_to_the_installed_release() -> None:
+    """serving.server.forget_captured_signal reads uvicorn's private Server._captured_signals."""
+    import signal
+
+    import uvicorn
+
+    from serving.server import UVICORN_PRIVATE_API_VERSION, forget_captured_signal
+
+    pinned = next(
+        line.split("==")[1].strip()
+        for line in (Path(__file__).resolve().parent.parent / "serving" / "requirements.txt")
+        .read_text()
+        .splitlines()
+        if line.startswith("uvicorn==")
+    )
+    assert uvicorn.__version__ == UVICORN_PRIVATE_API_VERSION == pinned
+    server = uvicorn.Server(uvicorn.Config(app="serving.app:unused"))
+    server._captured_signals.append(signal.SIGTERM)  # what uvicorn's capture_signals does
+    forget_captured_signal(server, signal.SIGTERM)
+    assert server._captured_signals == []

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from serving_support import REPO, Bundle, copy_bundle, free_port, make_bundle, run_refused, running_server
 
-from model_build import bundle as contract
+from contract import bundle as contract
 
 
 def _ready(base: str) -> bool:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Verify a dualdeploy bundle with the bundle contract (model_build.bundle.verify_bundle).
+"""Verify a dualdeploy bundle with the bundle contract (contract.bundle.verify_bundle).
 
 Used by the edge playbook on the controller (before sending) and on the device (before activation),
 where only the server's venv and the contract module exist. Prints one JSON line
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from model_build.bundle import BundleError, load_public_key, verify_bundle
+from contract.bundle import BundleError, load_public_key, verify_bundle
 
 
 def main() -> int:

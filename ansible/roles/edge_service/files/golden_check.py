@@ -5,7 +5,7 @@ The server itself runs the bundle's on-device quality gate (the whole quality se
 kernels) before it reports ready; this check reads that gate's figures from /metrics and reports them.
 
 Runs on the device with the server's venv (``PYTHONPATH`` = the shipped server code), so it uses the
-same bundle contract as the prebuild: ``model_build.bundle.compare_outputs`` against the manifest's golden
+same bundle contract as the prebuild: ``contract.bundle.compare_outputs`` against the manifest's golden
 outputs, with the tolerance of the variant the server reports it runs. Standard library HTTP only.
 
 Exit 0 and one JSON line ``{"version", "variant", "latency_ms", "figures"}`` when healthy; otherwise exit 1
@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_build.bundle import BundleError, compare_outputs, load_tensors, read_manifest
-
-_DATATYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32"}
+from contract.bundle import BundleError, compare_outputs, load_tensors, read_manifest
+from contract.codec import HEADER_LENGTH, decode_infer_response, encode_infer_request
 
 
 class HealthGateError(Exception):
@@ -41,25 +40,19 @@ def _request(
     *,
     token: str | None,
     context: ssl.SSLContext | None,
-    body: dict[str, Any] | None = None,
-    binary: bytes = b"",
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
     timeout: float = 30.0,
-) -> tuple[int, dict[str, Any]]:
-    header = json.dumps(body).encode() if body is not None else None
-    data = header + binary if header is not None else None
+) -> tuple[int, bytes, str | None]:
+    """GET (or POST ``data``); return the status, the body and its ``Inference-Header-Content-Length``."""
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    if header is not None and binary:
-        # The v2 binary tensor extension: JSON header, then the raw tensors (no float formatting).
-        req.add_header("Content-Type", "application/octet-stream")
-        req.add_header("Inference-Header-Content-Length", str(len(header)))
-    else:
-        req.add_header("Content-Type", "application/json")
+    for key, value in (headers or {}).items():
+        req.add_header(key, value)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
-            text = resp.read().decode() or "{}"
-            return resp.status, json.loads(text)
+            return resp.status, resp.read(), resp.headers.get(HEADER_LENGTH)
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:500]
         raise HealthGateError(f"{url} answered HTTP {exc.code}: {detail}") from exc
@@ -71,7 +64,7 @@ def wait_ready(base: str, timeout: float, token: str | None, context: ssl.SSLCon
     last = "no answer"
     while time.monotonic() - start < timeout:
         try:
-            status, _ = _request(f"{base}/v2/health/ready", token=token, context=context, timeout=5.0)
+            status, _, _ = _request(f"{base}/v2/health/ready", token=token, context=context, timeout=5.0)
             if status == 200:
                 return time.monotonic() - start
             last = f"HTTP {status}"
@@ -113,26 +106,14 @@ def golden_inference(
     model = manifest["model"]
     inputs = load_tensors(bundle / manifest["golden"]["inputs"])
     reference = load_tensors(bundle / manifest["golden"]["outputs"])
-    arrays = [(name, np.ascontiguousarray(array)) for name, array in inputs.items()]
-    body = {
-        "inputs": [
-            {
-                "name": name,
-                "shape": list(array.shape),
-                "datatype": _DATATYPES[str(array.dtype)],
-                "parameters": {"binary_data_size": array.nbytes},
-            }
-            for name, array in arrays
-        ]
-    }
-    binary = b"".join(
-        array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes() for _, array in arrays
-    )
+    # The v2 binary tensor extension, encoded by the contract's codec (the same as every client here).
+    body, headers = encode_infer_request(inputs)
     started = time.perf_counter()
-    _, answer = _request(
-        f"{base}/v2/models/{model}/infer", token=token, context=context, body=body, binary=binary
+    _, raw, header_length = _request(
+        f"{base}/v2/models/{model}/infer", token=token, context=context, data=body, headers=headers
     )
     latency_ms = (time.perf_counter() - started) * 1000
+    answer, outputs = decode_infer_response(raw, header_length)
     info = served_info(base, token, context)
     if (
         info.get("bundle_version") != manifest["version"]
@@ -148,10 +129,7 @@ def golden_inference(
         raise HealthGateError(
             f"the server runs variant {name!r}, which is not in the manifest {sorted(variants)}"
         )
-    actual = {
-        out["name"]: np.asarray(out["data"], dtype=np.float64).reshape(out["shape"])
-        for out in answer.get("outputs", [])
-    }
+    actual = {out: np.asarray(array, dtype=np.float64) for out, array in outputs.items()}
     try:
         figures = compare_outputs(reference, actual, variants[name]["tolerance"])
     except BundleError as exc:

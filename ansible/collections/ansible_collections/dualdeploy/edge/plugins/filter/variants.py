@@ -9,7 +9,7 @@ from ansible_collections.dualdeploy.edge.plugins.module_utils.detect import int8
 
 
 def _cpu_refusal(variant: dict[str, Any], found: dict[str, Any]) -> str | None:
-    """The server's INT8 CPU rule (module_utils/detect.py is serving/detect.py), named by variant."""
+    """The server's INT8 CPU rule (module_utils/detect.py is contract/detect.py), named by variant."""
     problem = int8_cpu_refusal(
         variant, found.get("cpu_class"), str(found.get("arch", "")), found.get("cpu_flags") or []
     )
@@ -24,7 +24,7 @@ def select_variant(
     Args:
         manifest: the bundle manifest.
         device_class: the device's class name.
-        entry: the class's entry in serving/device_classes.yaml.
+        entry: the class's entry in contract/device_classes.yaml.
         found: the device's detection facts (``device_facts``' ``found``): ``arch``, ``gpu_arch``
             (``sm_87``) when known, ``cpu_class`` (None when none fits) and ``cpu_flags``.
 

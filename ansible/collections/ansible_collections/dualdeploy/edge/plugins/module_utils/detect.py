@@ -1,6 +1,6 @@
 """Hardware detection shared by the server and the edge preflight: one implementation, two callers.
 
-What a device is, is decided from facts gathered here and the rows of ``serving/device_classes.yaml``:
+What a device is, is decided from facts gathered here and the rows of ``contract/device_classes.yaml``:
 
 - the **device class** (``x86_cpu``, ``jetson``, ...): the first row of ``classes`` whose ``detect``
   facts all hold (architecture, files that exist, commands on PATH, an NVIDIA driver);
@@ -23,7 +23,11 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
+
+DEVICE_TABLE = Path(__file__).with_name("device_classes.yaml")
+"""The device-class table (device and CPU classes) beside this file: the one hardware table."""
 
 # Jetson module (device-tree ``compatible``) -> CUDA compute capability. Jetson has no nvidia-smi.
 TEGRA_GPU_ARCH = {"tegra234": "sm_87", "tegra194": "sm_72", "tegra186": "sm_62", "tegra210": "sm_53"}

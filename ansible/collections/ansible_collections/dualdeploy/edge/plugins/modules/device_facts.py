@@ -7,7 +7,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: device_facts
-short_description: Detect the device class of a host from serving/device_classes.yaml
+short_description: Detect the device class of a host from contract/device_classes.yaml
 description:
   - Gathers exactly the facts that the device-class table's C(detect) entries name (architecture, files that
     must exist, commands that must be on PATH, whether an NVIDIA driver is present) plus the CPU flags that
@@ -62,7 +62,7 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.dualdeploy.edge.plugins.module_utils.detect import gather, match_device_class
 
-# Detection is serving/detect.py, shipped here as this collection's module_utils (a byte-for-byte copy
+# Detection is contract/detect.py, shipped here as this collection's module_utils (a byte-for-byte copy
 # that a test compares): the device and the server decide the device and CPU class the same way.
 
 

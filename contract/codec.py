@@ -1,9 +1,10 @@
-"""Client side of the binary tensor data extension: encode a request, decode a response.
+"""The v2 binary tensor data extension: the dtype map, and the client side (encode a request, decode a
+response).
 
-The server's own parsing lives in :mod:`serving.protocol`; this module is its mirror for
-callers in Python (the edge smoke test, the benchmark's load generator, the tests), so the
-wire format is written down once on each side. Standard clients (``tritonclient.http``)
-speak the same format.
+The server's parsing lives in :mod:`serving.protocol`, which takes :data:`WIRE_DTYPES` from here; every
+Python caller (the edge smoke test and health gate, the benchmark's load generator, the tests) encodes
+with this module, so the wire format is written down once. Standard clients (``tritonclient.http``)
+speak the same format. Depends on NumPy only.
 """
 
 from __future__ import annotations
@@ -14,10 +15,20 @@ from typing import Any
 
 import numpy as np
 
-from serving.protocol import _DTYPES
+WIRE_DTYPES: dict[str, tuple[str, np.dtype[Any]]] = {
+    "float32": ("FP32", np.dtype("<f4")),
+    "float16": ("FP16", np.dtype("<f2")),
+    "float64": ("FP64", np.dtype("<f8")),
+    "int64": ("INT64", np.dtype("<i8")),
+    "int32": ("INT32", np.dtype("<i4")),
+    "int8": ("INT8", np.dtype("i1")),
+    "uint8": ("UINT8", np.dtype("u1")),
+    "bool": ("BOOL", np.dtype("?")),
+}
+"""Manifest dtype -> (v2 datatype, NumPy little-endian dtype): every tensor type the contract carries."""
 
-_TO_WIRE: dict[np.dtype[Any], str] = {np_dtype: wire for wire, np_dtype in _DTYPES.values()}
-_FROM_WIRE: dict[str, np.dtype[Any]] = {wire: np_dtype for wire, np_dtype in _DTYPES.values()}
+_TO_WIRE: dict[np.dtype[Any], str] = {np_dtype: wire for wire, np_dtype in WIRE_DTYPES.values()}
+_FROM_WIRE: dict[str, np.dtype[Any]] = {wire: np_dtype for wire, np_dtype in WIRE_DTYPES.values()}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 

@@ -24,7 +24,7 @@ Manifest, schema version 1 (keys that consumers rely on)::
     files: {relpath: {sha256, size}}           # every file except manifest + sig
     variants: [{
         name, file, format ("onnx" | "tensorrt"), precision ("fp32"|"fp16"|"int8"),
-        device_classes: [str],       # keys of serving/device_classes.yaml
+        device_classes: [str],       # keys of contract/device_classes.yaml
         tolerance: {...},            # see compare_outputs()
         metrics: {...},              # latency_ms_p50, agreement, ...
         gpu_arch?: "sm_86", tensorrt_version?: "10.x"   # tensorrt only
