@@ -54,7 +54,7 @@ test: system-packages setup $(CHECKOV) bundles ## Run the whole test suite (buil
 
 lint: setup ## ruff, mypy, and ansible-lint (production profile) on ansible/.
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy model_build serving components tests bench policy
+	$(VENV)/bin/mypy contract model_build serving components tests bench policy
 	cd ansible && ../$(VENV)/bin/ansible-lint
 
 bench: setup bundles ## Run every benchmark in bench/; each prints a table and writes bench/results/<name>.json.

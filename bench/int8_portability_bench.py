@@ -112,11 +112,14 @@ def main() -> int:
 
     manifest = bundle.read_manifest(demo)
     spec = load_spec(ROOT / "models" / "demo.yaml")
-    quality = manifest["quality"]
+    quality = manifest.quality
+    if quality is None:
+        print("the demo bundle has no quality set (built before schema 2): run `make build`", file=sys.stderr)
+        return 1
     inputs = {
         "image": np.concatenate([b["image"] for b in bundle.iter_quality_inputs(quality, demo.joinpath)])
     }
-    reference = bundle.load_tensors(demo / quality["reference"])["logits"]
+    reference = bundle.load_tensors(demo / quality.reference)["logits"]
     calibration = sample_inputs(spec.calibration.samples, spec.calibration.seed)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="int8-bench.") as scratch:

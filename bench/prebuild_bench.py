@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from contract import bundle  # noqa: E402
+from contract.manifest import Manifest, Variant  # noqa: E402
 from model_build.benchmark import benchmark  # noqa: E402
 from model_build.onnx_stages import session  # noqa: E402
 from model_build.spec import BenchmarkSpec  # noqa: E402
@@ -68,8 +69,8 @@ def _build(spec: str, dist: Path, cache: Path, key: Path) -> float:
     return elapsed
 
 
-def _variant(manifest: dict[str, Any], name: str) -> dict[str, Any] | None:
-    return next((v for v in manifest["variants"] if v["name"] == name), None)
+def _variant(manifest: Manifest, name: str) -> Variant | None:
+    return next((v for v in manifest.variants if v.name == name), None)
 
 
 def _run(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -92,19 +93,19 @@ def _measure_minilm(mini: bundle.VerifiedBundle, cfg: BenchmarkSpec) -> dict[str
     m_fp32, m_int8 = _variant(mini.manifest, "fp32"), _variant(mini.manifest, "int8")
     assert m_fp32 is not None
     if m_int8 is None:
-        reason = next(d["reason"] for d in mini.manifest["dropped"] if d["variant"] == "int8")
+        reason = next(d["reason"] for d in mini.manifest.dropped if d["variant"] == "int8")
         sys.exit(f"minilm int8 was dropped at build time: {reason}")
     sentences = minilm.sentence_inputs(count=10_000, seed=0)
-    pair = {"fp32": mini.file(m_fp32["file"]), "int8": mini.file(m_int8["file"])}
+    pair = {"fp32": mini.file(m_fp32.file), "int8": mini.file(m_int8.file)}
     lat = benchmark(pair, {k: v[:1] for k, v in sentences.items()}, cfg, _quiet)
     e32, e8 = _run(pair["fp32"], sentences), _run(pair["int8"], sentences)
     cosines = np.sum(e32 * e8, axis=1) / (np.linalg.norm(e32, axis=1) * np.linalg.norm(e8, axis=1))
     return {
-        "size_ratio": m_int8["metrics"]["size_bytes"] / m_fp32["metrics"]["size_bytes"],
+        "size_ratio": m_int8.metrics["size_bytes"] / m_fp32.metrics["size_bytes"],
         "latency_ratio": lat["int8"]["latency_ms_p50"] / lat["fp32"]["latency_ms_p50"],
         "min_cosine": float(cosines.min()),
         "latency_ms": lat,
-        "size_bytes": {"fp32": m_fp32["metrics"]["size_bytes"], "int8": m_int8["metrics"]["size_bytes"]},
+        "size_bytes": {"fp32": m_fp32.metrics["size_bytes"], "int8": m_int8.metrics["size_bytes"]},
         "sentences": len(e32),
     }
 
@@ -116,9 +117,9 @@ def _measure_demo(
     from models import demo_net
 
     cpu_variants = {
-        v["name"]: demo.file(v["file"])
-        for v in demo.manifest["variants"]
-        if v["format"] == "onnx" and "x86_cpu" in v["device_classes"]
+        v.name: demo.file(v.file)
+        for v in demo.manifest.variants
+        if v.format == "onnx" and "x86_cpu" in v.device_classes
     }
     samples = demo_net.sample_inputs(512, seed=2024)
     lat = benchmark(cpu_variants, {"image": samples["image"][:1]}, cfg, _quiet)
@@ -128,18 +129,18 @@ def _measure_demo(
     # The demo's FP32 ONNX model is the teacher: demo-distilled shares its load stage.
     s_fp32 = _variant(student.manifest, "fp32")
     assert s_fp32 is not None
-    s_logits = _run(student.file(s_fp32["file"]), {"image": samples["image"]})
+    s_logits = _run(student.file(s_fp32.file), {"image": samples["image"]})
     return {
         "chosen": chosen,
         "latency_ratio": lat[chosen]["latency_ms_p50"] / lat["fp32"]["latency_ms_p50"],
         "agreement": float(np.mean(fp32_logits.argmax(-1) == chosen_logits.argmax(-1))),
         "student_agreement": float(np.mean(s_logits.argmax(-1) == fp32_logits.argmax(-1))),
-        "param_ratio": student.manifest["distillation"]["param_ratio"],
+        "param_ratio": (student.manifest.distillation or {})["param_ratio"],
         "latency_ms": lat,
         "samples": len(samples["image"]),
-        "dropped": demo.manifest["dropped"],
-        "student": student.manifest["distillation"],
-        "student_dropped": student.manifest["dropped"],
+        "dropped": list(demo.manifest.dropped),
+        "student": student.manifest.distillation,
+        "student_dropped": list(student.manifest.dropped),
     }
 
 

@@ -303,10 +303,10 @@ def bench_bundle(
 ) -> dict[str, Any]:
     """Every measurement for one bundle."""
     manifest = read_manifest(bundle)
-    model = str(manifest["model"])
+    model = manifest.model
     target = TARGETS.get(model, DEFAULT_TARGET)
-    golden = load_tensors(bundle / manifest["golden"]["inputs"])
-    inputs = {t["name"]: np.ascontiguousarray(golden[t["name"]][:1]) for t in manifest["inputs"]}
+    golden = load_tensors(bundle / manifest.golden.inputs)
+    inputs = {t.name: np.ascontiguousarray(golden[t.name][:1]) for t in manifest.inputs}
 
     cold = []
     for _ in range(5):
@@ -317,7 +317,7 @@ def bench_bundle(
     server = Server(bundle, public_key)
     try:
         info = server.info()
-        variant = next(v for v in manifest["variants"] if v["name"] == info["variant"])
+        variant = manifest.variant(info["variant"])
         request_file = workdir / f"{model}.request"
         request_file.write_bytes(encode_request(inputs, model, "127.0.0.1", server.port))
 
@@ -325,7 +325,7 @@ def bench_bundle(
         # in-process numbers, then the same variant over HTTP; each figure is the median of rounds.
         raws, ones, sixteens = [], [], []
         for _ in range(rounds):
-            raws.append(raw_baseline(bundle, variant["file"], inputs, load_seconds))
+            raws.append(raw_baseline(bundle, variant.file, inputs, load_seconds))
             ones.append(run_load(server.port, request_file, 1, load_seconds))
             sixteens.append(run_load(server.port, request_file, 16, load_seconds))
         raw, one, sixteen = _median_round(raws), _median_round(ones), _median_round(sixteens)
@@ -346,7 +346,7 @@ def bench_bundle(
     cold_median = statistics.median(cold)
     return {
         "model": model,
-        "bundle_version": manifest["version"],
+        "bundle_version": manifest.version,
         "variant": info["variant"],
         "request_bytes": request_file.stat().st_size,
         "cold_start_s": {

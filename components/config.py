@@ -463,12 +463,8 @@ def read_bundle(path: str, key: str, base_dir: Path) -> BundleRef:
         manifest = read_manifest(folder)
     except BundleError as exc:
         raise ConfigError(key, f"{path!r} is not a bundle: {exc}") from None
-    engines = [
-        v
-        for v in manifest.get("variants", [])
-        if isinstance(v, Mapping) and v.get("format") == "tensorrt" and v.get("gpu_arch")
-    ]
-    trt_versions = sorted({str(v["tensorrt_version"]) for v in engines if v.get("tensorrt_version")})
+    engines = [v for v in manifest.variants if v.format == "tensorrt" and v.gpu_arch]
+    trt_versions = sorted({v.tensorrt_version for v in engines if v.tensorrt_version})
     if len(trt_versions) > 1:
         raise ConfigError(
             key,
@@ -478,9 +474,9 @@ def read_bundle(path: str, key: str, base_dir: Path) -> BundleRef:
     return BundleRef(
         path=path,
         resolved=folder.resolve(),
-        model=str(manifest.get("model", "")),
-        version=str(manifest.get("version", "")),
-        engine_arches=frozenset(str(v["gpu_arch"]) for v in engines),
+        model=manifest.model,
+        version=manifest.version,
+        engine_arches=frozenset(str(v.gpu_arch) for v in engines),
         tensorrt_version=trt_versions[0] if trt_versions else None,
     )
 

@@ -141,13 +141,15 @@ def bundle_version(bundle_dir: Path) -> str:
         FileNotFoundError: naming the missing manifest.
         ValueError: the manifest has no version.
     """
+    from contract.bundle import BundleError, read_manifest  # noqa: PLC0415
+
     manifest_path = Path(bundle_dir) / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: no bundle manifest (run `make build` first?)")
-    version = json.loads(manifest_path.read_text()).get("version")
-    if not isinstance(version, str) or not version:
-        raise ValueError(f"{manifest_path}: manifest has no 'version'")
-    return version
+    try:
+        return read_manifest(Path(bundle_dir)).version
+    except BundleError as exc:
+        raise ValueError(f"{manifest_path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- running
@@ -364,9 +366,9 @@ def smoke_inference(endpoint: str, bundle_dir: Path) -> dict[str, Any]:
     from contract.codec import decode_infer_response, encode_infer_request  # noqa: PLC0415
 
     manifest = read_manifest(Path(bundle_dir))
-    inputs = load_tensors(Path(bundle_dir) / manifest["golden"]["inputs"])
+    inputs = load_tensors(Path(bundle_dir) / manifest.golden.inputs)
     body, headers = encode_infer_request({n: a[:1] for n, a in inputs.items()})
-    url = f"{endpoint}/v2/models/{manifest['model']}/infer"
+    url = f"{endpoint}/v2/models/{manifest.model}/infer"
     with httpx.Client(timeout=30.0) as client:
         client.post(url, content=body, headers=headers).raise_for_status()  # first call: connection set-up
         started = time.perf_counter()
@@ -382,7 +384,7 @@ def smoke_inference(endpoint: str, bundle_dir: Path) -> dict[str, Any]:
         "shape": list(values.shape),
         "latency_ms": round(latency_ms, 2),
     }
-    if manifest.get("task") == "classification":
+    if manifest.task == "classification":
         summary["top1"] = int(np.argmax(values[0]))
     else:
         summary["norm"] = round(float(np.linalg.norm(values[0])), 4)

@@ -14,46 +14,8 @@ A bundle is a folder::
         golden/outputs.npz
         ...
 
-Manifest, schema version 1 (keys that consumers rely on)::
-
-    schema_version: 1
-    model: str                       # spec name, e.g. "demo"
-    version: str                     # hash of spec and inputs, e.g. "3f2a9c1d0b7e"
-    task: "classification" | "embedding"
-    inputs / outputs: [{name, dtype, shape}]   # shape entries: int or axis name
-    files: {relpath: {sha256, size}}           # every file except manifest + sig
-    variants: [{
-        name, file, format ("onnx" | "tensorrt"), precision ("fp32"|"fp16"|"int8"),
-        device_classes: [str],       # keys of contract/device_classes.yaml
-        tolerance: {...},            # see compare_outputs()
-        metrics: {...},              # latency_ms_p50, agreement, ...
-        gpu_arch?: "sm_86", tensorrt_version?: "10.x"   # tensorrt only
-    }]
-    golden: {inputs: relpath, outputs: relpath}
-    serving: {max_batch_size: int, max_queue_delay_ms: float}
-    tools: {name: version}
-    skipped: [{stage, reason}]
-
-Schema version 2 adds the on-device quality gate and per-CPU-class validation of INT8::
-
-    quality:                         # the quality set: enough samples to see a 1-point top-1 drop
-        count: int
-        batch: int                   # rows a run at build; the device runs the same rows together
-        inputs: {file: relpath}                               # shipped as arrays, or
-              | {base: relpath, noise: {input, std, seed}}    # base + std * N(0, 1) regenerated here
-                                     # both .npz files hold members "<input>/<batch index>"
-        first_batch_sha256: str      # of the rebuilt first batch, so a generator change is named as such
-        reference: relpath           # FP32 outputs on the quality set (computed natively at build)
-    variants[i].quality: {outputs: relpath, atol: float, near_ties: float}
-                                     # this variant's build outputs, the numeric tolerance derived from
-                                     # the build, the fraction of samples within 2*atol of a top-1 tie
-    variants[i].quantization: {format, mode, activation_type, weight_type, per_channel, reduce_range,
-                               calibration: {method, samples} | null}          # INT8 only
-    variants[i].cpu: {validated: [cpu class], results: {cpu class: {status, via, ...}}}   # INT8 only
-                                     # status: passed | failed | unverified; via: native | an emulator
-
-Readers accept schema versions 1 and 2; a version-1 INT8 variant has no ``cpu`` record, so no CPU
-class counts as validated for it and the server serves FP32 instead.
+The manifest's schema is :mod:`contract.manifest` (typed, validated, exported as JSON Schema);
+this module reads it once, checks its signature on those bytes, and checks every listed file.
 """
 
 from __future__ import annotations
@@ -61,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +37,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+from .manifest import (  # noqa: F401 - SCHEMA_VERSION and READABLE_SCHEMA_VERSIONS are re-exported
+    READABLE_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    Manifest,
+    ManifestError,
+    Quality,
+    Variant,
+)
+
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.json.sig"
 _CHUNK = 1 << 20
@@ -208,48 +178,80 @@ def write_manifest(bundle_dir: Path, manifest: Mapping[str, Any], key: Ed25519Pr
     (bundle_dir / SIGNATURE_NAME).write_bytes(key.sign(data))
 
 
-def read_manifest(bundle_dir: Path) -> dict[str, Any]:
-    """Read and sanity-check a bundle's manifest without verifying it.
+MAX_MANIFEST_BYTES = 16 << 20
+"""Largest ``manifest.json`` (or signature) read: far above any real one, far below a memory problem."""
+
+
+def _read_small_regular_file(path: Path, what: str) -> bytes:
+    """Read a file once, refusing links, FIFOs, devices and folders, and anything over the size limit.
 
     Raises:
-        BundleVerificationError: the manifest is missing, not JSON, or of an
-            unsupported schema version.
+        BundleVerificationError: naming ``what`` and why it was refused.
     """
-    path = bundle_dir / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_bytes())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError as exc:
-        raise BundleVerificationError(MANIFEST_NAME, f"missing in {bundle_dir}") from exc
-    except (OSError, ValueError) as exc:
-        raise BundleVerificationError(MANIFEST_NAME, f"unreadable ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise BundleVerificationError(MANIFEST_NAME, "is not a JSON object")
-    if manifest.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
-        raise BundleVerificationError(
-            MANIFEST_NAME,
-            f"schema_version {manifest.get('schema_version')!r} is not supported "
-            f"(this build reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})",
-        )
-    return manifest
+        raise BundleVerificationError(what, f"missing in {path.parent}") from exc
+    except OSError as exc:
+        raise BundleVerificationError(what, f"cannot be opened ({exc.strerror}; links are refused)") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleVerificationError(what, "is not a regular file")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise BundleVerificationError(what, f"is {info.st_size:,} bytes, above {MAX_MANIFEST_BYTES:,}")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleVerificationError(what, f"grew above {MAX_MANIFEST_BYTES:,} bytes while read")
+    return data
+
+
+def _parse(data: bytes) -> Manifest:
+    try:
+        return Manifest.parse(data)
+    except ManifestError as exc:
+        raise BundleVerificationError(MANIFEST_NAME, str(exc)) from None
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    """Read and validate a bundle's manifest against the schema, without verifying its signature.
+
+    For display and tooling only: anything served or deployed goes through :func:`verify_bundle`.
+
+    Raises:
+        BundleVerificationError: the manifest is missing, not a regular file, not JSON, of an unsupported
+            schema version, or does not fit the schema (naming the field).
+    """
+    return _parse(_read_small_regular_file(Path(bundle_dir) / MANIFEST_NAME, MANIFEST_NAME))
 
 
 @dataclass(frozen=True)
 class VerifiedBundle:
-    """A bundle whose signature and every checksum held at verification time."""
+    """A bundle whose signature and every checksum held at verification time.
+
+    ``manifest`` was parsed from exactly ``manifest_bytes``, the bytes whose signature was checked.
+    """
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     key_id: str
+    manifest_bytes: bytes = b""
 
     def file(self, relpath: str) -> Path:
         """Absolute path of a file listed in the manifest."""
-        if relpath not in self.manifest["files"]:
+        if relpath not in self.manifest.files:
             raise BundleError(f"{relpath}: not listed in the manifest of {self.path}")
         return self.path / relpath
 
 
 def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey) -> VerifiedBundle:
     """Verify a bundle: the signature, then every listed file, then no stray files.
+
+    ``manifest.json`` is read once; the signature is checked on those bytes and the same bytes are
+    parsed, so nothing can swap the manifest between the check and the use.
 
     Args:
         bundle_dir: the bundle folder.
@@ -264,24 +266,23 @@ def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey) -> VerifiedBun
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleVerificationError(str(bundle_dir), "bundle folder does not exist")
-    manifest_bytes_path = bundle_dir / MANIFEST_NAME
-    manifest = read_manifest(bundle_dir)
+    data = _read_small_regular_file(bundle_dir / MANIFEST_NAME, MANIFEST_NAME)
     try:
-        signature = (bundle_dir / SIGNATURE_NAME).read_bytes()
-    except FileNotFoundError as exc:
-        raise BundleVerificationError(SIGNATURE_NAME, "missing: the bundle is unsigned") from exc
+        signature = _read_small_regular_file(bundle_dir / SIGNATURE_NAME, SIGNATURE_NAME)
+    except BundleVerificationError as exc:
+        if "missing" in str(exc):
+            raise BundleVerificationError(SIGNATURE_NAME, "missing: the bundle is unsigned") from exc
+        raise
     try:
-        public_key.verify(signature, manifest_bytes_path.read_bytes())
+        public_key.verify(signature, data)
     except InvalidSignature as exc:
         raise BundleVerificationError(
             MANIFEST_NAME,
             f"signature does not verify with key {key_id(public_key)} "
             "(tampered manifest or wrong public key)",
         ) from exc
-
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BundleVerificationError(MANIFEST_NAME, "has no 'files' map")
+    manifest = _parse(data)
+    files = manifest.files
     root = bundle_dir.resolve()
     for rel, entry in sorted(files.items()):
         path = (bundle_dir / rel).resolve()
@@ -290,18 +291,18 @@ def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey) -> VerifiedBun
         if not path.is_file():
             raise BundleVerificationError(rel, "listed in the manifest but missing")
         size = path.stat().st_size
-        if size != entry["size"]:
-            raise BundleVerificationError(rel, f"size {size} != manifest {entry['size']}")
+        if size != entry.size:
+            raise BundleVerificationError(rel, f"size {size} != manifest {entry.size}")
         digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise BundleVerificationError(rel, f"sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…")
+        if digest != entry.sha256:
+            raise BundleVerificationError(rel, f"sha256 {digest[:12]}… != manifest {entry.sha256[:12]}…")
 
     listed = set(files) | {MANIFEST_NAME, SIGNATURE_NAME}
     for path in sorted(bundle_dir.rglob("*")):
         rel = path.relative_to(bundle_dir).as_posix()
         if path.is_file() and rel not in listed:
             raise BundleVerificationError(rel, "present in the bundle but not in the manifest")
-    return VerifiedBundle(path=bundle_dir, manifest=manifest, key_id=key_id(public_key))
+    return VerifiedBundle(path=bundle_dir, manifest=manifest, key_id=key_id(public_key), manifest_bytes=data)
 
 
 # --------------------------------------------------------------------------- golden data
@@ -437,7 +438,7 @@ def first_batch_digest(arrays: Mapping[str, np.ndarray], batch: int) -> str:
     return tensors_digest({name: array[:batch] for name, array in arrays.items()})
 
 
-def iter_quality_inputs(quality: Mapping[str, Any], open_file: Any) -> Iterator[dict[str, np.ndarray]]:
+def iter_quality_inputs(quality: Quality, open_file: Any) -> Iterator[dict[str, np.ndarray]]:
     """The quality set's inputs, one batch of ``quality.batch`` rows at a time, rebuilt and checked.
 
     Shipped inputs are read as they are; a regenerated set adds the contract's noise
@@ -452,15 +453,14 @@ def iter_quality_inputs(quality: Mapping[str, Any], open_file: Any) -> Iterator[
         BundleError: a file or member is missing, or the first batch does not hash to
             ``first_batch_sha256`` (the NumPy here draws another noise stream than the build's).
     """
-    spec = quality.get("inputs")
-    if not isinstance(spec, Mapping) or not ({"file", "base"} & set(spec)):
+    spec = quality.inputs
+    source = spec.file or spec.base
+    if source is None:
         raise BundleError("manifest: quality.inputs must name a 'file' or a 'base'")
-    batch, count = int(quality.get("batch", 32)), int(quality.get("count", 0))
-    cfg = spec.get("noise") if "base" in spec else None
-    if cfg is not None and not all(key in cfg for key in ("input", "std", "seed")):
-        raise BundleError("manifest: quality.inputs.noise needs 'input', 'std' and 'seed'")
-    rng = np.random.default_rng(int(cfg["seed"])) if cfg is not None else None
-    with np.load(open_file(str(spec.get("file") or spec.get("base"))), allow_pickle=False) as data:
+    batch, count = quality.batch, quality.count
+    cfg = spec.noise if spec.base else None
+    rng = np.random.default_rng(cfg.seed) if cfg is not None else None
+    with np.load(open_file(source), allow_pickle=False) as data:
         names = sorted({member.rsplit("/", 1)[0] for member in data.files})
         for index, _start in enumerate(range(0, count, batch)):
             try:
@@ -468,12 +468,11 @@ def iter_quality_inputs(quality: Mapping[str, Any], open_file: Any) -> Iterator[
             except KeyError as exc:
                 raise BundleError(f"quality set: batch {index} is missing ({exc})") from exc
             if cfg is not None and rng is not None:
-                name = str(cfg["input"])
-                if name not in arrays:
-                    raise BundleError(f"manifest: quality.inputs.noise.input {name!r} is not in the base")
-                drawn = rng.standard_normal(arrays[name].shape, dtype=np.float32)
-                arrays[name] = arrays[name] + drawn * np.float32(cfg["std"])
-            if index == 0 and tensors_digest(arrays) != quality.get("first_batch_sha256"):
+                if cfg.input not in arrays:
+                    raise BundleError(f"manifest: quality.inputs.noise.input {cfg.input!r} is not in the set")
+                drawn = rng.standard_normal(arrays[cfg.input].shape, dtype=np.float32)
+                arrays[cfg.input] = arrays[cfg.input] + drawn * np.float32(cfg.std)
+            if index == 0 and tensors_digest(arrays) != quality.first_batch_sha256:
                 raise BundleError(
                     "quality set: the rebuilt first batch does not hash to first_batch_sha256 (NumPy "
                     f"{np.__version__} here draws another noise stream than the build's; install the "
@@ -509,7 +508,7 @@ def derive_quality_tolerance(
 
 
 def quality_gate(
-    variant: Mapping[str, Any],
+    variant: Variant,
     actual: Mapping[str, np.ndarray],
     build_outputs: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray],
@@ -530,11 +529,11 @@ def quality_gate(
         QualityGateFailed: either check fails; the message carries the measured figures.
         ShapeMismatch: outputs are missing or have other shapes.
     """
-    entry = variant.get("quality")
-    tolerance = variant.get("tolerance")
-    if not isinstance(entry, Mapping) or not isinstance(tolerance, Mapping):
-        raise BundleError(f"variant {variant.get('name')}: the manifest gives no quality or tolerance entry")
-    atol = float(entry["atol"])
+    entry = variant.quality
+    if entry is None:
+        raise BundleError(f"variant {variant.name}: the manifest gives no quality entry")
+    tolerance = variant.tolerance.as_dict()
+    atol = entry.atol
     figures: dict[str, float] = {}
     if set(build_outputs) != set(actual):
         raise ShapeMismatch(f"output names {sorted(actual)} != build {sorted(build_outputs)}")

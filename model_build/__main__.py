@@ -75,8 +75,8 @@ def _verify(args: argparse.Namespace) -> int:
     verified = bundle.verify_bundle(args.bundle, bundle.load_public_key(key_path))
     manifest = verified.manifest
     print(
-        f"OK {args.bundle}: {manifest['model']} version {manifest['version']}, "
-        f"{len(manifest['files'])} files, signed by key {verified.key_id}"
+        f"OK {args.bundle}: {manifest.model} version {manifest.version}, "
+        f"{len(manifest.files)} files, signed by key {verified.key_id}"
     )
     return 0
 

@@ -7,6 +7,7 @@ exists answers "up to date" without importing torch or touching the stage cache.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -205,32 +206,33 @@ def summary_table(result: BuildResult) -> str:
     """The end-of-build table: stages, then variants."""
     lines = [f"{'stage':<12} {'status':<8} {'seconds':>8}"]
     lines += [f"{s.name:<12} {s.status:<8} {s.seconds:>8.2f}" for s in result.stages]
-    manifest = result.manifest
-    if manifest:
+    if result.manifest:
+        manifest = bundle.Manifest.parse(result.manifest)
         lines.append("")
         lines.append(
             f"{'variant':<20} {'precision':<9} {'size':>10} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'b8 /s':>9} {'quality':>16}"
         )
-        for v in manifest.get("variants", []):
-            m = v["metrics"]
+        nan = float("nan")
+        for v in manifest.variants:
+            m = v.metrics
             quality = next(
                 (f"{k}={m[k]:.4f}" for k in ("agreement", "min_cosine", "max_abs_diff") if k in m), ""
             )
             lines.append(
-                f"{v['name']:<20} {v['precision']:<9} {m.get('size_bytes', 0):>10,} "
-                f"{m.get('latency_ms_p50', float('nan')):>8.3f} "
-                f"{m.get('latency_ms_p99', float('nan')):>8.3f} "
-                f"{m.get('throughput_b8', float('nan')):>9.1f} {quality:>16}"
+                f"{v.name:<20} {v.precision:<9} {int(m.get('size_bytes', 0)):>10,} "
+                f"{m.get('latency_ms_p50', nan):>8.3f} {m.get('latency_ms_p99', nan):>8.3f} "
+                f"{m.get('throughput_b8', nan):>9.1f} {quality:>16}"
             )
-        for v in manifest.get("variants", []):
-            for cls, res in (v.get("cpu") or {}).get("results", {}).items():
-                figure = next((f" {k}={res[k]:.4f}" for k in ("agreement", "min_cosine") if k in res), "")
-                why = f": {res['reason']}" if res["status"] != "passed" and res.get("reason") else ""
-                lines.append(f"{v['name']} on CPU class {cls}: {res['status']} ({res['via']}){figure}{why}")
-        for d in manifest.get("dropped", []):
+        for v in manifest.variants:
+            for cls, res in (v.cpu.results if v.cpu else {}).items():
+                extra = res.model_extra or {}
+                figure = next((f" {k}={extra[k]:.4f}" for k in ("agreement", "min_cosine") if k in extra), "")
+                why = f": {res.reason}" if res.status != "passed" and res.reason else ""
+                lines.append(f"{v.name} on CPU class {cls}: {res.status} ({res.via}){figure}{why}")
+        for d in manifest.dropped:
             lines.append(f"dropped {d['variant']}: {d['reason']}")
-        for s in manifest.get("skipped", []):
+        for s in manifest.skipped:
             lines.append(f"skipped {s['stage']}: {s['reason']}")
     lines.append("")
     lines.append(
@@ -280,7 +282,8 @@ def _already_built(bundle_dir: Path, public_key: bundle.Ed25519PublicKey) -> dic
     if not bundle_dir.is_dir():
         return None
     try:
-        return bundle.verify_bundle(bundle_dir, public_key).manifest
+        # The build's own result is the plain data it wrote (summary, tests); readers use the schema.
+        return dict(json.loads(bundle.verify_bundle(bundle_dir, public_key).manifest_bytes))
     except bundle.BundleError:
         return None
 
@@ -728,6 +731,10 @@ def _write_bundle(
         manifest["files"] = bundle.file_entries(
             tmp, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
         )
+        try:  # never sign what the contract's readers would refuse
+            bundle.Manifest.parse(manifest)
+        except bundle.ManifestError as exc:
+            raise BuildError("bundle", f"the manifest does not fit its schema: {exc}") from exc
         bundle.write_manifest(tmp, manifest, key)
         bundle.verify_bundle(tmp, key.public_key())  # never publish what would not verify
         if final.exists():  # same version rebuilt (e.g. --force): swap, then drop the old copy

@@ -23,6 +23,7 @@ import yaml
 
 from contract import detect
 from contract.detect import gpu_arch_from_compute_cap
+from contract.manifest import Variant
 
 __all__ = ["gpu_arch_from_compute_cap"]  # re-exported: one implementation, in contract/detect.py
 
@@ -78,7 +79,7 @@ class DeviceFacts:
 class VariantChoice:
     """The variant to serve and the execution providers to ask ONNX Runtime for."""
 
-    variant: Mapping[str, Any]
+    variant: Variant
     providers: tuple[str, ...]
     reason: str
     refused: tuple[str, ...] = ()
@@ -242,20 +243,23 @@ def gather_facts(
     )
 
 
-def cpu_problem(variant: Mapping[str, Any], facts: DeviceFacts) -> str | None:
+def cpu_problem(variant: Variant, facts: DeviceFacts) -> str | None:
     """Why an INT8 ONNX variant must not run on this CPU (None when the build validated it here).
 
     The rule is :func:`contract.detect.int8_cpu_refusal`, which the edge preflight applies too.
     """
-    return detect.int8_cpu_refusal(variant, facts.cpu_class, facts.arch, facts.cpu_flags)
+    # The rule takes plain data: the Ansible module side has no pydantic.
+    return detect.int8_cpu_refusal(
+        variant.model_dump(exclude_none=True), facts.cpu_class, facts.arch, facts.cpu_flags
+    )
 
 
-def _latency(variant: Mapping[str, Any]) -> float:
-    value = variant.get("metrics", {}).get("latency_ms_p50")
-    return float(value) if isinstance(value, int | float) else math.inf
+def _latency(variant: Variant) -> float:
+    value = variant.latency_ms_p50
+    return math.inf if value is None else float(value)
 
 
-def _tensorrt_problems(variant: Mapping[str, Any], available: set[str], facts: DeviceFacts) -> list[str]:
+def _tensorrt_problems(variant: Variant, available: set[str], facts: DeviceFacts) -> list[str]:
     """Every reason this machine cannot run a TensorRT variant (empty when it can).
 
     An engine runs only on the GPU architecture and the TensorRT major.minor it was built with,
@@ -263,15 +267,15 @@ def _tensorrt_problems(variant: Mapping[str, Any], available: set[str], facts: D
     refusal, not a guess.
     """
     problems = []
-    file = str(variant.get("file", ""))
+    file = variant.file
     if not file.endswith(".onnx"):
         # Bundles from before the EP context wrapper: ONNX Runtime cannot load a raw engine.
         problems.append(
             f"{file} is a raw TensorRT engine; ONNX Runtime's TensorrtExecutionProvider loads an engine "
             "only through its EP context wrapper (.onnx), which this bundle lacks (rebuild it)"
         )
-    arch = variant.get("gpu_arch")
-    built_with = variant.get("tensorrt_version")
+    arch = variant.gpu_arch
+    built_with = variant.tensorrt_version
     if not arch or not built_with:
         problems.append("the manifest does not pin the engine's gpu_arch and tensorrt_version")
     if facts.gpu_arch is None:
@@ -294,7 +298,7 @@ def _tensorrt_problems(variant: Mapping[str, Any], available: set[str], facts: D
 
 
 def runnable_problem(
-    variant: Mapping[str, Any],
+    variant: Variant,
     device_class: DeviceClass,
     available_providers: Iterable[str],
     facts: DeviceFacts,
@@ -308,7 +312,7 @@ def runnable_problem(
     TensorRT and CUDA providers where they are available.
     """
     available = set(available_providers)
-    fmt = variant.get("format")
+    fmt = variant.format
     if fmt not in device_class.formats:
         return f"format {fmt!r} is not run on device class {device_class.name} ({list(device_class.formats)})"
     if fmt == "tensorrt":
@@ -323,7 +327,7 @@ def runnable_problem(
 
 
 def choose_variant(
-    variants: Sequence[Mapping[str, Any]],
+    variants: Sequence[Variant],
     device_class: DeviceClass,
     available_providers: Sequence[str],
     facts: DeviceFacts,
@@ -340,7 +344,7 @@ def choose_variant(
     passed the prebuild's accuracy gate.
 
     Args:
-        variants: ``manifest["variants"]``.
+        variants: the manifest's variants.
         device_class: the class of this machine.
         available_providers: ``onnxruntime.get_available_providers()``.
         facts: the detection facts (for the GPU architecture).
@@ -356,7 +360,7 @@ def choose_variant(
     """
     providers = tuple(p for p in device_class.providers if p in set(available_providers))
     exclude = exclude or {}
-    by_name = {str(v.get("name")): v for v in variants}
+    by_name = {v.name: v for v in variants}
     if requested != "auto":
         if requested not in by_name:
             raise DeviceError(f"--variant {requested!r} is not in the bundle (it has {', '.join(by_name)})")
@@ -377,21 +381,21 @@ def choose_variant(
     refused = []
     cpu_refused = []
     for variant in variants:
-        name = str(variant.get("name"))
+        name = variant.name
         if name in exclude:
             rejected.append(f"{name}: {exclude[name]}")
             refused.append(f"{name}: {exclude[name]}")
             continue
-        if device_class.name not in variant.get("device_classes", []):
+        if device_class.name not in variant.device_classes:
             rejected.append(f"{name}: not built for {device_class.name}")
             continue
-        if variant.get("precision") not in device_class.precisions:
-            rejected.append(f"{name}: precision {variant.get('precision')} not used on {device_class.name}")
+        if variant.precision not in device_class.precisions:
+            rejected.append(f"{name}: precision {variant.precision} not used on {device_class.name}")
             continue
         problem = runnable_problem(variant, device_class, available_providers, facts)
         if problem:
             rejected.append(f"{name}: {problem}")
-            if variant.get("format") == "tensorrt":
+            if variant.format == "tensorrt":
                 refused.append(f"{name}: {problem}")
             continue
         problem = cpu_problem(variant, facts)
@@ -405,9 +409,9 @@ def choose_variant(
             f"no variant of the bundle suits device class {device_class.name}: {'; '.join(rejected)}"
         )
     order = {p: i for i, p in enumerate(device_class.precisions)}
-    best = min(candidates, key=lambda v: (_latency(v), order.get(str(v.get("precision")), len(order))))
+    best = min(candidates, key=lambda v: (_latency(v), order.get(v.precision, len(order))))
     reason = (
         f"fastest measured for {device_class.name} "
-        f"(p50 {_latency(best):.3g} ms among {', '.join(str(v.get('name')) for v in candidates)})"
+        f"(p50 {_latency(best):.3g} ms among {', '.join(v.name for v in candidates)})"
     )
     return VariantChoice(best, providers, reason, tuple(refused), tuple(cpu_refused))

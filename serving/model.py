@@ -29,6 +29,7 @@ from contract.bundle import (
     quality_gate,
     verify_bundle,
 )
+from contract.manifest import Manifest, Variant
 from serving import device
 from serving.protocol import BATCH_AXIS, ModelSpec, tensor_spec
 
@@ -49,7 +50,7 @@ class LoadedModel:
 
     bundle: VerifiedBundle
     spec: ModelSpec
-    variant: Mapping[str, Any]
+    variant: Variant
     device_class: str
     providers: tuple[str, ...]
     session: ort.InferenceSession
@@ -79,22 +80,22 @@ class LoadedModel:
         return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
 
 
-def model_spec(manifest: Mapping[str, Any], max_batch_size: int) -> ModelSpec:
+def model_spec(manifest: Manifest, max_batch_size: int) -> ModelSpec:
     """The protocol view of a manifest.
 
     Raises:
         ModelLoadError: the manifest's inputs or outputs are malformed.
     """
     try:
-        inputs = tuple(tensor_spec(e, "inputs") for e in manifest.get("inputs", []))
-        outputs = tuple(tensor_spec(e, "outputs") for e in manifest.get("outputs", []))
+        inputs = tuple(tensor_spec(e, "inputs") for e in manifest.inputs)
+        outputs = tuple(tensor_spec(e, "outputs") for e in manifest.outputs)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     if not inputs or not outputs:
         raise ModelLoadError("manifest: 'inputs' and 'outputs' must list the model's tensors")
     return ModelSpec(
-        name=str(manifest.get("model")),
-        version=str(manifest.get("version")),
+        name=manifest.model,
+        version=manifest.version,
         inputs=inputs,
         outputs=outputs,
         max_batch_size=max_batch_size,
@@ -150,7 +151,7 @@ def load(
         variant: ``"auto"`` or a variant name from the manifest.
         device_class: ``"auto"`` to detect, or a class name from the table.
         device_table: the device-class table.
-        max_batch_size: overrides ``manifest["serving"]["max_batch_size"]``.
+        max_batch_size: overrides the manifest's ``serving.max_batch_size``.
         intra_op_threads: ONNX Runtime intra-op threads (0: its default).
         trt_cache_dir: a writable folder where the TensorRT EP caches the engines it builds from
             an ONNX variant (Jetson, or a GPU without a matching prebuilt engine); None: no cache.
@@ -167,8 +168,8 @@ def load(
     log.info(
         "bundle %s verified (model %s version %s, key %s)",
         bundle_dir,
-        manifest.get("model"),
-        manifest.get("version"),
+        manifest.model,
+        manifest.version,
         verified.key_id,
     )
 
@@ -190,8 +191,7 @@ def load(
             facts.tensorrt_version or "unknown",
         )
 
-    serving_cfg = manifest.get("serving", {})
-    batch = int(max_batch_size or serving_cfg.get("max_batch_size", 1))
+    batch = int(max_batch_size or manifest.serving.max_batch_size)
     if batch < 1:
         raise ModelLoadError(f"max_batch_size must be at least 1, got {batch}")
     spec = model_spec(manifest, batch)
@@ -204,7 +204,7 @@ def load(
     while True:
         try:
             choice = device.choose_variant(
-                manifest.get("variants", []),
+                manifest.variants,
                 dclass,
                 ort.get_available_providers(),
                 facts,
@@ -220,7 +220,7 @@ def load(
         log.info(
             "device class %s; variant %s (%s); providers %s",
             dclass.name,
-            chosen.get("name"),
+            chosen.name,
             choice.reason,
             ", ".join(choice.providers),
         )
@@ -244,10 +244,10 @@ def load(
                 loaded.spec, parameters=choice_parameters(loaded, choice.reason)
             )
         except ModelLoadError as exc:
-            if variant != "auto" or chosen.get("format") != "tensorrt":
+            if variant != "auto" or chosen.format != "tensorrt":
                 raise
-            log.warning("falling back from %s: %s", chosen.get("name"), exc)
-            failed[str(chosen.get("name"))] = f"failed here at start-up ({exc})"
+            log.warning("falling back from %s: %s", chosen.name, exc)
+            failed[chosen.name] = f"failed here at start-up ({exc})"
             continue
         loaded.load_seconds = time.perf_counter() - started
         return loaded
@@ -260,7 +260,7 @@ def _log_cpu_choice(choice: device.VariantChoice, facts: device.DeviceFacts, *, 
         log.warning(
             "CPU class %s: serving %s instead of INT8, because %s",
             facts.cpu_class or "unknown",
-            choice.variant.get("name"),
+            choice.variant.name,
             note,
         )
     elif note:
@@ -271,8 +271,8 @@ def _log_cpu_choice(choice: device.VariantChoice, facts: device.DeviceFacts, *, 
 def choice_parameters(model: LoadedModel, reason: str) -> dict[str, str]:
     """What the server chose for this machine, for model metadata ``parameters`` (strings only)."""
     params = {
-        "variant": str(model.variant.get("name")),
-        "precision": str(model.variant.get("precision")),
+        "variant": model.variant.name,
+        "precision": model.variant.precision,
         "device_class": model.device_class,
         "cpu_class": model.cpu_class or "unknown",
         "variant_reason": reason,
@@ -285,7 +285,7 @@ def choice_parameters(model: LoadedModel, reason: str) -> dict[str, str]:
 
 
 def execution_providers(
-    variant: Mapping[str, Any],
+    variant: Variant,
     providers: Sequence[str],
     model_path: Path,
     trt_cache_dir: Path | None = None,
@@ -310,7 +310,7 @@ def execution_providers(
         trt_cache_dir: the writable engine cache folder for ONNX variants, or None.
     """
     trt_options: dict[str, Any] | None
-    if variant.get("format") == "tensorrt":
+    if variant.format == "tensorrt":
         trt_options = {
             "trt_engine_cache_enable": True,
             "trt_ep_context_file_path": str(model_path.parent),
@@ -331,7 +331,7 @@ def execution_providers(
 
 def open_session(
     verified: VerifiedBundle,
-    variant: Mapping[str, Any],
+    variant: Variant,
     providers: Sequence[str],
     intra_op_threads: int,
     trt_cache_dir: Path | None = None,
@@ -343,10 +343,10 @@ def open_session(
             bundle, or ONNX Runtime cannot open it.
     """
     try:
-        model_path = verified.file(str(variant.get("file")))
-        if variant.get("format") == "tensorrt":
+        model_path = verified.file(variant.file)
+        if variant.format == "tensorrt":
             # Verification covered every listed file; the engine must be one of them.
-            verified.file(str(variant.get("engine")))
+            verified.file(str(variant.engine))
         return ort.InferenceSession(
             str(model_path),
             session_options(intra_op_threads),
@@ -362,9 +362,7 @@ def open_session(
         ort.capi.onnxruntime_pybind11_state.EPFail,
         ort.capi.onnxruntime_pybind11_state.RuntimeException,
     ) as exc:
-        raise ModelLoadError(
-            f"variant {variant.get('name')}: cannot open {variant.get('file')}: {exc}"
-        ) from exc
+        raise ModelLoadError(f"variant {variant.name}: cannot open {variant.file}: {exc}") from exc
 
 
 def warm_up(model: LoadedModel) -> dict[str, float]:
@@ -378,13 +376,11 @@ def warm_up(model: LoadedModel) -> dict[str, float]:
     Raises:
         ModelLoadError: the golden files are missing or the outputs are out of tolerance.
     """
-    golden = model.bundle.manifest.get("golden", {})
-    tolerance = model.variant.get("tolerance")
-    if not isinstance(tolerance, dict):
-        raise ModelLoadError(f"variant {model.variant.get('name')}: manifest gives no tolerance")
+    golden = model.bundle.manifest.golden
+    tolerance = model.variant.tolerance.as_dict()
     try:
-        inputs = load_tensors(model.bundle.file(golden["inputs"]))
-        expected = load_tensors(model.bundle.file(golden["outputs"]))
+        inputs = load_tensors(model.bundle.file(golden.inputs))
+        expected = load_tensors(model.bundle.file(golden.outputs))
     except (KeyError, BundleError, OSError, ValueError) as exc:
         raise ModelLoadError(f"golden data unusable: {exc}") from exc
     expected = {t.name: expected[t.name] for t in model.spec.outputs if t.name in expected}
@@ -393,7 +389,7 @@ def warm_up(model: LoadedModel) -> dict[str, float]:
         figures = compare_outputs(expected, actual, tolerance)
     except (BundleError, ModelRunError) as exc:
         raise ModelLoadError(
-            f"warm-up: variant {model.variant.get('name')} does not reproduce the golden outputs: {exc}"
+            f"warm-up: variant {model.variant.name} does not reproduce the golden outputs: {exc}"
         ) from exc
     if model.batchable:
         model.run({k: v[:1] for k, v in inputs.items()})
@@ -418,20 +414,19 @@ def quality_check(model: LoadedModel) -> dict[str, float]:
     Raises:
         ModelLoadError: the quality set is unusable or the gate fails, with the measured figures.
     """
-    manifest = model.bundle.manifest
-    quality = manifest.get("quality")
-    entry = model.variant.get("quality")
-    if not isinstance(quality, Mapping) or not isinstance(entry, Mapping):
+    quality = model.bundle.manifest.quality
+    entry = model.variant.quality
+    if quality is None or entry is None:
         log.info(
             "variant %s has no on-device quality set; the golden check was the gate",
-            model.variant.get("name"),
+            model.variant.name,
         )
         return {}
     started = time.perf_counter()
     names = [t.name for t in model.spec.outputs]
     try:
-        build = load_tensors(model.bundle.file(str(entry["outputs"])))
-        reference = load_tensors(model.bundle.file(str(quality["reference"])))
+        build = load_tensors(model.bundle.file(entry.outputs))
+        reference = load_tensors(model.bundle.file(quality.reference))
         # Batch by batch, as the build ran them: dynamic INT8 quantizes each run's activations with one
         # scale, so the same rows must go together here to compare like with like.
         parts = [model.run(batch) for batch in iter_quality_inputs(quality, model.bundle.file)]
@@ -442,7 +437,7 @@ def quality_check(model: LoadedModel) -> dict[str, float]:
         )
     except (KeyError, BundleError, ModelRunError, OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"on-device quality gate: variant {model.variant.get('name')} on CPU class "
+            f"on-device quality gate: variant {model.variant.name} on CPU class "
             f"{model.cpu_class or 'unknown'}: {exc}"
         ) from exc
     log.info(

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from contract.codec import WIRE_DTYPES
+from contract.manifest import TensorEntry
 
 # Manifest dtype -> (v2 datatype, NumPy dtype). The models in bundles take these two.
 DATATYPES = sorted({dt for dt, _ in WIRE_DTYPES.values()} | {"BYTES", "UINT16", "UINT32", "UINT64", "INT16"})
@@ -62,23 +63,18 @@ class TensorSpec:
         }
 
 
-def tensor_spec(entry: Mapping[str, Any], where: str) -> TensorSpec:
+def tensor_spec(entry: TensorEntry, where: str) -> TensorSpec:
     """Build a :class:`TensorSpec` from a manifest ``inputs``/``outputs`` entry.
 
     Raises:
-        ValueError: naming the manifest entry with the unsupported dtype or shape.
+        ValueError: naming the manifest entry with the unsupported dtype.
     """
-    name = entry.get("name")
-    dtype = entry.get("dtype")
-    if not isinstance(name, str) or dtype not in WIRE_DTYPES:
+    if entry.dtype not in WIRE_DTYPES:
         raise ValueError(
-            f"manifest {where}: entry {entry!r} needs a name and a dtype in {sorted(WIRE_DTYPES)}"
+            f"manifest {where} {entry.name!r}: dtype {entry.dtype!r} is not one of {sorted(WIRE_DTYPES)}"
         )
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int | str) for d in shape):
-        raise ValueError(f"manifest {where} {name!r}: shape must be a list of ints and axis names")
-    datatype, np_dtype = WIRE_DTYPES[dtype]
-    return TensorSpec(name, datatype, np_dtype, tuple(shape), bool(entry.get("allow_nonfinite", True)))
+    datatype, np_dtype = WIRE_DTYPES[entry.dtype]
+    return TensorSpec(entry.name, datatype, np_dtype, tuple(entry.shape), entry.allow_nonfinite)
 
 
 @dataclass(frozen=True)

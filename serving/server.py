@@ -297,15 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "check passed: %s version %s, variant %s, loaded and warmed up in %.3f s",
             model.spec.name,
             model.spec.version,
-            model.variant.get("name"),
+            model.variant.name,
             model.load_seconds,
         )
         return 0
 
-    serving_cfg = model.bundle.manifest.get("serving", {})
     delay_ms = args.max_queue_delay_ms
     if delay_ms is None:
-        delay_ms = float(serving_cfg.get("max_queue_delay_ms", 1.0))
+        delay_ms = model.bundle.manifest.serving.max_queue_delay_ms
     settings = Settings(
         max_queue_delay_ms=delay_ms,
         max_queue=args.max_queue,
@@ -319,8 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "model": model.spec.name,
             "bundle_version": model.spec.version,
-            "variant": str(model.variant.get("name")),
-            "precision": str(model.variant.get("precision")),
+            "variant": model.variant.name,
+            "precision": model.variant.precision,
             "device_class": model.device_class,
             "cpu_class": model.cpu_class or "unknown",
             "providers": ",".join(model.providers),
@@ -345,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serving model %s version %s, variant %s, max batch %d, queue delay %.3g ms, on %s://%s:%d",
         model.spec.name,
         model.spec.version,
-        model.variant.get("name"),
+        model.variant.name,
         model.spec.max_batch_size,
         delay_ms,
         "https" if args.tls_cert else "http",

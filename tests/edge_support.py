@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -85,7 +86,7 @@ def derive_bundle(
 
     With ``sign=False`` the mutation happens after signing, which is what tampering looks like.
     """
-    manifest = read_manifest(src)
+    manifest = json.loads((src / "manifest.json").read_text())  # a writer: the plain data it signs
     version = f"{manifest['version']}-{suffix}"
     out = dst / version
     shutil.copytree(src, out)
@@ -120,7 +121,7 @@ def flip_byte(bundle: Path, relpath: str = "model.int8.onnx") -> None:
 def skew_golden(bundle: Path) -> None:
     """Make the golden outputs disagree with the model (signed: a bundle that fails the health gate)."""
     manifest = read_manifest(bundle)
-    path = bundle / manifest["golden"]["outputs"]
+    path = bundle / manifest.golden.outputs
     outputs = load_tensors(path)
     save_tensors(path, {k: np.roll(v, 1, axis=-1) + 1.0 for k, v in outputs.items()})
 

@@ -1,5 +1,7 @@
 """The bundle contract: signatures, checksums and tolerances (contract/bundle.py)."""
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,10 @@ def signed_bundle(tmp_path: Path) -> tuple[Path, Path]:
         "schema_version": bundle.SCHEMA_VERSION,
         "model": "t",
         "version": "abc",
+        "task": "classification",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 3]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 2]}],
+        "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/inputs.npz"},
         "files": bundle.file_entries(root, ["model.onnx", "golden/inputs.npz"]),
     }
     bundle.write_manifest(root, manifest, key)
@@ -29,7 +35,7 @@ def signed_bundle(tmp_path: Path) -> tuple[Path, Path]:
 def test_untouched_bundle_verifies(signed_bundle: tuple[Path, Path]) -> None:
     root, pub = signed_bundle
     verified = bundle.verify_bundle(root, bundle.load_public_key(pub))
-    assert verified.manifest["version"] == "abc"
+    assert verified.manifest.version == "abc"
     assert verified.file("model.onnx") == root / "model.onnx"
 
 
@@ -95,3 +101,71 @@ def test_compare_outputs_checks_shapes_before_values() -> None:
     ref = {"y": np.zeros((2, 2), np.float32)}
     with pytest.raises(bundle.ShapeMismatch, match="shape"):
         bundle.compare_outputs(ref, {"y": np.zeros((2, 3), np.float32)}, {"kind": "top1", "min_agreement": 1})
+
+
+# --------------------------------------------------------------------------- the manifest schema
+
+
+def _resign(root: Path, key_path: Path, change: dict[str, object]) -> None:
+    manifest = json.loads((root / bundle.MANIFEST_NAME).read_text())
+    manifest.update(change)
+    bundle.write_manifest(root, manifest, bundle.load_private_key(key_path))
+
+
+def test_a_signed_manifest_that_breaks_the_schema_is_refused_naming_the_field(
+    signed_bundle: tuple[Path, Path],
+) -> None:
+    root, pub = signed_bundle
+    variant = {
+        "name": "int8",
+        "file": "model.onnx",
+        "format": "onnx",
+        "precision": "int8",
+        "device_classes": ["x86_cpu"],
+        "tolerance": {"kind": "closeish"},
+    }
+    _resign(root, pub.with_suffix(".pem"), {"variants": [variant]})
+    with pytest.raises(
+        bundle.BundleVerificationError, match=r"manifest.json: variants\[0\]\.tolerance\.kind"
+    ):
+        bundle.verify_bundle(root, bundle.load_public_key(pub))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "must be a JSON object"),
+        ("{" * 100_000, "not valid JSON"),
+        ('{"schema_version": 9}', "schema_version 9 is not supported"),
+        ('{"schema_version": 2, "model": "m"}', "version: Field required"),
+    ],
+)
+def test_malformed_manifests_get_a_clear_error_not_a_traceback(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    (tmp_path / bundle.MANIFEST_NAME).write_text(text)
+    with pytest.raises(bundle.BundleVerificationError, match=message):
+        bundle.read_manifest(tmp_path)
+
+
+def test_a_manifest_that_is_a_fifo_or_a_link_is_refused_without_reading_it(
+    signed_bundle: tuple[Path, Path],
+) -> None:
+    root, pub = signed_bundle
+    real = root / "real.json"
+    (root / bundle.MANIFEST_NAME).rename(real)
+    os.mkfifo(root / bundle.MANIFEST_NAME)
+    with pytest.raises(bundle.BundleVerificationError, match="is not a regular file"):
+        bundle.verify_bundle(root, bundle.load_public_key(pub))
+    (root / bundle.MANIFEST_NAME).unlink()
+    (root / bundle.MANIFEST_NAME).symlink_to(real)
+    with pytest.raises(bundle.BundleVerificationError, match="links are refused"):
+        bundle.verify_bundle(root, bundle.load_public_key(pub))
+
+
+def test_the_manifest_schema_is_exported_as_json_schema() -> None:
+    schema = bundle.Manifest.json_schema()
+    assert {"schema_version", "model", "version", "task", "inputs", "files", "golden"} <= set(
+        schema["required"]
+    )
+    assert "Variant" in schema["$defs"] and "Quality" in schema["$defs"]

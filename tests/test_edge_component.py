@@ -57,7 +57,18 @@ def bundle(tmp_path: Path) -> Path:
     folder = tmp_path / "demo" / "0123abcd"
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(
-        json.dumps({"schema_version": 1, "model": "demo", "version": "0123abcd"})
+        json.dumps(
+            {
+                "schema_version": 1,
+                "model": "demo",
+                "version": "0123abcd",
+                "task": "classification",
+                "inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 3]}],
+                "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
+                "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz"},
+                "files": {"model.fp32.onnx": {"sha256": "0" * 64, "size": 1}},
+            }
+        )
     )
     return folder
 

@@ -8,6 +8,7 @@ the suite, VNNI or not. qemu-user is installed by ``make test`` (``.ci/system-pa
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -82,17 +83,18 @@ def test_reduce_range_int8_computes_the_same_numbers_under_the_avx2_emulator() -
     _require_qemu()
     demo = _demo()
     manifest = bundle.read_manifest(demo)
-    int8 = next(v for v in manifest["variants"] if v["name"] == "int8")
-    assert int8["quantization"]["reduce_range"] is True
-    inputs = next(bundle.iter_quality_inputs(manifest["quality"], lambda rel: demo / rel))
-    session = ort.InferenceSession(str(demo / int8["file"]), providers=["CPUExecutionProvider"])
+    int8 = manifest.variant("int8")
+    assert manifest.quality is not None and int8.quantization is not None
+    assert int8.quantization["reduce_range"] is True
+    inputs = next(bundle.iter_quality_inputs(manifest.quality, lambda rel: demo / rel))
+    session = ort.InferenceSession(str(demo / int8.file), providers=["CPUExecutionProvider"])
     native = session.run(None, inputs)[0]
-    (emulated,) = cpu_gate.run_emulated(QEMU, demo / int8["file"], [inputs])
+    (emulated,) = cpu_gate.run_emulated(QEMU, demo / int8.file, [inputs])
     np.testing.assert_array_equal(emulated["logits"], native)
 
 
 def test_the_demo_manifest_records_the_quantization_and_each_cpu_class() -> None:
-    manifest = bundle.read_manifest(_demo())
+    manifest = json.loads((_demo() / "manifest.json").read_text())  # the file format itself
     assert manifest["schema_version"] == 2
     int8 = next(v for v in manifest["variants"] if v["name"] == "int8")
     q = int8["quantization"]
@@ -129,10 +131,9 @@ def test_server_under_the_avx2_emulator_serves_the_demo_within_half_a_point_of_f
     _require_qemu()
     demo = _demo()
     manifest = bundle.read_manifest(demo)
-    reference = bundle.load_tensors(demo / manifest["quality"]["reference"])["logits"]
-    batch = {
-        k: v[:8] for k, v in next(bundle.iter_quality_inputs(manifest["quality"], lambda r: demo / r)).items()
-    }
+    assert manifest.quality is not None
+    reference = bundle.load_tensors(demo / manifest.quality.reference)["logits"]
+    batch = {k: v[:8] for k, v in next(bundle.iter_quality_inputs(manifest.quality, demo.joinpath)).items()}
     with (
         running_server(demo, DEV_KEY, tmp_path, timeout=240, prefix=QEMU) as server,
         server.client(timeout=120) as http,
@@ -145,7 +146,8 @@ def test_server_under_the_avx2_emulator_serves_the_demo_within_half_a_point_of_f
     assert params["variant"] == "int8"
     # The gate ran all 512 evaluation images through the server's model on the emulated kernels.
     assert float(gate["agreement"]) >= 0.995, params
-    assert float(gate["max_abs_diff"]) <= manifest["variants"][1]["quality"]["atol"], params
+    int8_quality = manifest.variant("int8").quality
+    assert int8_quality is not None and float(gate["max_abs_diff"]) <= int8_quality.atol, params
     _, outputs = decode_infer_response(answer.content, answer.headers.get("Inference-Header-Content-Length"))
     logits = outputs["logits"]
     assert logits.shape == (8, 10)

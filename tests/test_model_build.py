@@ -117,7 +117,7 @@ def test_tiny_model_builds_a_bundle_that_verifies(
     latest = root / "dist" / "tiny" / "latest"
     assert latest.is_symlink() and os.readlink(latest) == result.version
     verified = bundle.verify_bundle(latest, bundle.load_public_key(bundle.public_path(signer)))
-    manifest = verified.manifest
+    manifest = json.loads(verified.manifest_bytes)  # the file format itself
     assert manifest["model"] == "tiny" and manifest["version"] == result.version
     assert manifest["inputs"] == [
         {"name": "image", "dtype": "float32", "shape": ["batch", 3, 16, 16], "allow_nonfinite": False}
@@ -589,7 +589,8 @@ def test_quality_set_is_regenerated_from_its_base_and_seed_bit_for_bit(
         "base": "quality/base.npz",
         "noise": {"input": "image", "std": 0.5, "seed": 13},
     }
-    rebuilt = list(bundle.iter_quality_inputs(quality, result.bundle_dir.joinpath))
+    typed = bundle.Quality.model_validate(quality)
+    rebuilt = list(bundle.iter_quality_inputs(typed, result.bundle_dir.joinpath))
     images = np.concatenate([b["image"] for b in rebuilt])
     expected = __import__(FIXTURES).noisy_samples(64, 2)["image"]  # evaluation: 64 samples, seed 2
     np.testing.assert_array_equal(images, expected)
@@ -642,11 +643,17 @@ def test_quality_gate_fails_on_outputs_that_drift_from_the_build_or_from_fp32() 
     rng = np.random.default_rng(0)
     build = {"logits": rng.standard_normal((512, 10)).astype(np.float32) * 4}
     quality = bundle.derive_quality_tolerance(build, 0.0)
-    variant: dict[str, Any] = {
-        "name": "int8",
-        "tolerance": {"kind": "top1", "min_agreement": 0.99},
-        "quality": quality,
-    }
+    variant = bundle.Variant.model_validate(
+        {
+            "name": "int8",
+            "file": "model.int8.onnx",
+            "format": "onnx",
+            "precision": "int8",
+            "device_classes": ["x86_cpu"],
+            "tolerance": {"kind": "top1", "min_agreement": 0.99},
+            "quality": {"outputs": "quality/int8.npz", **quality},
+        }
+    )
     assert bundle.quality_gate(variant, build, build, build)["agreement"] == 1.0
     drifted = {"logits": build["logits"] + 5 * quality["atol"]}
     with pytest.raises(bundle.QualityGateFailed, match=r"differ from the build's by up to .* > quality.atol"):

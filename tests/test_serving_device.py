@@ -12,6 +12,7 @@ from serving_support import Bundle, make_bundle, run_refused, running_server
 
 from contract import bundle as contract
 from contract import detect
+from contract.manifest import Variant
 from model_build.tensorrt import write_engine_wrapper
 from serving import device
 from serving.model import execution_providers
@@ -53,7 +54,19 @@ def variant(
     fmt: str = "onnx",
     classes: tuple[str, ...] = ("x86_cpu",),
     **extra: Any,
+) -> Variant:
+    return Variant.model_validate(variant_data(name, precision, p50, fmt, classes, **extra))
+
+
+def variant_data(
+    name: str,
+    precision: str,
+    p50: float,
+    fmt: str = "onnx",
+    classes: tuple[str, ...] = ("x86_cpu",),
+    **extra: Any,
 ) -> dict[str, Any]:
+    """A manifest variant entry as plain data (what the manifest's JSON holds)."""
     if precision == "int8" and fmt == "onnx":
         extra.setdefault("cpu", validated("x86_64_avx2", "x86_64_avx512_vnni"))
     return {
@@ -62,6 +75,7 @@ def variant(
         "format": fmt,
         "precision": precision,
         "device_classes": list(classes),
+        "tolerance": {"kind": "top1", "min_agreement": 0.99},
         "metrics": {"latency_ms_p50": p50},
         **extra,
     }
@@ -105,13 +119,13 @@ def test_this_machine_is_detected_as_one_of_the_classes() -> None:
 def test_x86_picks_whichever_the_manifest_measured_faster() -> None:
     fast_int8 = [variant("fp32", "fp32", 2.0), variant("int8", "int8", 1.1)]
     slow_int8 = [variant("fp32", "fp32", 2.0), variant("int8", "int8", 2.5)]
-    assert device.choose_variant(fast_int8, TABLE["x86_cpu"], CPU, X86).variant["name"] == "int8"
-    assert device.choose_variant(slow_int8, TABLE["x86_cpu"], CPU, X86).variant["name"] == "fp32"
+    assert device.choose_variant(fast_int8, TABLE["x86_cpu"], CPU, X86).variant.name == "int8"
+    assert device.choose_variant(slow_int8, TABLE["x86_cpu"], CPU, X86).variant.name == "fp32"
 
 
 def test_equal_latency_falls_back_to_the_class_precision_order() -> None:
     tie = [variant("fp32", "fp32", 1.0), variant("int8", "int8", 1.0)]
-    assert device.choose_variant(tie, TABLE["x86_cpu"], CPU, X86).variant["name"] == "int8"
+    assert device.choose_variant(tie, TABLE["x86_cpu"], CPU, X86).variant.name == "int8"
 
 
 def test_int8_serves_only_on_the_cpu_classes_the_build_validated() -> None:
@@ -120,9 +134,9 @@ def test_int8_serves_only_on_the_cpu_classes_the_build_validated() -> None:
         variant("int8", "int8", 1.1, cpu=validated("x86_64_avx512_vnni")),
     ]
     on_vnni = device.DeviceFacts(arch="x86_64", cpu_class="x86_64_avx512_vnni", cpu_flags=VNNI)
-    assert device.choose_variant(only_vnni, TABLE["x86_cpu"], CPU, on_vnni).variant["name"] == "int8"
+    assert device.choose_variant(only_vnni, TABLE["x86_cpu"], CPU, on_vnni).variant.name == "int8"
     choice = device.choose_variant(only_vnni, TABLE["x86_cpu"], CPU, X86)
-    assert choice.variant["name"] == "fp32"
+    assert choice.variant.name == "fp32"
     (note,) = choice.cpu_refused
     assert "not validated for this CPU class x86_64_avx2" in note
     assert "x86_64_avx512_vnni (this CPU lacks avx512bw, avx512_vnni)" in note
@@ -143,13 +157,12 @@ def test_int8_that_failed_or_was_unverified_on_this_class_says_so() -> None:
         ),
     ]
     choice = device.choose_variant(unverified, TABLE["arm64_cpu"], CPU, arm)
-    assert choice.variant["name"] == "fp32"
+    assert choice.variant.name == "fp32"
     assert "(unverified: unverified at build)" in choice.cpu_refused[0]
 
 
 def test_int8_from_a_schema_1_bundle_or_on_an_unknown_cpu_is_not_served() -> None:
-    old = [variant("fp32", "fp32", 2.0), {**variant("int8", "int8", 1.1), "cpu": None}]
-    old[1].pop("cpu")
+    old = [variant("fp32", "fp32", 2.0), variant("int8", "int8", 1.1).model_copy(update={"cpu": None})]
     assert "before schema 2" in device.choose_variant(old, TABLE["x86_cpu"], CPU, X86).cpu_refused[0]
     no_avx2 = device.DeviceFacts(arch="x86_64", cpu_class=None, cpu_flags=frozenset())
     fast = [variant("fp32", "fp32", 2.0), variant("int8", "int8", 1.1)]
@@ -168,7 +181,7 @@ def test_a_requested_int8_variant_on_an_unvalidated_cpu_is_served_with_a_warning
         variant("int8", "int8", 1.1, cpu=validated("x86_64_avx512_vnni")),
     ]
     choice = device.choose_variant(only_vnni, TABLE["x86_cpu"], CPU, X86, "int8")
-    assert choice.variant["name"] == "int8"
+    assert choice.variant.name == "int8"
     assert "not validated for this CPU class x86_64_avx2" in choice.cpu_refused[0]
 
 
@@ -205,7 +218,7 @@ def test_variants_not_built_for_the_class_are_skipped_with_reasons() -> None:
         device.choose_variant(only_gpu, TABLE["x86_cpu"], CPU, X86)
 
 
-def trt(name: str, arch: str, version: str = "10.3.0", p50: float = 0.4) -> dict[str, Any]:
+def trt(name: str, arch: str, version: str = "10.3.0", p50: float = 0.4) -> Variant:
     """A TensorRT variant as the prebuild writes it: the file is the EP context wrapper."""
     return variant(
         name,
@@ -230,14 +243,14 @@ def test_gpu_prefers_the_tensorrt_engine_for_its_arch_and_falls_back_without_it(
         FP32_GPU,
         trt("trt-sm_86-fp16", "sm_86"),
         trt("trt-sm_89-fp16", "sm_89", p50=0.3),
-        {**trt("trt-raw", "sm_86", p50=0.1), "file": "trt-raw.engine"},
+        trt("trt-raw", "sm_86", p50=0.1).model_copy(update={"file": "trt-raw.engine"}),
     ]
     chosen = device.choose_variant(variants, TABLE["nvidia_gpu"], GPU_EPS, facts)
-    assert chosen.variant["name"] == "trt-sm_86-fp16"
+    assert chosen.variant.name == "trt-sm_86-fp16"
     assert chosen.providers == tuple(GPU_EPS)
     # The CPU build of ONNX Runtime has no TensorRT or CUDA provider: the onnx variant, on CPU.
     fallback = device.choose_variant(variants, TABLE["nvidia_gpu"], CPU, facts)
-    assert fallback.variant["name"] == "fp32" and fallback.providers == ("CPUExecutionProvider",)
+    assert fallback.variant.name == "fp32" and fallback.providers == ("CPUExecutionProvider",)
 
 
 def test_requested_variant_that_cannot_run_here_says_why() -> None:
@@ -271,9 +284,9 @@ def test_malformed_table_names_the_class_and_key() -> None:
 
 def test_raw_tensorrt_engine_is_not_chosen_and_says_why() -> None:
     facts = GPU_86
-    raw = {**trt("trt", "sm_86", p50=0.1), "file": "model.trt-sm_86-fp16.engine"}
+    raw = trt("trt", "sm_86", p50=0.1).model_copy(update={"file": "model.trt-sm_86-fp16.engine"})
     onnx = variant("fp32", "fp32", 3.0, classes=("nvidia_gpu",))
-    assert device.choose_variant([raw, onnx], TABLE["nvidia_gpu"], GPU_EPS, facts).variant["name"] == "fp32"
+    assert device.choose_variant([raw, onnx], TABLE["nvidia_gpu"], GPU_EPS, facts).variant.name == "fp32"
     with pytest.raises(device.DeviceError, match="is a raw TensorRT engine"):
         device.choose_variant([raw, onnx], TABLE["nvidia_gpu"], GPU_EPS, facts, "trt")
 
@@ -306,7 +319,7 @@ def test_engine_for_this_arch_and_tensorrt_minor_is_chosen_without_refusals() ->
     chosen = device.choose_variant(
         [FP32_GPU, trt("trt-sm_86-fp16", "sm_86")], TABLE["nvidia_gpu"], GPU_EPS, GPU_86
     )
-    assert chosen.variant["name"] == "trt-sm_86-fp16" and chosen.refused == ()
+    assert chosen.variant.name == "trt-sm_86-fp16" and chosen.refused == ()
 
 
 @pytest.mark.parametrize(
@@ -340,7 +353,7 @@ def test_engine_that_cannot_run_here_is_refused_and_the_onnx_variant_serves(
     choice = device.choose_variant(
         [FP32_GPU, trt("trt-sm_86-fp16", "sm_86")], TABLE["nvidia_gpu"], GPU_EPS, facts
     )
-    assert choice.variant["name"] == "fp32"
+    assert choice.variant.name == "fp32"
     assert choice.providers == tuple(GPU_EPS)  # the onnx variant still gets TensorRT/CUDA EPs
     [refusal] = choice.refused
     assert refusal.startswith("trt-sm_86-fp16: ") and reason in refusal
@@ -362,7 +375,7 @@ def test_a_variant_that_failed_at_start_up_is_set_aside_with_its_reason() -> Non
     variants = [FP32_GPU, trt("trt-sm_86-fp16", "sm_86")]
     failed = {"trt-sm_86-fp16": "failed here at start-up (warm-up mismatch)"}
     choice = device.choose_variant(variants, TABLE["nvidia_gpu"], GPU_EPS, GPU_86, exclude=failed)
-    assert choice.variant["name"] == "fp32"
+    assert choice.variant.name == "fp32"
     assert choice.refused == ("trt-sm_86-fp16: failed here at start-up (warm-up mismatch)",)
 
 
@@ -413,7 +426,7 @@ def _bundle_with_engine(tmp_path: Path) -> Bundle:
     manifest = json.loads((built.path / "manifest.json").read_text())
     manifest["variants"].append(
         {
-            **trt("trt-sm_86-fp16", "sm_86", p50=0.001),
+            **trt("trt-sm_86-fp16", "sm_86", p50=0.001).model_dump(exclude_none=True),
             "file": "engines/trt-sm_86-fp16.onnx",
             "tolerance": {"kind": "top1", "min_agreement": 0.75},
         }

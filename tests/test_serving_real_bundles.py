@@ -28,25 +28,25 @@ def test_real_bundle_serves_its_golden_outputs_over_binary_v2(bundle: Path, tmp_
     if not (bundle / "manifest.json").is_file():
         pytest.skip(f"{bundle} is not built (make build SPEC=models/{bundle.parent.name}.yaml)")
     manifest = read_manifest(bundle)
-    golden_in = load_tensors(bundle / manifest["golden"]["inputs"])
-    golden_out = load_tensors(bundle / manifest["golden"]["outputs"])
+    golden_in = load_tensors(bundle / manifest.golden.inputs)
+    golden_out = load_tensors(bundle / manifest.golden.outputs)
     with running_server(bundle, PUBLIC_KEY, tmp_path) as proc:
         with proc.client() as http:
             info = http.get("/metrics").text
-        variant = next(v for v in manifest["variants"] if f'variant="{v["name"]}"' in info)
+        variant = next(v for v in manifest.variants if f'variant="{v.name}"' in info)
         client = triton.InferenceServerClient(proc.base_url.removeprefix("http://"))
         try:
             tensors = []
-            for spec in manifest["inputs"]:
-                value = np.ascontiguousarray(golden_in[spec["name"]])
+            for spec in manifest.inputs:
+                value = np.ascontiguousarray(golden_in[spec.name])
                 tensor = triton.InferInput(
-                    spec["name"], list(value.shape), "FP32" if value.dtype == np.float32 else "INT64"
+                    spec.name, list(value.shape), "FP32" if value.dtype == np.float32 else "INT64"
                 )
                 tensor.set_data_from_numpy(value, binary_data=True)
                 tensors.append(tensor)
-            result = client.infer(manifest["model"], tensors)
+            result = client.infer(manifest.model, tensors)
         finally:
             client.close()
-    actual = {o["name"]: result.as_numpy(o["name"]) for o in manifest["outputs"]}
-    expected = {o["name"]: golden_out[o["name"]] for o in manifest["outputs"]}
-    compare_outputs(expected, actual, variant["tolerance"])
+    actual = {o.name: result.as_numpy(o.name) for o in manifest.outputs}
+    expected = {o.name: golden_out[o.name] for o in manifest.outputs}
+    compare_outputs(expected, actual, variant.tolerance.as_dict())

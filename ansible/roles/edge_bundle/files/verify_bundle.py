@@ -30,8 +30,8 @@ def main() -> int:
         json.dumps(
             {
                 "path": str(verified.path),
-                "model": verified.manifest["model"],
-                "version": verified.manifest["version"],
+                "model": verified.manifest.model,
+                "version": verified.manifest.version,
                 "key_id": verified.key_id,
             }
         )

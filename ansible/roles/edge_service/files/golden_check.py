@@ -103,9 +103,9 @@ def golden_inference(
 ) -> dict[str, Any]:
     """Send the golden inputs; compare with the golden outputs under the served variant's tolerance."""
     manifest = read_manifest(bundle)
-    model = manifest["model"]
-    inputs = load_tensors(bundle / manifest["golden"]["inputs"])
-    reference = load_tensors(bundle / manifest["golden"]["outputs"])
+    model = manifest.model
+    inputs = load_tensors(bundle / manifest.golden.inputs)
+    reference = load_tensors(bundle / manifest.golden.outputs)
     # The v2 binary tensor extension, encoded by the contract's codec (the same as every client here).
     body, headers = encode_infer_request(inputs)
     started = time.perf_counter()
@@ -115,15 +115,12 @@ def golden_inference(
     latency_ms = (time.perf_counter() - started) * 1000
     answer, outputs = decode_infer_response(raw, header_length)
     info = served_info(base, token, context)
-    if (
-        info.get("bundle_version") != manifest["version"]
-        or answer.get("model_version") != manifest["version"]
-    ):
+    if info.get("bundle_version") != manifest.version or answer.get("model_version") != manifest.version:
         raise HealthGateError(
             f"the server runs bundle {info.get('bundle_version')!r} (answer says "
-            f"{answer.get('model_version')!r}), not {manifest['version']!r}"
+            f"{answer.get('model_version')!r}), not {manifest.version!r}"
         )
-    variants = {v["name"]: v for v in manifest.get("variants", [])}
+    variants = {v.name: v for v in manifest.variants}
     name = info.get("variant")
     if name not in variants:
         raise HealthGateError(
@@ -131,17 +128,17 @@ def golden_inference(
         )
     actual = {out: np.asarray(array, dtype=np.float64) for out, array in outputs.items()}
     try:
-        figures = compare_outputs(reference, actual, variants[name]["tolerance"])
+        figures = compare_outputs(reference, actual, variants[name].tolerance.as_dict())
     except BundleError as exc:
         raise HealthGateError(f"golden output of variant {name} out of tolerance: {exc}") from exc
-    if "quality" in variants[name] and not info["quality_gate"]:
+    if variants[name].quality is not None and not info["quality_gate"]:
         # The server refuses to become ready when the gate fails; a ready server without its figures
         # is one that never ran it.
         raise HealthGateError(
             f"variant {name} has an on-device quality set, but the server reports no quality gate figures"
         )
     return {
-        "version": manifest["version"],
+        "version": manifest.version,
         "model": model,
         "variant": name,
         "device_class": info.get("device_class"),

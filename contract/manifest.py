@@ -1,0 +1,227 @@
+"""The manifest as a typed schema: the one contract that the prebuild writes and every reader uses.
+
+``Manifest.parse(data)`` validates the bytes of ``manifest.json`` (exactly the bytes whose signature
+was checked) and returns frozen objects; a malformed manifest is a :class:`ManifestError` that names the
+field (``variants[1].tolerance.min_agreement: Input should be a valid number``), never a traceback.
+``Manifest.json_schema()`` exports the schema for readers in other languages (``python -m
+contract.manifest`` prints it).
+
+Schema versions: 2 adds ``quality``, and ``quantization``, ``cpu`` and ``quality`` on variants. Version-1
+manifests still parse; their INT8 variants carry no ``cpu`` record, so no CPU class counts as validated
+for them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+
+
+class ManifestError(ValueError):
+    """The manifest does not fit the schema; the message names each field that does not."""
+
+
+class _Model(BaseModel):
+    # Unknown keys are kept (a newer writer may add some), never trusted: readers use declared fields only.
+    model_config = ConfigDict(frozen=True, extra="allow", strict=False)
+
+
+class TensorEntry(_Model):
+    """One input or output: its wire name, element type and shape (fixed sizes or axis names)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    allow_nonfinite: bool = False
+
+
+class FileEntry(_Model):
+    """A listed file's sha256 and size in bytes."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class Tolerance(_Model):
+    """How a variant's outputs are compared with a reference (``contract.bundle.compare_outputs``)."""
+
+    kind: Literal["allclose", "top1", "cosine"]
+    atol: float | None = None
+    rtol: float | None = None
+    min_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plain mapping ``compare_outputs`` takes (unset bounds left out)."""
+        return self.model_dump(exclude_none=True)
+
+
+class CpuResult(_Model):
+    """One CPU class's verdict of the INT8 gate at build."""
+
+    status: Literal["passed", "failed", "unverified"]
+    via: str = "none"
+    arch: str | None = None
+    requires: tuple[str, ...] = ()
+    reason: str | None = None
+
+
+class CpuValidation(_Model):
+    """The CPU classes an INT8 variant passed its gate on, and every claimed class's verdict."""
+
+    validated: tuple[str, ...] = ()
+    results: dict[str, CpuResult] = Field(default_factory=dict)
+
+
+class VariantQuality(_Model):
+    """The variant's outputs on the quality set at build, and the tolerance derived from the build."""
+
+    outputs: str
+    atol: float = Field(ge=0.0)
+    near_ties: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class Variant(_Model):
+    """One runnable artefact of the bundle."""
+
+    name: str
+    file: str
+    format: Literal["onnx", "tensorrt"]
+    precision: Literal["fp32", "fp16", "int8"]
+    device_classes: tuple[str, ...]
+    tolerance: Tolerance
+    metrics: dict[str, float] = Field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+    cpu: CpuValidation | None = None
+    quality: VariantQuality | None = None
+    engine: str | None = None
+    gpu_arch: str | None = None
+    tensorrt_version: str | None = None
+    cuda_version: str | None = None
+
+    @property
+    def latency_ms_p50(self) -> float | None:
+        """The prebuild's measured batch-1 p50, when it measured one."""
+        return self.metrics.get("latency_ms_p50")
+
+
+class Golden(_Model):
+    """The golden inputs and PyTorch outputs (a few rows, for the quick warm-up check)."""
+
+    inputs: str
+    outputs: str
+
+
+class QualityNoise(_Model):
+    """The quality set's regenerated noise: ``std * default_rng(seed).standard_normal`` on ``input``."""
+
+    input: str
+    std: float = Field(gt=0.0)
+    seed: int
+
+
+class QualityInputs(_Model):
+    """Where the quality set's inputs come from: shipped arrays, or a base plus regenerated noise."""
+
+    file: str | None = None
+    base: str | None = None
+    noise: QualityNoise | None = None
+
+
+class Quality(_Model):
+    """The on-device quality gate's set (schema 2)."""
+
+    count: int = Field(ge=1)
+    batch: int = Field(default=32, ge=1)
+    inputs: QualityInputs
+    first_batch_sha256: str
+    reference: str
+
+
+class ServingHints(_Model):
+    """The prebuild's hints for the server's dynamic batcher."""
+
+    max_batch_size: int = Field(default=1, ge=1)
+    max_queue_delay_ms: float = Field(default=1.0, ge=0.0)
+
+
+class Manifest(_Model):
+    """``manifest.json``: what a bundle holds and how each artefact was made and checked."""
+
+    schema_version: int
+    model: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    task: Literal["classification", "embedding"]
+    inputs: tuple[TensorEntry, ...] = Field(min_length=1)
+    outputs: tuple[TensorEntry, ...] = Field(min_length=1)
+    files: dict[str, FileEntry] = Field(min_length=1)
+    variants: tuple[Variant, ...] = ()
+    golden: Golden
+    quality: Quality | None = None
+    serving: ServingHints = Field(default_factory=ServingHints)
+    dropped: tuple[dict[str, Any], ...] = ()
+    skipped: tuple[dict[str, Any], ...] = ()
+    tools: dict[str, str] = Field(default_factory=dict)
+    source: dict[str, Any] = Field(default_factory=dict)
+    build: dict[str, Any] = Field(default_factory=dict)
+    distillation: dict[str, Any] | None = None
+
+    @classmethod
+    def parse(cls, data: bytes | str | Mapping[str, Any]) -> Manifest:
+        """Validate a manifest (its JSON bytes, or an already parsed mapping).
+
+        Raises:
+            ManifestError: naming every field that does not fit, or an unreadable schema version.
+        """
+        try:
+            raw = json.loads(data) if isinstance(data, bytes | str) else dict(data)
+        except (ValueError, RecursionError) as exc:
+            raise ManifestError(f"not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if not isinstance(raw, dict):
+            raise ManifestError(f"must be a JSON object, not {type(raw).__name__}")
+        if raw.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+            raise ManifestError(
+                f"schema_version {raw.get('schema_version')!r} is not supported "
+                f"(this build reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))})"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = [f"{_path(err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)[:8]]
+            more = exc.error_count() - len(problems)
+            raise ManifestError("; ".join(problems) + (f" (and {more} more)" if more > 0 else "")) from None
+
+    def variant(self, name: str) -> Variant:
+        """The variant called ``name``.
+
+        Raises:
+            KeyError: the manifest has no such variant.
+        """
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise KeyError(name)
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """The JSON Schema of the manifest, for readers in other languages."""
+        return cls.model_json_schema()
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top>"
+
+
+if __name__ == "__main__":
+    json.dump(Manifest.json_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
