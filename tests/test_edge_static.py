@@ -17,6 +17,7 @@ import yaml
 from edge_support import demo_bundle
 
 from components.edge_rollout import ANSIBLE_DIR, REPO_ROOT, device_matrix
+from contract.manifest import Manifest
 from serving import device
 
 BIN = Path(sys.executable).parent
@@ -266,42 +267,57 @@ def _int8_manifest(validated: list[str]) -> dict[str, Any]:
     return manifest
 
 
-def test_preflight_refuses_a_bundle_with_nothing_validated_for_the_device_cpu_naming_the_features() -> None:
+CHOOSER = ANSIBLE_DIR / "roles" / "edge_bundle" / "files" / "choose_variant.py"
+
+
+def _chooser() -> Any:
+    """The controller-side chooser, imported from its file (it imports only the contract package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("choose_variant", CHOOSER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _choose(manifest: dict[str, Any], device_class: str, found: dict[str, Any]) -> dict[str, Any]:
+    chooser = _chooser()
+    return dict(chooser.choose(Manifest.parse(manifest), device_class, TABLE["classes"][device_class], found))
+
+
+def test_preflight_refuses_a_bundle_with_nothing_validated_for_the_device_cpu_naming_the_features(
+    tmp_path: Path,
+) -> None:
     vnni_only = _int8_manifest(["x86_64_avx512_vnni"])
     vnni_only["variants"] = [v for v in vnni_only["variants"] if v["name"] == "int8"]
-    x86 = TABLE["classes"]["x86_cpu"]
-    script_error = subprocess.run(
+    (tmp_path / "manifest.json").write_text(json.dumps(vnni_only))
+    run = subprocess.run(
         [
             sys.executable,
-            "-c",
-            "import importlib.util, json, sys\n"
-            f"sys.path.insert(0, {str(ANSIBLE_DIR / 'collections')!r})\n"
-            "spec = importlib.util.spec_from_file_location('plugin', sys.argv[1])\n"
-            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-            "module.select_variant(*json.loads(sys.argv[2]))\n",
-            str(COLLECTION / "filter" / "variants.py"),
-            json.dumps([vnni_only, "x86_cpu", x86, AVX2_DEVICE]),
+            str(CHOOSER),
+            str(tmp_path),
+            "--device-class",
+            "x86_cpu",
+            "--class-entry",
+            json.dumps(TABLE["classes"]["x86_cpu"]),
+            "--found",
+            json.dumps(AVX2_DEVICE),
         ],
         capture_output=True,
         text=True,
         check=False,
         timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
-    assert script_error.returncode != 0
-    assert "nothing validated for this device's CPU" in script_error.stderr
-    assert "x86_64_avx512_vnni (this CPU lacks avx512bw, avx512_vnni)" in script_error.stderr
+    assert run.returncode == 1
+    assert "nothing validated for this device's CPU" in run.stderr
+    assert "x86_64_avx512_vnni (this CPU lacks avx512bw, avx512_vnni)" in run.stderr
 
 
 def test_preflight_notes_an_int8_variant_the_device_cpu_will_not_serve() -> None:
-    x86 = TABLE["classes"]["x86_cpu"]
-    served, set_aside = _in_child(
-        COLLECTION / "filter" / "variants.py",
-        "select_variant",
-        [
-            [_int8_manifest(["x86_64_avx2"]), "x86_cpu", x86, AVX2_DEVICE],
-            [_int8_manifest(["x86_64_avx512_vnni"]), "x86_cpu", x86, AVX2_DEVICE],
-        ],
-    )
+    served = _choose(_int8_manifest(["x86_64_avx2"]), "x86_cpu", AVX2_DEVICE)
+    set_aside = _choose(_int8_manifest(["x86_64_avx512_vnni"]), "x86_cpu", AVX2_DEVICE)
     assert served["variant"] == "auto" and served["cpu_note"] == ""
     assert set_aside["variant"] == "auto"
     assert "int8: not validated for this CPU class x86_64_avx2" in set_aside["cpu_note"]
@@ -309,25 +325,20 @@ def test_preflight_notes_an_int8_variant_the_device_cpu_will_not_serve() -> None
 
 def test_jetson_without_an_engine_for_its_gpu_runs_onnx_on_the_tensorrt_ep_with_a_cache() -> None:
     manifest = json.loads((demo_bundle() / "manifest.json").read_text())
-    jetson = TABLE["classes"]["jetson"]
     engine = {
         "name": "trt-sm_87-fp16",
         "file": "e.onnx",
         "format": "tensorrt",
         "precision": "fp16",
         "device_classes": ["jetson"],
+        "tolerance": {"kind": "top1", "min_agreement": 0.99},
         "gpu_arch": "sm_87",
     }
     with_engine = {**manifest, "variants": [*manifest["variants"], engine]}
-    choice, with_engine_choice, x86_choice = _in_child(
-        COLLECTION / "filter" / "variants.py",
-        "select_variant",
-        [
-            [manifest, "jetson", jetson, {"arch": "aarch64", "gpu_arch": "sm_87"}],
-            [with_engine, "jetson", jetson, {"arch": "aarch64", "gpu_arch": "sm_87"}],
-            [manifest, "x86_cpu", TABLE["classes"]["x86_cpu"], {"arch": "x86_64"}],
-        ],
-    )
+    orin = {"arch": "aarch64", "gpu_arch": "sm_87"}
+    choice = _choose(manifest, "jetson", orin)
+    with_engine_choice = _choose(with_engine, "jetson", orin)
+    x86_choice = _choose(manifest, "x86_cpu", {"arch": "x86_64"})
     onnx_names = {v["name"] for v in manifest["variants"] if v["format"] == "onnx"}
     assert choice["variant"] in onnx_names and choice["trt_engine_cache"] is True
     assert with_engine_choice["variant"] == "auto"

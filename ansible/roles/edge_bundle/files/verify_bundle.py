@@ -2,8 +2,9 @@
 """Verify a dualdeploy bundle with the bundle contract (contract.bundle.verify_bundle).
 
 Used by the edge playbook on the controller (before sending) and on the device (before activation),
-where only the server's venv and the contract module exist. Prints one JSON line
-``{"path", "model", "version", "key_id"}`` and exits 0, or prints the failing file and exits 1.
+where only the server's venv and the contract package exist. Prints one JSON line
+``{"path", "model", "version", "key_id", "files"}`` (``files``: the manifest's sha256 and size of each
+file, from the typed manifest) and exits 0, or prints the failing file and exits 1.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> int:
                 "model": verified.manifest.model,
                 "version": verified.manifest.version,
                 "key_id": verified.key_id,
+                "files": {rel: entry.model_dump() for rel, entry in verified.manifest.files.items()},
             }
         )
     )
