@@ -24,11 +24,12 @@ from typing import Any
 
 import yaml
 
+from contract.detect import DEVICE_TABLE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = REPO_ROOT / "ansible"
 DEFAULT_PLAYBOOK = ANSIBLE_DIR / "edge.yml"
 DEFAULT_INVENTORY = ANSIBLE_DIR / "inventories" / "local"
-DEVICE_TABLE = REPO_ROOT / "contract" / "device_classes.yaml"
 
 
 class RolloutError(Exception):

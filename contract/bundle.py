@@ -182,7 +182,7 @@ MAX_MANIFEST_BYTES = 16 << 20
 """Largest ``manifest.json`` (or signature) read: far above any real one, far below a memory problem."""
 
 
-def _read_small_regular_file(path: Path, what: str) -> bytes:
+def _read_small_regular_file(path: Path, what: str, missing: str = "") -> bytes:
     """Read a file once, refusing links, FIFOs, devices and folders, and anything over the size limit.
 
     Raises:
@@ -191,7 +191,7 @@ def _read_small_regular_file(path: Path, what: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError as exc:
-        raise BundleVerificationError(what, f"missing in {path.parent}") from exc
+        raise BundleVerificationError(what, missing or f"missing in {path.parent}") from exc
     except OSError as exc:
         raise BundleVerificationError(what, f"cannot be opened ({exc.strerror}; links are refused)") from exc
     try:
@@ -267,12 +267,9 @@ def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey) -> VerifiedBun
     if not bundle_dir.is_dir():
         raise BundleVerificationError(str(bundle_dir), "bundle folder does not exist")
     data = _read_small_regular_file(bundle_dir / MANIFEST_NAME, MANIFEST_NAME)
-    try:
-        signature = _read_small_regular_file(bundle_dir / SIGNATURE_NAME, SIGNATURE_NAME)
-    except BundleVerificationError as exc:
-        if "missing" in str(exc):
-            raise BundleVerificationError(SIGNATURE_NAME, "missing: the bundle is unsigned") from exc
-        raise
+    signature = _read_small_regular_file(
+        bundle_dir / SIGNATURE_NAME, SIGNATURE_NAME, missing="missing: the bundle is unsigned"
+    )
     try:
         public_key.verify(signature, data)
     except InvalidSignature as exc:

@@ -163,12 +163,6 @@ def _found(facts: DeviceFacts) -> dict[str, Any]:
     }
 
 
-def matches(device_class: DeviceClass, facts: DeviceFacts) -> bool:
-    """Whether every fact listed in the class's ``detect`` block holds."""
-    rows = {device_class.name: {"detect": device_class.detect}}
-    return detect.match_device_class(rows, _found(facts)) is not None
-
-
 def detect_class(table: Mapping[str, DeviceClass], facts: DeviceFacts) -> DeviceClass:
     """The first class of the table whose detection facts all hold (``contract/detect.py`` decides).
 
