@@ -54,7 +54,7 @@ test: system-packages setup $(CHECKOV) bundles ## Run the whole test suite (buil
 
 lint: setup ## ruff, mypy, and ansible-lint (production profile) on ansible/.
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy contract model_build serving components tests bench policy
+	$(VENV)/bin/mypy contract model_build serving components deploy tests bench policy
 	cd ansible && ../$(VENV)/bin/ansible-lint
 
 bench: setup bundles ## Run every benchmark in bench/; each prints a table and writes bench/results/<name>.json.
@@ -65,7 +65,7 @@ snapshots: setup ## Rewrite the cloud resource-graph snapshots (tests/snapshots/
 
 render: setup ## Render a stack's Kubernetes objects offline into build/manifests/$(STACK)/ (STACK=cloud-dev for another).
 	test -e $(DIST)/demo/latest || $(MAKE) build
-	$(PY) -m components.render $(STACK)
+	$(PY) -m deploy.render $(STACK)
 
 checkov: $(CHECKOV) ## Install checkov into its own venv, .tools/checkov (the render tests run it).
 
@@ -95,8 +95,8 @@ EDGE_INVENTORY ?= ansible/inventories/local
 .PHONY: edge edge-stop
 
 edge: build ## Roll the demo bundle out to this machine as an edge device; a re-run changes nothing.
-	$(PY) -m components.edge_rollout up --inventory $(EDGE_INVENTORY) --bundle $(DIST)/demo/latest --smoke
+	$(PY) -m deploy.edge_rollout up --inventory $(EDGE_INVENTORY) --bundle $(DIST)/demo/latest --smoke
 	@echo "Stop it with: make edge-stop"
 
 edge-stop: setup ## Stop the service that `make edge` started (releases and venv stay).
-	$(PY) -m components.edge_rollout stop --inventory $(EDGE_INVENTORY)
+	$(PY) -m deploy.edge_rollout stop --inventory $(EDGE_INVENTORY)

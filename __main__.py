@@ -1,6 +1,6 @@
 """The Pulumi program: read the stack config once, build Args, create components, export.
 
-Everything else lives in ``components/``: ``config.py`` validates the stack (a bad stack
+The components live in ``components/``; ``deploy/config.py`` validates the stack (a bad stack
 file stops here, before any resource exists), and each component owns its resources.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pulumi
 
-from components.config import TOP_LEVEL_KEYS, ConfigError, StackConfig, parse_stack_config
+from deploy.config import TOP_LEVEL_KEYS, ConfigError, StackConfig, parse_stack_config
 
 
 def read_stack_dict(config: pulumi.Config) -> dict[str, Any]:

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 # The benchmark reuses the tests' device helpers (tests/edge_support.py): imports follow the path set-up.
-from components.edge_rollout import RolloutResult, run_rollout  # noqa: E402, I001
+from deploy.edge_rollout import RolloutResult, run_rollout  # noqa: E402, I001
 from edge_support import (  # noqa: E402
     DEV_PUB,
     Device,

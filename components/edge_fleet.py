@@ -1,7 +1,7 @@
 """EdgeFleet: roll a bundle out to on-site devices from ``pulumi up``, through the same playbook.
 
 A ComponentResource wrapping one dynamic-provider resource whose create and update run
-``ansible/edge.yml`` with ansible-runner (``components.edge_rollout``), exactly as ``make edge`` and a
+``ansible/edge.yml`` with ansible-runner (``deploy.edge_rollout``), exactly as ``make edge`` and a
 technician's ``ansible-playbook`` do. Its ``diff`` compares three fingerprints computed while the program
 runs (also during a preview): the bundle version, a content hash of the inventory, and a content hash of
 the playbook, roles and collection. A preview therefore shows the rollout without running it.
@@ -19,7 +19,7 @@ from typing import Any
 import pulumi
 import pulumi.dynamic
 
-from components.edge_rollout import bundle_version, inventory_hash, playbook_hash
+from deploy.edge_rollout import bundle_version, inventory_hash, playbook_hash
 
 # Inputs whose change means a new rollout. The vault password is deliberately absent: rotating it
 # changes nothing on the devices.
@@ -117,7 +117,7 @@ class EdgeRolloutProvider(pulumi.dynamic.ResourceProvider):
     @staticmethod
     def _rollout(props: dict[str, Any]) -> dict[str, Any]:
         # Imported here: the provider is pickled into the state, its dependencies resolved at run time.
-        from components.edge_rollout import run_rollout  # noqa: PLC0415
+        from deploy.edge_rollout import run_rollout  # noqa: PLC0415
 
         result = run_rollout(
             _resolve(props["inventory"]),

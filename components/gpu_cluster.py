@@ -39,7 +39,9 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import yaml
 
-from components.config import (
+from components.gpu_instances import GPU_INSTANCE_TYPES
+from components.k8s_specs import CAPACITY_LABEL, GPU_ARCH_LABEL, GPU_RESOURCE
+from deploy.config import (
     CLUSTER_AUTOSCALER_IMAGE_TAGS,
     DEFAULT_AUTOSCALER_CHART,
     DEFAULT_DEVICE_PLUGIN_CHART,
@@ -47,8 +49,6 @@ from components.config import (
     LOG_TYPES,
     SUPPORTED_KUBERNETES_VERSIONS,
 )
-from components.gpu_instances import GPU_INSTANCE_TYPES
-from components.k8s_specs import CAPACITY_LABEL, GPU_ARCH_LABEL, GPU_RESOURCE
 
 GPU_TAINT_KEY = GPU_RESOURCE
 """GPU nodes are tainted with the device plugin's resource name; model pods tolerate exactly that."""

@@ -4,7 +4,7 @@ The same functions feed two callers (STYLE rule 9):
 
 - the ModelService component, which passes each dict to pulumi-kubernetes with the cluster's
   provider (values may then be Pulumi Outputs, e.g. the image digest);
-- ``components/render.py`` (``make render STACK=...``), which writes them as YAML for
+- ``deploy/render.py`` (``make render STACK=...``), which writes them as YAML for
   ``kubernetes-validate`` and ``checkov``, with marked placeholders for what only a real apply
   knows.
 

@@ -24,7 +24,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components import k8s_specs
-from components.config import BundleRef, ServingConfig
+from deploy.config import BundleRef, ServingConfig
 
 QUEUE_METRIC = "dualdeploy_inflight_requests"
 """The server's in-flight gauge (``serving/metrics.py``), served to the HPA by prometheus-adapter."""

@@ -3,7 +3,7 @@
 Each stack renders from a project with fixture bundles (``cloud-prod`` gets its required
 sm_86/sm_89 engines). Every file must pass ``kubernetes-validate --strict`` at the stack's
 Kubernetes version and ``checkov --framework kubernetes`` with only the skips listed, with
-reasons, in ``components/checkov-skips.yaml``. The spec tests (one behaviour a test) read the
+reasons, in ``deploy/checkov-skips.yaml``. The spec tests (one behaviour a test) read the
 same rendered files.
 """
 
@@ -23,7 +23,7 @@ import yaml
 from cloud_harness import REPO_ROOT, make_project
 
 from components import k8s_specs
-from components.render import RenderError, render
+from deploy.render import RenderError, render
 
 CLOUD_STACKS = ("cloud-dev", "cloud-prod")
 ENGINES = {"cloud-prod": ("sm_86", "sm_89")}
@@ -83,7 +83,7 @@ def test_strict_validation_rejects_an_unknown_field() -> None:
 
 def test_checkov_finds_no_failed_check(stack: str, rendered: dict[str, Path]) -> None:
     assert CHECKOV.is_file(), "checkov is not installed: run `make checkov` (it lives in .tools/checkov)"
-    skips = yaml.safe_load((REPO_ROOT / "components" / "checkov-skips.yaml").read_text())["skips"] or []
+    skips = yaml.safe_load((REPO_ROOT / "deploy" / "checkov-skips.yaml").read_text())["skips"] or []
     assert all(skip.get("reason") for skip in skips), "every checkov skip needs a reason"
     command = [str(CHECKOV), "-d", str(rendered[stack]), "--framework", "kubernetes", "--skip-download"]
     command += ["--output", "json", "--quiet"]
@@ -129,7 +129,7 @@ def test_render_of_an_edge_only_stack_says_there_is_nothing_to_render(tmp_path: 
 
 def test_render_of_prod_without_engines_renders_but_says_pulumi_up_would_stop(tmp_path: Path) -> None:
     project = make_project(tmp_path / "project")  # no engines
-    command = [sys.executable, "-m", "components.render", "cloud-prod", "--project-dir", str(project)]
+    command = [sys.executable, "-m", "deploy.render", "cloud-prod", "--project-dir", str(project)]
     command += ["--out", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr

@@ -12,14 +12,14 @@ import pytest
 import yaml
 from cloud_harness import REPO_ROOT, write_fixture_bundle
 
-from components.config import (
+from components.gpu_instances import GPU_INSTANCE_TYPES, UnknownInstanceType, lookup
+from deploy.config import (
     SUPPORTED_KUBERNETES_VERSIONS,
     ConfigError,
     StackConfig,
     parse_stack_config,
     raw_from_stack_yaml,
 )
-from components.gpu_instances import GPU_INSTANCE_TYPES, UnknownInstanceType, lookup
 
 STACKS = ("local", "cloud-dev", "cloud-prod", "edge-site", "hybrid")
 

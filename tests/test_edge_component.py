@@ -17,7 +17,7 @@ import yaml
 from pulumi.runtime import rpc
 
 from components.edge_fleet import EdgeFleet, EdgeFleetArgs, EdgeRolloutProvider
-from components.edge_rollout import REPO_ROOT, inventory_hash, playbook_hash
+from deploy.edge_rollout import REPO_ROOT, inventory_hash, playbook_hash
 
 LOCAL_INVENTORY = "ansible/inventories/local"
 

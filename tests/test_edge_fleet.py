@@ -36,7 +36,7 @@ from edge_support import (
 from serving_support import free_port, self_signed_cert
 
 from components.edge_fleet import EdgeRolloutProvider, fingerprints
-from components.edge_rollout import RolloutError, RolloutResult, run_rollout
+from deploy.edge_rollout import RolloutError, RolloutResult, run_rollout
 
 pytestmark = [pytest.mark.slow]
 

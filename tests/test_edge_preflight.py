@@ -12,7 +12,7 @@ import pytest
 import yaml
 from edge_support import DEV_PUB, Device, demo_bundle, derive_bundle, flip_byte, free_port, write_inventory
 
-from components.edge_rollout import RolloutError, run_rollout
+from deploy.edge_rollout import RolloutError, run_rollout
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 from serving_support import make_bundle, running_server
 
-from components.edge_rollout import smoke_inference
 from contract.bundle import load_tensors
+from deploy.edge_rollout import smoke_inference
 
 
 def test_smoke_inference_reports_the_golden_top1_over_the_binary_extension(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from edge_support import demo_bundle
 
-from components.edge_rollout import ANSIBLE_DIR, REPO_ROOT, device_matrix
 from contract.manifest import Manifest
+from deploy.edge_rollout import ANSIBLE_DIR, REPO_ROOT, device_matrix
 from serving import device
 
 BIN = Path(sys.executable).parent
@@ -177,7 +177,7 @@ def test_readme_device_matrix_is_generated_from_the_table() -> None:
     current = readme.split(begin, 1)[1].split(end, 1)[0]
     assert current == device_matrix(), (
         "ansible/README.md's device matrix is stale: regenerate it with "
-        "`python -m components.edge_rollout matrix`"
+        "`python -m deploy.edge_rollout matrix`"
     )
     for name in TABLE["classes"]:
         assert f"`{name}`" in current

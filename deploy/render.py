@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from components import k8s_specs, model_service
-from components.config import (
+from deploy.config import (
     ConfigError,
     MissingEngines,
     StackConfig,
@@ -172,7 +172,7 @@ def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m components.render STACK [--out DIR]``."""
+    """CLI: ``python -m deploy.render STACK [--out DIR]``."""
     parser = argparse.ArgumentParser(description="Render a stack's Kubernetes objects offline.")
     parser.add_argument("stack", help="stack name (stacks/Pulumi.<stack>.yaml)")
     parser.add_argument("--out", type=Path, help="output folder (default build/manifests/<stack>)")

@@ -3,9 +3,9 @@
 Used by ``make edge`` (the CLI below), by the ``EdgeFleet`` Pulumi component's dynamic provider, by the
 tests and by the benchmark. Pure ansible-runner: no Pulumi import here.
 
-    python -m components.edge_rollout up --inventory ansible/inventories/local --bundle dist/demo/latest
-    python -m components.edge_rollout stop --inventory ansible/inventories/local
-    python -m components.edge_rollout matrix        # the README's device compatibility matrix
+    python -m deploy.edge_rollout up --inventory ansible/inventories/local --bundle dist/demo/latest
+    python -m deploy.edge_rollout stop --inventory ansible/inventories/local
+    python -m deploy.edge_rollout matrix        # the README's device compatibility matrix
 """
 
 from __future__ import annotations
@@ -408,7 +408,7 @@ def _parse_extra(pairs: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """The CLI behind ``make edge`` and ``make edge-stop``."""
     parser = argparse.ArgumentParser(
-        prog="python -m components.edge_rollout", description=__doc__.splitlines()[0]
+        prog="python -m deploy.edge_rollout", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="roll the bundle out (ansible/edge.yml)")
