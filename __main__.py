@@ -68,8 +68,8 @@ def main() -> None:
     pulumi.export("stack", cfg.stack)
 
     if cfg.cluster is not None:
-        from components.gpu_cluster import GpuCluster, GpuClusterArgs, NodePool  # noqa: PLC0415
-        from components.network import Network, NetworkArgs  # noqa: PLC0415
+        from components.aws.gpu_cluster import GpuCluster, GpuClusterArgs, NodePool  # noqa: PLC0415
+        from components.aws.network import Network, NetworkArgs  # noqa: PLC0415
 
         assert cfg.network is not None and cfg.region is not None and cfg.bundle is not None
         cluster = cfg.cluster
@@ -118,7 +118,7 @@ def main() -> None:
                 tags=dict(cfg.tags),
             ),
         )
-        from components.model_image import ModelImage, ModelImageArgs  # noqa: PLC0415
+        from components.aws.model_image import ModelImage, ModelImageArgs  # noqa: PLC0415
         from components.model_service import ModelService, args_from_config  # noqa: PLC0415
 
         assert cfg.serving is not None

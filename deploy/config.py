@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from components.gpu_instances import GPU_INSTANCE_TYPES, GpuInstanceType
+from components.aws.gpu_instances import GPU_INSTANCE_TYPES, GpuInstanceType
 from components.k8s_specs import EXIT_SECONDS, PRESTOP_SECONDS, SPOT_NOTICE_BUDGET_S
 from contract.bundle import BundleError, read_manifest
 
@@ -557,7 +557,7 @@ def _parse_gpu_pool(raw: Any, path: str, role: Literal["spot", "fallback"]) -> G
                 where,
                 f"{type_name!r} is not in the GPU instance table"
                 f"{_suggest(type_name, list(GPU_INSTANCE_TYPES))}; "
-                f"known families: {', '.join(families)} (components/gpu_instances.py)",
+                f"known families: {', '.join(families)} (components/aws/gpu_instances.py)",
             )
         known.append(GPU_INSTANCE_TYPES[type_name])
     arches = sorted({t.gpu_arch for t in known})

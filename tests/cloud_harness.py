@@ -312,7 +312,7 @@ def snapshot(graph: dict[str, Any]) -> dict[str, Any]:
     for rec in sorted(graph["resources"], key=lambda r: (r["parent"] or "", r["type"], r["name"])):
         inputs = {k: v for k, v in mask_secrets(rec["inputs"]).items() if k not in ("tags", "tagsAll")}
         if rec["type"] == "docker:index/image:Image":
-            # The tag ends in a hash of serving/ (components/model_image.py): a server change must not
+            # The tag ends in a hash of serving/ (components/aws/model_image.py): a server change must not
             # rewrite the cloud snapshots. Its format is checked by a test.
             inputs["imageName"] = re.sub(r"-[0-9a-f]{12}$", "-<source-hash>", str(inputs.get("imageName")))
         resources.append(

@@ -18,8 +18,14 @@ import pulumi_kubernetes as k8s
 import pytest
 from cloud_harness import _mock_outputs
 
-from components.gpu_cluster import GpuCluster, GpuClusterArgs, NodePool, expander_priorities, kubeconfig_for
-from components.network import Network, NetworkArgs, subnet_cidrs
+from components.aws.gpu_cluster import (
+    GpuCluster,
+    GpuClusterArgs,
+    NodePool,
+    expander_priorities,
+    kubeconfig_for,
+)
+from components.aws.network import Network, NetworkArgs, subnet_cidrs
 
 REGION = "eu-west-1"
 
@@ -155,7 +161,7 @@ def test_gpu_node_group_names_follow_the_pools() -> pulumi.Output[Any]:
         ),
         (
             {"gpu_pools": [NodePool("a", ["g5.xlarge", "g5.2xlarge", "m5.large"], 0, 2)]},
-            r"\['m5.large'\] not in components/gpu_instances.py",
+            r"\['m5.large'\] not in components/aws/gpu_instances.py",
         ),
         (
             {"gpu_pools": [NodePool("a", ["g5.xlarge", "g5.2xlarge", "g5.4xlarge"], 3, 2)]},

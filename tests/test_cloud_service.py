@@ -18,8 +18,8 @@ import pulumi_kubernetes as k8s
 import pytest
 from cloud_harness import REPO_ROOT, _mock_outputs, make_project
 
-from components import model_image
-from components.model_image import ModelImage, ModelImageArgs, image_tag, lifecycle_policy, source_hash
+from components.aws import model_image
+from components.aws.model_image import ModelImage, ModelImageArgs, image_tag, lifecycle_policy, source_hash
 from components.model_service import (
     ModelService,
     ModelServiceArgs,

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from cloud_harness import REPO_ROOT, is_secret, make_project, mask_secrets, secret_values, snapshot
 
-from components.gpu_instances import GPU_INSTANCE_TYPES
+from components.aws.gpu_instances import GPU_INSTANCE_TYPES
 
 CLOUD_STACKS = ("cloud-dev", "cloud-prod")
 EDGE_STACKS = ("local", "edge-site", "hybrid")

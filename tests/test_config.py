@@ -12,7 +12,7 @@ import pytest
 import yaml
 from cloud_harness import REPO_ROOT, write_fixture_bundle
 
-from components.gpu_instances import GPU_INSTANCE_TYPES, UnknownInstanceType, lookup
+from components.aws.gpu_instances import GPU_INSTANCE_TYPES, UnknownInstanceType, lookup
 from deploy.config import (
     SUPPORTED_KUBERNETES_VERSIONS,
     ConfigError,

@@ -39,7 +39,7 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import yaml
 
-from components.gpu_instances import GPU_INSTANCE_TYPES
+from components.aws.gpu_instances import GPU_INSTANCE_TYPES
 from components.k8s_specs import CAPACITY_LABEL, GPU_ARCH_LABEL, GPU_RESOURCE
 from deploy.config import (
     CLUSTER_AUTOSCALER_IMAGE_TAGS,
@@ -79,7 +79,7 @@ class NodePool:
     """Short name; the node group is ``<cluster>-system`` or ``<cluster>-gpu-<role>-<name>``."""
 
     instance_types: Sequence[str]
-    """EC2 instance types. GPU pools: types from components/gpu_instances.py, one architecture."""
+    """EC2 instance types. GPU pools: types from components/aws/gpu_instances.py, one architecture."""
 
     min_size: int
     """Fewest nodes. GPU pools usually 0 (scale from zero); the fallback must be 0."""
@@ -108,7 +108,7 @@ class GpuClusterArgs:
     """AWS region (the autoscaler and the kubeconfig's ``aws eks get-token`` need it)."""
 
     vpc_id: pulumi.Input[str]
-    """The VPC (from :class:`components.network.Network`)."""
+    """The VPC (from :class:`components.aws.network.Network`)."""
 
     subnet_ids: pulumi.Input[Sequence[pulumi.Input[str]]]
     """Private subnets, in at least two zones, for the control plane ENIs and every node."""
@@ -200,7 +200,9 @@ def _validate_gpu_pool(pool: NodePool, where: str) -> None:
         )
     unknown = [t for t in pool.instance_types if t not in GPU_INSTANCE_TYPES]
     if unknown:
-        raise ValueError(f"{where}[{pool.name}].instance_types: {unknown} not in components/gpu_instances.py")
+        raise ValueError(
+            f"{where}[{pool.name}].instance_types: {unknown} not in components/aws/gpu_instances.py"
+        )
     arches = {GPU_INSTANCE_TYPES[t].gpu_arch for t in pool.instance_types}
     counts = {GPU_INSTANCE_TYPES[t].gpus for t in pool.instance_types}
     if len(arches) != 1 or len(counts) != 1:

@@ -150,5 +150,5 @@ def lookup(name: str) -> GpuInstanceType:
         families = sorted({t.family for t in GPU_INSTANCE_TYPES.values()})
         raise UnknownInstanceType(
             f"{name!r} is not a known GPU instance type (known families: {', '.join(families)}; "
-            "see components/gpu_instances.py)"
+            "see components/aws/gpu_instances.py)"
         ) from None
