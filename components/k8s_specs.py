@@ -31,6 +31,8 @@ GPU_RESOURCES = (GPU_RESOURCE, "nvidia.com/gpu.shared")
 GPU_ARCH_LABEL = "dualdeploy.io/gpu-arch"
 CAPACITY_LABEL = "dualdeploy.io/capacity-type"
 PLACEHOLDER_ANNOTATION = "dualdeploy.io/placeholders"
+LOAD_BALANCERS = ("none", "internal", "internet-facing")
+"""The Service types: ClusterIP, or an internal or internet-facing NLB."""
 RUN_AS_USER = 10001
 """The uid ``serving/Dockerfile`` creates and runs as (its ``UID`` build argument)."""
 BUNDLE_PATH = "/srv/bundle"
@@ -114,9 +116,9 @@ class ServiceSpec:
             raise ValueError("queue_metric and queue_target: set both or neither")
         if self.gpu_resource not in GPU_RESOURCES:
             raise ValueError(f"gpu_resource: {self.gpu_resource!r} is not one of {', '.join(GPU_RESOURCES)}")
-        if self.load_balancer not in ("none", "internal", "internet-facing"):
+        if self.load_balancer not in LOAD_BALANCERS:
             raise ValueError(
-                f"load_balancer: {self.load_balancer!r} is not one of none, internal, internet-facing"
+                f"load_balancer: {self.load_balancer!r} is not one of {', '.join(LOAD_BALANCERS)}"
             )
 
     @property

@@ -24,13 +24,14 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components import k8s_specs
-from deploy.config import BundleRef, ServingConfig
 
 QUEUE_METRIC = "dualdeploy_inflight_requests"
 """The server's in-flight gauge (``serving/metrics.py``), served to the HPA by prometheus-adapter."""
 PROMETHEUS_COMMUNITY_REPO = "https://prometheus-community.github.io/helm-charts"
 DCGM_EXPORTER_REPO = "https://nvidia.github.io/dcgm-exporter/helm-charts"
 MONITORING_NAMESPACE = "monitoring"
+DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
+"""The Service the Prometheus operator creates for a Prometheus in ``monitoring``."""
 
 _KINDS: dict[str, Any] = {
     "Namespace": k8s.core.v1.Namespace,
@@ -54,9 +55,6 @@ class ModelServiceArgs:
 
     name: str
     """App name and the model's name (``manifest["model"]``)."""
-
-    image: pulumi.Input[str]
-    """The image by digest, ``<repository>@sha256:<digest>`` (``ModelImage.image_ref``)."""
 
     bundle_version: str
     """``manifest["version"]``, as a label."""
@@ -100,7 +98,7 @@ class ModelServiceArgs:
     prometheus_adapter: bool = False
     """Install prometheus-adapter with the rule that serves the queue-depth metric."""
 
-    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    prometheus_url: str = DEFAULT_PROMETHEUS_URL
     """Where prometheus-adapter queries Prometheus."""
 
     prometheus_operator: bool = False
@@ -110,7 +108,7 @@ class ModelServiceArgs:
     """The server's drain after SIGTERM; preStop + drain must fit the two-minute Spot notice."""
 
     load_balancer: str = "none"
-    """``none`` (ClusterIP), ``internal`` or ``internet-facing`` NLB."""
+    """One of ``k8s_specs.LOAD_BALANCERS``: ``none`` (ClusterIP), ``internal`` or ``internet-facing`` NLB."""
 
     pre_pull: bool = False
     """A DaemonSet that keeps the image on every GPU node the service may use."""
@@ -124,6 +122,11 @@ class ModelServiceArgs:
     dcgm_exporter_chart_version: str = "4.1.1"
     """Pinned dcgm-exporter chart."""
 
+    image: pulumi.Input[str] | None = None
+    """The image by digest, ``<repository>@sha256:<digest>`` (``ModelImage.image_ref``). Required; it
+    defaults to None only because the stack config is read before the image exists, and
+    ``__main__.py`` fills it in."""
+
 
 def validate(args: ModelServiceArgs) -> list[str]:
     """Check the inputs; return the warnings.
@@ -131,6 +134,8 @@ def validate(args: ModelServiceArgs) -> list[str]:
     Raises:
         ValueError: naming the input and the allowed values.
     """
+    if args.image is None:
+        raise ValueError("image: required; pass the image by digest (ModelImage.image_ref)")
     if args.min_replicas < 1 or args.min_replicas > args.max_replicas:
         raise ValueError(
             f"min_replicas: {args.min_replicas} must be between 1 and max_replicas ({args.max_replicas})"
@@ -186,39 +191,6 @@ def service_spec(args: ModelServiceArgs, placeholders: Sequence[str] = ()) -> k8
         load_balancer=args.load_balancer,
         prometheus_operator=args.prometheus_operator,
         placeholders=tuple(placeholders),
-    )
-
-
-def args_from_config(
-    serving: ServingConfig,
-    bundle: BundleRef,
-    pool_arches: Sequence[str],
-    allow_cuda_fallback: bool,
-    image: pulumi.Input[str],
-) -> ModelServiceArgs:
-    """Args from the parsed stack config (``__main__.py`` and ``make render`` share it)."""
-    return ModelServiceArgs(
-        name=bundle.model,
-        image=image,
-        bundle_version=bundle.version,
-        pool_arches=tuple(sorted(set(pool_arches))),
-        engine_arches=tuple(sorted(bundle.engine_arches)),
-        allow_cuda_fallback=allow_cuda_fallback,
-        namespace=serving.namespace,
-        port=serving.port,
-        cpu=serving.cpu,
-        memory=serving.memory,
-        min_replicas=serving.min_replicas,
-        max_replicas=serving.max_replicas,
-        target_cpu_utilization=serving.target_cpu_utilization,
-        queue_depth_target=serving.queue_depth_target,
-        prometheus_adapter=serving.prometheus_adapter,
-        prometheus_url=serving.prometheus_url,
-        prometheus_operator=serving.prometheus_operator,
-        drain_seconds=serving.drain_seconds,
-        load_balancer=serving.load_balancer,
-        pre_pull=serving.pre_pull,
-        dcgm_exporter=serving.dcgm_exporter,
     )
 
 

@@ -1,11 +1,14 @@
-"""The stack configuration: parsed once, typed, frozen, and checked before anything is created.
+"""The stack configuration: parsed once into the components' own Args, checked before anything is created.
 
 ``__main__.py`` collects every ``dualdeploy:*`` key of the stack into a plain dict and
 calls :func:`parse_stack_config`. Parsing is a pure function of that dict (plus the
 region and the folder that relative paths start from), so tests feed it dicts, and a
 bad stack file fails at program start with a :class:`ConfigError` that names the key
 path (``dualdeploy:cluster.gpuPools[1].instanceTypes``) and the allowed values,
-before a single resource is registered.
+before a single resource is registered. What it returns is no record of its own: each
+section becomes the Args of the component that owns it (``NetworkArgs``, ``GpuClusterArgs``,
+``ModelImageArgs``, ``ModelServiceArgs``, ``EdgeFleetArgs``), and the components' own checks
+run again when they are created.
 
 The keys, by section (the stack files in ``stacks/`` show each one in use)::
 
@@ -38,32 +41,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from components.aws.gpu_cluster import (
+    CLUSTER_AUTOSCALER_IMAGE_TAGS,
+    DEFAULT_AUTOSCALER_CHART,
+    DEFAULT_DEVICE_PLUGIN_CHART,
+    DEFAULT_METRICS_SERVER_CHART,
+    LOG_TYPES,
+    NODE_GROUP_NAME_MAX,
+    REQUIRED_LOG_TYPES,
+    SUPPORTED_KUBERNETES_VERSIONS,
+    GpuClusterArgs,
+    NodePool,
+    gpu_facts,
+    node_group_name,
+)
 from components.aws.gpu_instances import GPU_INSTANCE_TYPES, GpuInstanceType
-from components.k8s_specs import EXIT_SECONDS, PRESTOP_SECONDS, SPOT_NOTICE_BUDGET_S
+from components.aws.model_image import ModelImageArgs
+from components.aws.network import MAX_ZONES, NAT_MODES, NetworkArgs
+from components.edge_fleet import EdgeFleetArgs
+from components.k8s_specs import EXIT_SECONDS, LOAD_BALANCERS, PRESTOP_SECONDS, SPOT_NOTICE_BUDGET_S
+from components.model_service import DEFAULT_PROMETHEUS_URL, ModelServiceArgs
 from contract.bundle import BundleError, read_manifest
 
 NAMESPACE = "dualdeploy"
 
-SUPPORTED_KUBERNETES_VERSIONS: tuple[str, ...] = ("1.31", "1.32", "1.33", "1.34")
-"""EKS versions this code was written against. The cluster autoscaler's minor must match."""
-
-CLUSTER_AUTOSCALER_IMAGE_TAGS: Mapping[str, str] = {
-    "1.31": "v1.31.0",
-    "1.32": "v1.32.0",
-    "1.33": "v1.33.0",
-    "1.34": "v1.34.0",
-}
-"""Default cluster-autoscaler image per Kubernetes minor (its releases track the minor)."""
-
-DEFAULT_DEVICE_PLUGIN_CHART = "0.18.0"
-DEFAULT_AUTOSCALER_CHART = "9.46.6"
-DEFAULT_METRICS_SERVER_CHART = "3.12.2"
-DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
-"""The Service the Prometheus operator creates for a Prometheus in ``monitoring``."""
 ENVIRONMENTS = ("dev", "staging", "prod")
-LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
-NAT_MODES = ("single", "per-az")
-MAX_AZS = 6
 
 TOP_LEVEL_KEYS: Mapping[str, Literal["string", "bool", "object"]] = {
     "environment": "string",
@@ -130,169 +132,11 @@ class BundleRef:
 
 
 @dataclass(frozen=True)
-class NetworkConfig:
-    """The VPC: one private and one public subnet in each availability zone."""
-
-    cidr: str
-    availability_zones: tuple[str, ...]
-    nat_gateways: Literal["single", "per-az"]
-
-
-@dataclass(frozen=True)
-class NodePoolConfig:
-    """The on-demand CPU pool for system pods (CoreDNS, the autoscaler, the device plugin's peers)."""
-
-    instance_types: tuple[str, ...]
-    min_size: int
-    max_size: int
-    desired_size: int
-    disk_size_gib: int
-
-
-@dataclass(frozen=True)
-class GpuPoolConfig:
-    """One GPU managed node group.
-
-    Attributes:
-        name: short pool name; the node group is ``<cluster>-gpu-<role>-<name>``.
-        role: ``spot`` for the diversified Spot pools, ``fallback`` for the on-demand pool.
-        instance_types: EC2 types, all of one GPU architecture and one GPU count.
-        gpu_arch: their architecture (``sm_86``), from the GPU table.
-        gpus_per_node: GPUs on each node, from the GPU table.
-        min_size / max_size / desired_size: node counts (the autoscaler owns desired later).
-        disk_size_gib: root volume; images with TensorRT are large.
-    """
-
-    name: str
-    role: Literal["spot", "fallback"]
-    instance_types: tuple[str, ...]
-    gpu_arch: str
-    gpus_per_node: int
-    min_size: int
-    max_size: int
-    desired_size: int
-    disk_size_gib: int
-
-    @property
-    def capacity_type(self) -> Literal["SPOT", "ON_DEMAND"]:
-        """EKS capacity type: Spot for ``spot`` pools, on-demand for the fallback."""
-        return "SPOT" if self.role == "spot" else "ON_DEMAND"
-
-
-@dataclass(frozen=True)
-class DevicePluginConfig:
-    """NVIDIA device plugin Helm release.
-
-    Attributes:
-        chart_version: pinned chart version.
-        time_slicing_replicas: model pods that share one GPU (1 turns time-slicing off).
-            The source article claims 5 model instances per node.
-    """
-
-    chart_version: str
-    time_slicing_replicas: int
-
-
-@dataclass(frozen=True)
-class AutoscalerConfig:
-    """Cluster autoscaler Helm release (chart pinned, image minor matching the cluster)."""
-
-    chart_version: str
-    image_tag: str
-
-
-@dataclass(frozen=True)
-class EndpointConfig:
-    """The EKS API endpoint: always reachable privately; public only when asked, with an allow-list."""
-
-    public_access: bool
-    public_access_cidrs: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """The EKS cluster and its node pools."""
-
-    name: str
-    kubernetes_version: str
-    endpoint: EndpointConfig
-    log_types: tuple[str, ...]
-    system_pool: NodePoolConfig
-    gpu_pools: tuple[GpuPoolConfig, ...]
-    fallback_pool: GpuPoolConfig | None
-    device_plugin: DevicePluginConfig
-    autoscaler: AutoscalerConfig
-    metrics_server_chart: str = DEFAULT_METRICS_SERVER_CHART
-    """Pinned metrics-server chart: the HPA's CPU metric (EKS does not install metrics-server)."""
-
-    @property
-    def all_gpu_pools(self) -> tuple[GpuPoolConfig, ...]:
-        """The Spot pools followed by the fallback pool, if any."""
-        return self.gpu_pools + ((self.fallback_pool,) if self.fallback_pool else ())
-
-
-@dataclass(frozen=True)
-class ServingConfig:
-    """The model service: HPA bounds (the article: 2–10 at 70 %, peak 20→200) and pod settings.
-
-    Attributes:
-        min_replicas / max_replicas / target_cpu_utilization: the HPA.
-        namespace: the Kubernetes namespace of the service.
-        port: the server's HTTP port.
-        cpu / memory: container requests (memory is also the limit; the CPU limit is twice the request).
-        drain_seconds: how long the server may take to finish in-flight requests after SIGTERM.
-        queue_depth_target: average in-flight requests per pod for the HPA's Pods metric (None: CPU only).
-        prometheus_adapter: install prometheus-adapter rules that serve that metric.
-        prometheus_operator: the cluster runs the Prometheus operator (ServiceMonitor, else annotations).
-        load_balancer: ``none`` (ClusterIP), ``internal`` or ``internet-facing`` NLB.
-        pre_pull: a DaemonSet that pulls the image onto every GPU node ahead of the pods.
-        prometheus_url: where prometheus-adapter queries Prometheus (in-cluster URL).
-        dcgm_exporter: install NVIDIA's DCGM exporter for GPU metrics.
-        keep_images: images the ECR lifecycle policy keeps (older ones expire).
-        public_key: the signer's public key baked into the image (None: the development key).
-    """
-
-    min_replicas: int
-    max_replicas: int
-    target_cpu_utilization: int
-    namespace: str = "dualdeploy"
-    port: int = 8000
-    cpu: str = "2"
-    memory: str = "8Gi"
-    drain_seconds: int = 30
-    queue_depth_target: int | None = None
-    prometheus_adapter: bool = False
-    prometheus_operator: bool = False
-    load_balancer: Literal["none", "internal", "internet-facing"] = "none"
-    pre_pull: bool = False
-    prometheus_url: str = DEFAULT_PROMETHEUS_URL
-    dcgm_exporter: bool = False
-    keep_images: int = 10
-    public_key: str | None = None
-
-
-@dataclass(frozen=True)
-class EdgeConfig:
-    """The edge roll-out, driven by the EdgeFleet component through ansible-runner.
-
-    Attributes:
-        inventory: Ansible inventory folder, e.g. ``ansible/inventories/example-site``.
-        bundle: the bundle the sites receive, e.g. ``dist/demo-distilled/latest``.
-        playbook: the playbook to run.
-        public_key: the bundle verification key the devices trust (None: the dev key).
-        limit: an Ansible ``--limit`` pattern, or None for every host.
-    """
-
-    inventory: str
-    bundle: str
-    playbook: str = "ansible/edge.yml"
-    public_key: str | None = None
-    limit: str | None = None
-
-
-@dataclass(frozen=True)
 class StackConfig:
-    """The whole stack, validated.
+    """The whole stack, validated, as the components' own Args.
+
+    ``__main__.py`` passes each Args to its component as it is; only what another component
+    produces (the subnets, the image by digest, the vault secret) is filled in there.
 
     Attributes:
         stack: the Pulumi stack name.
@@ -301,8 +145,9 @@ class StackConfig:
         tags: tags for every taggable AWS resource (stack defaults included).
         bundle: the cloud bundle, when the stack has a cluster.
         require_engines: whether every GPU pool needs a TensorRT engine in the bundle.
-        network / cluster / serving: the cloud part, all three or none.
-        edge: the edge part, or None.
+        network / cluster / image / service: the cloud part, all four or none
+            (``cluster.subnet_ids`` and ``service.image`` are left None for ``__main__.py``).
+        edge: the edge part, or None (``vault_password`` is left None: it is a secret).
         warnings: things a user should hear about that are not errors.
     """
 
@@ -312,10 +157,11 @@ class StackConfig:
     tags: Mapping[str, str]
     bundle: BundleRef | None
     require_engines: bool
-    network: NetworkConfig | None
-    cluster: ClusterConfig | None
-    serving: ServingConfig | None
-    edge: EdgeConfig | None
+    network: NetworkArgs | None
+    cluster: GpuClusterArgs | None
+    image: ModelImageArgs | None
+    service: ModelServiceArgs | None
+    edge: EdgeFleetArgs | None
     warnings: tuple[str, ...] = field(default=())
 
 
@@ -481,7 +327,8 @@ def read_bundle(path: str, key: str, base_dir: Path) -> BundleRef:
     )
 
 
-def _parse_network(raw: Any, region: str | None) -> NetworkConfig:
+def _parse_network(raw: Any, region: str | None) -> tuple[str, list[str], str]:
+    """The VPC block, its zones and the NAT mode (NetworkArgs needs the cluster name too)."""
     data = _object(raw, "network")
     _known_keys(data, ("cidr", "availabilityZones", "natGateways"), "network")
     cidr = _str(data, "cidr", "network", default="10.0.0.0/16")
@@ -492,10 +339,10 @@ def _parse_network(raw: Any, region: str | None) -> NetworkConfig:
     if not isinstance(net, ipaddress.IPv4Network) or not 16 <= net.prefixlen <= 20:
         raise ConfigError(_key("network.cidr"), f"{cidr} must be an IPv4 block from /16 to /20")
     zones = _str_list(data, "availabilityZones", "network")
-    if not 2 <= len(zones) <= MAX_AZS:
+    if not 2 <= len(zones) <= MAX_ZONES:
         raise ConfigError(
             _key("network.availabilityZones"),
-            f"EKS needs subnets in at least 2 availability zones (at most {MAX_AZS}), got {len(zones)}",
+            f"EKS needs subnets in at least 2 availability zones (at most {MAX_ZONES}), got {len(zones)}",
         )
     if region:
         for zone in zones:
@@ -505,7 +352,7 @@ def _parse_network(raw: Any, region: str | None) -> NetworkConfig:
                     f"{zone!r} is not a zone of region {region} (expected {region}a, {region}b, …)",
                 )
     nat = _str(data, "natGateways", "network", default="single", choices=NAT_MODES)
-    return NetworkConfig(cidr=cidr, availability_zones=zones, nat_gateways=nat)
+    return cidr, list(zones), nat
 
 
 def _size_fields(data: Mapping[str, Any], path: str, min_default: int) -> tuple[int, int, int]:
@@ -523,7 +370,7 @@ def _size_fields(data: Mapping[str, Any], path: str, min_default: int) -> tuple[
     return min_size, max_size, desired
 
 
-def _parse_system_pool(raw: Any, path: str) -> NodePoolConfig:
+def _parse_system_pool(raw: Any, path: str) -> NodePool:
     data = _object(raw, path)
     _known_keys(data, ("instanceTypes", "minSize", "maxSize", "desiredSize", "diskSizeGib"), path)
     types = _str_list(data, "instanceTypes", path, default=("m6i.large", "m6a.large", "m5.large"))
@@ -538,10 +385,10 @@ def _parse_system_pool(raw: Any, path: str) -> NodePoolConfig:
             _key(f"{path}.minSize"), "the system pool needs at least 1 node (CoreDNS, autoscaler)"
         )
     disk = _int(data, "diskSizeGib", path, default=50, minimum=20)
-    return NodePoolConfig(types, min_size, max_size, desired, disk)
+    return NodePool("system", list(types), min_size, max_size, desired, disk)
 
 
-def _parse_gpu_pool(raw: Any, path: str, role: Literal["spot", "fallback"]) -> GpuPoolConfig:
+def _parse_gpu_pool(raw: Any, path: str, role: Literal["spot", "fallback"]) -> NodePool:
     data = _object(raw, path)
     _known_keys(data, ("name", "instanceTypes", "minSize", "maxSize", "desiredSize", "diskSizeGib"), path)
     name = _str(data, "name", path, default="ondemand" if role == "fallback" else _REQUIRED)
@@ -589,12 +436,9 @@ def _parse_gpu_pool(raw: Any, path: str, role: Literal["spot", "fallback"]) -> G
             "it only runs when Spot capacity cannot be had",
         )
     disk = _int(data, "diskSizeGib", path, default=100, minimum=50)
-    return GpuPoolConfig(
+    return NodePool(
         name=name,
-        role=role,
-        instance_types=types,
-        gpu_arch=arches[0],
-        gpus_per_node=counts[0],
+        instance_types=list(types),
         min_size=min_size,
         max_size=max_size,
         desired_size=desired,
@@ -602,7 +446,8 @@ def _parse_gpu_pool(raw: Any, path: str, role: Literal["spot", "fallback"]) -> G
     )
 
 
-def _parse_endpoint(raw: Any, path: str) -> EndpointConfig:
+def _parse_endpoint(raw: Any, path: str) -> tuple[bool, list[str]]:
+    """Whether the API endpoint is public, and its allow-list."""
     endpoint_raw = _object(raw, path)
     _known_keys(endpoint_raw, ("publicAccess", "publicAccessCidrs"), path)
     public = _bool(endpoint_raw, "publicAccess", path, default=False)
@@ -617,10 +462,10 @@ def _parse_endpoint(raw: Any, path: str) -> EndpointConfig:
             _key(f"{path}.publicAccessCidrs"),
             "is set but publicAccess is false; set both or neither",
         )
-    return EndpointConfig(public_access=public, public_access_cidrs=cidrs)
+    return public, list(cidrs)
 
 
-def _parse_log_types(data: Mapping[str, Any], path: str) -> tuple[str, ...]:
+def _parse_log_types(data: Mapping[str, Any], path: str) -> list[str]:
     log_types = _str_list(data, "logTypes", path, default=LOG_TYPES)
     for log_type in log_types:
         if log_type not in LOG_TYPES:
@@ -628,12 +473,12 @@ def _parse_log_types(data: Mapping[str, Any], path: str) -> tuple[str, ...]:
                 _key(f"{path}.logTypes"),
                 f"{log_type!r} is not one of {', '.join(LOG_TYPES)}{_suggest(log_type, LOG_TYPES)}",
             )
-    if not {"api", "audit", "authenticator"} <= set(log_types):
+    if not set(REQUIRED_LOG_TYPES) <= set(log_types):
         raise ConfigError(_key(f"{path}.logTypes"), "must include at least api, audit and authenticator")
-    return log_types
+    return list(log_types)
 
 
-def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
+def _parse_cluster(raw: Any, stack: str, region: str, tags: Mapping[str, str]) -> GpuClusterArgs:
     path = "cluster"
     data = _object(raw, path)
     _known_keys(
@@ -668,7 +513,7 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
             f"{version!r} is not supported; allowed: {', '.join(SUPPORTED_KUBERNETES_VERSIONS)}{hint}",
         )
 
-    endpoint = _parse_endpoint(_get(data, "endpoint", path, {}), f"{path}.endpoint")
+    public_access, public_access_cidrs = _parse_endpoint(_get(data, "endpoint", path, {}), f"{path}.endpoint")
     log_types = _parse_log_types(data, path)
 
     system_pool = _parse_system_pool(_get(data, "systemPool", path, {"maxSize": 3}), f"{path}.systemPool")
@@ -695,14 +540,10 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
 
     plugin_raw = _object(_get(data, "devicePlugin", path, {}), f"{path}.devicePlugin")
     _known_keys(plugin_raw, ("chartVersion", "timeSlicingReplicas"), f"{path}.devicePlugin")
-    device_plugin = DevicePluginConfig(
-        chart_version=_str(
-            plugin_raw, "chartVersion", f"{path}.devicePlugin", default=DEFAULT_DEVICE_PLUGIN_CHART
-        ),
-        time_slicing_replicas=_int(
-            plugin_raw, "timeSlicingReplicas", f"{path}.devicePlugin", default=1, minimum=1
-        ),
+    device_plugin_chart = _str(
+        plugin_raw, "chartVersion", f"{path}.devicePlugin", default=DEFAULT_DEVICE_PLUGIN_CHART
     )
+    time_slicing = _int(plugin_raw, "timeSlicingReplicas", f"{path}.devicePlugin", default=1, minimum=1)
     scaler_raw = _object(_get(data, "autoscaler", path, {}), f"{path}.autoscaler")
     _known_keys(scaler_raw, ("chartVersion", "imageTag"), f"{path}.autoscaler")
     image_tag = _str(
@@ -714,27 +555,29 @@ def _parse_cluster(raw: Any, stack: str) -> ClusterConfig:
             f"{image_tag!r} does not match Kubernetes {version}; the autoscaler's minor must match "
             f"(e.g. {CLUSTER_AUTOSCALER_IMAGE_TAGS[version]})",
         )
-    autoscaler = AutoscalerConfig(
-        chart_version=_str(
-            scaler_raw, "chartVersion", f"{path}.autoscaler", default=DEFAULT_AUTOSCALER_CHART
-        ),
-        image_tag=image_tag,
+    autoscaler_chart = _str(
+        scaler_raw, "chartVersion", f"{path}.autoscaler", default=DEFAULT_AUTOSCALER_CHART
     )
     metrics_raw = _object(_get(data, "metricsServer", path, {}), f"{path}.metricsServer")
     _known_keys(metrics_raw, ("chartVersion",), f"{path}.metricsServer")
-    return ClusterConfig(
-        name=name,
+    return GpuClusterArgs(
+        cluster_name=name,
         kubernetes_version=version,
-        endpoint=endpoint,
-        log_types=log_types,
+        region=region,
         system_pool=system_pool,
-        gpu_pools=pools,
+        gpu_pools=list(pools),
         fallback_pool=fallback,
-        device_plugin=device_plugin,
-        autoscaler=autoscaler,
-        metrics_server_chart=_str(
+        endpoint_public_access=public_access,
+        public_access_cidrs=public_access_cidrs,
+        log_types=log_types,
+        device_plugin_chart_version=device_plugin_chart,
+        time_slicing_replicas=time_slicing,
+        autoscaler_chart_version=autoscaler_chart,
+        autoscaler_image_tag=image_tag,
+        metrics_server_chart_version=_str(
             metrics_raw, "chartVersion", f"{path}.metricsServer", default=DEFAULT_METRICS_SERVER_CHART
         ),
+        tags=dict(tags),
     )
 
 
@@ -743,21 +586,15 @@ SERVING_KEYS = (
     "drainSeconds", "queueDepthTarget", "prometheusAdapter", "prometheusOperator", "loadBalancer", "prePull",
     "prometheusUrl", "dcgmExporter", "keepImages", "publicKey",
 )  # fmt: skip
-LOAD_BALANCERS = ("none", "internal", "internet-facing")
 
 
-NODE_GROUP_NAME_MAX = 63
-
-
-def _check_node_group_names(
-    cluster: str, pools: tuple[GpuPoolConfig, ...], fallback: GpuPoolConfig | None
-) -> None:
+def _check_node_group_names(cluster: str, pools: tuple[NodePool, ...], fallback: NodePool | None) -> None:
     """EKS limits node group names to 63 characters; ours are ``<cluster>-gpu-<role>-<pool>``."""
-    entries = [(p, f"cluster.gpuPools[{i}].name") for i, p in enumerate(pools)]
+    entries = [(p, "spot", f"cluster.gpuPools[{i}].name") for i, p in enumerate(pools)]
     if fallback is not None:
-        entries.append((fallback, "cluster.fallbackPool.name"))
-    for pool, path in entries:
-        group = f"{cluster}-gpu-{pool.role}-{pool.name}"
+        entries.append((fallback, "fallback", "cluster.fallbackPool.name"))
+    for pool, role, path in entries:
+        group = node_group_name(cluster, role, pool)
         if len(group) > NODE_GROUP_NAME_MAX:
             raise ConfigError(
                 _key(path),
@@ -766,7 +603,10 @@ def _check_node_group_names(
             )
 
 
-def _parse_serving(raw: Any, base_dir: Path) -> ServingConfig:
+def _parse_serving(
+    raw: Any, base_dir: Path, bundle: BundleRef, pool_arches: Sequence[str], allow_cuda_fallback: bool
+) -> ModelServiceArgs:
+    """The model service's Args; ``image`` is left for ``__main__.py`` (the pushed digest)."""
     path = "serving"
     data = _object(raw, path)
     _known_keys(data, SERVING_KEYS, path)
@@ -810,7 +650,12 @@ def _parse_serving(raw: Any, base_dir: Path) -> ServingConfig:
             _key(f"{path}.queueDepthTarget"),
             "scaling on queue depth needs the metric served to the HPA: set prometheusAdapter true",
         )
-    return ServingConfig(
+    return ModelServiceArgs(
+        name=bundle.model,
+        bundle_version=bundle.version,
+        pool_arches=sorted(set(pool_arches)),
+        engine_arches=sorted(bundle.engine_arches),
+        allow_cuda_fallback=allow_cuda_fallback,
         min_replicas=min_replicas,
         max_replicas=max_replicas,
         target_cpu_utilization=target,
@@ -826,8 +671,30 @@ def _parse_serving(raw: Any, base_dir: Path) -> ServingConfig:
         pre_pull=_bool(data, "prePull", path, default=False),
         prometheus_url=_prometheus_url(data, path),
         dcgm_exporter=_bool(data, "dcgmExporter", path, default=False),
+    )
+
+
+def _parse_image(
+    raw: Any, base_dir: Path, bundle: BundleRef, environment: str, tags: Mapping[str, str]
+) -> ModelImageArgs:
+    """The serving image's Args, from the ``serving`` keys that concern the image."""
+    path = "serving"
+    data = _object(raw, path)
+    public_key = _public_key(data, path, base_dir)
+    return ModelImageArgs(
+        repository_name=f"dualdeploy/{bundle.model}",
+        context_dir=base_dir,
+        # The bundle's real folder (latest resolved): Docker copies a folder, not a link to one.
+        bundle_dir=bundle.resolved,
+        bundle_version=bundle.version,
+        public_key=base_dir / public_key if public_key else None,
+        base="gpu",  # every cloud pool is a GPU pool
+        tensorrt_version=bundle.tensorrt_version,
         keep_images=_int(data, "keepImages", path, default=10, minimum=1),
-        public_key=_public_key(data, path, base_dir),
+        # `pulumi destroy` of a dev stack removes its images too; prod keeps them (and then
+        # refuses to delete the repository until someone empties it on purpose).
+        force_delete=environment != "prod",
+        tags=dict(tags),
     )
 
 
@@ -863,7 +730,8 @@ def _prometheus_url(data: Mapping[str, Any], path: str) -> str:
     return url
 
 
-def _parse_edge(raw: Any, base_dir: Path) -> EdgeConfig:
+def _parse_edge(raw: Any, base_dir: Path) -> EdgeFleetArgs:
+    """The EdgeFleet's Args; ``vault_password`` is left for ``__main__.py`` (a secret)."""
     path = "edge"
     data = _object(raw, path)
     _known_keys(data, ("inventory", "bundle", "playbook", "publicKey", "limit"), path)
@@ -877,9 +745,9 @@ def _parse_edge(raw: Any, base_dir: Path) -> EdgeConfig:
     public_key = _str(data, "publicKey", path, default=None)
     if public_key is not None and not (base_dir / public_key).is_file():
         raise ConfigError(_key(f"{path}.publicKey"), f"public key file {public_key!r} does not exist")
-    return EdgeConfig(
+    return EdgeFleetArgs(
         inventory=inventory,
-        bundle=bundle,
+        bundle_dir=bundle,
         playbook=_str(data, "playbook", path, default="ansible/edge.yml"),
         public_key=public_key,
         limit=_str(data, "limit", path, default=None),
@@ -932,16 +800,31 @@ def parse_stack_config(
             raise ConfigError("aws:region", "is required for a stack with a cluster")
 
     warnings: list[str] = []
-    network = cluster = serving = bundle = None
+    network = cluster = image = service = bundle = None
     if cloud_keys:
-        network = _parse_network(raw["network"], region)
-        cluster = _parse_cluster(raw["cluster"], stack)
-        serving = _parse_serving(raw["serving"], base_dir)
+        assert region is not None
+        cidr, zones, nat = _parse_network(raw["network"], region)
+        cluster = _parse_cluster(raw["cluster"], stack, region, tags)
+        network = NetworkArgs(
+            cidr=cidr,
+            availability_zones=zones,
+            cluster_name=cluster.cluster_name,
+            nat_gateways=nat,
+            tags=dict(tags),
+        )
         bundle = read_bundle(_str(raw, "bundle", ""), _key("bundle"), base_dir)
+        service = _parse_serving(
+            raw["serving"],
+            base_dir,
+            bundle,
+            [gpu_facts(p).gpu_arch for p in cluster.all_gpu_pools],
+            allow_cuda_fallback=not require_engines,
+        )
+        image = _parse_image(raw["serving"], base_dir, bundle, environment, tags)
         _check_engines(cluster, bundle, require_engines, warnings)
-        _check_capacity(cluster, serving)
-        _check_endpoint(cluster.endpoint, environment, warnings)
-        if serving.public_key is None and environment == "prod":
+        _check_capacity(cluster, service)
+        _check_endpoint(cluster, environment, warnings)
+        if image.public_key is None and environment == "prod":
             warnings.append(
                 "serving.publicKey is not set: the image trusts the development key .keys/dev-ed25519.pub; "
                 "point it at the release signer's public key"
@@ -957,13 +840,14 @@ def parse_stack_config(
         require_engines=require_engines,
         network=network,
         cluster=cluster,
-        serving=serving,
+        image=image,
+        service=service,
         edge=edge,
         warnings=tuple(warnings),
     )
 
 
-def _check_engines(cluster: ClusterConfig, bundle: BundleRef, required: bool, warnings: list[str]) -> None:
+def _check_engines(cluster: GpuClusterArgs, bundle: BundleRef, required: bool, warnings: list[str]) -> None:
     for index, pool in enumerate(cluster.gpu_pools):
         _check_pool_engine(pool, f"cluster.gpuPools[{index}]", bundle, required, warnings)
     if cluster.fallback_pool is not None:
@@ -971,34 +855,35 @@ def _check_engines(cluster: ClusterConfig, bundle: BundleRef, required: bool, wa
 
 
 def _check_pool_engine(
-    pool: GpuPoolConfig, path: str, bundle: BundleRef, required: bool, warnings: list[str]
+    pool: NodePool, path: str, bundle: BundleRef, required: bool, warnings: list[str]
 ) -> None:
-    if pool.gpu_arch in bundle.engine_arches:
+    gpu_arch = gpu_facts(pool).gpu_arch
+    if gpu_arch in bundle.engine_arches:
         return
     have = ", ".join(sorted(bundle.engine_arches)) or "none"
     if required:
         raise MissingEngines(
             _key(f"{path}.instanceTypes"),
-            f"pool {pool.name!r} runs {pool.gpu_arch} but bundle {bundle.path} ({bundle.model} "
+            f"pool {pool.name!r} runs {gpu_arch} but bundle {bundle.path} ({bundle.model} "
             f"{bundle.version}) has no TensorRT engine for it (engines: {have}). Build the engine on a "
-            f"{pool.gpu_arch} GPU host, change the pool, or set dualdeploy:requireEngines false to serve "
+            f"{gpu_arch} GPU host, change the pool, or set dualdeploy:requireEngines false to serve "
             "the ONNX variant through CUDA",
         )
     warnings.append(
-        f"{path}: pool {pool.name!r} ({pool.gpu_arch}) has no TensorRT engine in {bundle.path} "
+        f"{path}: pool {pool.name!r} ({gpu_arch}) has no TensorRT engine in {bundle.path} "
         f"(engines: {have}); it will serve the ONNX variant through CUDA, slower than an engine"
     )
 
 
-def _check_endpoint(endpoint: EndpointConfig, environment: str, warnings: list[str]) -> None:
+def _check_endpoint(cluster: GpuClusterArgs, environment: str, warnings: list[str]) -> None:
     where = _key("cluster.endpoint.publicAccessCidrs")
-    if endpoint.public_access and not endpoint.public_access_cidrs:
+    if cluster.endpoint_public_access and not cluster.public_access_cidrs:
         raise ConfigError(
             where,
             "a public API endpoint needs an allow-list of CIDRs (EKS would open it to 0.0.0.0/0); "
             "list your ranges or set publicAccess false",
         )
-    open_cidrs = [c for c in endpoint.public_access_cidrs if c in ("0.0.0.0/0", "::/0")]
+    open_cidrs = [c for c in cluster.public_access_cidrs if c in ("0.0.0.0/0", "::/0")]
     if open_cidrs and environment == "prod":
         raise ConfigError(
             where, f"{open_cidrs} opens the API of a prod stack to the internet; list your ranges"
@@ -1007,9 +892,9 @@ def _check_endpoint(endpoint: EndpointConfig, environment: str, warnings: list[s
         warnings.append(f"cluster.endpoint.publicAccessCidrs contains {open_cidrs}: the API is open to all")
 
 
-def _check_capacity(cluster: ClusterConfig, serving: ServingConfig) -> None:
-    per_gpu = cluster.device_plugin.time_slicing_replicas
-    slots = sum(p.max_size * p.gpus_per_node * per_gpu for p in cluster.all_gpu_pools)
+def _check_capacity(cluster: GpuClusterArgs, serving: ModelServiceArgs) -> None:
+    per_gpu = cluster.time_slicing_replicas
+    slots = sum(p.max_size * gpu_facts(p).gpus * per_gpu for p in cluster.all_gpu_pools)
     if slots < serving.max_replicas:
         raise ConfigError(
             _key("serving.maxReplicas"),

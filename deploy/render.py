@@ -17,6 +17,7 @@ and the DCGM exporter's values are written as chart values under ``values/``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -50,15 +51,9 @@ def service_spec(cfg: StackConfig, image: Any, placeholders: tuple[str, ...] = (
     Raises:
         RenderError: the stack has no cloud part, or the service Args are invalid.
     """
-    if cfg.cluster is None or cfg.serving is None or cfg.bundle is None:
+    if cfg.service is None:
         raise RenderError(f"stack {cfg.stack} has no cloud part (dualdeploy:cluster): nothing to render")
-    args = model_service.args_from_config(
-        cfg.serving,
-        cfg.bundle,
-        [p.gpu_arch for p in cfg.cluster.all_gpu_pools],
-        allow_cuda_fallback=not cfg.require_engines,
-        image=image,
-    )
+    args = dataclasses.replace(cfg.service, image=image)
     try:
         return model_service.service_spec(args, placeholders)
     except ValueError as exc:
@@ -129,7 +124,7 @@ def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
     """
     loaded = load_stack(stack, base_dir)
     cfg, notes = loaded.config, loaded.notes
-    if cfg.cluster is None or cfg.bundle is None or cfg.serving is None:
+    if cfg.bundle is None or cfg.service is None:
         raise RenderError(f"stack {stack} has no cloud part (dualdeploy:cluster): nothing to render")
     registry = f"{PLACEHOLDER_ACCOUNT}.dkr.ecr.{cfg.region}.amazonaws.com"
     image = f"{registry}/dualdeploy/{cfg.bundle.model}@{PLACEHOLDER_DIGEST}"
@@ -137,7 +132,7 @@ def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
     if loaded.engines_missing:
         placeholders += ("gpu-arches (bundle lacks the required engines)",)
     spec = service_spec(cfg, image, placeholders)
-    objects = k8s_specs.all_objects(spec, pre_pull=cfg.serving.pre_pull)
+    objects = k8s_specs.all_objects(spec, pre_pull=cfg.service.pre_pull)
 
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -148,13 +143,13 @@ def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
             name = f"{index:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
             (staging / name).write_text(yaml.safe_dump(obj, sort_keys=False))
             written.append(out_dir / name)
-        if spec.queue_metric is not None and cfg.serving.prometheus_adapter:
+        if spec.queue_metric is not None and cfg.service.prometheus_adapter:
             (staging / "values").mkdir()
-            values = model_service.prometheus_adapter_values(spec, cfg.serving.prometheus_url)
+            values = model_service.prometheus_adapter_values(spec, cfg.service.prometheus_url)
             (staging / "values" / "prometheus-adapter.yaml").write_text(
                 yaml.safe_dump(values, sort_keys=False)
             )
-        if cfg.serving.dcgm_exporter:
+        if cfg.service.dcgm_exporter:
             (staging / "values").mkdir(exist_ok=True)
             (staging / "values" / "dcgm-exporter.yaml").write_text(
                 yaml.safe_dump(model_service.dcgm_exporter_values(spec), sort_keys=False)

@@ -72,7 +72,6 @@ def make_args(**overrides: Any) -> GpuClusterArgs:
         "cluster_name": "unit",
         "kubernetes_version": "1.33",
         "region": REGION,
-        "vpc_id": "vpc-0123",
         "subnet_ids": ["subnet-a", "subnet-b"],
         "time_slicing_replicas": 5,
         "tags": {"owner": "test"},
@@ -172,6 +171,7 @@ def test_gpu_node_group_names_follow_the_pools() -> pulumi.Output[Any]:
         ({"log_types": ["api"]}, "log_types: must include api, audit, authenticator"),
         ({"gpu_pools": []}, "gpu_pools: at least one Spot GPU pool"),
         ({"time_slicing_replicas": 0}, "time_slicing_replicas: must be ≥ 1"),
+        ({"subnet_ids": None}, "subnet_ids: required; pass the Network's private_subnet_ids"),
     ],
 )
 def test_bad_args_raise_before_any_resource(

@@ -92,6 +92,7 @@ def service_args(**overrides: Any) -> ModelServiceArgs:
         ({"drain_seconds": 110}, "drain_seconds: .* exceeds the 110 s"),
         ({"gpu_resource": "amd.com/gpu"}, "gpu_resource: 'amd.com/gpu' is not one of"),
         ({"load_balancer": "public"}, "load_balancer: 'public' is not one of"),
+        ({"image": None}, r"image: required; pass the image by digest \(ModelImage.image_ref\)"),
     ],
 )
 def test_bad_service_args_raise_before_any_resource(

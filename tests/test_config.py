@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
@@ -11,15 +12,12 @@ from typing import Any
 import pytest
 import yaml
 from cloud_harness import REPO_ROOT, write_fixture_bundle
+from pulumi.runtime import config as runtime_config
 
+from components.aws.gpu_cluster import SUPPORTED_KUBERNETES_VERSIONS, capacity_types, gpu_facts
 from components.aws.gpu_instances import GPU_INSTANCE_TYPES, UnknownInstanceType, lookup
-from deploy.config import (
-    SUPPORTED_KUBERNETES_VERSIONS,
-    ConfigError,
-    StackConfig,
-    parse_stack_config,
-    raw_from_stack_yaml,
-)
+from deploy.config import ConfigError, StackConfig, parse_stack_config, raw_from_stack_yaml
+from deploy.pulumi_config import PINNED_PULUMI_VERSION, configured_names
 
 STACKS = ("local", "cloud-dev", "cloud-prod", "edge-site", "hybrid")
 
@@ -138,32 +136,34 @@ def test_hybrid_stack_serves_the_large_model_in_the_cloud_and_the_distilled_one_
     raw, region = load_stack("hybrid")
     config = parse(raw, project, stack="hybrid", region=region)
     assert config.bundle is not None and config.bundle.path == "dist/demo/latest"
-    assert config.edge is not None and config.edge.bundle == "dist/demo-distilled/latest"
+    assert config.edge is not None and config.edge.bundle_dir == "dist/demo-distilled/latest"
     assert config.cluster is not None
 
 
 def test_cloud_dev_is_small_with_one_spot_pool_and_the_article_hpa(project: Path) -> None:
     raw, region = load_stack("cloud-dev")
     config = parse(raw, project, stack="cloud-dev", region=region)
-    assert config.cluster is not None and config.serving is not None
+    assert config.cluster is not None and config.service is not None
     assert len(config.cluster.gpu_pools) == 1 and config.cluster.fallback_pool is None
-    assert config.cluster.gpu_pools[0].capacity_type == "SPOT"
-    assert (config.serving.min_replicas, config.serving.max_replicas) == (2, 10)
-    assert config.serving.target_cpu_utilization == 70
+    assert list(capacity_types(config.cluster).values()) == ["SPOT"]
+    assert (config.service.min_replicas, config.service.max_replicas) == (2, 10)
+    assert config.service.target_cpu_utilization == 70
 
 
 def test_cloud_prod_has_zones_diversified_spot_a_fallback_and_the_peak_profile(project: Path) -> None:
     raw, region = load_stack("cloud-prod")
     config = parse(raw, project, stack="cloud-prod", region=region)
     assert config.network is not None and len(config.network.availability_zones) >= 3
-    assert config.cluster is not None and config.serving is not None
+    assert config.cluster is not None and config.service is not None
     assert len(config.cluster.gpu_pools) >= 2
-    assert len({p.gpu_arch for p in config.cluster.gpu_pools}) >= 2
+    assert len({gpu_facts(p).gpu_arch for p in config.cluster.gpu_pools}) >= 2
     assert config.cluster.fallback_pool is not None
-    assert config.cluster.fallback_pool.capacity_type == "ON_DEMAND"
-    assert (config.serving.min_replicas, config.serving.max_replicas) == (20, 200)
+    capacity = capacity_types(config.cluster)
+    assert capacity[config.cluster.fallback_pool.name] == "ON_DEMAND"
+    assert [capacity[p.name] for p in config.cluster.gpu_pools] == ["SPOT"] * len(config.cluster.gpu_pools)
+    assert (config.service.min_replicas, config.service.max_replicas) == (20, 200)
     assert config.require_engines is True
-    assert config.cluster.endpoint.public_access is False
+    assert config.cluster.endpoint_public_access is False
 
 
 def test_cloud_prod_refuses_a_bundle_without_engines(project: Path) -> None:
@@ -466,7 +466,7 @@ def test_load_balancer_choices_are_listed(project: Path) -> None:
 
 def test_cloud_prod_scales_on_queue_depth_through_the_adapter(project: Path) -> None:
     raw, region = load_stack("cloud-prod")
-    serving = parse(raw, project, stack="cloud-prod", region=region).serving
+    serving = parse(raw, project, stack="cloud-prod", region=region).service
     assert serving is not None
     assert serving.queue_depth_target == 4 and serving.prometheus_adapter
     assert serving.load_balancer == "internal" and serving.pre_pull
@@ -517,8 +517,8 @@ def test_image_public_key_must_exist_inside_the_project(project: Path, tmp_path:
     error = error_for(raw, project)
     assert error.key == "dualdeploy:serving.publicKey" and "inside the project" in str(error)
     raw["serving"]["publicKey"] = ".keys/dev-ed25519.pub"
-    serving = parse(raw, project).serving
-    assert serving is not None and serving.public_key == ".keys/dev-ed25519.pub"
+    image = parse(raw, project).image
+    assert image is not None and image.public_key == project / ".keys/dev-ed25519.pub"
 
 
 def test_a_prod_stack_without_an_image_key_warns_about_the_dev_key(project: Path) -> None:
@@ -528,3 +528,23 @@ def test_a_prod_stack_without_an_image_key_warns_about_the_dev_key(project: Path
     assert any("image trusts the development key" in w for w in parse(raw, project).warnings)
     raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "publicKey": ".keys/dev-ed25519.pub"}
     assert not any("development key" in w for w in parse(raw, project).warnings)
+
+
+# --------------------------------------------------------------------------- the private Pulumi read
+
+
+def test_configured_names_lists_every_key_of_the_namespace_on_the_pinned_pulumi(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It reads pulumi's private ``runtime.config.CONFIG``, so it is pinned to the SDK it was read on."""
+    assert importlib.metadata.version("pulumi") == PINNED_PULUMI_VERSION, (
+        "pulumi changed: check that deploy/pulumi_config.configured_names still lists the stack's keys "
+        "(runtime.config.CONFIG and get_config_env), then update PINNED_PULUMI_VERSION"
+    )
+    before = dict(runtime_config.CONFIG.get())
+    monkeypatch.setenv("PULUMI_CONFIG", json.dumps({"dualdeploy:fromEnv": "1", "aws:region": "us-west-2"}))
+    runtime_config.set_all_config({"dualdeploy:requireEngine": "true", "other:key": "x"})
+    try:
+        assert configured_names("dualdeploy") == {"requireEngine", "fromEnv"}
+    finally:
+        runtime_config.set_all_config(before)

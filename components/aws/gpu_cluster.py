@@ -39,16 +39,27 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import yaml
 
-from components.aws.gpu_instances import GPU_INSTANCE_TYPES
+from components.aws.gpu_instances import GPU_INSTANCE_TYPES, GpuInstanceType
 from components.k8s_specs import CAPACITY_LABEL, GPU_ARCH_LABEL, GPU_RESOURCE
-from deploy.config import (
-    CLUSTER_AUTOSCALER_IMAGE_TAGS,
-    DEFAULT_AUTOSCALER_CHART,
-    DEFAULT_DEVICE_PLUGIN_CHART,
-    DEFAULT_METRICS_SERVER_CHART,
-    LOG_TYPES,
-    SUPPORTED_KUBERNETES_VERSIONS,
-)
+
+SUPPORTED_KUBERNETES_VERSIONS: tuple[str, ...] = ("1.31", "1.32", "1.33", "1.34")
+"""EKS versions this code was written against. The cluster autoscaler's minor must match."""
+
+CLUSTER_AUTOSCALER_IMAGE_TAGS: Mapping[str, str] = {
+    "1.31": "v1.31.0",
+    "1.32": "v1.32.0",
+    "1.33": "v1.33.0",
+    "1.34": "v1.34.0",
+}
+"""Default cluster-autoscaler image per Kubernetes minor (its releases track the minor)."""
+
+DEFAULT_DEVICE_PLUGIN_CHART = "0.18.0"
+DEFAULT_AUTOSCALER_CHART = "9.46.6"
+DEFAULT_METRICS_SERVER_CHART = "3.12.2"
+LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
+REQUIRED_LOG_TYPES = ("api", "audit", "authenticator")
+NODE_GROUP_NAME_MAX = 63
+"""EKS's limit on a node group name."""
 
 GPU_TAINT_KEY = GPU_RESOURCE
 """GPU nodes are tainted with the device plugin's resource name; model pods tolerate exactly that."""
@@ -107,12 +118,6 @@ class GpuClusterArgs:
     region: str
     """AWS region (the autoscaler and the kubeconfig's ``aws eks get-token`` need it)."""
 
-    vpc_id: pulumi.Input[str]
-    """The VPC (from :class:`components.aws.network.Network`)."""
-
-    subnet_ids: pulumi.Input[Sequence[pulumi.Input[str]]]
-    """Private subnets, in at least two zones, for the control plane ENIs and every node."""
-
     system_pool: NodePool
     """The on-demand CPU node group for system pods."""
 
@@ -154,17 +159,68 @@ class GpuClusterArgs:
     tags: Mapping[str, str] = field(default_factory=dict)
     """Tags for every taggable AWS resource."""
 
+    subnet_ids: pulumi.Input[Sequence[pulumi.Input[str]]] | None = None
+    """Private subnets, in at least two zones, for the control plane ENIs and every node
+    (:attr:`components.aws.network.Network.private_subnet_ids`; EKS finds the VPC from them).
+    Required; it defaults to None only because the stack config is read before the Network
+    exists, and ``__main__.py`` fills it in."""
+
+    @property
+    def all_gpu_pools(self) -> list[NodePool]:
+        """The Spot pools followed by the fallback pool, if any."""
+        return [pool for pool, _ in pool_roles(self)]
+
+
+def gpu_facts(pool: NodePool) -> GpuInstanceType:
+    """The GPU of a pool's nodes, from the GPU table (validation makes every type of a pool agree).
+
+    Raises:
+        KeyError: the pool's first instance type is not in the GPU table (a CPU pool).
+    """
+    return GPU_INSTANCE_TYPES[pool.instance_types[0]]
+
+
+def pool_roles(args: GpuClusterArgs) -> list[tuple[NodePool, str]]:
+    """Each GPU pool with its role: ``spot`` for ``gpu_pools``, ``fallback`` for the fallback pool."""
+    roles = [(pool, "spot") for pool in args.gpu_pools]
+    return roles + ([(args.fallback_pool, "fallback")] if args.fallback_pool is not None else [])
+
+
+def capacity_type(role: str) -> str:
+    """EKS capacity type of a GPU pool: ``SPOT`` for the Spot pools, ``ON_DEMAND`` for the fallback."""
+    return "SPOT" if role == "spot" else "ON_DEMAND"
+
+
+def capacity_types(args: GpuClusterArgs) -> dict[str, str]:
+    """Pool name → the EKS capacity type its node group gets."""
+    return {pool.name: capacity_type(role) for pool, role in pool_roles(args)}
+
+
+def node_group_name(cluster_name: str, role: str, pool: NodePool) -> str:
+    """The managed node group's name, ``<cluster>-gpu-<role>-<pool>`` (at most 63 characters)."""
+    return f"{cluster_name}-gpu-{role}-{pool.name}"
+
+
+def _subnets(args: GpuClusterArgs) -> pulumi.Input[Sequence[pulumi.Input[str]]]:
+    """The private subnets, which the stack config leaves to ``__main__.py``.
+
+    Raises:
+        ValueError: they were never filled in.
+    """
+    if args.subnet_ids is None:
+        raise ValueError("subnet_ids: required; pass the Network's private_subnet_ids")
+    return args.subnet_ids
+
 
 def _validate(args: GpuClusterArgs) -> None:
     """Raise ValueError naming the input and the allowed values."""
+    _subnets(args)
     if args.kubernetes_version not in SUPPORTED_KUBERNETES_VERSIONS:
         raise ValueError(
             f"kubernetes_version: {args.kubernetes_version!r} is not one of "
             f"{', '.join(SUPPORTED_KUBERNETES_VERSIONS)}"
         )
-    if not {"api", "audit", "authenticator"} <= set(args.log_types) or not set(args.log_types) <= set(
-        LOG_TYPES
-    ):
+    if not set(REQUIRED_LOG_TYPES) <= set(args.log_types) or not set(args.log_types) <= set(LOG_TYPES):
         raise ValueError(f"log_types: must include api, audit, authenticator and only {', '.join(LOG_TYPES)}")
     if args.endpoint_public_access is True and not args.public_access_cidrs:
         raise ValueError(
@@ -186,10 +242,11 @@ def _validate(args: GpuClusterArgs) -> None:
     for pool, where in pools:
         _validate_gpu_pool(pool, where)
         role = "spot" if where == "gpu_pools" else "fallback"
-        group = f"{args.cluster_name}-gpu-{role}-{pool.name}"
-        if len(group) > 63:
+        group = node_group_name(args.cluster_name, role, pool)
+        if len(group) > NODE_GROUP_NAME_MAX:
             raise ValueError(
-                f"{where}[{pool.name}].name: node group name {group!r} exceeds EKS's 63 characters"
+                f"{where}[{pool.name}].name: node group name {group!r} exceeds EKS's "
+                f"{NODE_GROUP_NAME_MAX} characters"
             )
 
 
@@ -436,7 +493,7 @@ class GpuCluster(pulumi.ComponentResource):
             version=args.kubernetes_version,
             role_arn=cluster_role.arn,
             vpc_config=aws.eks.ClusterVpcConfigArgs(
-                subnet_ids=args.subnet_ids,
+                subnet_ids=_subnets(args),
                 endpoint_private_access=True,
                 endpoint_public_access=args.endpoint_public_access,
                 public_access_cidrs=list(args.public_access_cidrs) or None,
@@ -496,7 +553,7 @@ class GpuCluster(pulumi.ComponentResource):
             cluster_name=cluster.name,
             node_group_name=f"{cluster_name}-system",
             node_role_arn=node_role.arn,
-            subnet_ids=args.subnet_ids,
+            subnet_ids=_subnets(args),
             capacity_type="ON_DEMAND",
             ami_type=CPU_AMI_TYPE,
             instance_types=list(system.instance_types),
@@ -513,10 +570,7 @@ class GpuCluster(pulumi.ComponentResource):
         )
 
         gpu_groups: list[aws.eks.NodeGroup] = []
-        gpu_pools: list[tuple[NodePool, str]] = [(p, "spot") for p in args.gpu_pools]
-        if args.fallback_pool is not None:
-            gpu_pools.append((args.fallback_pool, "fallback"))
-        for pool, role in gpu_pools:
+        for pool, role in pool_roles(args):
             gpu_groups.append(
                 self._gpu_node_group(
                     name,
@@ -663,8 +717,8 @@ class GpuCluster(pulumi.ComponentResource):
         opts: pulumi.ResourceOptions,
     ) -> aws.eks.NodeGroup:
         """One GPU managed node group and the autoscaler's scale-from-zero hints on its ASG."""
-        facts = GPU_INSTANCE_TYPES[pool.instance_types[0]]
-        capacity = "SPOT" if role == "spot" else "ON_DEMAND"
+        facts = gpu_facts(pool)
+        capacity = capacity_type(role)
         labels = {
             GPU_ARCH_LABEL: facts.gpu_arch,
             CAPACITY_LABEL: "spot" if role == "spot" else "on-demand",
@@ -674,9 +728,9 @@ class GpuCluster(pulumi.ComponentResource):
         group = aws.eks.NodeGroup(
             f"{name}-gpu-{role}-{pool.name}",
             cluster_name=cluster.name,
-            node_group_name=f"{args.cluster_name}-gpu-{role}-{pool.name}",
+            node_group_name=node_group_name(args.cluster_name, role, pool),
             node_role_arn=node_role.arn,
-            subnet_ids=args.subnet_ids,
+            subnet_ids=_subnets(args),
             capacity_type=capacity,
             ami_type=GPU_AMI_TYPE,
             instance_types=list(pool.instance_types),

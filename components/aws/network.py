@@ -16,6 +16,8 @@ import pulumi
 import pulumi_aws as aws
 
 NAT_MODES = ("single", "per-az")
+MAX_ZONES = 6
+"""The subnet layout carves at most six zones out of the VPC block."""
 
 
 @dataclass
@@ -50,8 +52,8 @@ def subnet_cidrs(cidr: str, zones: int) -> tuple[list[str], list[str]]:
         ValueError: more than six zones, or a block too small to split.
     """
     net = ipaddress.IPv4Network(cidr)
-    if zones > 6:
-        raise ValueError(f"availability_zones: at most 6 zones fit this layout, got {zones}")
+    if zones > MAX_ZONES:
+        raise ValueError(f"availability_zones: at most {MAX_ZONES} zones fit this layout, got {zones}")
     if net.prefixlen > 20:
         raise ValueError(f"cidr: {cidr} is too small; use /16 to /20")
     eighths = list(net.subnets(prefixlen_diff=3))
