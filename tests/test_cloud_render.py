@@ -3,15 +3,15 @@
 Each stack renders from a project with fixture bundles (``cloud-prod`` gets its required
 sm_86/sm_89 engines). Every file must pass ``kubernetes-validate --strict`` at the stack's
 Kubernetes version and ``checkov --framework kubernetes`` with only the skips listed, with
-reasons, in ``deploy/checkov-skips.yaml``. The spec tests (one behaviour a test) read the
-same rendered files.
+reasons, in ``deploy/checkov-skips.yaml``. What the objects say (GPU limits, probes, HPA, PDB,
+spread, images by digest, hardening, monitoring) is tested once, on the program's graph, in
+``tests/test_cloud_stacks.py``, which also proves the rendered files are exactly those objects.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,121 +141,6 @@ def test_render_of_prod_without_engines_renders_but_says_pulumi_up_would_stop(tm
 def test_render_of_an_unknown_stack_lists_the_stacks(tmp_path: Path) -> None:
     with pytest.raises(RenderError, match="cloud-dev, cloud-prod"):
         render("cloud-staging", tmp_path / "out", tmp_path)
-
-
-# --------------------------------------------------------------------------- the service, per stack
-
-
-def test_deployment_requests_a_gpu_tolerates_the_taint_and_targets_engine_arches(
-    stack: str, rendered: dict[str, Path]
-) -> None:
-    pod = k8s_specs.find(objects_of(rendered[stack]), "Deployment")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-        "nodeSelectorTerms"
-    ]
-    (expression,) = terms[0]["matchExpressions"]
-    assert expression["key"] == "dualdeploy.io/gpu-arch"
-    expected = {"cloud-dev": ["sm_86"], "cloud-prod": ["sm_86", "sm_89"]}[stack]
-    assert expression["values"] == expected
-
-
-def test_pods_spread_over_zones_and_capacity_types(stack: str, rendered: dict[str, Path]) -> None:
-    pod = k8s_specs.find(objects_of(rendered[stack]), "Deployment")["spec"]["template"]["spec"]
-    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
-    assert {"topology.kubernetes.io/zone", "eks.amazonaws.com/capacityType"} <= keys
-
-
-def test_probes_point_at_the_v2_health_endpoints(stack: str, rendered: dict[str, Path]) -> None:
-    (container,) = k8s_specs.find(objects_of(rendered[stack]), "Deployment")["spec"]["template"]["spec"][
-        "containers"
-    ]
-    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    # Cold start: the startup probe allows minutes before liveness may restart the pod.
-    startup = container["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
-
-
-def test_grace_period_covers_prestop_and_drain_within_the_spot_notice(
-    stack: str, rendered: dict[str, Path]
-) -> None:
-    pod = k8s_specs.find(objects_of(rendered[stack]), "Deployment")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    drain = stack_config(stack)["dualdeploy:serving"].get("drainSeconds", 30)
-    prestop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] > prestop + drain
-    assert pod["terminationGracePeriodSeconds"] <= 110
-
-
-def test_hpa_bounds_and_behaviour_follow_the_stack(stack: str, rendered: dict[str, Path]) -> None:
-    hpa = k8s_specs.find(objects_of(rendered[stack]), "HorizontalPodAutoscaler")["spec"]
-    expected = {"cloud-dev": (2, 10), "cloud-prod": (20, 200)}[stack]
-    assert (hpa["minReplicas"], hpa["maxReplicas"]) == expected
-    cpu = next(m for m in hpa["metrics"] if m["type"] == "Resource")
-    assert cpu["resource"]["target"]["averageUtilization"] == 70
-    assert hpa["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
-    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
-
-
-def test_prod_also_scales_on_queue_depth(rendered: dict[str, Path]) -> None:
-    hpa = k8s_specs.find(objects_of(rendered["cloud-prod"]), "HorizontalPodAutoscaler")["spec"]
-    pods = next(m for m in hpa["metrics"] if m["type"] == "Pods")["pods"]
-    assert pods["target"] == {"type": "AverageValue", "averageValue": "4"}
-    rules = yaml.safe_load((rendered["cloud-prod"] / "values" / "prometheus-adapter.yaml").read_text())
-    assert rules["rules"]["custom"][0]["name"]["as"] == pods["metric"]["name"]
-
-
-def test_the_deployment_has_no_replicas_while_an_hpa_owns_it(stack: str, rendered: dict[str, Path]) -> None:
-    assert "replicas" not in k8s_specs.find(objects_of(rendered[stack]), "Deployment")["spec"]
-
-
-def test_a_pdb_selects_the_pods(stack: str, rendered: dict[str, Path]) -> None:
-    objects = objects_of(rendered[stack])
-    pdb = k8s_specs.find(objects, "PodDisruptionBudget")["spec"]
-    labels = k8s_specs.find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    assert pdb["selector"]["matchLabels"].items() <= labels.items()
-
-
-def test_images_are_referenced_by_digest_and_never_latest(stack: str, rendered: dict[str, Path]) -> None:
-    text = "\n".join(p.read_text() for p in rendered[stack].glob("*.yaml"))
-    images = re.findall(r"image: (\S+)", text)
-    assert images and all(re.search(r"@sha256:[0-9a-f]{64}$", image) for image in images)
-    assert ":latest" not in text
-
-
-def test_containers_run_as_non_root_read_only_with_nothing_extra(
-    stack: str, rendered: dict[str, Path]
-) -> None:
-    for obj in objects_of(rendered[stack]):
-        if obj["kind"] not in ("Deployment", "DaemonSet"):
-            continue
-        for container in obj["spec"]["template"]["spec"]["containers"]:
-            context = container["securityContext"]
-            assert context["runAsNonRoot"] and context["readOnlyRootFilesystem"]
-            assert context["capabilities"] == {"drop": ["ALL"]}
-            assert context["seccompProfile"] == {"type": "RuntimeDefault"}
-            assert container["resources"]["limits"]["memory"]
-
-
-def test_monitoring_uses_a_service_monitor_only_with_the_operator(rendered: dict[str, Path]) -> None:
-    prod = objects_of(rendered["cloud-prod"])
-    dev = objects_of(rendered["cloud-dev"])
-    assert k8s_specs.find(prod, "ServiceMonitor")["spec"]["endpoints"][0]["path"] == "/metrics"
-    assert not [o for o in dev if o["kind"] == "ServiceMonitor"]
-    annotations = k8s_specs.find(dev, "Deployment")["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/path"] == "/metrics"
-
-
-def test_prod_gets_an_internal_nlb_and_dev_a_cluster_ip(rendered: dict[str, Path]) -> None:
-    prod = k8s_specs.find(objects_of(rendered["cloud-prod"]), "Service")
-    dev = k8s_specs.find(objects_of(rendered["cloud-dev"]), "Service")
-    assert prod["spec"]["type"] == "LoadBalancer"
-    assert prod["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-internal"] == "true"
-    assert dev["spec"]["type"] == "ClusterIP"
 
 
 # --------------------------------------------------------------------------- invalid specs

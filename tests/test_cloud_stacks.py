@@ -28,7 +28,9 @@ import pytest
 import yaml
 from cloud_harness import REPO_ROOT, is_secret, make_project, mask_secrets, secret_values, snapshot
 
+from components import k8s_specs
 from components.aws.gpu_instances import GPU_INSTANCE_TYPES
+from deploy.render import render
 
 CLOUD_STACKS = ("cloud-dev", "cloud-prod")
 EDGE_STACKS = ("local", "edge-site", "hybrid")
@@ -462,7 +464,8 @@ def test_deployment_requests_a_gpu_tolerates_the_taint_and_targets_the_pool_arch
     ]
     (expr,) = term["matchExpressions"]
     pool_arches = {GPU_INSTANCE_TYPES[g["inputs"]["instanceTypes"][0]].gpu_arch for g in cloud.gpu_groups()}
-    assert expr["key"] == "dualdeploy.io/gpu-arch" and set(expr["values"]) == pool_arches
+    assert expr["key"] == "dualdeploy.io/gpu-arch" and expr["values"] == sorted(pool_arches)
+    assert expr["values"] == {"cloud-dev": ["sm_86"], "cloud-prod": ["sm_86", "sm_89"]}[cloud.stack]
     # Every arch the pods may land on is one a GPU pool carries as its node label.
     labels = {g["inputs"]["labels"]["dualdeploy.io/gpu-arch"] for g in cloud.gpu_groups()}
     assert set(expr["values"]) <= labels
@@ -487,6 +490,9 @@ def test_probes_point_at_the_v2_health_endpoints(cloud: StackRun) -> None:
     assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # Cold start: the startup probe allows minutes before liveness may restart the pod.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
     (port,) = container["ports"]
     assert all(
         container[p]["httpGet"]["port"] == port["name"]
@@ -537,7 +543,7 @@ def test_metrics_server_gives_the_hpa_its_cpu_metric(cloud: StackRun) -> None:
 def test_the_stacks_carry_the_articles_hpa_profiles() -> None:
     dev, prod = serving_of("cloud-dev"), serving_of("cloud-prod")
     assert (dev["minReplicas"], dev["maxReplicas"], dev["targetCpuUtilization"]) == (2, 10, 70)
-    assert (prod["minReplicas"], prod["maxReplicas"]) == (20, 200)
+    assert (prod["minReplicas"], prod["maxReplicas"], prod["targetCpuUtilization"]) == (20, 200, 70)
 
 
 def test_queue_depth_scaling_goes_through_prometheus_adapter(cloud: StackRun) -> None:
@@ -679,6 +685,7 @@ def test_monitoring_follows_the_stack(cloud: StackRun) -> None:
     serving = serving_of(cloud.stack)
     monitors = cloud.of_type("kubernetes:monitoring.coreos.com/v1:ServiceMonitor")
     annotations = k8s_object(cloud, "Deployment")["spec"]["template"]["metadata"].get("annotations", {})
+    assert bool(serving.get("prometheusOperator")) is (cloud.stack == "cloud-prod")
     if serving.get("prometheusOperator"):
         assert len(monitors) == 1 and "prometheus.io/scrape" not in annotations
         assert monitors[0]["inputs"]["spec"]["endpoints"][0]["path"] == "/metrics"
@@ -703,6 +710,7 @@ def test_prepull_daemonset_follows_the_stack(cloud: StackRun) -> None:
 def test_service_is_cluster_ip_or_the_stacks_nlb(cloud: StackRun) -> None:
     service = k8s_object(cloud, "Service")
     lb = serving_of(cloud.stack).get("loadBalancer", "none")
+    assert lb == {"cloud-dev": "none", "cloud-prod": "internal"}[cloud.stack]
     if lb == "none":
         assert service["spec"]["type"] == "ClusterIP"
     else:
@@ -737,3 +745,58 @@ def test_invalid_service_config_stops_the_program_before_any_resource(
     assert done.returncode != 0
     assert f"invalid stack config: {key}" in done.stderr
     assert [r["type"] for r in json.loads(out.read_text())["resources"]] == ["pulumi:pulumi:Stack"]
+
+
+# --------------------------------------------------------------------------- make render = the program
+
+
+def _offline_view(value: Any) -> Any:
+    """An object with what only a real apply knows set aside: image references and the placeholder note."""
+    if isinstance(value, dict):
+        out = {k: _offline_view(v) for k, v in value.items() if k != k8s_specs.PLACEHOLDER_ANNOTATION}
+        if "image" in out and isinstance(out["image"], str):
+            out["image"] = "<image by digest>"
+        if out.get("annotations") == {}:
+            del out["annotations"]
+        return out
+    if isinstance(value, list):
+        return [_offline_view(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # the wire format carries numbers as floats
+    return value
+
+
+def test_make_render_writes_exactly_the_objects_the_program_creates(
+    cloud: StackRun, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """One spec, two writers: so the service's policies above hold for ``make render``'s files too."""
+    project = make_project(tmp_path_factory.mktemp(f"render-{cloud.stack}"), ENGINES.get(cloud.stack, ()))
+    out = project / "build" / "manifests" / cloud.stack
+    files = render(cloud.stack, out, project)
+    rendered = [yaml.safe_load(path.read_text()) for path in files]
+    created = [
+        r["inputs"]
+        for r in cloud.resources
+        if r["type"].startswith("kubernetes:") and not r["type"].startswith("kubernetes:helm.sh/")
+    ]
+    by_key = {(o["kind"], o["metadata"]["name"]): _offline_view(o) for o in created}
+    assert len(rendered) >= 7  # Namespace, ServiceAccount, Deployment, Service, HPA, PDB, NetworkPolicy
+    assert sorted(by_key) == sorted((o["kind"], o["metadata"]["name"]) for o in rendered)
+    for obj in rendered:
+        assert _offline_view(obj) == by_key[obj["kind"], obj["metadata"]["name"]], obj["kind"]
+    # What the offline files hold in place of the pushed image: a placeholder by digest, never a tag.
+    text = "\n".join(path.read_text() for path in files)
+    images = re.findall(r"image: (\S+)", text)
+    assert images and all(re.search(r"@sha256:[0-9a-f]{64}$", image) for image in images)
+    assert ":latest" not in text
+    # The Helm charts are not rendered; their values are, and they are the ones the releases get.
+    for chart in ("prometheus-adapter", "dcgm-exporter"):
+        releases = [
+            r for r in cloud.of_type("kubernetes:helm.sh/v3:Release") if r["inputs"]["chart"] == chart
+        ]
+        values_file = out / "values" / f"{chart}.yaml"
+        assert values_file.is_file() == bool(releases), chart
+        if releases:
+            assert _offline_view(yaml.safe_load(values_file.read_text())) == _offline_view(
+                releases[0]["inputs"]["values"]
+            )
