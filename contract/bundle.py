@@ -21,13 +21,14 @@ this module reads it once, checks its signature on those bytes, and checks every
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -40,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from .manifest import (  # noqa: F401 - SCHEMA_VERSION and READABLE_SCHEMA_VERSIONS are re-exported
     READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
+    FileEntry,
     Manifest,
     ManifestError,
     Quality,
@@ -228,11 +230,136 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     return _parse(_read_small_regular_file(Path(bundle_dir) / MANIFEST_NAME, MANIFEST_NAME))
 
 
+def _open_in(root: Path, rel: str) -> int:
+    """Open ``root/rel`` for reading, refusing a link at any step and anything but a regular file.
+
+    Each folder on the way is opened relative to the one before it with ``O_NOFOLLOW``, so neither a
+    symlinked file nor a symlinked folder is followed, and a path can't be redirected between steps.
+
+    Returns:
+        The open file descriptor (the caller closes it).
+
+    Raises:
+        BundleVerificationError: naming ``rel``: missing, a link, or not a regular file.
+    """
+    parts = rel.split("/")
+    if rel.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise BundleVerificationError(
+            rel, "path escapes the bundle folder (absolute, empty, '.' or '..' part)"
+        )
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError as exc:
+                raise BundleVerificationError(rel, "listed in the manifest but missing") from exc
+            except OSError as exc:
+                raise BundleVerificationError(rel, f"folder {part!r} is a link or not a folder") from exc
+            os.close(fd)
+            fd = child
+        try:
+            leaf = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+        except FileNotFoundError as exc:
+            raise BundleVerificationError(rel, "listed in the manifest but missing") from exc
+        except OSError as exc:
+            raise BundleVerificationError(
+                rel, f"cannot be opened ({exc.strerror}; links are refused)"
+            ) from exc
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(leaf).st_mode):
+        os.close(leaf)
+        raise BundleVerificationError(rel, "is not a regular file")
+    return leaf
+
+
+def _read_listed(root: Path, rel: str, entry: FileEntry, keep: bool) -> bytes:
+    """Read a listed file once, check its size and sha256 on those bytes; return them if ``keep``.
+
+    Never reads more than the manifest's size plus one byte, so a file that grew is refused, not read.
+
+    Raises:
+        BundleVerificationError: naming ``rel``.
+    """
+    fd = _open_in(root, rel)
+    digest = hashlib.sha256()
+    kept = bytearray()
+    read = 0
+    try:
+        size = os.fstat(fd).st_size
+        if size != entry.size:
+            raise BundleVerificationError(rel, f"size {size} != manifest {entry.size}")
+        while chunk := os.read(fd, min(_CHUNK, entry.size + 1 - read)):
+            read += len(chunk)
+            if read > entry.size:
+                raise BundleVerificationError(
+                    rel, f"grew beyond the manifest's {entry.size} bytes while read"
+                )
+            digest.update(chunk)
+            if keep:
+                kept += chunk
+    finally:
+        os.close(fd)
+    if read != entry.size:
+        raise BundleVerificationError(rel, f"read {read} bytes, manifest says {entry.size}")
+    if digest.hexdigest() != entry.sha256:
+        raise BundleVerificationError(
+            rel, f"sha256 {digest.hexdigest()[:12]}… != manifest {entry.sha256[:12]}…"
+        )
+    return bytes(kept)
+
+
+_KINDS = {
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _check_tree(root: Path, listed: set[str]) -> None:
+    """Refuse anything in the bundle folder that the manifest does not account for.
+
+    Allowed: the listed regular files, the manifest and its signature, and the folders on their paths.
+    Everything else is refused by name: an unlisted file, a symlink (listed or not, to a file or a
+    folder), a FIFO, a socket, a device, an unlisted or empty folder. Nothing is followed or opened.
+
+    Raises:
+        BundleVerificationError: naming the first such entry (in sorted order).
+    """
+    folders = {"/".join(rel.split("/")[:i]) for rel in listed for i in range(1, rel.count("/") + 1)}
+    pending = [""]
+    while pending:
+        prefix = pending.pop()
+        with os.scandir(root / prefix if prefix else root) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = f"{prefix}/{entry.name}" if prefix else entry.name
+                mode = entry.stat(follow_symlinks=False).st_mode
+                kind = _KINDS.get(stat.S_IFMT(mode))
+                if kind is not None:
+                    raise BundleVerificationError(
+                        rel, f"is {kind}; a bundle holds only regular files and their folders"
+                    )
+                if stat.S_ISDIR(mode):
+                    if rel not in folders:
+                        raise BundleVerificationError(
+                            rel, "folder is present in the bundle but holds no listed file"
+                        )
+                    pending.append(rel)
+                elif rel not in listed:
+                    raise BundleVerificationError(rel, "present in the bundle but not in the manifest")
+
+
 @dataclass(frozen=True)
 class VerifiedBundle:
     """A bundle whose signature and every checksum held at verification time.
 
+    ``path`` is the bundle folder resolved once (a ``latest`` link re-pointed later changes nothing).
     ``manifest`` was parsed from exactly ``manifest_bytes``, the bytes whose signature was checked.
+    Whatever is used from the bundle is read with :meth:`read`, which checks the bytes it returns
+    against the signed manifest: a file swapped after verification is refused, never used.
     """
 
     path: Path
@@ -240,18 +367,55 @@ class VerifiedBundle:
     key_id: str
     manifest_bytes: bytes = b""
 
-    def file(self, relpath: str) -> Path:
-        """Absolute path of a file listed in the manifest."""
-        if relpath not in self.manifest.files:
+    def _entry(self, relpath: str) -> FileEntry:
+        entry = self.manifest.files.get(relpath)
+        if entry is None:
             raise BundleError(f"{relpath}: not listed in the manifest of {self.path}")
+        return entry
+
+    def file(self, relpath: str) -> Path:
+        """Path of a listed file, for messages and tools; anything served is read with :meth:`read`."""
+        self._entry(relpath)
         return self.path / relpath
+
+    def read(self, relpath: str) -> bytes:
+        """The bytes of a listed file, read once and returned only if they hash to the signed manifest.
+
+        Raises:
+            BundleError: the file is not listed.
+            BundleVerificationError: it changed, became a link or went missing since verification.
+        """
+        return _read_listed(self.path, relpath, self._entry(relpath), keep=True)
+
+    def load_tensors(self, relpath: str) -> dict[str, np.ndarray]:
+        """A listed ``.npz`` file's arrays, from bytes checked by :meth:`read`."""
+        return load_tensors(io.BytesIO(self.read(relpath)))
+
+    def copy_to(self, relpaths: Iterable[str], dest: Path) -> Path:
+        """Write checked bytes of listed files under ``dest`` (a private folder the caller owns).
+
+        For a runtime that takes only a path (a TensorRT EP context model and its engine): it then reads
+        the copy, which no one else can write, never the bundle.
+
+        Returns:
+            ``dest``.
+        """
+        for rel in relpaths:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(self.read(rel))
+        return dest
 
 
 def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey) -> VerifiedBundle:
-    """Verify a bundle: the signature, then every listed file, then no stray files.
+    """Verify a bundle: the signature, then its folder tree, then every listed file.
 
+    The folder is resolved once (``latest`` may be a link to a version; nothing inside may be).
     ``manifest.json`` is read once; the signature is checked on those bytes and the same bytes are
-    parsed, so nothing can swap the manifest between the check and the use.
+    parsed, so nothing can swap the manifest between the check and the use. Listed files are opened
+    without following links and hashed as read.
 
     Args:
         bundle_dir: the bundle folder.
@@ -263,12 +427,15 @@ def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey) -> VerifiedBun
     Raises:
         BundleVerificationError: naming the first file that fails.
     """
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise BundleVerificationError(str(bundle_dir), "bundle folder does not exist")
-    data = _read_small_regular_file(bundle_dir / MANIFEST_NAME, MANIFEST_NAME)
+    try:
+        root = Path(bundle_dir).resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise BundleVerificationError(str(bundle_dir), f"bundle folder does not exist ({exc})") from exc
+    if not root.is_dir():
+        raise BundleVerificationError(str(bundle_dir), "is not a folder")
+    data = _read_small_regular_file(root / MANIFEST_NAME, MANIFEST_NAME)
     signature = _read_small_regular_file(
-        bundle_dir / SIGNATURE_NAME, SIGNATURE_NAME, missing="missing: the bundle is unsigned"
+        root / SIGNATURE_NAME, SIGNATURE_NAME, missing="missing: the bundle is unsigned"
     )
     try:
         public_key.verify(signature, data)
@@ -279,34 +446,17 @@ def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey) -> VerifiedBun
             "(tampered manifest or wrong public key)",
         ) from exc
     manifest = _parse(data)
-    files = manifest.files
-    root = bundle_dir.resolve()
-    for rel, entry in sorted(files.items()):
-        path = (bundle_dir / rel).resolve()
-        if root not in path.parents:
-            raise BundleVerificationError(rel, "path escapes the bundle folder")
-        if not path.is_file():
-            raise BundleVerificationError(rel, "listed in the manifest but missing")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise BundleVerificationError(rel, f"size {size} != manifest {entry.size}")
-        digest = sha256_file(path)
-        if digest != entry.sha256:
-            raise BundleVerificationError(rel, f"sha256 {digest[:12]}… != manifest {entry.sha256[:12]}…")
-
-    listed = set(files) | {MANIFEST_NAME, SIGNATURE_NAME}
-    for path in sorted(bundle_dir.rglob("*")):
-        rel = path.relative_to(bundle_dir).as_posix()
-        if path.is_file() and rel not in listed:
-            raise BundleVerificationError(rel, "present in the bundle but not in the manifest")
-    return VerifiedBundle(path=bundle_dir, manifest=manifest, key_id=key_id(public_key), manifest_bytes=data)
+    for rel, entry in sorted(manifest.files.items()):
+        _read_listed(root, rel, entry, keep=False)
+    _check_tree(root, set(manifest.files) | {MANIFEST_NAME, SIGNATURE_NAME})
+    return VerifiedBundle(path=root, manifest=manifest, key_id=key_id(public_key), manifest_bytes=data)
 
 
 # --------------------------------------------------------------------------- golden data
 
 
-def load_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Load a golden ``.npz`` file into a name → array dict."""
+def load_tensors(path: Path | IO[bytes]) -> dict[str, np.ndarray]:
+    """Load a golden ``.npz`` file (a path or an open binary file) into a name → array dict."""
     with np.load(path, allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
 
@@ -444,7 +594,8 @@ def iter_quality_inputs(quality: Quality, open_file: Any) -> Iterator[dict[str, 
 
     Args:
         quality: ``manifest["quality"]``.
-        open_file: maps a bundle-relative path to a readable path (``VerifiedBundle.file``).
+        open_file: maps a bundle-relative path to what ``numpy.load`` reads: a path, or a binary file
+            (the server passes checked bytes: ``io.BytesIO(VerifiedBundle.read(rel))``).
 
     Raises:
         BundleError: a file or member is missing, or the first batch does not hash to

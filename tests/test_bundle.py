@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from contract import bundle
 
@@ -169,3 +171,160 @@ def test_the_manifest_schema_is_exported_as_json_schema() -> None:
         schema["required"]
     )
     assert "Variant" in schema["$defs"] and "Quality" in schema["$defs"]
+
+
+# --------------------------------------------------------------------------- hostile bundles
+
+
+def test_a_signature_that_is_a_folder_is_refused_cleanly(signed_bundle: tuple[Path, Path]) -> None:
+    root, pub = signed_bundle
+    (root / bundle.SIGNATURE_NAME).unlink()
+    (root / bundle.SIGNATURE_NAME).mkdir()
+    with pytest.raises(bundle.BundleVerificationError, match=r"manifest.json.sig: is not a regular file"):
+        bundle.verify_bundle(root, bundle.load_public_key(pub))
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"model.onnx": "abc"}, r"files\.model\.onnx: Input should be a valid dictionary"),
+        ({"model.onnx": {"sha256": "0" * 64}}, r"files\.model\.onnx\.size: Field required"),
+        ({"model.onnx": {"sha256": "xyz", "size": 1}}, r"files\.model\.onnx\.sha256: String should match"),
+        (
+            {"model.onnx": {"sha256": "0" * 64, "size": -1}},
+            r"files\.model\.onnx\.size: Input should be greater",
+        ),
+    ],
+)
+def test_malformed_file_entries_are_named(
+    signed_bundle: tuple[Path, Path], files: dict[str, object], message: str
+) -> None:
+    root, pub = signed_bundle
+    _resign(root, pub.with_suffix(".pem"), {"files": files})
+    with pytest.raises(bundle.BundleVerificationError, match=message):
+        bundle.verify_bundle(root, bundle.load_public_key(pub))
+
+
+def _make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _make_folder_link(path: Path) -> None:
+    path.symlink_to(path.parent / "golden", target_is_directory=True)
+
+
+def _make_empty_folder(path: Path) -> None:
+    path.mkdir()
+
+
+def _make_unlisted_folder(path: Path) -> None:
+    path.mkdir()
+    (path / "notes.txt").write_text("x")
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "message"),
+    [
+        (_make_fifo, "pipe", "is a FIFO"),
+        (_make_folder_link, "golden2", "is a symlink"),
+        (_make_empty_folder, "empty", "holds no listed file"),
+        (_make_unlisted_folder, "extra", "holds no listed file"),
+    ],
+)
+def test_anything_the_manifest_does_not_list_is_refused_by_name(
+    signed_bundle: tuple[Path, Path], make: object, name: str, message: str
+) -> None:
+    root, pub = signed_bundle
+    assert callable(make)
+    make(root / name)
+    with pytest.raises(bundle.BundleVerificationError, match=message) as err:
+        bundle.verify_bundle(root, bundle.load_public_key(pub))
+    assert err.value.path == name
+
+
+def test_a_listed_file_that_is_a_link_is_refused_even_inside_the_bundle(
+    signed_bundle: tuple[Path, Path],
+) -> None:
+    root, pub = signed_bundle
+    (root / "model.onnx").rename(root / "golden" / "model.onnx")
+    (root / "model.onnx").symlink_to(root / "golden" / "model.onnx")
+    with pytest.raises(bundle.BundleVerificationError, match="links are refused") as err:
+        bundle.verify_bundle(root, bundle.load_public_key(pub))
+    assert err.value.path == "model.onnx"
+
+
+def test_a_listed_folder_that_is_a_link_is_refused(signed_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    root, pub = signed_bundle
+    (root / "golden").rename(tmp_path / "elsewhere")
+    (root / "golden").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(bundle.BundleVerificationError, match="folder 'golden' is a link") as err:
+        bundle.verify_bundle(root, bundle.load_public_key(pub))
+    assert err.value.path == "golden/inputs.npz"
+
+
+def test_a_file_swapped_after_verification_is_never_returned(signed_bundle: tuple[Path, Path]) -> None:
+    root, pub = signed_bundle
+    verified = bundle.verify_bundle(root, bundle.load_public_key(pub))
+    assert verified.read("model.onnx") == b"not really onnx, but bytes to hash"
+    # Same size, other bytes, swapped in by rename after the hash: what the server reads next is refused.
+    (root / "evil").write_bytes(b"NOT really onnx, but bytes to hash")
+    (root / "evil").rename(root / "model.onnx")
+    with pytest.raises(bundle.BundleVerificationError, match="sha256") as err:
+        verified.read("model.onnx")
+    assert err.value.path == "model.onnx"
+    with pytest.raises(bundle.BundleError, match="not listed"):
+        verified.read("evil")
+
+
+def test_latest_is_resolved_once(signed_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    root, pub = signed_bundle
+    latest = tmp_path / "latest"
+    latest.symlink_to(root, target_is_directory=True)
+    verified = bundle.verify_bundle(latest, bundle.load_public_key(pub))
+    assert verified.path == root.resolve()
+    # Re-pointing latest at another (unsigned) folder after verification changes nothing that is read.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.onnx").write_bytes(b"attacker")
+    latest.unlink()
+    latest.symlink_to(other, target_is_directory=True)
+    assert verified.read("model.onnx") == b"not really onnx, but bytes to hash"
+    assert verified.load_tensors("golden/inputs.npz")["x"].shape == (1, 3)
+
+
+def test_a_private_copy_holds_the_checked_bytes(signed_bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    root, pub = signed_bundle
+    verified = bundle.verify_bundle(root, bundle.load_public_key(pub))
+    dest = verified.copy_to(["model.onnx", "golden/inputs.npz"], tmp_path / "private")
+    assert (dest / "model.onnx").read_bytes() == (root / "model.onnx").read_bytes()
+    assert (dest / "golden" / "inputs.npz").stat().st_mode & 0o777 == 0o600
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    doc=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=30,
+    ),
+    base=st.sampled_from(["empty", "valid"]),
+)
+def test_the_reader_never_fails_with_anything_but_a_named_error(doc: object, base: str) -> None:
+    """Fuzz: any JSON, alone or merged over a valid manifest's keys, is a ManifestError or a Manifest."""
+    valid = {
+        "schema_version": bundle.SCHEMA_VERSION,
+        "model": "t",
+        "version": "v",
+        "task": "classification",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 3]}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 2]}],
+        "golden": {"inputs": "g.npz", "outputs": "g.npz"},
+        "files": {"g.npz": {"sha256": "0" * 64, "size": 1}},
+    }
+    data = {**valid, **doc} if base == "valid" and isinstance(doc, dict) else doc
+    try:
+        parsed = bundle.Manifest.parse(json.dumps(data).encode())
+    except bundle.ManifestError as exc:
+        assert str(exc)
+    else:
+        assert parsed.model and parsed.files
