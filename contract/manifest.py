@@ -8,7 +8,9 @@ contract.manifest`` prints it).
 
 Schema versions: 2 adds ``quality``, and ``quantization``, ``cpu`` and ``quality`` on variants. Version-1
 manifests still parse; their INT8 variants carry no ``cpu`` record, so no CPU class counts as validated
-for them.
+for them. 3 adds ``axes`` (the largest size of every named input axis but ``batch``, required from 3 on)
+and ``serving.max_sample_bytes``; older manifests still parse, and the server asks its operator for the
+bounds they lack (``--axis-max``) rather than serve an unbounded axis.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 
 class ManifestError(ValueError):
@@ -150,6 +152,8 @@ class ServingHints(_Model):
 
     max_batch_size: int = Field(default=1, ge=1)
     max_queue_delay_ms: float = Field(default=1.0, ge=0.0)
+    max_sample_bytes: int | None = Field(default=None, ge=0)
+    """Run-time memory of one sample at the axis maxima, measured at build (``model_build.memory``)."""
 
 
 class Manifest(_Model):
@@ -165,6 +169,8 @@ class Manifest(_Model):
     variants: tuple[Variant, ...] = ()
     golden: Golden
     quality: Quality | None = None
+    axes: dict[str, int] = Field(default_factory=dict)
+    """The largest size of each named input axis other than ``batch`` (schema 3)."""
     serving: ServingHints = Field(default_factory=ServingHints)
     dropped: tuple[dict[str, Any], ...] = ()
     skipped: tuple[dict[str, Any], ...] = ()
@@ -197,6 +203,22 @@ class Manifest(_Model):
             problems = [f"{_path(err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)[:8]]
             more = exc.error_count() - len(problems)
             raise ManifestError("; ".join(problems) + (f" (and {more} more)" if more > 0 else "")) from None
+
+    @model_validator(mode="after")
+    def _bounded_axes(self) -> Manifest:
+        named = {d for t in self.inputs for d in t.shape[1:] if isinstance(d, str) and d != "batch"}
+        for axis, size in self.axes.items():
+            if size < 1:
+                raise ValueError(f"axes.{axis}: must be at least 1, got {size}")
+        missing = sorted(named - set(self.axes)) if self.schema_version >= 3 else []
+        if missing:
+            raise ValueError(f"axes: gives no maximum for the input axis {', '.join(missing)}")
+        return self
+
+    def unbounded_axes(self) -> list[str]:
+        """Named input axes (other than ``batch``) that the manifest gives no maximum for (schema < 3)."""
+        named = {d for t in self.inputs for d in t.shape[1:] if isinstance(d, str) and d != "batch"}
+        return sorted(named - set(self.axes))
 
     def variant(self, name: str) -> Variant:
         """The variant called ``name``.

@@ -122,12 +122,15 @@ def plan(
                 )
         else:
             needs = detect.missing_cpu_features(row, arch, flags)
+            # A host that has every feature of a lower class still runs its own, faster kernels:
+            # ONNX Runtime dispatches on the best instruction set present, so it can't stand in.
+            why = f"lacking {', '.join(needs)}" if needs else f"whose kernels differ from {name}'s"
             plans.append(
                 ClassPlan(
                     name,
                     "unverified",
                     reason=(
-                        f"this build host is {host or 'of no CPU class'}, lacking {', '.join(needs) or '?'}, "
+                        f"this build host is {host or 'of no CPU class'}, {why}, "
                         "and no emulator runs this class"
                     ),
                 )

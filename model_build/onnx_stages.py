@@ -21,6 +21,7 @@ from contract.bundle import BundleError, compare_outputs, load_tensors, save_ten
 
 from .errors import BuildError
 from .load import load_model
+from .memory import measure_sample_bytes
 from .spec import Spec
 from .tensors import LABELS, take
 
@@ -258,6 +259,11 @@ def parity_stage(spec: Spec, model_dir: Path, export_dir: Path, out: Path, progr
     progress(
         f"FP32 ONNX vs PyTorch: max abs diff {figures['golden']['max_abs_diff']:.2e} (golden), "
         f"{figures['eval']['max_abs_diff']:.2e} (eval)"
+    )
+    figures["memory"] = measure_sample_bytes(export_dir / FP32_FILE, spec)
+    progress(
+        f"FP32 runs at the axis maxima {figures['memory']['axes'] or '(fixed shape)'}: "
+        f"{figures['memory']['max_sample_bytes'] / 2**20:.1f} MiB per sample at most"
     )
     (out / "parity.json").write_text(
         json.dumps({"tolerance": tolerance, **figures}, indent=2, sort_keys=True)

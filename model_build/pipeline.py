@@ -688,9 +688,11 @@ def _manifest(spec: Spec, keys: Keys, folders: _Folders, result: BuildResult, tm
         "variants": variants,
         "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz"},
         "quality": quality,
+        "axes": dict(spec.axes),
         "serving": {
             "max_batch_size": spec.serving.max_batch_size,
             "max_queue_delay_ms": float(spec.serving.max_queue_delay_ms),
+            "max_sample_bytes": _read_json(folders.parity / "parity.json")["memory"]["max_sample_bytes"],
         },
         "dropped": dropped,
         "skipped": skipped,

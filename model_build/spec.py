@@ -232,6 +232,9 @@ class Spec:
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
     serving: ServingSpec = field(default_factory=ServingSpec)
     quality: QualitySpec = field(default_factory=QualitySpec)
+    axes: dict[str, int] = field(default_factory=dict)
+    """The largest size of each named input axis other than ``batch`` (``{sequence: 512}``): the server
+    refuses larger inputs before building a tensor, and the build checks the model runs at that size."""
     path: Path = Path()
     """The spec file (set by :func:`load_spec`, not a YAML key)."""
 
@@ -350,6 +353,34 @@ def _validate_tensors(spec: Spec) -> None:
                     raise SpecError(spec.path, where, f"axis name {dim!r} not in {AXIS_NAMES}")
                 if isinstance(dim, int) and dim <= 0:
                     raise SpecError(spec.path, where, f"dimension {dim} must be positive")
+    _validate_axes(spec)
+
+
+def _validate_axes(spec: Spec) -> None:
+    """Every named input axis but ``batch`` has a positive maximum in ``axes``, and nothing else does."""
+    named = sorted({d for t in spec.inputs for d in t.shape[1:] if isinstance(d, str) and d != "batch"})
+    for axis in named:
+        if axis not in spec.axes:
+            raise SpecError(
+                spec.path,
+                f"axes.{axis}",
+                f"the inputs use axis {axis!r}, so the spec must give its largest size (e.g. the model's "
+                "position embeddings for a sequence); the server refuses larger inputs with it",
+            )
+    for axis, size in spec.axes.items():
+        if axis == "batch":
+            raise SpecError(spec.path, "axes.batch", "the batch axis is bounded by serving.max_batch_size")
+        if axis not in named:
+            raise SpecError(spec.path, f"axes.{axis}", f"no input uses axis {axis!r} (inputs use {named})")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise SpecError(spec.path, f"axes.{axis}", f"must be a positive integer, got {size!r}")
+    sequence = spec.axes.get("sequence")
+    if spec.tensorrt.archs and sequence is not None and spec.tensorrt.max_sequence > sequence:
+        raise SpecError(
+            spec.path,
+            "tensorrt.max_sequence",
+            f"{spec.tensorrt.max_sequence} is above axes.sequence ({sequence})",
+        )
 
 
 def _validate_numbers(spec: Spec) -> None:

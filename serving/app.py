@@ -21,7 +21,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -30,7 +30,13 @@ from serving.batching import Batcher, QueueFull, QueueTimeout
 from serving.metrics import CONTENT_TYPE, Metrics
 from serving.model import LoadedModel, ModelRunError
 from serving.openapi import openapi_document
-from serving.protocol import HEADER_LENGTH, ProtocolError, encode_response, parse_infer_request
+from serving.protocol import (
+    HEADER_LENGTH,
+    ProtocolError,
+    encode_response,
+    parse_infer_request,
+    precheck_header,
+)
 
 log = logging.getLogger("serving.app")
 
@@ -83,7 +89,7 @@ class Guard:
     def __init__(self, app: ASGIApp, token: str | None) -> None:
         """Wrap ``app``; with ``token`` set, every path except the health checks needs it."""
         self.app = app
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.expected = token.encode() if token else None
         # Request ids: a random per-process prefix and a counter (cheaper than a uuid4 a request).
         self.prefix = uuid.uuid4().hex[:12]
         self.counter = itertools.count(1)
@@ -101,7 +107,13 @@ class Guard:
         try:
             if self.expected is not None and scope["path"] not in OPEN_PATHS:
                 given = headers.get(b"authorization")
-                if given is None or not hmac.compare_digest(given, self.expected):
+                # RFC 9110: the auth scheme is case-insensitive; the token is compared in constant time.
+                scheme, _, credentials = (given or b"").strip().partition(b" ")
+                if (
+                    given is None
+                    or scheme.lower() != b"bearer"
+                    or not hmac.compare_digest(credentials.strip(), self.expected)
+                ):
                     reason = "missing bearer token" if given is None else "wrong bearer token"
                     log.warning("refused %s %s: %s", scope["method"], scope["path"], reason)
                     response = _error(
@@ -122,19 +134,41 @@ class Guard:
             logs.request_id.reset(token)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, precheck: Callable[[bytes], None] | None = None) -> bytes:
+    """The request body, within ``limit`` bytes after decompression.
+
+    ``precheck`` gets the first ``Inference-Header-Content-Length`` bytes (the JSON header of a binary
+    request) as soon as they are in; when it refuses them, the rest of the body is read and dropped, not
+    kept, and its refusal is raised: a huge tensor is refused without being buffered.
+    """
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ProtocolError(f"request body of {length} bytes is above the limit of {limit} bytes", 413)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    head_length = request.headers.get(HEADER_LENGTH, "")
+    head = int(head_length) if precheck and encoding in ("identity", "") and head_length.isdigit() else 0
     chunks: list[bytes] = []
     size = 0
+    refusal: ProtocolError | None = None
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise ProtocolError(f"request body is above the limit of {limit} bytes", 413)
+        if refusal is not None:
+            continue
         chunks.append(chunk)
+        if head and size >= head and precheck is not None:
+            joined = b"".join(chunks)
+            chunks = [joined]
+            try:
+                precheck(joined[:head])
+            except ProtocolError as exc:
+                refusal = exc
+                chunks = []
+            head = 0
+    if refusal is not None:
+        raise refusal
     body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("identity", ""):
         return body
     if encoding not in ("gzip", "deflate"):
@@ -237,12 +271,24 @@ class V2Api:
         problem = self._known(request)
         if problem:
             raise ProtocolError(problem, 404)
-        body = await _read_body(request, self.settings.max_body_bytes)
+        body = await _read_body(
+            request,
+            self.settings.max_body_bytes,
+            lambda head: precheck_header(head, self.spec, self.spec.max_batch_size),
+        )
         parsed = parse_infer_request(
             body, request.headers.get(HEADER_LENGTH), self.spec, self.spec.max_batch_size
         )
         self.batcher.arriving -= 1
         arriving[0] = False
+        cost = self.batcher.fits(parsed)
+        if cost is not None:
+            raise ProtocolError(
+                f"the request would need about {cost / 2**20:,.0f} MiB to run ({parsed.batch_size} rows), "
+                "above "
+                f"this server's memory budget of {self.batcher.max_cost / 2**20:,.0f} MiB for one run "
+                "(--batch-memory-mb): send fewer rows or shorter inputs"
+            )
         try:
             outputs, stats = await self.batcher.submit(parsed, self.settings.request_timeout_s)
         except (QueueFull, QueueTimeout) as exc:
@@ -272,6 +318,11 @@ class V2Api:
         except ModelRunError as exc:
             log.info("model rejected the input values: %s", exc)
             response = _error(400, f"the model rejected the input values: {exc}")
+        except ClientDisconnect:
+            # Not a server fault: one line, its own counter, and no answer (no one is listening).
+            log.info("client disconnected before its request body was read")
+            self.metrics.client_disconnects.labels("infer").inc()
+            response = Response(status_code=499)
         except _Overloaded as exc:
             log.warning("refused inference request (503): %s", exc)
             response = _error(503, str(exc), {"Retry-After": str(self.settings.retry_after_s)})
@@ -283,7 +334,8 @@ class V2Api:
                 self.batcher.arriving -= 1
             self.metrics.inflight.dec()
             self.metrics.request_seconds.observe(time.perf_counter() - started)
-        self.count("infer", response.status_code)
+        if response.status_code != 499:
+            self.count("infer", response.status_code)
         return response
 
     async def http_error(self, request: Request, exc: Exception) -> Response:

@@ -72,6 +72,8 @@ class Batcher:
         batchable: bool = True,
         on_depth: Callable[[int], None] = lambda _n: None,
         on_batch: Callable[[int, float], None] = lambda _n, _s: None,
+        cost: Callable[[InferRequest], int] = lambda _r: 0,
+        max_cost: int = 0,
     ) -> None:
         """Set up the batcher; :meth:`start` must be called inside the event loop.
 
@@ -83,6 +85,9 @@ class Batcher:
             batchable: whether requests may be stacked (every tensor has a leading batch axis).
             on_depth: called with the queue depth whenever it changes.
             on_batch: called with the size and compute seconds of every run.
+            cost: a request's estimated run-time memory in bytes.
+            max_cost: the memory budget of one run; a batch stops growing before it would exceed it
+                (0: no budget). A request alone above it is refused by the caller (:meth:`fits`).
         """
         self._run = run
         self._max_batch = max_batch_size if batchable else 1
@@ -90,12 +95,19 @@ class Batcher:
         self._max_queue = max_queue
         self._on_depth = on_depth
         self._on_batch = on_batch
+        self._cost = cost
+        self.max_cost = max_cost
         self._queue: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
         self._task: asyncio.Task[None] | None = None
         self._last_batch = 1
         self.arriving = 0  # requests being read and parsed, not yet queued
+
+    def fits(self, request: InferRequest) -> int | None:
+        """None when ``request`` fits the memory budget of a run on its own, else its estimated cost."""
+        cost = self._cost(request)
+        return cost if self.max_cost and cost > self.max_cost else None
 
     @property
     def depth(self) -> int:
@@ -147,15 +159,22 @@ class Batcher:
         """Move queued items compatible with ``signature`` into ``batch``; return the row count."""
         kept: collections.deque[_Item] = collections.deque()
         now = time.perf_counter()
+        spent = sum(self._cost(item.request) for item in batch) if self.max_cost else 0
         while self._queue:
             item = self._queue.popleft()
             if item.future.done() or now > item.deadline:
                 if not item.future.done():
                     item.future.set_exception(QueueTimeout("request timed out in the queue"))
                 continue
-            if rows + item.request.batch_size <= self._max_batch and item.request.signature() == signature:
+            cost = self._cost(item.request) if self.max_cost else 0
+            if (
+                rows + item.request.batch_size <= self._max_batch
+                and item.request.signature() == signature
+                and (not batch or spent + cost <= self.max_cost or not self.max_cost)
+            ):
                 batch.append(item)
                 rows += item.request.batch_size
+                spent += cost
             else:
                 kept.append(item)
         self._queue = kept

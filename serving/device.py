@@ -141,17 +141,64 @@ def load_table(path: Path = DEFAULT_TABLE) -> dict[str, DeviceClass]:
     return parse_table(_read(path))
 
 
+def load_tables(path: Path = DEFAULT_TABLE) -> tuple[dict[str, DeviceClass], dict[str, dict[str, Any]]]:
+    """The device classes and the CPU classes of one read of the table (what the server needs)."""
+    data = _read(path)
+    return parse_table(data), cpu_classes(data)
+
+
+def cpu_classes(data: Any) -> dict[str, dict[str, Any]]:
+    """The table's ``cpu_classes`` rows, in file order (empty for a table without them).
+
+    Raises:
+        DeviceError: a row lacks ``arch``.
+    """
+    rows = (data if isinstance(data, dict) else {}).get("cpu_classes") or {}
+    for name, row in rows.items():
+        if not isinstance(row, dict) or "arch" not in row:
+            raise DeviceError(f"device table: cpu class {name!r} must be a mapping with an 'arch'")
+    return dict(rows)
+
+
 def load_cpu_classes(path: Path = DEFAULT_TABLE) -> dict[str, dict[str, Any]]:
     """The table's ``cpu_classes`` rows, in file order (empty for a table without them).
 
     Raises:
         DeviceError: the file cannot be read, or a row lacks ``arch``.
     """
-    rows = (_read(path) or {}).get("cpu_classes") or {}
-    for name, row in rows.items():
-        if not isinstance(row, dict) or "arch" not in row:
-            raise DeviceError(f"device table: cpu class {name!r} must be a mapping with an 'arch'")
-    return dict(rows)
+    return cpu_classes(_read(path))
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use: its cgroup's limit (v2 ``memory.max``, v1 ``limit_in_bytes``)
+    when it has one, else the machine's ``MemTotal``."""
+    limits = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":
+            candidates = [Path("/sys/fs/cgroup") / group.lstrip("/") / "memory.max"]
+        elif "memory" in controllers.split(","):
+            candidates = [Path("/sys/fs/cgroup/memory") / group.lstrip("/") / "memory.limit_in_bytes"]
+        else:
+            continue
+        for candidate in candidates:
+            try:
+                text = candidate.read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 1 << 60:
+                limits.append(int(text))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return min(limits) if limits else 1 << 30
 
 
 def _found(facts: DeviceFacts) -> dict[str, Any]:

@@ -55,6 +55,12 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.client_disconnects = Counter(
+            "dualdeploy_client_disconnects",
+            "Requests whose client hung up before the body was read (not a server error), by endpoint.",
+            ["endpoint"],
+            registry=r,
+        )
         self.queue_seconds = Histogram(
             "dualdeploy_queue_seconds",
             "Time an inference request waited in the batch queue.",

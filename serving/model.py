@@ -9,7 +9,11 @@ Only a model that passed all of that is handed to the HTTP layer.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +29,12 @@ from contract.bundle import (
     compare_outputs,
     iter_quality_inputs,
     load_public_key,
-    load_tensors,
     quality_gate,
     verify_bundle,
 )
 from contract.manifest import Manifest, Variant
 from serving import device
-from serving.protocol import BATCH_AXIS, ModelSpec, tensor_spec
+from serving.protocol import BATCH_AXIS, InferRequest, ModelSpec, tensor_spec
 
 log = logging.getLogger("serving.model")
 
@@ -63,6 +66,15 @@ class LoadedModel:
     quality_figures: dict[str, float] = field(default_factory=dict)
     """The on-device quality gate's figures (empty when the variant has no quality entry)."""
 
+    def memory_cost(self, request: InferRequest) -> int:
+        """A request's run-time memory in bytes, scaled from the build's measure of the largest sample.
+
+        Linear in the request's elements: for a model whose memory grows faster than its input (attention),
+        that over-estimates a shorter request, the safe side. 0 when the bundle records no measure.
+        """
+        per_sample = self.bundle.manifest.serving.max_sample_bytes or 0
+        return -(-request.elements * per_sample // max(1, self.spec.sample_elements()))
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model once (blocking; call it off the event loop).
 
@@ -75,16 +87,42 @@ class LoadedModel:
         except (
             ort.capi.onnxruntime_pybind11_state.InvalidArgument,
             ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            # A kernel refusing the values it was given (an index out of range, shapes that do not
+            # broadcast); a real fault (out of memory) is a RuntimeException and stays a 500.
+            ort.capi.onnxruntime_pybind11_state.Fail,
         ) as exc:
-            raise ModelRunError(str(exc).splitlines()[0][:500]) from exc
+            raise ModelRunError(runtime_message(str(exc))) from exc
         return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
 
 
-def model_spec(manifest: Manifest, max_batch_size: int) -> ModelSpec:
-    """The protocol view of a manifest.
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"\S*onnxruntime_src/\S+:\d+ .*?\)\s+")
+
+
+def runtime_message(text: str) -> str:
+    """ONNX Runtime's error for a client: its first line, without the code prefix, source path or C++ name."""
+    first = text.strip().splitlines()[0] if text.strip() else "no message"
+    return _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", first))[:400]
+
+
+def model_spec(
+    manifest: Manifest,
+    max_batch_size: int,
+    axis_max: Mapping[str, int] | None = None,
+    max_request_elements: int | None = None,
+) -> ModelSpec:
+    """The protocol view of a manifest, with the bounds every request is checked against.
+
+    Args:
+        manifest: the verified manifest.
+        max_batch_size: the most rows one request (and one run) may hold.
+        axis_max: the operator's bounds (``--axis-max``): each may lower the manifest's, never raise it,
+            and they supply the bounds that a bundle built before schema 3 does not record.
+        max_request_elements: the per-request element budget; default the largest legal request.
 
     Raises:
-        ModelLoadError: the manifest's inputs or outputs are malformed.
+        ModelLoadError: the manifest's inputs or outputs are malformed, an axis has no bound, or an
+            operator bound is above the manifest's.
     """
     try:
         inputs = tuple(tensor_spec(e, "inputs") for e in manifest.inputs)
@@ -93,13 +131,35 @@ def model_spec(manifest: Manifest, max_batch_size: int) -> ModelSpec:
         raise ModelLoadError(str(exc)) from exc
     if not inputs or not outputs:
         raise ModelLoadError("manifest: 'inputs' and 'outputs' must list the model's tensors")
-    return ModelSpec(
+    bounds = dict(manifest.axes)
+    for axis, size in (axis_max or {}).items():
+        if size < 1:
+            raise ModelLoadError(f"--axis-max {axis}={size}: must be at least 1")
+        if axis in bounds and size > bounds[axis]:
+            raise ModelLoadError(
+                f"--axis-max {axis}={size} is above the bundle's axes.{axis}={bounds[axis]}, the largest "
+                "size the build proved the model runs at"
+            )
+        bounds[axis] = size
+    unbounded = [a for a in manifest.unbounded_axes() if a not in bounds]
+    if unbounded:
+        raise ModelLoadError(
+            f"the bundle (schema {manifest.schema_version}) records no maximum for the input axis "
+            f"{', '.join(unbounded)}, so one request could make ONNX Runtime allocate without limit: rebuild "
+            f"it with the current prebuild, or pass --axis-max {unbounded[0]}=N"
+        )
+    spec = ModelSpec(
         name=manifest.model,
         version=manifest.version,
         inputs=inputs,
         outputs=outputs,
         max_batch_size=max_batch_size,
+        axis_max=bounds,
     )
+    largest = max_batch_size * spec.sample_elements()
+    if max_request_elements is not None and max_request_elements < 1:
+        raise ModelLoadError(f"--max-request-elements must be at least 1, got {max_request_elements}")
+    return dataclasses.replace(spec, max_request_elements=min(max_request_elements or largest, largest))
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -142,6 +202,8 @@ def load(
     max_batch_size: int | None = None,
     intra_op_threads: int = 0,
     trt_cache_dir: Path | None = None,
+    axis_max: Mapping[str, int] | None = None,
+    max_request_elements: int | None = None,
 ) -> LoadedModel:
     """Verify, choose, open and warm up a bundle.
 
@@ -155,6 +217,9 @@ def load(
         intra_op_threads: ONNX Runtime intra-op threads (0: its default).
         trt_cache_dir: a writable folder where the TensorRT EP caches the engines it builds from
             an ONNX variant (Jetson, or a GPU without a matching prebuilt engine); None: no cache.
+        axis_max: lower bounds for named axes than the manifest's ``axes`` (or, for a bundle built
+            before schema 3, the bounds it lacks).
+        max_request_elements: the per-request element budget (default: the largest legal request).
 
     Returns:
         The loaded model, ready to serve.
@@ -166,16 +231,17 @@ def load(
     verified = verify(bundle_dir, public_key_path)
     manifest = verified.manifest
     log.info(
-        "bundle %s verified (model %s version %s, key %s)",
+        "bundle %s verified as %s (model %s version %s, key %s)",
         bundle_dir,
+        verified.path,
         manifest.model,
         manifest.version,
         verified.key_id,
     )
 
     try:
-        table = device.load_table(device_table)
-        facts = device.gather_facts(table, device.load_cpu_classes(device_table))
+        table, cpu_classes = device.load_tables(device_table)
+        facts = device.gather_facts(table, cpu_classes)
         if device_class == "auto":
             dclass = device.detect_class(table, facts)
         elif device_class in table:
@@ -194,7 +260,7 @@ def load(
     batch = int(max_batch_size or manifest.serving.max_batch_size)
     if batch < 1:
         raise ModelLoadError(f"max_batch_size must be at least 1, got {batch}")
-    spec = model_spec(manifest, batch)
+    spec = model_spec(manifest, batch, axis_max, max_request_elements)
     batchable = all(t.shape[:1] == (BATCH_AXIS,) for t in (*spec.inputs, *spec.outputs))
 
     # A TensorRT variant chosen automatically that fails to open or to reproduce the golden
@@ -336,21 +402,33 @@ def open_session(
     intra_op_threads: int,
     trt_cache_dir: Path | None = None,
 ) -> ort.InferenceSession:
-    """Open an ONNX Runtime session on a variant's file from the verified bundle.
+    """Open an ONNX Runtime session on a variant's checked bytes from the verified bundle.
 
     Raises:
         ModelLoadError: the file (or, for TensorRT, the engine the wrapper names) is not in the
             bundle, or ONNX Runtime cannot open it.
     """
     try:
-        model_path = verified.file(variant.file)
         if variant.format == "tensorrt":
-            # Verification covered every listed file; the engine must be one of them.
-            verified.file(str(variant.engine))
+            # The EP reads the wrapper and the engine it names by path: it gets a private copy of the
+            # checked bytes (verification covered every listed file; the engine must be one of them).
+            private = verified.copy_to(
+                (variant.file, str(variant.engine)), Path(tempfile.mkdtemp(prefix="dualdeploy-trt-"))
+            )
+            model_path = private / variant.file
+            try:
+                return ort.InferenceSession(
+                    str(model_path),
+                    session_options(intra_op_threads),
+                    providers=execution_providers(variant, providers, model_path, trt_cache_dir),
+                )
+            finally:  # the EP has deserialised the engine by now
+                shutil.rmtree(private, ignore_errors=True)
+        # ONNX Runtime gets the bytes that were hashed, never a path it would reopen later.
         return ort.InferenceSession(
-            str(model_path),
+            verified.read(variant.file),
             session_options(intra_op_threads),
-            providers=execution_providers(variant, providers, model_path, trt_cache_dir),
+            providers=execution_providers(variant, providers, verified.file(variant.file), trt_cache_dir),
         )
     except (
         BundleError,
@@ -379,8 +457,8 @@ def warm_up(model: LoadedModel) -> dict[str, float]:
     golden = model.bundle.manifest.golden
     tolerance = model.variant.tolerance.as_dict()
     try:
-        inputs = load_tensors(model.bundle.file(golden.inputs))
-        expected = load_tensors(model.bundle.file(golden.outputs))
+        inputs = model.bundle.load_tensors(golden.inputs)
+        expected = model.bundle.load_tensors(golden.outputs)
     except (KeyError, BundleError, OSError, ValueError) as exc:
         raise ModelLoadError(f"golden data unusable: {exc}") from exc
     expected = {t.name: expected[t.name] for t in model.spec.outputs if t.name in expected}
@@ -425,11 +503,14 @@ def quality_check(model: LoadedModel) -> dict[str, float]:
     started = time.perf_counter()
     names = [t.name for t in model.spec.outputs]
     try:
-        build = load_tensors(model.bundle.file(entry.outputs))
-        reference = load_tensors(model.bundle.file(quality.reference))
+        build = model.bundle.load_tensors(entry.outputs)
+        reference = model.bundle.load_tensors(quality.reference)
         # Batch by batch, as the build ran them: dynamic INT8 quantizes each run's activations with one
         # scale, so the same rows must go together here to compare like with like.
-        parts = [model.run(batch) for batch in iter_quality_inputs(quality, model.bundle.file)]
+        parts = [
+            model.run(batch)
+            for batch in iter_quality_inputs(quality, lambda rel: io.BytesIO(model.bundle.read(rel)))
+        ]
         actual = {n: np.concatenate([part[n] for part in parts]) for n in names}
         count = len(actual[names[0]])
         figures = quality_gate(

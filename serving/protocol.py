@@ -89,6 +89,17 @@ class ModelSpec:
     platform: str = "onnxruntime_onnx"
     parameters: Mapping[str, str] = field(default_factory=dict)
     """What was chosen for this machine (variant, device and CPU class, why): metadata ``parameters``."""
+    axis_max: Mapping[str, int] = field(default_factory=dict)
+    """The largest size of each named axis but ``batch`` (manifest ``axes``, or ``--axis-max``)."""
+    max_request_elements: int = 0
+    """The most tensor elements one request may carry, its inputs together (0: no budget)."""
+
+    def sample_elements(self) -> int:
+        """Elements of one sample (one row of every input) with each named axis at its maximum."""
+        return sum(
+            math.prod(d if isinstance(d, int) else self.axis_max.get(d, 1) for d in t.shape[1:])
+            for t in self.inputs
+        )
 
     def metadata(self) -> dict[str, Any]:
         """The v2 model-metadata response body (``parameters`` is a KServe v2 extension field)."""
@@ -112,6 +123,8 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     batch_size: int
     outputs: list[tuple[str, bool]]  # (output name, send as binary)
+    elements: int = 0
+    """Tensor elements of all inputs together (what the memory budget of a batch is reckoned in)."""
 
     def signature(self) -> tuple[Any, ...]:
         """Requests with equal signatures can be stacked into one batch."""
@@ -124,7 +137,9 @@ def _object(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _shape(tensor: Mapping[str, Any], spec: TensorSpec, where: str, max_batch: int) -> tuple[int, ...]:
+def _shape(
+    tensor: Mapping[str, Any], spec: TensorSpec, where: str, max_batch: int, axis_max: Mapping[str, int]
+) -> tuple[int, ...]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise ProtocolError(f"{where}.shape must be a list of integers")
@@ -140,6 +155,8 @@ def _shape(tensor: Mapping[str, Any], spec: TensorSpec, where: str, max_batch: i
             raise ProtocolError(
                 f"{where}: shape {shape} does not match {list(spec.shape)} of input {spec.name!r}"
             )
+        if isinstance(want, str) and want in axis_max and got > axis_max[want]:
+            raise ProtocolError(f"{where}: axis {want!r} is {got}, above its maximum of {axis_max[want]}")
     if spec.shape and spec.shape[0] == BATCH_AXIS and shape[0] > max_batch:
         raise ProtocolError(f"{where}: batch size {shape[0]} is above the maximum of {max_batch}")
     return tuple(shape)
@@ -176,11 +193,14 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     """
     if header_length is None:
         return body, memoryview(b"")
-    try:
-        length = int(header_length)
-    except ValueError as exc:
-        raise ProtocolError(f"Inference-Header-Content-Length {header_length!r} is not an integer") from exc
-    if length < 0 or length > len(body):
+    # ASCII digits only: int() would also take ' +12', '1_2' and other scripts' digits.
+    if not (header_length.isascii() and header_length.isdigit()) or len(header_length) > 12:
+        raise ProtocolError(
+            f"Inference-Header-Content-Length {header_length[:40]!r} is not a decimal integer "
+            "(ASCII digits only)"
+        )
+    length = int(header_length)
+    if length > len(body):
         raise ProtocolError(
             f"Inference-Header-Content-Length {length} does not fit a body of {len(body)} bytes"
         )
@@ -194,6 +214,7 @@ class _Cursor:
     binary: memoryview
     offset: int = 0
     axes: dict[str, tuple[int, str]] = field(default_factory=dict)
+    elements: int = 0
 
     def check_axes(self, name: str, shape: tuple[int, ...], spec: TensorSpec) -> None:
         for dim, axis in zip(shape, spec.shape, strict=True):
@@ -216,7 +237,7 @@ class _Cursor:
         return arr
 
 
-def _parse_input(
+def _check_head(
     index: int,
     raw: Any,
     specs: Mapping[str, TensorSpec],
@@ -224,7 +245,8 @@ def _parse_input(
     cursor: _Cursor,
     model: ModelSpec,
     max_batch: int,
-) -> tuple[str, np.ndarray]:
+) -> tuple[dict[str, Any], TensorSpec, tuple[int, ...]]:
+    """An input's name, datatype, shape, axis bounds and the request's element budget (no data read)."""
     tensor = _object(raw, f"inputs[{index}]")
     name = tensor.get("name")
     if not isinstance(name, str):
@@ -237,8 +259,30 @@ def _parse_input(
         raise ProtocolError(
             f"{where}: datatype {tensor.get('datatype')!r} is wrong, expected {spec.datatype!r}"
         )
-    shape = _shape(tensor, spec, where, max_batch)
+    shape = _shape(tensor, spec, where, max_batch, model.axis_max)
     cursor.check_axes(name, shape, spec)
+    # Checked before any tensor is built: a request within the body limit can't ask for more.
+    cursor.elements += math.prod(shape)
+    if model.max_request_elements and cursor.elements > model.max_request_elements:
+        raise ProtocolError(
+            f"{where}: the request's inputs hold {cursor.elements:,} elements so far, above the "
+            f"per-request budget of {model.max_request_elements:,} (--max-request-elements)"
+        )
+    return tensor, spec, shape
+
+
+def _parse_input(
+    index: int,
+    raw: Any,
+    specs: Mapping[str, TensorSpec],
+    *,
+    cursor: _Cursor,
+    model: ModelSpec,
+    max_batch: int,
+) -> tuple[str, np.ndarray]:
+    tensor, spec, shape = _check_head(index, raw, specs, cursor=cursor, model=model, max_batch=max_batch)
+    name = spec.name
+    where = f"input {name!r}"
     tparams = _object(tensor.get("parameters", {}), f"{where}.parameters")
     size = tparams.get("binary_data_size")
     if size is not None:
@@ -291,6 +335,30 @@ def _parse_outputs(
     return outputs
 
 
+def precheck_header(header: bytes, model: ModelSpec, max_batch: int) -> None:
+    """Check a binary request's JSON header before its tensor bytes arrive: shapes, axis bounds, budget.
+
+    The HTTP layer calls it as soon as the first ``Inference-Header-Content-Length`` bytes are in, so a
+    request for a million tokens is refused without buffering its 16 MB. Anything this can't judge
+    (malformed JSON, unknown names) is left to :func:`parse_infer_request`, which reports it.
+
+    Raises:
+        ProtocolError: an input's shape, an axis bound or the element budget is exceeded.
+    """
+    try:
+        doc = json.loads(header.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return
+    raw_inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(raw_inputs, list):
+        return
+    specs = {t.name: t for t in model.inputs}
+    cursor = _Cursor(memoryview(b""))
+    for index, raw in enumerate(raw_inputs):
+        if isinstance(raw, dict) and raw.get("name") in specs:
+            _check_head(index, raw, specs, cursor=cursor, model=model, max_batch=max_batch)
+
+
 def parse_infer_request(
     body: bytes, header_length: str | None, model: ModelSpec, max_batch: int
 ) -> InferRequest:
@@ -310,7 +378,8 @@ def parse_infer_request(
     """
     header, binary = split_body(body, header_length)
     try:
-        doc = json.loads(header)
+        # JSON bodies are UTF-8 (RFC 8259); json.loads on bytes would also guess UTF-16 and UTF-32.
+        doc = json.loads(header.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         where = (
             "request body"
@@ -344,7 +413,7 @@ def parse_infer_request(
     if missing:
         raise ProtocolError(f"missing input(s) {', '.join(map(repr, missing))} of model {model.name!r}")
     batch = cursor.axes.get(BATCH_AXIS, (1, ""))[0]
-    return InferRequest(request_id, inputs, batch, _parse_outputs(doc, params, model))
+    return InferRequest(request_id, inputs, batch, _parse_outputs(doc, params, model), cursor.elements)
 
 
 def encode_response(

@@ -11,6 +11,7 @@ lets in-flight requests finish within the grace period, and exits 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -22,13 +23,14 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving import __version__, logs
 from serving.app import Settings, State, build_app
 from serving.batching import Batcher
-from serving.device import DEFAULT_TABLE
+from serving.device import DEFAULT_TABLE, memory_limit_bytes
 from serving.metrics import Metrics
-from serving.model import ModelLoadError, load
+from serving.model import LoadedModel, ModelLoadError, load
 
 log = logging.getLogger("serving")
 _IMPORTED = time.monotonic()
@@ -49,6 +51,33 @@ def process_age() -> float:
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"DUALDEPLOY_{name}", default)
+
+
+def _env_list(name: str) -> list[str]:
+    value = os.environ.get(f"DUALDEPLOY_{name}", "")
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def parse_axis_max(values: Sequence[str]) -> dict[str, int]:
+    """``["sequence=256"]`` → ``{"sequence": 256}``.
+
+    Raises:
+        ConfigError: naming the value that is not ``AXIS=N`` with N a positive integer.
+    """
+    bounds = {}
+    for value in values:
+        axis, sep, size = value.partition("=")
+        if (
+            not sep
+            or not axis.strip()
+            or not (size.strip().isascii() and size.strip().isdigit())
+            or int(size) < 1
+        ):
+            raise ConfigError(
+                f"--axis-max {value!r}: expected AXIS=N with N a positive integer, e.g. sequence=256"
+            )
+        bounds[axis.strip()] = int(size)
+    return bounds
 
 
 def parser() -> argparse.ArgumentParser:
@@ -120,6 +149,41 @@ def parser() -> argparse.ArgumentParser:
         help="override the manifest's serving.max_queue_delay_ms (DUALDEPLOY_MAX_QUEUE_DELAY_MS)",
     )
     p.add_argument(
+        "--axis-max",
+        action="append",
+        default=_env_list("AXIS_MAX"),
+        metavar="AXIS=N",
+        help="lower a named input axis's maximum below the manifest's axes (or give one that a bundle "
+        "older than schema 3 lacks); repeatable (DUALDEPLOY_AXIS_MAX, comma-separated)",
+    )
+    p.add_argument(
+        "--max-request-elements",
+        type=int,
+        default=_env("MAX_REQUEST_ELEMENTS"),
+        help="most tensor elements one request may carry; default the largest request the bounds allow "
+        "(DUALDEPLOY_MAX_REQUEST_ELEMENTS)",
+    )
+    p.add_argument(
+        "--batch-memory-mb",
+        type=int,
+        default=_env("BATCH_MEMORY_MB"),
+        help="memory budget of one model run, against the build's measure per sample; default half of "
+        "the memory this process may use (its cgroup limit or the machine's) (DUALDEPLOY_BATCH_MEMORY_MB)",
+    )
+    p.add_argument(
+        "--read-timeout-s",
+        type=float,
+        default=_env("READ_TIMEOUT_S", "30"),
+        help="longest time a request's head and body may take to arrive; a new or idle keep-alive "
+        "connection is closed after --keep-alive-s (DUALDEPLOY_READ_TIMEOUT_S)",
+    )
+    p.add_argument(
+        "--keep-alive-s",
+        type=float,
+        default=_env("KEEP_ALIVE_S", "5"),
+        help="close a connection that sends nothing for this long (DUALDEPLOY_KEEP_ALIVE_S)",
+    )
+    p.add_argument(
         "--max-queue",
         type=int,
         default=_env("MAX_QUEUE", "256"),
@@ -189,6 +253,62 @@ def forget_captured_signal(server: uvicorn.Server, sig: int) -> None:
         captured.remove(sig)
 
 
+class TimedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the two timeouts it lacks (a slow client can't hold a socket).
+
+    * A new connection that sends nothing is closed after the keep-alive timeout, as an idle keep-alive
+      connection already is (uvicorn arms that timer only after a first response).
+    * A request's head and body must arrive within ``read_timeout_s`` of its first byte, however slowly
+      the bytes trickle in; then the connection is closed (the handler sees a client disconnect).
+
+    Set ``read_timeout_s`` on a subclass (:func:`timed_protocol`). The timer attributes it uses
+    (``timeout_keep_alive_task``, ``loop``, ``transport``) belong to uvicorn's class, pinned with
+    :data:`UVICORN_PRIVATE_API_VERSION`.
+    """
+
+    read_timeout_s = 30.0
+    _read_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._cancel_read_deadline()
+        self._read_deadline = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def on_message_complete(self) -> None:
+        self._cancel_read_deadline()
+        super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_read_deadline()
+        super().connection_lost(exc)
+
+    def _cancel_read_deadline(self) -> None:
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _read_timed_out(self) -> None:
+        self._read_deadline = None
+        if not self.transport.is_closing():
+            log.info(
+                "closed a connection from %s: its request did not arrive within %.0f s",
+                f"{self.client[0]}:{self.client[1]}" if self.client else "?",
+                self.read_timeout_s,
+            )
+            self.transport.close()
+
+
+def timed_protocol(read_timeout_s: float) -> type[TimedHttpProtocol]:
+    """A :class:`TimedHttpProtocol` class with its read timeout (uvicorn makes one per connection)."""
+    return type("TimedHttpProtocol", (TimedHttpProtocol,), {"read_timeout_s": read_timeout_s})
+
+
 class ConfigError(Exception):
     """A flag or environment variable has an unusable value."""
 
@@ -207,7 +327,13 @@ def _check_args(args: argparse.Namespace) -> str | None:
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
-    for flag, low in (("max_batch_size", 1), ("max_queue", 1), ("max_body_bytes", 1024)):
+    for flag, low in (
+        ("max_batch_size", 1),
+        ("max_queue", 1),
+        ("max_body_bytes", 1024),
+        ("max_request_elements", 1),
+        ("batch_memory_mb", 1),
+    ):
         value = getattr(args, flag)
         if value is not None and value < low:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least {low}, got {value}")
@@ -215,6 +341,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must not be negative, got {value}")
+    _check_bounds(args)
     if args.token_file is None:
         return None
     try:
@@ -224,6 +351,15 @@ def _check_args(args: argparse.Namespace) -> str | None:
     if not token:
         raise ConfigError(f"--token-file {args.token_file}: the file is empty")
     return token
+
+
+def _check_bounds(args: argparse.Namespace) -> None:
+    """The read timeouts are positive; ``--axis-max`` values become a dict (in place)."""
+    for flag in ("read_timeout_s", "keep_alive_s"):
+        value = getattr(args, flag)
+        if not value > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    args.axis_max = parse_axis_max(args.axis_max)
 
 
 class _Server(uvicorn.Server):
@@ -257,6 +393,21 @@ class _Server(uvicorn.Server):
             )
 
 
+def _log_bounds(model: LoadedModel, budget: int) -> None:
+    spec = model.spec
+    per_sample = model.bundle.manifest.serving.max_sample_bytes
+    rows = (
+        f"{budget // per_sample} largest samples" if per_sample else "no measure in the bundle, so unbudgeted"
+    )
+    log.info(
+        "input bounds: axes %s, %s elements a request; memory budget of one run %d MiB (%s)",
+        ", ".join(f"{k}<={v}" for k, v in sorted(spec.axis_max.items())) or "fixed",
+        f"{spec.max_request_elements:,}",
+        budget >> 20,
+        rows,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server; return the process exit status.
 
@@ -287,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
             intra_op_threads=args.threads,
             trt_cache_dir=args.trt_cache_dir,
+            axis_max=args.axis_max,
+            max_request_elements=args.max_request_elements,
         )
     except ModelLoadError as exc:
         log.error("refused to serve: %s", exc)
@@ -330,8 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics.int8_not_validated.set(1 if model.cpu_note else 0)
     for figure, value in model.quality_figures.items():
         metrics.quality_gate.labels(figure=figure).set(value)
+    budget = (args.batch_memory_mb << 20) if args.batch_memory_mb else memory_limit_bytes() // 2
     batcher = Batcher(
         model.run,
+        cost=model.memory_cost,
+        max_cost=budget if model.bundle.manifest.serving.max_sample_bytes else 0,
         max_batch_size=model.spec.max_batch_size,
         max_queue_delay_s=delay_ms / 1000.0,
         max_queue=args.max_queue,
@@ -340,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_batch=metrics.observe_batch,
     )
     state = State(model=model, settings=settings, metrics=metrics, batcher=batcher)
+    _log_bounds(model, batcher.max_cost)
     log.info(
         "serving model %s version %s, variant %s, max batch %d, queue delay %.3g ms, on %s://%s:%d",
         model.spec.name,
@@ -360,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_header=False,
         proxy_headers=False,
         timeout_graceful_shutdown=int(args.grace_period_s + 0.999),
+        timeout_keep_alive=int(args.keep_alive_s + 0.999),
+        http=timed_protocol(args.read_timeout_s),
         ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
         ssl_keyfile=str(args.tls_key) if args.tls_key else None,
         lifespan="on",

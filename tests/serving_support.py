@@ -163,6 +163,8 @@ def make_bundle(
     int8_faster: bool = True,
     corrupt_golden: bool = False,
     int8_cpu_classes: Sequence[str] | None = None,
+    mask_axis: str = "sequence",
+    sequence_max: int = 64,
 ) -> Bundle:
     """Build and sign a bundle ``root/<model>/<version>`` with an fp32 and an int8 variant.
 
@@ -176,6 +178,9 @@ def make_bundle(
         corrupt_golden: write negated golden outputs, which no variant reproduces (to fail warm-up).
         int8_cpu_classes: the CPU classes the manifest records the int8 variant as validated on
             (default: this machine's, as a build here would).
+        mask_axis: the embedder's ``mask`` axis name; another name than ``sequence`` lets a request
+            give ids and mask of different lengths, which the model itself then refuses.
+        sequence_max: the embedder's ``axes`` maximum.
 
     Returns:
         The bundle and its public key.
@@ -215,7 +220,7 @@ def make_bundle(
         }
         inputs = [
             {"name": "ids", "dtype": "int64", "shape": ["batch", "sequence"], "allow_nonfinite": True},
-            {"name": "mask", "dtype": "int64", "shape": ["batch", "sequence"], "allow_nonfinite": True},
+            {"name": "mask", "dtype": "int64", "shape": ["batch", mask_axis], "allow_nonfinite": True},
         ]
         outputs = [{"name": "embedding", "dtype": "float32", "shape": ["batch", 8]}]
         tolerances = ({"kind": "cosine", "min_cosine": 0.9999}, {"kind": "cosine", "min_cosine": 0.98})
@@ -266,6 +271,7 @@ def make_bundle(
         "outputs": outputs,
         "variants": variants,
         "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz"},
+        "axes": {"sequence": sequence_max, mask_axis: sequence_max} if kind == "embedder" else {},
         "serving": {"max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms},
         "dropped": [],
         "skipped": [{"stage": "tensorrt", "reason": "test bundle"}],

@@ -95,7 +95,7 @@ def test_reduce_range_int8_computes_the_same_numbers_under_the_avx2_emulator() -
 
 def test_the_demo_manifest_records_the_quantization_and_each_cpu_class() -> None:
     manifest = json.loads((_demo() / "manifest.json").read_text())  # the file format itself
-    assert manifest["schema_version"] == 2
+    assert manifest["schema_version"] == bundle.SCHEMA_VERSION
     int8 = next(v for v in manifest["variants"] if v["name"] == "int8")
     q = int8["quantization"]
     assert q == {

@@ -6,6 +6,7 @@ ONNX Runtime quantization, CPU benchmark) on models small enough to take a secon
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -21,8 +22,11 @@ from contract import bundle
 from model_build import cpu_gate
 from model_build.__main__ import main
 from model_build.errors import BuildError, SpecError
+from model_build.memory import measure_sample_bytes
 from model_build.pipeline import BuildResult, Reporter, build, device_class_names
 from model_build.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The spec factories name the fixture module "model_build_tiny" (tests/model_build_tiny.py); make it
 # importable whatever rootdir/import mode pytest uses.
@@ -122,7 +126,10 @@ def test_tiny_model_builds_a_bundle_that_verifies(
     assert manifest["inputs"] == [
         {"name": "image", "dtype": "float32", "shape": ["batch", 3, 16, 16], "allow_nonfinite": False}
     ]
-    assert manifest["serving"] == {"max_batch_size": 4, "max_queue_delay_ms": 2.0}
+    serving = dict(manifest["serving"])
+    assert serving.pop("max_sample_bytes") > 0  # measured by model_build.memory at the parity stage
+    assert serving == {"max_batch_size": 4, "max_queue_delay_ms": 2.0}
+    assert manifest["axes"] == {}
     assert set(manifest["tools"]) >= {"torch", "onnx", "onnxruntime", "python"}
     golden_in = bundle.load_tensors(latest / manifest["golden"]["inputs"])
     assert golden_in["image"].shape[0] >= 2
@@ -662,3 +669,48 @@ def test_quality_gate_fails_on_outputs_that_drift_from_the_build_or_from_fp32() 
     flipped[:8] = -flipped[:8]  # eight of 512 rows change class: agreement 0.984 < 0.99
     with pytest.raises(bundle.QualityGateFailed, match=r"top-1 agreement 0\.98.* < min_agreement 0\.99"):
         bundle.quality_gate(variant, {"logits": flipped}, build, build)
+
+
+# --------------------------------------------------------------------------- axis bounds
+
+
+def _text_spec(**axes: object) -> dict[str, object]:
+    spec = tiny_spec(
+        inputs=[
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]},
+        ]
+    )
+    if axes:
+        spec["axes"] = axes
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("axes", "key", "message"),
+    [
+        ({}, "axes.sequence", "the spec must give its largest size"),
+        ({"sequence": 0}, "axes.sequence", "must be a positive integer"),
+        ({"sequence": 64, "batch": 8}, "axes.batch", "bounded by serving.max_batch_size"),
+        ({"sequence": 64, "length": 8}, "axes.length", "no input uses axis 'length'"),
+    ],
+)
+def test_every_named_axis_needs_a_maximum_in_the_spec(
+    tmp_path: Path, axes: dict[str, int], key: str, message: str
+) -> None:
+    with pytest.raises(SpecError, match=message) as err:
+        load_spec(write_spec(tmp_path, _text_spec(**axes)))
+    assert err.value.key == key
+
+
+def test_the_build_proves_the_model_runs_at_its_axis_maximum() -> None:
+    """MiniLM's 512 position embeddings: 512 runs and is measured, 513 is a build error naming the key."""
+    model = REPO / "dist" / "minilm" / "latest" / "model.fp32.onnx"
+    assert model.is_file(), "make bundles builds dist/minilm (make test runs it)"
+    spec = load_spec(REPO / "models" / "minilm.yaml")
+    figures = measure_sample_bytes(model, spec)
+    assert figures["axes"] == {"sequence": 512}
+    assert figures["max_sample_bytes"] > 16 << 20  # a 512-token pass: attention maps for 12 heads and more
+    with pytest.raises(BuildError, match=r"does not run at axes\.sequence=513: .*512 by 513") as err:
+        measure_sample_bytes(model, dataclasses.replace(spec, axes={"sequence": 513}))
+    assert err.value.stage == "parity"

@@ -48,6 +48,7 @@ SPEC = {
     "quantize": {"enabled": False},
     "tensorrt": {"archs": ["sm_86"], "max_sequence": 64},
     "serving": {"max_batch_size": 16},
+    "axes": {"sequence": 128},
 }
 
 

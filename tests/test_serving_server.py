@@ -298,7 +298,7 @@ BAD_INPUTS: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         _binary()[0],
         {"Inference-Header-Content-Length": "abc"},
         400,
-        "is not an integer",
+        "is not a decimal integer",
     ),
     (
         "header length too long",
