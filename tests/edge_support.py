@@ -39,6 +39,8 @@ from contract.bundle import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+ANSIBLE = REPO / "ansible"
+BIN = Path(sys.executable).parent
 SSHD = Path("/usr/sbin/sshd")
 DEV_KEY = REPO / ".keys" / "dev-ed25519.pem"
 DEV_PUB = REPO / ".keys" / "dev-ed25519.pub"
@@ -310,3 +312,71 @@ def write_vault_file(path: Path, data: dict[str, Any], password: str) -> Path:
     secret.unlink()
     assert path.read_text().startswith("$ANSIBLE_VAULT;")
     return path
+
+
+# --------------------------------------------------------------------------- ansible on this machine
+
+
+def ansible_env() -> dict[str, str]:
+    """The environment for Ansible's own CLIs: the repository's ansible.cfg and this venv's binaries."""
+    return {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def run_ansible(tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run one of this venv's Ansible CLIs (``ansible``, ``ansible-playbook``) and require success."""
+    run = subprocess.run(
+        [str(BIN / tool), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=ansible_env(),
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    return run
+
+
+def render_template(
+    template: Path, dest: Path, variables: dict[str, Any], *, role_vars: bool = False
+) -> Path:
+    """Render a role template through Ansible itself (ansible.builtin.template on localhost).
+
+    With ``role_vars`` the role's own internals (its vars/main.yml) are defined too, so the template
+    sees the role's real derived values; ``variables`` are the inventory's and the earlier roles' facts.
+    """
+    extra = dest.with_name(f"{dest.name}.vars.json")
+    extra.write_text(json.dumps(variables))
+    internals = ["-e", f"@{template.parent.parent / 'vars' / 'main.yml'}"] if role_vars else []
+    run_ansible(
+        "ansible",
+        *("localhost", "-c", "local", "-m", "ansible.builtin.template"),
+        *("-a", f"src={template} dest={dest} mode=0644", *internals, "-e", f"@{extra}"),
+    )
+    return dest
+
+
+def render_unit(root: Path, entry: dict[str, Any], device_class: str, memory_max: str = "") -> Path:
+    """Render the edge_service unit for a device class (entry: its row of the table) under ``root``.
+
+    The wrapper it starts exists and is executable, so ``systemd-analyze verify`` checks the whole unit.
+    """
+    prefix = root / device_class
+    (prefix / "bin").mkdir(parents=True, exist_ok=True)
+    wrapper = prefix / "bin" / "dualdeploy-serve"  # the role's _edge_service_wrapper for this prefix
+    wrapper.write_text("#!/bin/sh\nexit 0\n")
+    wrapper.chmod(0o755)
+    variables = {
+        "edge_common_instance": "dualdeploy",
+        "edge_common_service_user": "root",
+        "edge_common_prefix": str(prefix),
+        "edge_service_memory_max": memory_max,
+        "edge_preflight_device": {"device_class": device_class, "entry": entry},
+        "edge_bundle_release": {"choice": {"trt_engine_cache": entry["trt_engine_cache"]}},
+    }
+    template = ANSIBLE / "roles" / "edge_service" / "templates" / "dualdeploy.service.j2"
+    return render_template(template, root / f"dualdeploy-{device_class}.service", variables, role_vars=True)

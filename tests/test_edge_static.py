@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from edge_support import demo_bundle
+from edge_support import demo_bundle, render_template, render_unit
 
 from contract.manifest import Manifest
 from deploy.edge_rollout import ANSIBLE_DIR, REPO_ROOT, device_matrix
@@ -68,34 +68,6 @@ def test_ansible_lint_production_profile_is_clean() -> None:
     assert "Passed" in run.stdout + run.stderr
 
 
-def _render(tmp_path: Path, template: Path, dest: Path, variables: dict[str, object]) -> Path:
-    """Render a role template through Ansible itself (ansible.builtin.template)."""
-    (tmp_path / "vars.json").write_text(json.dumps(variables))
-    subprocess.run(
-        [
-            str(BIN / "ansible"),
-            "localhost",
-            "-c",
-            "local",
-            "-m",
-            "ansible.builtin.template",
-            "-a",
-            f"src={template} dest={dest} mode=0644",
-            "-e",
-            f"@{tmp_path / 'vars.json'}",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={
-            **os.environ,
-            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
-            "PATH": f"{BIN}:{os.environ['PATH']}",
-        },
-    )
-    return dest
-
-
 def test_example_site_firewall_ruleset_passes_nft_check(tmp_path: Path) -> None:
     assert shutil.which("nft"), "nft is missing: run .ci/system-packages (Debian nftables)"
     site = yaml.safe_load(
@@ -103,8 +75,7 @@ def test_example_site_firewall_ruleset_passes_nft_check(tmp_path: Path) -> None:
     )
     variables = {k: v for k, v in site.items() if k.startswith("edge_hardening_")}
     variables.update({"_edge_hardening_table": "dualdeploy", "_edge_hardening_port": 8443})
-    ruleset = _render(
-        tmp_path,
+    ruleset = render_template(
         ANSIBLE_DIR / "roles" / "edge_hardening" / "templates" / "dualdeploy.nft.j2",
         tmp_path / "dualdeploy.nft",
         variables,
@@ -115,34 +86,11 @@ def test_example_site_firewall_ruleset_passes_nft_check(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stderr
 
 
-def _render_unit(tmp_path: Path, device_class: str) -> Path:
-    """Render the role's unit template for a device class, with an executable ExecStart."""
-    prefix = tmp_path / device_class
-    (prefix / "bin").mkdir(parents=True)
-    wrapper = prefix / "bin" / "dualdeploy-serve"
-    wrapper.write_text("#!/bin/sh\nexit 0\n")
-    wrapper.chmod(0o755)
-    entry = TABLE["classes"][device_class]
-    variables = {
-        "edge_common_instance": "dualdeploy",
-        "edge_common_service_user": "root",
-        "edge_common_prefix": str(prefix),
-        "edge_preflight_device": {"device_class": device_class, "entry": entry},
-        "_edge_service_wrapper": str(wrapper),
-        "_edge_service_accelerated": entry["providers"] != ["CPUExecutionProvider"],
-        "edge_service_memory_max": "",
-        "edge_bundle_release": {"choice": {"trt_engine_cache": entry["trt_engine_cache"]}},
-    }
-    unit = tmp_path / f"dualdeploy-{device_class}.service"
-    template = ANSIBLE_DIR / "roles" / "edge_service" / "templates" / "dualdeploy.service.j2"
-    return _render(tmp_path, template, unit, variables)
-
-
 @pytest.mark.parametrize("device_class", ["x86_cpu", "jetson"])
 def test_rendered_unit_passes_systemd_analyze_verify_and_scores_ok(tmp_path: Path, device_class: str) -> None:
     missing = "systemd-analyze is missing: run .ci/system-packages (Debian systemd)"
     assert shutil.which("systemd-analyze"), missing
-    unit = _render_unit(tmp_path, device_class)
+    unit = render_unit(tmp_path, TABLE["classes"][device_class], device_class)
     text = unit.read_text()
     entry = TABLE["classes"][device_class]
     for line in (
