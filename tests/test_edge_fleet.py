@@ -3,8 +3,9 @@
 One fleet for the whole module, because a fresh device costs a venv install: three devices over
 Ansible's local connection and two over real OpenSSH servers on 127.0.0.1, each with its own prefix and
 port. One local device serves over TLS with a bearer token, both from an Ansible Vault file that only the
-runner's vault password opens. The tests run in order and each leaves the fleet in the state the next one
-starts from.
+runner's vault password opens. Each test first brings the fleet to the state it starts from
+(``Fleet.converge``), so every test passes alone and in any order; the fleet remembers when its last
+rollout already left it there, which spares a rollout when the tests run in the order written.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ VAULT_PASSWORD = "fleet-test-vault-password"
 
 
 @dataclass
+class Observed:
+    """What one device had and served, read right after the fixture's first rollout."""
+
+    current: str | None
+    served: list[str]
+
+
+@dataclass
 class Fleet:
     """The module's devices, their inventory, the bundles and the first rollout's result."""
 
@@ -54,14 +63,19 @@ class Fleet:
     v1: Path
     v2: Path
     first: RolloutResult
+    after_first: dict[str, Observed]
     root: Path
+    # The bundle that the last rollout put on every device with the default settings, all of it a success,
+    # with nothing done to the devices since; None when the state is anything else.
+    converged_to: Path | None = None
 
     def rollout(
         self, bundle: Path, *, extravars: dict[str, object] | None = None, limit: str | None = None
     ) -> RolloutResult:
         """Roll ``bundle`` out (every device in one batch unless ``extravars`` says otherwise)."""
         variables = {**ALL_AT_ONCE, **(extravars or {})}
-        return run_rollout(
+        self.converged_to = None
+        result = run_rollout(
             self.inventory,
             bundle,
             public_key=DEV_PUB,
@@ -69,6 +83,41 @@ class Fleet:
             limit=limit,
             vault_password=VAULT_PASSWORD,
         )
+        if limit is None and not extravars:
+            self.converged_to = bundle
+        return result
+
+    def serves(self, bundle: Path) -> bool:
+        """Whether every device's current link points at ``bundle`` and its server says it serves it."""
+        if any(d.current_version() != bundle.name for d in self.devices):
+            return False
+        try:
+            return all(d.served()["versions"] == [bundle.name] for d in self.devices)
+        except httpx.HTTPError:  # a server that is down or refuses: not serving it
+            return False
+
+    def converge(self, bundle: Path, *, holding: tuple[Path, ...] = ()) -> None:
+        """Start a test from: every device serves ``bundle`` (rolled out unless it already does).
+
+        Releases in ``holding`` must be on every device too (rolled out first where one is missing).
+        """
+        for earlier in holding:
+            if any(not (d.prefix / "releases" / earlier.name).is_dir() for d in self.devices):
+                self.rollout(earlier)
+        if self.converged_to != bundle and not self.serves(bundle):
+            self.rollout(bundle)
+
+    def settle(self) -> None:
+        """Start a test from a fleet that a full, successful rollout left serving (of v1 unless one did)."""
+        if self.converged_to is None:
+            self.rollout(self.v1)
+
+    def drop_release(self, bundle: Path) -> None:
+        """Remove a release that no device serves, so that the next rollout of it starts afresh."""
+        for device in self.devices:
+            assert device.current_version() != bundle.name, (device.name, "serves", bundle.name)
+            for folder in (bundle.name, f".staging-{bundle.name}"):
+                shutil.rmtree(device.prefix / "releases" / folder, ignore_errors=True)
 
     def device(self, name: str) -> Device:
         return next(d for d in self.devices if d.name == name)
@@ -107,7 +156,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         first = run_rollout(
             inventory, v1, public_key=DEV_PUB, extravars=ALL_AT_ONCE, vault_password=VAULT_PASSWORD
         )
-        yield Fleet(devices, inventory, v1, v2, first, root)
+        # Read now: later tests move the devices on, and the first test checks where this rollout left them.
+        after_first = {d.name: Observed(d.current_version(), d.served()["versions"]) for d in devices}
+        yield Fleet(devices, inventory, v1, v2, first, after_first, root, converged_to=v1)
     finally:
         for device in devices:
             device.stop_service()
@@ -126,12 +177,16 @@ def test_first_rollout_converges_every_device_over_local_and_ssh(fleet: Fleet) -
         host = fleet.first.hosts[device.name]
         assert host.status == "changed", (device.name, host)
         assert (host.version, host.device_class) == (version, "x86_cpu")
-        assert device.current_version() == version
+        assert fleet.after_first[device.name].current == version
     # Each device's own server answers with the version on its own port.
-    assert _versions(fleet) == {d.name: [version] for d in fleet.devices}
+    assert {name: seen.served for name, seen in fleet.after_first.items()} == {
+        d.name: [version] for d in fleet.devices
+    }
 
 
 def test_second_run_changes_nothing_on_any_host(fleet: Fleet) -> None:
+    if fleet.converged_to != fleet.v1:
+        fleet.rollout(fleet.v1)  # the first run (the fixture's, unless a test has rolled out since)
     result = fleet.rollout(fleet.v1)
     assert {h: r.changed for h, r in result.hosts.items()} == {
         **{d.name: 0 for d in fleet.devices},
@@ -140,6 +195,7 @@ def test_second_run_changes_nothing_on_any_host(fleet: Fleet) -> None:
 
 
 def test_prometheus_targets_list_every_device(fleet: Fleet) -> None:
+    fleet.settle()  # the files that a full rollout wrote
     targets = json.loads((fleet.root / "monitoring" / "dualdeploy-edge.json").read_text())
     listed = {t["labels"]["instance"]: t["targets"][0] for t in targets}
     assert listed == {d.name: f"127.0.0.1:{d.port}" for d in fleet.devices}
@@ -150,6 +206,7 @@ def test_prometheus_targets_list_every_device(fleet: Fleet) -> None:
 
 
 def test_tls_device_refuses_requests_without_its_vault_token(fleet: Fleet) -> None:
+    fleet.settle()
     secure = fleet.device("local-3")
     assert secure.served()["name"] == "demo"  # https, certificate checked, token sent
     anonymous = httpx.get(
@@ -167,6 +224,9 @@ def test_one_file_update_sends_only_that_file_and_links_the_rest(fleet: Fleet) -
     old = json.loads((fleet.v1 / "manifest.json").read_text())
     changed = sorted(f for f in new["files"] if new["files"][f]["sha256"] != old["files"][f]["sha256"])
     assert changed == ["model.fp32.onnx"]
+    # Every device serves v1 and has never held v2.
+    fleet.converge(fleet.v1)
+    fleet.drop_release(fleet.v2)
     # An interrupted earlier attempt left a half-written file in staging on one device: it is re-sent.
     staging = fleet.device("local-1").prefix / "releases" / f".staging-{new['version']}"
     staging.mkdir(parents=True)
@@ -188,6 +248,7 @@ def test_one_file_update_sends_only_that_file_and_links_the_rest(fleet: Fleet) -
 
 
 def test_tampered_bundle_is_refused_before_sending_and_old_version_serves(fleet: Fleet) -> None:
+    fleet.converge(fleet.v2)
     tampered = derive_bundle(fleet.v2, fleet.root / "bundles", "tampered", flip_byte, sign=False)
     with pytest.raises(RolloutError) as caught:
         fleet.rollout(tampered)
@@ -204,6 +265,9 @@ def test_corrupted_file_on_the_device_is_caught_by_the_device_side_check(fleet: 
     v1_version = json.loads((fleet.v1 / "manifest.json").read_text())["version"]
     v2_version = json.loads((fleet.v2 / "manifest.json").read_text())["version"]
     victim = fleet.device("local-2")
+    # The victim serves v2 and still holds v1, whose files v2 (and so v3) shares.
+    fleet.converge(fleet.v2, holding=(fleet.v1,))
+    fleet.converged_to = None  # a device changes behind Ansible's back
     # Corrupt v1's copy of a file that the next release reuses (break the hard link first: v2 stays intact).
     golden = victim.prefix / "releases" / v1_version / "golden" / "outputs.npz"
     data = bytearray(golden.read_bytes())
@@ -226,6 +290,7 @@ def test_corrupted_file_on_the_device_is_caught_by_the_device_side_check(fleet: 
 
 
 def test_failing_health_gate_rolls_the_canary_back_and_stops_the_rollout(fleet: Fleet) -> None:
+    fleet.converge(fleet.v2)
     broken = derive_bundle(fleet.v2, fleet.root / "bundles", "badgolden", skew_golden)
     version = json.loads((fleet.v2 / "manifest.json").read_text())["version"]
     with pytest.raises(RolloutError) as caught:
@@ -252,6 +317,8 @@ def test_unreachable_host_is_reported_others_converge_and_rerun_converges(fleet:
     down = fleet.device("ssh-2")
     assert down.ssh is not None
     v1_version = json.loads((fleet.v1 / "manifest.json").read_text())["version"]
+    # Every device serves v2, so rolling v1 out changes each one that is reachable.
+    fleet.converge(fleet.v2)
     down.ssh.stop()
     try:
         with pytest.raises(RolloutError) as caught:
@@ -279,6 +346,8 @@ def test_dynamic_provider_diffs_creates_and_updates_for_real(fleet: Fleet) -> No
     device = fleet.device("local-3")
     v1_version = json.loads((fleet.v1 / "manifest.json").read_text())["version"]
     v2_version = json.loads((fleet.v2 / "manifest.json").read_text())["version"]
+    # The device serves v1, so creating the resource with v2 changes it.
+    fleet.converge(fleet.v1)
 
     def props(bundle: Path) -> dict[str, object]:
         return {
@@ -292,6 +361,7 @@ def test_dynamic_provider_diffs_creates_and_updates_for_real(fleet: Fleet) -> No
         }
 
     provider = EdgeRolloutProvider()
+    fleet.converged_to = None  # the provider rolls out to one device, outside Fleet.rollout
     created = provider.create(props(fleet.v2))
     assert created.outs is not None and "vault_password" not in created.outs
     assert created.outs["hosts"] == {
