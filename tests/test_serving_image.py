@@ -122,7 +122,7 @@ def test_the_image_build_context_holds_no_prebuild_or_deploy_code() -> None:
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert {"model_build", "components", "ansible", "tests", "bench"} <= ignored
+    assert {"model_build", "components", "deploy", "ansible", "tests", "bench"} <= ignored
     assert not {"contract", "serving"} & ignored
     dockerfile = (REPO / "serving" / "Dockerfile").read_text().splitlines()
     copies = [ln for ln in dockerfile if ln.startswith("COPY ")]
