@@ -112,12 +112,13 @@ class Fleet:
         if self.converged_to is None:
             self.rollout(self.v1)
 
-    def drop_release(self, bundle: Path) -> None:
-        """Remove a release that no device serves, so that the next rollout of it starts afresh."""
+    def drop_other_releases(self) -> None:
+        """Remove every release but the current one from every device (as a fresh device would be)."""
         for device in self.devices:
-            assert device.current_version() != bundle.name, (device.name, "serves", bundle.name)
-            for folder in (bundle.name, f".staging-{bundle.name}"):
-                shutil.rmtree(device.prefix / "releases" / folder, ignore_errors=True)
+            current = device.current_version()
+            for folder in (device.prefix / "releases").iterdir():
+                if folder.name != current:
+                    shutil.rmtree(folder)
 
     def device(self, name: str) -> Device:
         return next(d for d in self.devices if d.name == name)
@@ -224,9 +225,9 @@ def test_one_file_update_sends_only_that_file_and_links_the_rest(fleet: Fleet) -
     old = json.loads((fleet.v1 / "manifest.json").read_text())
     changed = sorted(f for f in new["files"] if new["files"][f]["sha256"] != old["files"][f]["sha256"])
     assert changed == ["model.fp32.onnx"]
-    # Every device serves v1 and has never held v2.
+    # Every device serves v1 and holds no other release (none with v2's new file, e.g. one derived from v2).
     fleet.converge(fleet.v1)
-    fleet.drop_release(fleet.v2)
+    fleet.drop_other_releases()
     # An interrupted earlier attempt left a half-written file in staging on one device: it is re-sent.
     staging = fleet.device("local-1").prefix / "releases" / f".staging-{new['version']}"
     staging.mkdir(parents=True)
