@@ -8,6 +8,10 @@ The same functions feed two callers (STYLE rule 9):
   ``kubernetes-validate`` and ``checkov``, with marked placeholders for what only a real apply
   knows.
 
+Each function reads the component's own :class:`~components.model_service.ModelServiceArgs`,
+the one record of a service; what the objects need beyond it (the node architectures, the queue
+metric, the grace period, the labels) is derived by a function here, not stored twice.
+
 How the objects make cold starts and Spot interruptions harmless:
 
 - the image carries the bundle (no download at start); a startup probe gives the server time to
@@ -22,8 +26,12 @@ How the objects make cold starts and Spot interruptions harmless:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # Only for the annotations: model_service imports this module, and its Args are the one record
+    # every function here reads.
+    from components.model_service import ModelServiceArgs
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_RESOURCES = (GPU_RESOURCE, "nvidia.com/gpu.shared")
@@ -45,119 +53,66 @@ PRESTOP_SECONDS = 5
 """preStop pause that lets endpoints and load balancers stop sending before the server drains."""
 EXIT_SECONDS = 5
 """What the grace period keeps beyond preStop and the drain for the process to exit."""
+QUEUE_METRIC = "dualdeploy_inflight_requests"
+"""The server's in-flight gauge (``serving/metrics.py``), served to the HPA by prometheus-adapter."""
 
 
-@dataclass(frozen=True)
-class ServiceSpec:
-    """Everything the objects of one model service depend on (plain values or Pulumi Inputs).
+# The functions below read the component's own Args (one record, STYLE rule 1); what the objects
+# need beyond the Args is derived here, never copied into a second record.
 
-    Attributes:
-        name: the app name, e.g. the model name ``demo``.
-        namespace: its namespace.
-        image: the image by digest, ``repo@sha256:...``.
-        model: ``manifest["model"]``; the server serves it under this name.
-        bundle_version: ``manifest["version"]``, as a label.
-        gpu_arches: node architectures the pods may run on (those with an engine, or any pool
-            architecture when the stack allows the CUDA fallback).
-        port: the server's port.
-        gpu_resource: ``nvidia.com/gpu``, or ``nvidia.com/gpu.shared`` when time-slicing renames it.
-        cpu / memory: requests (memory is also the limit; CPU limit is twice the request).
-        min_replicas / max_replicas / target_cpu: HPA bounds.
-        queue_metric / queue_target: the Pods metric (average per pod), or None for CPU only.
-        drain_seconds / prestop_seconds: the server's drain (its ``DUALDEPLOY_GRACE_PERIOD_S``) and
-            the pause before SIGTERM.
-        load_balancer: ``none``, ``internal`` or ``internet-facing``.
-        prometheus_operator: a ServiceMonitor (True) or scrape annotations (False).
-        bundle_path: where the image keeps the bundle.
-        placeholders: names of values that are placeholders (rendered offline), for the annotation.
+
+def gpu_arches(args: ModelServiceArgs) -> list[str]:
+    """Node architectures the pods may run on: every pool architecture, once each, sorted.
+
+    ``model_service.validate`` has already refused a pool without an engine unless the stack
+    allows the CUDA fallback, so the pools' architectures are exactly where the pods may go.
     """
-
-    name: str
-    namespace: str
-    image: Any
-    model: str
-    bundle_version: str
-    gpu_arches: Sequence[str]
-    port: int = 8000
-    gpu_resource: str = GPU_RESOURCE
-    cpu: str = "2"
-    memory: str = "8Gi"
-    min_replicas: int = 2
-    max_replicas: int = 10
-    target_cpu: int = 70
-    queue_metric: str | None = None
-    queue_target: int | None = None
-    drain_seconds: int = 30
-    prestop_seconds: int = PRESTOP_SECONDS
-    load_balancer: str = "none"
-    prometheus_operator: bool = False
-    bundle_path: str = BUNDLE_PATH
-    placeholders: Sequence[str] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        """Reject combinations no object could honour.
-
-        Raises:
-            ValueError: naming the field and the allowed values.
-        """
-        if self.min_replicas < 1 or self.min_replicas > self.max_replicas:
-            raise ValueError(
-                "min_replicas: need 1 ≤ min_replicas ≤ max_replicas, "
-                f"got {self.min_replicas}..{self.max_replicas}"
-            )
-        if not self.gpu_arches:
-            raise ValueError("gpu_arches: at least one GPU architecture the pods may run on")
-        if self.grace_seconds > SPOT_NOTICE_BUDGET_S:
-            raise ValueError(
-                f"drain_seconds: preStop {self.prestop_seconds} s + drain {self.drain_seconds} s "
-                f"exceeds the {SPOT_NOTICE_BUDGET_S} s that fit the two-minute Spot notice"
-            )
-        if (self.queue_metric is None) != (self.queue_target is None):
-            raise ValueError("queue_metric and queue_target: set both or neither")
-        if self.gpu_resource not in GPU_RESOURCES:
-            raise ValueError(f"gpu_resource: {self.gpu_resource!r} is not one of {', '.join(GPU_RESOURCES)}")
-        if self.load_balancer not in LOAD_BALANCERS:
-            raise ValueError(
-                f"load_balancer: {self.load_balancer!r} is not one of {', '.join(LOAD_BALANCERS)}"
-            )
-
-    @property
-    def grace_seconds(self) -> int:
-        """terminationGracePeriodSeconds: preStop, then the drain, then 5 s to exit."""
-        return self.prestop_seconds + self.drain_seconds + EXIT_SECONDS
-
-    @property
-    def labels(self) -> dict[str, str]:
-        """The selector labels (stable across versions)."""
-        return {"app.kubernetes.io/name": self.name, "app.kubernetes.io/component": "model-server"}
-
-    @property
-    def all_labels(self) -> dict[str, str]:
-        """Selector labels plus descriptive ones."""
-        return {
-            **self.labels,
-            "app.kubernetes.io/part-of": "dualdeploy",
-            "app.kubernetes.io/managed-by": "pulumi",
-            "dualdeploy.io/bundle-version": self.bundle_version,
-        }
+    return sorted(set(args.pool_arches))
 
 
-def _metadata(spec: ServiceSpec, name: str, *, namespaced: bool = True, **extra: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "labels": spec.all_labels}
+def queue_metric(args: ModelServiceArgs) -> str | None:
+    """The HPA's Pods metric (:data:`QUEUE_METRIC`) when the service scales on queue depth, else None."""
+    return QUEUE_METRIC if args.queue_depth_target is not None else None
+
+
+def grace_seconds(args: ModelServiceArgs) -> int:
+    """terminationGracePeriodSeconds: preStop, then the drain, then 5 s to exit."""
+    return PRESTOP_SECONDS + args.drain_seconds + EXIT_SECONDS
+
+
+def labels(args: ModelServiceArgs) -> dict[str, str]:
+    """The selector labels (stable across versions)."""
+    return {"app.kubernetes.io/name": args.name, "app.kubernetes.io/component": "model-server"}
+
+
+def all_labels(args: ModelServiceArgs) -> dict[str, str]:
+    """Selector labels plus descriptive ones."""
+    return {
+        **labels(args),
+        "app.kubernetes.io/part-of": "dualdeploy",
+        "app.kubernetes.io/managed-by": "pulumi",
+        "dualdeploy.io/bundle-version": args.bundle_version,
+    }
+
+
+def _metadata(
+    args: ModelServiceArgs,
+    name: str,
+    *,
+    namespaced: bool = True,
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": all_labels(args)}
     if namespaced:
-        meta["namespace"] = spec.namespace
-    annotations = dict(extra.pop("annotations", {}) or {})
-    if spec.placeholders:
-        annotations[PLACEHOLDER_ANNOTATION] = ", ".join(spec.placeholders)
+        meta["namespace"] = args.namespace
     if annotations:
-        meta["annotations"] = annotations
-    meta.update(extra)
+        meta["annotations"] = dict(annotations)
     return meta
 
 
-def namespace(spec: ServiceSpec) -> dict[str, Any]:
+def namespace(args: ModelServiceArgs) -> dict[str, Any]:
     """The namespace, with the restricted Pod Security Standard enforced."""
-    meta = _metadata(spec, spec.namespace, namespaced=False)
+    meta = _metadata(args, args.namespace, namespaced=False)
     meta["labels"] = {
         **meta["labels"],
         "pod-security.kubernetes.io/enforce": "restricted",
@@ -166,17 +121,17 @@ def namespace(spec: ServiceSpec) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
 
 
-def service_account(spec: ServiceSpec) -> dict[str, Any]:
+def service_account(args: ModelServiceArgs) -> dict[str, Any]:
     """The pods' identity; it carries no API token (the server never calls the Kubernetes API)."""
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(spec, spec.name),
+        "metadata": _metadata(args, args.name),
         "automountServiceAccountToken": False,
     }
 
 
-def _gpu_scheduling(spec: ServiceSpec) -> dict[str, Any]:
+def _gpu_scheduling(args: ModelServiceArgs) -> dict[str, Any]:
     return {
         "affinity": {
             "nodeAffinity": {
@@ -185,7 +140,7 @@ def _gpu_scheduling(spec: ServiceSpec) -> dict[str, Any]:
                     "nodeSelectorTerms": [
                         {
                             "matchExpressions": [
-                                {"key": GPU_ARCH_LABEL, "operator": "In", "values": list(spec.gpu_arches)}
+                                {"key": GPU_ARCH_LABEL, "operator": "In", "values": gpu_arches(args)}
                             ]
                         }
                     ]
@@ -211,7 +166,7 @@ def _gpu_scheduling(spec: ServiceSpec) -> dict[str, Any]:
                 "maxSkew": 1,
                 "topologyKey": key,
                 "whenUnsatisfiable": "ScheduleAnyway",
-                "labelSelector": {"matchLabels": spec.labels},
+                "labelSelector": {"matchLabels": labels(args)},
             }
             for key in (
                 "topology.kubernetes.io/zone",
@@ -243,52 +198,52 @@ def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def deployment(spec: ServiceSpec) -> dict[str, Any]:
+def deployment(args: ModelServiceArgs) -> dict[str, Any]:
     """The model server Deployment. No ``replicas``: the HPA owns the count."""
-    cpu_limit = _double_cpu(spec.cpu)
+    cpu_limit = _double_cpu(args.cpu)
     container = {
         "name": "server",
-        "image": spec.image,
+        "image": args.image,
         # By digest, "Always" costs one manifest check and never yields a different image.
         "imagePullPolicy": "Always",
         # The image's own CMD, spelled out; every setting goes through the server's DUALDEPLOY_* variables.
         "command": ["python3", "-m", "serving"],
-        "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": args.port, "protocol": "TCP"}],
         "env": [
-            {"name": "DUALDEPLOY_BUNDLE", "value": spec.bundle_path},
+            {"name": "DUALDEPLOY_BUNDLE", "value": BUNDLE_PATH},
             {"name": "DUALDEPLOY_HOST", "value": "0.0.0.0"},
-            {"name": "DUALDEPLOY_PORT", "value": str(spec.port)},
+            {"name": "DUALDEPLOY_PORT", "value": str(args.port)},
             {"name": "DUALDEPLOY_VARIANT", "value": "auto"},
             # The nodes are GPU nodes by affinity: no detection guesswork inside the container.
             {"name": "DUALDEPLOY_DEVICE_CLASS", "value": "nvidia_gpu"},
             # How long the server lets in-flight requests finish after SIGTERM.
-            {"name": "DUALDEPLOY_GRACE_PERIOD_S", "value": str(spec.drain_seconds)},
+            {"name": "DUALDEPLOY_GRACE_PERIOD_S", "value": str(args.drain_seconds)},
             {"name": "DUALDEPLOY_LOG_FORMAT", "value": "json"},
         ],
         "resources": {
-            "requests": {"cpu": spec.cpu, "memory": spec.memory, spec.gpu_resource: "1"},
-            "limits": {"cpu": cpu_limit, "memory": spec.memory, spec.gpu_resource: "1"},
+            "requests": {"cpu": args.cpu, "memory": args.memory, args.gpu_resource: "1"},
+            "limits": {"cpu": cpu_limit, "memory": args.memory, args.gpu_resource: "1"},
         },
         # Cold start: up to 5 minutes to load and warm the model before liveness counts.
         "startupProbe": _probe(READY_PATH, period=5, failures=60),
         "readinessProbe": _probe(READY_PATH, period=5, failures=2),
         "livenessProbe": _probe(LIVE_PATH, period=10, failures=3),
         # Endpoints and load balancers stop sending before SIGTERM starts the server's drain.
-        "lifecycle": {"preStop": {"sleep": {"seconds": spec.prestop_seconds}}},
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
         "securityContext": _security_context(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     annotations: dict[str, str] = {}
-    if not spec.prometheus_operator:
+    if not args.prometheus_operator:
         annotations = {
             "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(spec.port),
+            "prometheus.io/port": str(args.port),
             "prometheus.io/path": "/metrics",
         }
     pod_spec = {
-        "serviceAccountName": spec.name,
+        "serviceAccountName": args.name,
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": spec.grace_seconds,
+        "terminationGracePeriodSeconds": grace_seconds(args),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_USER,
@@ -297,17 +252,17 @@ def deployment(spec: ServiceSpec) -> dict[str, Any]:
         },
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
-        **_gpu_scheduling(spec),
+        **_gpu_scheduling(args),
     }
-    template_meta: dict[str, Any] = {"labels": spec.all_labels}
+    template_meta: dict[str, Any] = {"labels": all_labels(args)}
     if annotations:
         template_meta["annotations"] = annotations
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(spec, spec.name),
+        "metadata": _metadata(args, args.name),
         "spec": {
-            "selector": {"matchLabels": spec.labels},
+            "selector": {"matchLabels": labels(args)},
             "revisionHistoryLimit": 5,
             # Surge during roll-outs, never drop below the current count.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
@@ -316,59 +271,60 @@ def deployment(spec: ServiceSpec) -> dict[str, Any]:
     }
 
 
-def service(spec: ServiceSpec) -> dict[str, Any]:
+def service(args: ModelServiceArgs) -> dict[str, Any]:
     """ClusterIP by default; an NLB (internal or internet-facing) through annotations."""
     annotations: dict[str, str] = {}
     kind = "ClusterIP"
-    if spec.load_balancer != "none":
+    if args.load_balancer != "none":
         kind = "LoadBalancer"
         annotations = {
             "service.beta.kubernetes.io/aws-load-balancer-type": "nlb",
             "service.beta.kubernetes.io/aws-load-balancer-internal": str(
-                spec.load_balancer == "internal"
+                args.load_balancer == "internal"
             ).lower(),
         }
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(spec, spec.name, annotations=annotations),
+        "metadata": _metadata(args, args.name, annotations=annotations),
         "spec": {
             "type": kind,
-            "selector": spec.labels,
+            "selector": labels(args),
             "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
         },
     }
 
 
-def horizontal_pod_autoscaler(spec: ServiceSpec) -> dict[str, Any]:
+def horizontal_pod_autoscaler(args: ModelServiceArgs) -> dict[str, Any]:
     """autoscaling/v2 on CPU (and the queue-depth Pods metric when set): up fast, down slowly."""
+    metric = queue_metric(args)
     metrics: list[dict[str, Any]] = [
         {
             "type": "Resource",
             "resource": {
                 "name": "cpu",
-                "target": {"type": "Utilization", "averageUtilization": spec.target_cpu},
+                "target": {"type": "Utilization", "averageUtilization": args.target_cpu_utilization},
             },
         }
     ]
-    if spec.queue_metric is not None:
+    if metric is not None:
         metrics.append(
             {
                 "type": "Pods",
                 "pods": {
-                    "metric": {"name": spec.queue_metric},
-                    "target": {"type": "AverageValue", "averageValue": str(spec.queue_target)},
+                    "metric": {"name": metric},
+                    "target": {"type": "AverageValue", "averageValue": str(args.queue_depth_target)},
                 },
             }
         )
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": _metadata(spec, spec.name),
+        "metadata": _metadata(args, args.name),
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.name},
-            "minReplicas": spec.min_replicas,
-            "maxReplicas": spec.max_replicas,
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": args.name},
+            "minReplicas": args.min_replicas,
+            "maxReplicas": args.max_replicas,
             "metrics": metrics,
             "behavior": {
                 # Double every 15 s at a peak (20 → 200 in about a minute, nodes permitting).
@@ -391,23 +347,23 @@ def horizontal_pod_autoscaler(spec: ServiceSpec) -> dict[str, Any]:
     }
 
 
-def pod_disruption_budget(spec: ServiceSpec) -> dict[str, Any]:
+def pod_disruption_budget(args: ModelServiceArgs) -> dict[str, Any]:
     """Voluntary disruptions (node drains, Spot rebalancing) take one pod, or 10 % of many, at a time."""
-    unavailable: int | str = 1 if spec.min_replicas < 10 else "10%"
+    unavailable: int | str = 1 if args.min_replicas < 10 else "10%"
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(spec, spec.name),
+        "metadata": _metadata(args, args.name),
         "spec": {
             "maxUnavailable": unavailable,
-            "selector": {"matchLabels": spec.labels},
+            "selector": {"matchLabels": labels(args)},
             # A pod that never became ready must not block a drain (a Spot node has two minutes).
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
 
 
-def network_policy(spec: ServiceSpec) -> dict[str, Any]:
+def network_policy(args: ModelServiceArgs) -> dict[str, Any]:
     """Only the server port is reachable; egress stays open (DNS, the metrics scrape replies).
 
     It selects every pod of the app, the pre-pull holders included (they listen on nothing).
@@ -415,34 +371,34 @@ def network_policy(spec: ServiceSpec) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(spec, spec.name),
+        "metadata": _metadata(args, args.name),
         "spec": {
-            "podSelector": {"matchLabels": {"app.kubernetes.io/name": spec.name}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": args.name}},
             "policyTypes": ["Ingress"],
-            "ingress": [{"ports": [{"port": spec.port, "protocol": "TCP"}]}],
+            "ingress": [{"ports": [{"port": args.port, "protocol": "TCP"}]}],
         },
     }
 
 
-def service_monitor(spec: ServiceSpec) -> dict[str, Any]:
+def service_monitor(args: ModelServiceArgs) -> dict[str, Any]:
     """A Prometheus-operator ServiceMonitor for ``/metrics`` (only when the operator is installed)."""
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": _metadata(spec, spec.name),
+        "metadata": _metadata(args, args.name),
         "spec": {
-            "selector": {"matchLabels": spec.labels},
-            "namespaceSelector": {"matchNames": [spec.namespace]},
+            "selector": {"matchLabels": labels(args)},
+            "namespaceSelector": {"matchNames": [args.namespace]},
             "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
         },
     }
 
 
-def prepull_daemonset(spec: ServiceSpec) -> dict[str, Any]:
+def prepull_daemonset(args: ModelServiceArgs) -> dict[str, Any]:
     """Keeps the image on every GPU node the service may use, so a new pod does not wait for a pull."""
     container = {
         "name": "hold",
-        "image": spec.image,
+        "image": args.image,
         "imagePullPolicy": "Always",
         "command": ["sleep", "infinity"],
         "resources": {
@@ -454,18 +410,18 @@ def prepull_daemonset(spec: ServiceSpec) -> dict[str, Any]:
         "livenessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 300},
         "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 300},
     }
-    labels = {**spec.labels, "app.kubernetes.io/component": "image-prepull"}
-    scheduling = _gpu_scheduling(spec)
+    holder_labels = {**labels(args), "app.kubernetes.io/component": "image-prepull"}
+    scheduling = _gpu_scheduling(args)
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
-        "metadata": _metadata(spec, f"{spec.name}-prepull"),
+        "metadata": _metadata(args, f"{args.name}-prepull"),
         "spec": {
-            "selector": {"matchLabels": labels},
+            "selector": {"matchLabels": holder_labels},
             "template": {
-                "metadata": {"labels": {**spec.all_labels, **labels}},
+                "metadata": {"labels": {**all_labels(args), **holder_labels}},
                 "spec": {
-                    "serviceAccountName": spec.name,
+                    "serviceAccountName": args.name,
                     "automountServiceAccountToken": False,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [container],
@@ -483,20 +439,25 @@ def prepull_daemonset(spec: ServiceSpec) -> dict[str, Any]:
     }
 
 
-def prometheus_adapter_rules(spec: ServiceSpec) -> dict[str, Any]:
-    """prometheus-adapter values that serve the queue-depth gauge to the HPA as a Pods metric."""
-    if spec.queue_metric is None:
+def prometheus_adapter_rules(args: ModelServiceArgs) -> dict[str, Any]:
+    """prometheus-adapter values that serve the queue-depth gauge to the HPA as a Pods metric.
+
+    Raises:
+        ValueError: the service does not scale on queue depth.
+    """
+    metric = queue_metric(args)
+    if metric is None:
         raise ValueError("queue_metric: not set, so there is no metric for prometheus-adapter to serve")
     return {
         "rules": {
             "default": False,
             "custom": [
                 {
-                    "seriesQuery": f'{spec.queue_metric}{{namespace!="",pod!=""}}',
+                    "seriesQuery": f'{metric}{{namespace!="",pod!=""}}',
                     "resources": {
                         "overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
                     },
-                    "name": {"as": spec.queue_metric},
+                    "name": {"as": metric},
                     "metricsQuery": "avg(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)",
                 }
             ],
@@ -504,21 +465,21 @@ def prometheus_adapter_rules(spec: ServiceSpec) -> dict[str, Any]:
     }
 
 
-def all_objects(spec: ServiceSpec, *, pre_pull: bool = False) -> list[dict[str, Any]]:
-    """Every object of the service, in apply order."""
+def all_objects(args: ModelServiceArgs) -> list[dict[str, Any]]:
+    """Every object of the service, in apply order (``model_service.validate`` has checked the Args)."""
     objects = [
-        namespace(spec),
-        service_account(spec),
-        deployment(spec),
-        service(spec),
-        horizontal_pod_autoscaler(spec),
-        pod_disruption_budget(spec),
-        network_policy(spec),
+        namespace(args),
+        service_account(args),
+        deployment(args),
+        service(args),
+        horizontal_pod_autoscaler(args),
+        pod_disruption_budget(args),
+        network_policy(args),
     ]
-    if spec.prometheus_operator:
-        objects.append(service_monitor(spec))
-    if pre_pull:
-        objects.append(prepull_daemonset(spec))
+    if args.prometheus_operator:
+        objects.append(service_monitor(args))
+    if args.pre_pull:
+        objects.append(prepull_daemonset(args))
     return objects
 
 

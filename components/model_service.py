@@ -25,8 +25,6 @@ import pulumi_kubernetes as k8s
 
 from components import k8s_specs
 
-QUEUE_METRIC = "dualdeploy_inflight_requests"
-"""The server's in-flight gauge (``serving/metrics.py``), served to the HPA by prometheus-adapter."""
 PROMETHEUS_COMMUNITY_REPO = "https://prometheus-community.github.io/helm-charts"
 DCGM_EXPORTER_REPO = "https://nvidia.github.io/dcgm-exporter/helm-charts"
 MONITORING_NAMESPACE = "monitoring"
@@ -147,6 +145,19 @@ def validate(args: ModelServiceArgs) -> list[str]:
             "queue_depth_target: the HPA can only read the queue-depth metric through prometheus-adapter; "
             "set prometheus_adapter True or drop queue_depth_target"
         )
+    if k8s_specs.grace_seconds(args) > k8s_specs.SPOT_NOTICE_BUDGET_S:
+        raise ValueError(
+            f"drain_seconds: preStop {k8s_specs.PRESTOP_SECONDS} s + drain {args.drain_seconds} s "
+            f"exceeds the {k8s_specs.SPOT_NOTICE_BUDGET_S} s that fit the two-minute Spot notice"
+        )
+    if args.gpu_resource not in k8s_specs.GPU_RESOURCES:
+        raise ValueError(
+            f"gpu_resource: {args.gpu_resource!r} is not one of {', '.join(k8s_specs.GPU_RESOURCES)}"
+        )
+    if args.load_balancer not in k8s_specs.LOAD_BALANCERS:
+        raise ValueError(
+            f"load_balancer: {args.load_balancer!r} is not one of {', '.join(k8s_specs.LOAD_BALANCERS)}"
+        )
     warnings: list[str] = []
     missing = sorted(set(args.pool_arches) - set(args.engine_arches))
     if missing:
@@ -164,42 +175,12 @@ def validate(args: ModelServiceArgs) -> list[str]:
     return warnings
 
 
-def service_spec(args: ModelServiceArgs, placeholders: Sequence[str] = ()) -> k8s_specs.ServiceSpec:
-    """The spec the object functions read, from validated Args (the renderer uses it too).
-
-    Raises:
-        ValueError: from :func:`validate` or the spec's own checks.
-    """
-    validate(args)
-    return k8s_specs.ServiceSpec(
-        name=args.name,
-        namespace=args.namespace,
-        image=args.image,
-        model=args.name,
-        bundle_version=args.bundle_version,
-        gpu_arches=tuple(sorted(set(args.pool_arches))),
-        port=args.port,
-        gpu_resource=args.gpu_resource,
-        cpu=args.cpu,
-        memory=args.memory,
-        min_replicas=args.min_replicas,
-        max_replicas=args.max_replicas,
-        target_cpu=args.target_cpu_utilization,
-        queue_metric=QUEUE_METRIC if args.queue_depth_target is not None else None,
-        queue_target=args.queue_depth_target,
-        drain_seconds=args.drain_seconds,
-        load_balancer=args.load_balancer,
-        prometheus_operator=args.prometheus_operator,
-        placeholders=tuple(placeholders),
-    )
-
-
-def prometheus_adapter_values(spec: k8s_specs.ServiceSpec, prometheus_url: str) -> dict[str, Any]:
+def prometheus_adapter_values(args: ModelServiceArgs) -> dict[str, Any]:
     """prometheus-adapter chart values: where Prometheus is, and the rule for the queue metric.
 
     The chart joins ``prometheus.url``, ``port`` and ``path`` itself, so the URL is split here.
     """
-    parts = urlsplit(prometheus_url)
+    parts = urlsplit(args.prometheus_url)
     default_port = 443 if parts.scheme == "https" else 9090
     return {
         "prometheus": {
@@ -207,11 +188,11 @@ def prometheus_adapter_values(spec: k8s_specs.ServiceSpec, prometheus_url: str) 
             "port": parts.port or default_port,
             "path": parts.path.rstrip("/"),
         },
-        **k8s_specs.prometheus_adapter_rules(spec),
+        **k8s_specs.prometheus_adapter_rules(args),
     }
 
 
-def dcgm_exporter_values(spec: k8s_specs.ServiceSpec) -> dict[str, Any]:
+def dcgm_exporter_values(args: ModelServiceArgs) -> dict[str, Any]:
     """dcgm-exporter chart values: only on GPU nodes, tolerating their taint."""
     return {
         "affinity": {
@@ -224,7 +205,7 @@ def dcgm_exporter_values(spec: k8s_specs.ServiceSpec) -> dict[str, Any]:
             }
         },
         "tolerations": [{"key": k8s_specs.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
-        "serviceMonitor": {"enabled": spec.prometheus_operator},
+        "serviceMonitor": {"enabled": args.prometheus_operator},
     }
 
 
@@ -242,19 +223,18 @@ class ModelService(pulumi.ComponentResource):
             ValueError: an input is out of its allowed values (named in the message).
         """
         warnings = validate(args)
-        spec = service_spec(args)
         super().__init__("dualdeploy:model_service:ModelService", name, None, opts)
         for warning in warnings:
             pulumi.log.warn(warning, resource=self)
         child = pulumi.ResourceOptions(parent=self)
 
-        objects = k8s_specs.all_objects(spec, pre_pull=args.pre_pull)
+        objects = k8s_specs.all_objects(args)
         ns_obj, *namespaced = objects
         ns = k8s.core.v1.Namespace(f"{name}-namespace", metadata=ns_obj["metadata"], opts=child)
         in_ns = pulumi.ResourceOptions(parent=self, depends_on=[ns])
 
         extra_deps: list[pulumi.Resource] = []
-        if args.prometheus_adapter and spec.queue_metric is not None:
+        if args.prometheus_adapter and k8s_specs.queue_metric(args) is not None:
             extra_deps.append(
                 k8s.helm.v3.Release(
                     f"{name}-prometheus-adapter",
@@ -264,7 +244,7 @@ class ModelService(pulumi.ComponentResource):
                     repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=PROMETHEUS_COMMUNITY_REPO),
                     namespace=MONITORING_NAMESPACE,
                     create_namespace=True,
-                    values=prometheus_adapter_values(spec, args.prometheus_url),
+                    values=prometheus_adapter_values(args),
                     opts=child,
                 )
             )
@@ -277,7 +257,7 @@ class ModelService(pulumi.ComponentResource):
                 repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=DCGM_EXPORTER_REPO),
                 namespace=MONITORING_NAMESPACE,
                 create_namespace=True,
-                values=dcgm_exporter_values(spec),
+                values=dcgm_exporter_values(args),
                 opts=child,
             )
 
@@ -292,9 +272,9 @@ class ModelService(pulumi.ComponentResource):
                 obj_opts = pulumi.ResourceOptions(parent=self, depends_on=[ns, *extra_deps])
             self._create(f"{name}-{suffix}", obj, obj_opts)
 
-        self.namespace = spec.namespace
-        self.deployment_name = spec.name
-        self.url = pulumi.Output.from_input(f"http://{spec.name}.{spec.namespace}.svc.cluster.local/v2")
+        self.namespace = args.namespace
+        self.deployment_name = args.name
+        self.url = pulumi.Output.from_input(f"http://{args.name}.{args.namespace}.svc.cluster.local/v2")
         self.register_outputs({"url": self.url})
 
     @staticmethod

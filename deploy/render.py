@@ -21,6 +21,7 @@ import dataclasses
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import yaml
 
 from components import k8s_specs, model_service
+from components.model_service import ModelServiceArgs
 from deploy.config import (
     ConfigError,
     MissingEngines,
@@ -45,8 +47,8 @@ class RenderError(Exception):
     """The stack cannot be rendered (no cloud part, bad config); the message says why."""
 
 
-def service_spec(cfg: StackConfig, image: Any, placeholders: tuple[str, ...] = ()) -> k8s_specs.ServiceSpec:
-    """The model service's spec for a parsed stack: the same Args and spec the component builds.
+def service_args(cfg: StackConfig, image: str) -> ModelServiceArgs:
+    """The model service's Args for a parsed stack, with the placeholder image: what the component gets.
 
     Raises:
         RenderError: the stack has no cloud part, or the service Args are invalid.
@@ -55,9 +57,20 @@ def service_spec(cfg: StackConfig, image: Any, placeholders: tuple[str, ...] = (
         raise RenderError(f"stack {cfg.stack} has no cloud part (dualdeploy:cluster): nothing to render")
     args = dataclasses.replace(cfg.service, image=image)
     try:
-        return model_service.service_spec(args, placeholders)
+        model_service.validate(args)
     except ValueError as exc:
         raise RenderError(f"invalid model service: {exc}") from None
+    return args
+
+
+def mark_placeholders(obj: dict[str, Any], placeholders: Sequence[str]) -> dict[str, Any]:
+    """The object with the ``dualdeploy.io/placeholders`` annotation that lists what is a placeholder."""
+    metadata = obj["metadata"]
+    metadata["annotations"] = {
+        **metadata.get("annotations", {}),
+        k8s_specs.PLACEHOLDER_ANNOTATION: ", ".join(placeholders),
+    }
+    return obj
 
 
 @dataclass(frozen=True)
@@ -131,8 +144,8 @@ def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
     placeholders: tuple[str, ...] = ("image (account and digest are known after pulumi up pushes the image)",)
     if loaded.engines_missing:
         placeholders += ("gpu-arches (bundle lacks the required engines)",)
-    spec = service_spec(cfg, image, placeholders)
-    objects = k8s_specs.all_objects(spec, pre_pull=cfg.service.pre_pull)
+    args = service_args(cfg, image)
+    objects = [mark_placeholders(obj, placeholders) for obj in k8s_specs.all_objects(args)]
 
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -143,16 +156,16 @@ def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
             name = f"{index:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
             (staging / name).write_text(yaml.safe_dump(obj, sort_keys=False))
             written.append(out_dir / name)
-        if spec.queue_metric is not None and cfg.service.prometheus_adapter:
+        if k8s_specs.queue_metric(args) is not None and args.prometheus_adapter:
             (staging / "values").mkdir()
-            values = model_service.prometheus_adapter_values(spec, cfg.service.prometheus_url)
+            values = model_service.prometheus_adapter_values(args)
             (staging / "values" / "prometheus-adapter.yaml").write_text(
                 yaml.safe_dump(values, sort_keys=False)
             )
-        if cfg.service.dcgm_exporter:
+        if args.dcgm_exporter:
             (staging / "values").mkdir(exist_ok=True)
             (staging / "values" / "dcgm-exporter.yaml").write_text(
-                yaml.safe_dump(model_service.dcgm_exporter_values(spec), sort_keys=False)
+                yaml.safe_dump(model_service.dcgm_exporter_values(args), sort_keys=False)
             )
         lines = [f"Rendered offline for stack {stack}; these values are placeholders:", *placeholders]
         lines += ["", "Notes:", *notes] if notes else []

@@ -141,39 +141,3 @@ def test_render_of_prod_without_engines_renders_but_says_pulumi_up_would_stop(tm
 def test_render_of_an_unknown_stack_lists_the_stacks(tmp_path: Path) -> None:
     with pytest.raises(RenderError, match="cloud-dev, cloud-prod"):
         render("cloud-staging", tmp_path / "out", tmp_path)
-
-
-# --------------------------------------------------------------------------- invalid specs
-
-
-def spec(**changes: Any) -> k8s_specs.ServiceSpec:
-    fields: dict[str, Any] = {
-        "name": "demo",
-        "namespace": "dualdeploy",
-        "image": "repo/demo@sha256:" + "1" * 64,
-        "model": "demo",
-        "bundle_version": "0123456789ab",
-        "gpu_arches": ("sm_86",),
-    }
-    fields.update(changes)
-    return k8s_specs.ServiceSpec(**fields)
-
-
-def test_hpa_min_above_max_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"min_replicas: need 1 ≤ min_replicas ≤ max_replicas, got 12\.\.10"):
-        spec(min_replicas=12, max_replicas=10)
-
-
-def test_a_drain_longer_than_the_spot_notice_is_rejected() -> None:
-    with pytest.raises(ValueError, match="two-minute Spot notice"):
-        spec(drain_seconds=105)
-
-
-def test_a_queue_metric_without_target_is_rejected() -> None:
-    with pytest.raises(ValueError, match="queue_metric and queue_target"):
-        spec(queue_metric="dualdeploy_inflight_requests")
-
-
-def test_no_gpu_arch_is_rejected() -> None:
-    with pytest.raises(ValueError, match="gpu_arches"):
-        spec(gpu_arches=())

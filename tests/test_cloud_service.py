@@ -18,15 +18,10 @@ import pulumi_kubernetes as k8s
 import pytest
 from cloud_harness import REPO_ROOT, _mock_outputs, make_project
 
+from components import k8s_specs
 from components.aws import model_image
 from components.aws.model_image import ModelImage, ModelImageArgs, image_tag, lifecycle_policy, source_hash
-from components.model_service import (
-    ModelService,
-    ModelServiceArgs,
-    prometheus_adapter_values,
-    service_spec,
-    validate,
-)
+from components.model_service import ModelService, ModelServiceArgs, prometheus_adapter_values, validate
 
 REGION = "eu-west-1"
 DIGEST = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/dualdeploy/demo@sha256:" + "ab" * 32
@@ -177,8 +172,19 @@ def test_service_objects_carry_the_args(mocks: ComponentMocks) -> None:
 def test_the_adapter_gets_the_prometheus_url_split_as_its_chart_joins_it(
     url: str, expected: dict[str, Any]
 ) -> None:
-    spec = service_spec(service_args(queue_depth_target=4, prometheus_adapter=True))
-    assert prometheus_adapter_values(spec, url)["prometheus"] == expected
+    args = service_args(queue_depth_target=4, prometheus_adapter=True, prometheus_url=url)
+    assert prometheus_adapter_values(args)["prometheus"] == expected
+
+
+def test_the_objects_derive_the_architectures_and_the_queue_metric_from_the_args() -> None:
+    args = service_args(pool_arches=["sm_89", "sm_86", "sm_89"], engine_arches=["sm_86", "sm_89"])
+    assert k8s_specs.gpu_arches(args) == ["sm_86", "sm_89"]
+    assert k8s_specs.queue_metric(args) is None
+    assert k8s_specs.queue_metric(service_args(queue_depth_target=4, prometheus_adapter=True)) == (
+        k8s_specs.QUEUE_METRIC
+    )
+    with pytest.raises(ValueError, match="queue_metric: not set"):
+        k8s_specs.prometheus_adapter_rules(args)
 
 
 def _wait() -> None:

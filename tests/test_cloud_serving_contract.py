@@ -15,22 +15,22 @@ from typing import Any
 import pytest
 from cloud_harness import REPO_ROOT
 
-from components import k8s_specs, model_service
+from components import k8s_specs
+from components.model_service import ModelServiceArgs
 
 DOCKERFILE = REPO_ROOT / "serving" / "Dockerfile"
 
 
-def deployment_container(**spec_fields: Any) -> dict[str, Any]:
-    spec = k8s_specs.ServiceSpec(
+def deployment_container(**arg_fields: Any) -> dict[str, Any]:
+    args = ModelServiceArgs(
         name="demo",
-        namespace="dualdeploy",
         image="123456789012.dkr.ecr.us-east-1.amazonaws.com/dualdeploy/demo@sha256:" + "ab" * 32,
-        model="demo",
         bundle_version="0123456789ab",
-        gpu_arches=("sm_86",),
-        **spec_fields,
+        pool_arches=["sm_86"],
+        engine_arches=["sm_86"],
+        **arg_fields,
     )
-    (container,) = k8s_specs.deployment(spec)["spec"]["template"]["spec"]["containers"]
+    (container,) = k8s_specs.deployment(args)["spec"]["template"]["spec"]["containers"]
     return dict(container)
 
 
@@ -75,7 +75,7 @@ def test_the_hpa_metric_is_a_gauge_the_server_exports() -> None:
     from serving.metrics import Metrics
 
     text = generate_latest(Metrics().registry).decode()
-    assert f"# TYPE {model_service.QUEUE_METRIC} gauge" in text
+    assert f"# TYPE {k8s_specs.QUEUE_METRIC} gauge" in text
 
 
 def dockerfile_runtime() -> str:

@@ -26,6 +26,7 @@ from pulumi_policy import (
 from pulumi_policy.proxy import UNKNOWN_STRING_VALUE, unknown_checking_proxy
 
 from components import k8s_specs
+from components.model_service import ModelServiceArgs
 
 sys.path.insert(0, str(REPO_ROOT / "policy"))
 import dualdeploy_rules as rules  # the pack is its own folder, not a package
@@ -331,15 +332,15 @@ K8S_TYPES = {
 
 def service_objects() -> list[dict[str, Any]]:
     """The objects the spec functions produce for a service (what pulumi-kubernetes receives)."""
-    spec = k8s_specs.ServiceSpec(
+    args = ModelServiceArgs(
         name="demo",
-        namespace="dualdeploy",
         image="123456789012.dkr.ecr.us-east-1.amazonaws.com/dualdeploy/demo@sha256:" + "ab" * 32,
-        model="demo",
         bundle_version="0123456789ab",
-        gpu_arches=("sm_86",),
+        pool_arches=["sm_86"],
+        engine_arches=["sm_86"],
+        pre_pull=True,
     )
-    return k8s_specs.all_objects(spec, pre_pull=True)
+    return k8s_specs.all_objects(args)
 
 
 def k8s_args(obj: dict[str, Any]) -> ResourceValidationArgs:
