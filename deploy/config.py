@@ -42,11 +42,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from components.aws.gpu_cluster import (
+    AUTOSCALER_RELEASES,
     CLUSTER_AUTOSCALER_IMAGE_TAGS,
-    DEFAULT_AUTOSCALER_CHART,
+    DEFAULT_DEPLOY_ROLE,
     DEFAULT_DEVICE_PLUGIN_CHART,
     DEFAULT_METRICS_SERVER_CHART,
+    DEFAULT_PREVIEW_ROLE,
     LOG_TYPES,
+    MIN_SPOT_TYPES,
     NODE_GROUP_NAME_MAX,
     REQUIRED_LOG_TYPES,
     SUPPORTED_KUBERNETES_VERSIONS,
@@ -56,12 +59,12 @@ from components.aws.gpu_cluster import (
     node_group_name,
 )
 from components.aws.gpu_instances import GPU_INSTANCE_TYPES, GpuInstanceType
-from components.aws.model_image import ModelImageArgs
+from components.aws.model_image import DEFAULT_PUBLIC_KEY, ModelImageArgs, public_key_path
 from components.aws.network import MAX_ZONES, NAT_MODES, NetworkArgs
 from components.edge_fleet import EdgeFleetArgs
 from components.k8s_specs import EXIT_SECONDS, LOAD_BALANCERS, PRESTOP_SECONDS, SPOT_NOTICE_BUDGET_S
 from components.model_service import DEFAULT_PROMETHEUS_URL, ModelServiceArgs
-from contract.bundle import BundleError, read_manifest
+from contract.bundle import BundleError, load_public_key, read_manifest, verify_bundle
 
 NAMESPACE = "dualdeploy"
 
@@ -81,6 +84,7 @@ TOP_LEVEL_KEYS: Mapping[str, Literal["string", "bool", "object"]] = {
 """Every ``dualdeploy:`` key and how Pulumi stores it (objects and booleans arrive as JSON)."""
 
 _POOL_NAME = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
+_ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}")
 _CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,37}$")
 _REQUIRED: Any = object()
 
@@ -422,11 +426,12 @@ def _parse_gpu_pool(raw: Any, path: str, role: Literal["spot", "fallback"]) -> N
             f"mixes GPUs per node {counts}; the cluster autoscaler models a pool as identical nodes, "
             "so every type in a pool must have the same GPU count",
         )
-    if role == "spot" and len(types) < 3:
+    if len({t.node_size for t in known}) > 1:
         raise ConfigError(
             where,
-            f"a Spot pool needs at least 3 instance types so one type's shortage does not stop scaling, "
-            f"got {len(types)}: {list(types)}",
+            f"mixes node sizes: {', '.join(t.describe() for t in known)}. The cluster autoscaler plans "
+            "a scale-up with one instance type of a group, and its AWS README asks for the same vCPUs "
+            "and memory in a group; put each size in its own pool (the expander tries the smallest first)",
         )
     min_size, max_size, desired = _size_fields(data, path, min_default=0)
     if role == "fallback" and min_size != 0:
@@ -494,6 +499,7 @@ def _parse_cluster(raw: Any, stack: str, region: str, tags: Mapping[str, str]) -
             "devicePlugin",
             "autoscaler",
             "metricsServer",
+            "access",
         ),
         path,
     )
@@ -537,6 +543,16 @@ def _parse_cluster(raw: Any, stack: str, region: str, tags: Mapping[str, str]) -
     )
 
     _check_node_group_names(name, pools, fallback)
+    spot_types = sorted({t for p in pools for t in p.instance_types})
+    if len(spot_types) < MIN_SPOT_TYPES:
+        raise ConfigError(
+            _key(f"{path}.gpuPools"),
+            f"the Spot pools together list {len(spot_types)} instance types {spot_types}; at least "
+            f"{MIN_SPOT_TYPES} are needed so one type's Spot shortage does not stop scaling. One size per "
+            "pool: add pools of other sizes or families of the architecture (e.g. g5.xlarge, g5.2xlarge, "
+            "g5.4xlarge as three pools)",
+        )
+    deploy_role, preview_role, admin_roles = _parse_access(_get(data, "access", path, {}), f"{path}.access")
 
     plugin_raw = _object(_get(data, "devicePlugin", path, {}), f"{path}.devicePlugin")
     _known_keys(plugin_raw, ("chartVersion", "timeSlicingReplicas"), f"{path}.devicePlugin")
@@ -555,9 +571,14 @@ def _parse_cluster(raw: Any, stack: str, region: str, tags: Mapping[str, str]) -
             f"{image_tag!r} does not match Kubernetes {version}; the autoscaler's minor must match "
             f"(e.g. {CLUSTER_AUTOSCALER_IMAGE_TAGS[version]})",
         )
-    autoscaler_chart = _str(
-        scaler_raw, "chartVersion", f"{path}.autoscaler", default=DEFAULT_AUTOSCALER_CHART
-    )
+    release_chart, release_tag = AUTOSCALER_RELEASES[version]
+    autoscaler_chart = _str(scaler_raw, "chartVersion", f"{path}.autoscaler", default=release_chart)
+    if autoscaler_chart != release_chart:
+        raise ConfigError(
+            _key(f"{path}.autoscaler.chartVersion"),
+            f"{autoscaler_chart!r} is not the chart of cluster-autoscaler {release_tag} (Kubernetes "
+            f"{version}): use {release_chart}, or omit it (see AUTOSCALER_RELEASES in gpu_cluster.py)",
+        )
     metrics_raw = _object(_get(data, "metricsServer", path, {}), f"{path}.metricsServer")
     _known_keys(metrics_raw, ("chartVersion",), f"{path}.metricsServer")
     return GpuClusterArgs(
@@ -577,8 +598,33 @@ def _parse_cluster(raw: Any, stack: str, region: str, tags: Mapping[str, str]) -
         metrics_server_chart_version=_str(
             metrics_raw, "chartVersion", f"{path}.metricsServer", default=DEFAULT_METRICS_SERVER_CHART
         ),
+        deploy_role_name=deploy_role,
+        preview_role_name=preview_role,
+        admin_role_names=admin_roles,
         tags=dict(tags),
     )
+
+
+def _parse_access(raw: Any, path: str) -> tuple[str, str, list[str]]:
+    """The IAM roles that get EKS access entries: the deploy role, the PR preview role, admins."""
+    data = _object(raw, path)
+    _known_keys(data, ("deployRole", "previewRole", "adminRoles"), path)
+    deploy = _str(data, "deployRole", path, default=DEFAULT_DEPLOY_ROLE)
+    preview = _str(data, "previewRole", path, default=DEFAULT_PREVIEW_ROLE)
+    admins = list(_str_list(data, "adminRoles", path, default=()))
+    named = [(deploy, "deployRole"), (preview, "previewRole"), *[(a, "adminRoles") for a in admins]]
+    for name, where in named:
+        if not _ROLE_NAME.fullmatch(name):
+            raise ConfigError(
+                _key(f"{path}.{where}"),
+                f"{name!r} is not an IAM role name (the name only, no ARN or path; letters, digits, +=,.@_-)",
+            )
+    if preview == deploy or preview in admins or deploy in admins:
+        raise ConfigError(
+            _key(f"{path}.previewRole"),
+            "the preview role must differ from the deploy and admin roles: it only reads",
+        )
+    return deploy, preview, admins
 
 
 SERVING_KEYS = (
@@ -809,6 +855,7 @@ def parse_stack_config(
             cidr=cidr,
             availability_zones=zones,
             cluster_name=cluster.cluster_name,
+            region=region,
             nat_gateways=nat,
             tags=dict(tags),
         )
@@ -822,6 +869,13 @@ def parse_stack_config(
         )
         image = _parse_image(raw["serving"], base_dir, bundle, environment, tags)
         _check_engines(cluster, bundle, require_engines, warnings)
+        _check_signer(image, bundle, warnings)
+        if not require_engines and environment == "prod":
+            warnings.append(
+                "dualdeploy:requireEngines is false in a prod stack: pools without a TensorRT engine "
+                "serve ONNX through CUDA. A pull-request preview sets this because its prebuild has no "
+                "GPU; a deploy of this stack needs a bundle with engines for every pool architecture"
+            )
         _check_capacity(cluster, service)
         _check_endpoint(cluster, environment, warnings)
         if image.public_key is None and environment == "prod":
@@ -873,6 +927,32 @@ def _check_pool_engine(
         f"{path}: pool {pool.name!r} ({gpu_arch}) has no TensorRT engine in {bundle.path} "
         f"(engines: {have}); it will serve the ONNX variant through CUDA, slower than an engine"
     )
+
+
+def _check_signer(image: ModelImageArgs, bundle: BundleRef, warnings: list[str]) -> None:
+    """The key the image will trust must verify the bundle, or the image build's `--check` fails late.
+
+    Without ``serving.publicKey`` the image trusts the development key; when that file is absent too
+    (a CI prebuild signed with the release key), this is a warning so that ``make render`` still
+    works, and ``ModelImage`` stops ``pulumi preview``/``up`` before any resource.
+    """
+    key_path = public_key_path(image)
+    where = _key("serving.publicKey")
+    if not key_path.is_file():
+        warnings.append(
+            f"{where}: not set, and the development key {DEFAULT_PUBLIC_KEY} does not exist; the image "
+            "build will stop. Point serving.publicKey at the key that signed the bundle "
+            "(CI: .keys/release-ed25519.pub, written by the prebuild)"
+        )
+        return
+    try:
+        verify_bundle(bundle.resolved, load_public_key(key_path))
+    except BundleError as exc:
+        raise ConfigError(
+            where,
+            f"bundle {bundle.path} does not verify with {key_path.name} ({exc}); the image would trust a "
+            "key that did not sign it. Point serving.publicKey at the signer's public key",
+        ) from None
 
 
 def _check_endpoint(cluster: GpuClusterArgs, environment: str, warnings: list[str]) -> None:

@@ -163,6 +163,16 @@ def _mock_outputs(typ: str, name: str, inputs: dict[str, Any], region: str) -> t
     return rid, {**inputs, **out}
 
 
+def caller_identity() -> dict[str, str]:
+    """What ``aws sts get-caller-identity`` returns for the deploy role's session."""
+    return {
+        "id": ACCOUNT,
+        "accountId": ACCOUNT,
+        "arn": f"arn:aws:sts::{ACCOUNT}:assumed-role/dualdeploy-github-deploy/pulumi",
+        "userId": "AROAEXAMPLEDEPLOYROLE:pulumi",
+    }
+
+
 def run(
     stack: str,
     project_dir: Path,
@@ -203,6 +213,8 @@ def run(
                     "proxyEndpoint": f"https://{registry}.dkr.ecr.{region}.amazonaws.com",
                     "expiresAt": "2026-11-30T09:00:00Z",
                 }, []  # no check failures (None breaks the SDK's mock monitor)
+            if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
+                return caller_identity(), []
             raise AssertionError(f"the program made an unexpected provider call: {args.token}")
 
     class RecordingMonitor(MockMonitor):
@@ -402,7 +414,7 @@ def make_project(root: Path, engine_arches: tuple[str, ...] = ()) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     write_fixture_bundle(root / "dist", "demo", engine_arches)
     write_fixture_bundle(root / "dist", "demo-distilled")
-    for source in ("serving", "model_build"):
+    for source in ("serving", "contract", "model_build"):
         (root / source).symlink_to(REPO_ROOT / source)
     if (REPO_ROOT / "ansible").is_dir():
         (root / "ansible").symlink_to(REPO_ROOT / "ansible")

@@ -141,14 +141,19 @@ def test_every_gpu_pool_is_spot_except_the_fallback(cloud: StackRun) -> None:
     assert sum(g["inputs"]["capacityType"] == "SPOT" for g in groups) >= 1
 
 
-def test_spot_pools_have_three_types_of_one_architecture(cloud: StackRun) -> None:
+def test_each_pool_has_one_size_and_architecture_and_the_spot_pools_three_types(cloud: StackRun) -> None:
+    spot_types: set[str] = set()
     for group in cloud.gpu_groups():
         types = group["inputs"]["instanceTypes"]
         arches = {GPU_INSTANCE_TYPES[t].gpu_arch for t in types}
+        sizes = {GPU_INSTANCE_TYPES[t].node_size for t in types}
         assert len(arches) == 1, f"{group['name']} mixes {arches}"
+        assert len(sizes) == 1, f"{group['name']} mixes node sizes {sizes}"  # the autoscaler plans with one
         assert group["inputs"]["labels"]["dualdeploy.io/gpu-arch"] == arches.pop()
+        assert group["inputs"]["labels"]["k8s.amazonaws.com/accelerator"].startswith("nvidia-")
         if group["inputs"]["capacityType"] == "SPOT":
-            assert len(types) >= 3, f"{group['name']} has only {types}"
+            spot_types |= set(types)
+    assert len(spot_types) >= 3, f"the Spot pools list only {sorted(spot_types)}"
 
 
 def test_gpu_pools_have_the_gpu_taint_labels_and_accelerated_ami(cloud: StackRun) -> None:
@@ -183,16 +188,27 @@ def test_secrets_are_encrypted_with_kms_and_control_plane_logging_is_on(cloud: S
     (cluster,) = cloud.of_type("aws:eks/cluster:Cluster")
     inputs = cluster["inputs"]
     assert inputs["encryptionConfig"]["resources"] == ["secrets"]
-    (key,) = cloud.of_type("aws:kms/key:Key")
+    key = cloud.one("aws:kms/key:Key", "cluster-secrets-key")
     assert key["inputs"]["enableKeyRotation"] is True
     assert inputs["encryptionConfig"]["provider"]["keyArn"].startswith("arn:aws:kms:")
     assert {"api", "audit", "authenticator"} <= set(inputs["enabledClusterLogTypes"])
     grant = json.loads(cloud.one("aws:iam/rolePolicy:RolePolicy", "cluster-cluster-kms")["inputs"]["policy"])
     assert grant["Statement"][0]["Resource"] == inputs["encryptionConfig"]["provider"]["keyArn"]
     assert {"kms:Encrypt", "kms:Decrypt", "kms:DescribeKey"} <= set(grant["Statement"][0]["Action"])
-    (logs,) = cloud.of_type("aws:cloudwatch/logGroup:LogGroup")
+    logs = cloud.one("aws:cloudwatch/logGroup:LogGroup", "cluster-control-plane-logs")
     assert logs["inputs"]["name"] == f"/aws/eks/{inputs['name']}/cluster"
     assert logs["inputs"]["retentionInDays"] > 0
+    assert logs["inputs"]["kmsKeyId"] == inputs["encryptionConfig"]["provider"]["keyArn"]
+
+
+def test_vpc_flow_logs_are_on_into_an_encrypted_group(cloud: StackRun) -> None:
+    (flow,) = cloud.of_type("aws:ec2/flowLog:FlowLog")
+    (vpc,) = cloud.of_type("aws:ec2/vpc:Vpc")
+    group = cloud.one("aws:cloudwatch/logGroup:LogGroup", "net-flow-logs")
+    assert flow["inputs"]["trafficType"] == "ALL"
+    assert flow["inputs"]["logDestination"].endswith(f":log-group:{group['inputs']['name']}")
+    assert flow["inputs"]["vpcId"].startswith("vpc-") and vpc["name"] == "net-vpc"
+    assert group["inputs"]["kmsKeyId"].startswith("arn:aws:kms:")
 
 
 def test_kubernetes_version_is_pinned_from_the_stack(cloud: StackRun) -> None:
@@ -597,9 +613,11 @@ def test_the_image_is_built_for_amd64_on_the_gpu_base_from_the_bundles_real_fold
     build = built["inputs"]["build"]
     assert build["platform"] == "linux/amd64"
     assert build["builderVersion"] == "BuilderBuildKit"  # the Dockerfile's RUN --mount needs BuildKit
-    assert build["dockerfile"] == "serving/Dockerfile" and build["context"] == "."
+    # The context is staged with exactly one bundle and the trusted key (components/aws/model_image.py).
+    assert build["context"] == "build/image-context/image"
+    assert build["dockerfile"] == "build/image-context/image/serving/Dockerfile"
     assert build["args"]["BASE"] == "gpu"
-    assert build["args"]["BUNDLE"] == "dist/demo/0123456789ab"  # latest resolved: Docker copies folders
+    assert (build["args"]["BUNDLE"], build["args"]["PUBLIC_KEY"]) == ("bundle", "signer.pub")
     assert re.fullmatch(r".*/dualdeploy/demo:0123456789ab-[0-9a-f]{12}", built["inputs"]["imageName"])
 
 

@@ -45,8 +45,10 @@ def cloud_raw() -> dict[str, Any]:
         "network": {"cidr": "10.20.0.0/16", "availabilityZones": ["us-west-2a", "us-west-2b"]},
         "cluster": {
             "kubernetesVersion": "1.33",
-            "gpuPools": [
-                {"name": "ampere", "instanceTypes": ["g5.xlarge", "g5.2xlarge", "g5.4xlarge"], "maxSize": 2},
+            "gpuPools": [  # one size a pool, three instance types across the Spot pools
+                {"name": "ampere", "instanceTypes": ["g5.xlarge"], "maxSize": 2},
+                {"name": "ampere-2x", "instanceTypes": ["g5.2xlarge"], "maxSize": 2},
+                {"name": "ampere-4x", "instanceTypes": ["g5.4xlarge"], "maxSize": 2},
             ],
             "fallbackPool": {"instanceTypes": ["g5.xlarge"], "maxSize": 1},
             "devicePlugin": {"timeSlicingReplicas": 5},
@@ -140,12 +142,18 @@ def test_hybrid_stack_serves_the_large_model_in_the_cloud_and_the_distilled_one_
     assert config.cluster is not None
 
 
-def test_cloud_dev_is_small_with_one_spot_pool_and_the_article_hpa(project: Path) -> None:
+def test_cloud_dev_is_small_with_one_size_a_spot_pool_and_the_article_hpa(project: Path) -> None:
     raw, region = load_stack("cloud-dev")
     config = parse(raw, project, stack="cloud-dev", region=region)
     assert config.cluster is not None and config.service is not None
-    assert len(config.cluster.gpu_pools) == 1 and config.cluster.fallback_pool is None
-    assert list(capacity_types(config.cluster).values()) == ["SPOT"]
+    # One architecture, one size a pool (g5.xlarge, g5.2xlarge, g5.4xlarge), no on-demand fallback.
+    assert [p.instance_types for p in config.cluster.gpu_pools] == [
+        ["g5.xlarge"],
+        ["g5.2xlarge"],
+        ["g5.4xlarge"],
+    ]
+    assert config.cluster.fallback_pool is None
+    assert set(capacity_types(config.cluster).values()) == {"SPOT"}
     assert (config.service.min_replicas, config.service.max_replicas) == (2, 10)
     assert config.service.target_cpu_utilization == 70
 
@@ -239,12 +247,99 @@ def test_instance_type_missing_from_the_table_is_rejected_with_a_suggestion(proj
     assert "known families: g4dn, g5, g6, g6e, p4d" in str(error)
 
 
-def test_spot_pool_with_fewer_than_three_types_is_rejected(project: Path) -> None:
+def test_spot_pools_spanning_fewer_than_three_types_are_rejected(project: Path) -> None:
     raw = cloud_raw()
-    raw["cluster"]["gpuPools"][0]["instanceTypes"] = ["g5.xlarge", "g5.2xlarge"]
+    del raw["cluster"]["gpuPools"][2]
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.gpuPools"
+    assert "list 2 instance types ['g5.2xlarge', 'g5.xlarge']; at least 3" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("types", "shown"),
+    [
+        (["g5.xlarge", "g5.2xlarge", "g5.4xlarge"], "g5.2xlarge (8 vCPU, 32 GiB, 1 GPU)"),
+        (["g6.xlarge", "g6e.xlarge"], "g6e.xlarge (4 vCPU, 32 GiB, 1 GPU)"),  # same vCPUs, not memory
+    ],
+)
+def test_a_pool_mixing_node_sizes_is_rejected_showing_each_size(
+    project: Path, types: list[str], shown: str
+) -> None:
+    raw = cloud_raw()
+    raw["requireEngines"] = False
+    raw["cluster"]["gpuPools"][0]["instanceTypes"] = types
     error = error_for(raw, project)
     assert error.key == "dualdeploy:cluster.gpuPools[0].instanceTypes"
-    assert "at least 3 instance types" in str(error)
+    assert "mixes node sizes" in str(error) and shown in str(error)
+    assert "put each size in its own pool" in str(error)
+
+
+def test_a_fallback_pool_mixing_node_sizes_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["fallbackPool"]["instanceTypes"] = ["g5.xlarge", "g5.2xlarge"]
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.fallbackPool.instanceTypes"
+    assert "mixes node sizes" in str(error)
+
+
+def test_one_size_of_several_families_is_one_pool(project: Path) -> None:
+    raw = cloud_raw()
+    raw["requireEngines"] = False
+    raw["cluster"]["gpuPools"] = [
+        {"name": "hopper", "instanceTypes": ["p5.48xlarge", "p5e.48xlarge", "p5en.48xlarge"], "maxSize": 1}
+    ]
+    cluster = parse(raw, project).cluster
+    assert cluster is not None and cluster.gpu_pools[0].instance_types == [
+        "p5.48xlarge",
+        "p5e.48xlarge",
+        "p5en.48xlarge",
+    ]
+
+
+def test_access_roles_default_to_the_ci_roles_and_are_checked(project: Path) -> None:
+    cluster = parse(cloud_raw(), project).cluster
+    assert cluster is not None
+    assert (cluster.deploy_role_name, cluster.preview_role_name, list(cluster.admin_role_names)) == (
+        "dualdeploy-github-deploy",
+        "dualdeploy-github-preview",
+        [],
+    )
+    raw = cloud_raw()
+    raw["cluster"]["access"] = {"previewRole": "arn:aws:iam::123456789012:role/ci"}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.access.previewRole" and "not an IAM role name" in str(error)
+    raw["cluster"]["access"] = {"previewRole": "ci", "deployRole": "ci"}
+    assert "the preview role must differ" in str(error_for(raw, project))
+
+
+def test_autoscaler_chart_must_ship_the_clusters_minor(project: Path) -> None:
+    raw = cloud_raw()
+    raw["cluster"]["autoscaler"] = {"chartVersion": "9.46.6"}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:cluster.autoscaler.chartVersion"
+    assert "not the chart of cluster-autoscaler v1.33.0" in str(error) and "use 9.50.1" in str(error)
+    raw["cluster"]["kubernetesVersion"] = "1.32"
+    cluster = parse(raw, project).cluster
+    assert cluster is not None
+    assert (cluster.autoscaler_chart_version, cluster.autoscaler_image_tag) == ("9.46.6", "v1.32.0")
+
+
+def test_a_public_key_that_did_not_sign_the_bundle_is_rejected(project: Path, tmp_path: Path) -> None:
+    from contract.bundle import generate_key
+
+    generate_key(project / ".keys" / "other-ed25519.pem")
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "publicKey": ".keys/other-ed25519.pub"}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.publicKey"
+    assert "does not verify with other-ed25519.pub" in str(error)
+
+
+def test_a_missing_development_key_warns_and_the_image_stops_the_program(tmp_path: Path) -> None:
+    write_fixture_bundle(tmp_path / "dist", "demo", ("sm_86", "sm_89"))
+    (tmp_path / ".keys" / "dev-ed25519.pub").unlink()  # as in CI: signed with the release key
+    stack = parse(cloud_raw(), tmp_path)
+    assert any("does not exist; the image build will stop" in w for w in stack.warnings)
 
 
 def test_unsupported_kubernetes_version_lists_the_supported_ones(project: Path) -> None:
@@ -281,7 +376,7 @@ def test_bundle_path_that_does_not_exist_says_how_to_build_it(project: Path) -> 
 
 def test_pool_arch_without_engine_is_rejected_when_engines_are_required(project: Path) -> None:
     raw = cloud_raw()
-    raw["cluster"]["gpuPools"][0]["instanceTypes"] = ["g4dn.xlarge", "g4dn.2xlarge", "g4dn.4xlarge"]
+    raw["cluster"]["gpuPools"][0]["instanceTypes"] = ["g4dn.xlarge"]
     error = error_for(raw, project)
     assert error.key == "dualdeploy:cluster.gpuPools[0].instanceTypes"
     assert "runs sm_75" in str(error) and "engines: sm_86, sm_89" in str(error)
@@ -375,7 +470,7 @@ def test_replicas_that_cannot_fit_the_pools_are_rejected(project: Path) -> None:
     raw["serving"] = {"minReplicas": 2, "maxReplicas": 100}
     error = error_for(raw, project)
     assert error.key == "dualdeploy:serving.maxReplicas"
-    assert "at most 15" in str(error)  # (2 spot + 1 fallback) nodes x 1 GPU x 5
+    assert "at most 35" in str(error)  # (3 x 2 spot + 1 fallback) nodes x 1 GPU x 5
 
 
 def test_cloud_part_needs_a_region(project: Path) -> None:

@@ -3,15 +3,21 @@
 What it creates, and why each piece is there:
 
 - a KMS key for envelope encryption of Kubernetes secrets (and the cluster role's right to use
-  it), and the control-plane log group
+  it), and the control-plane log group, encrypted with that key
   (created here so its retention is ours, not "never expire");
+- EKS access entries (API authentication, no implicit creator admin): cluster admin for the deploy
+  role and any admin roles, read-only (AmazonEKSAdminViewPolicy) for the PR preview role;
 - the EKS cluster at a pinned version, its API endpoint private by default;
 - an IAM OIDC provider, so pods get AWS roles through IRSA instead of the node's role;
 - one on-demand CPU node group for system pods;
-- Spot GPU node groups: each with three or more instance types of one GPU architecture
-  (diversified, so one type's Spot shortage does not stop scaling), the accelerated AMI,
-  the ``dualdeploy.io/gpu-arch`` label that the model Deployment's node affinity matches,
-  and the ``nvidia.com/gpu=present:NoSchedule`` taint that keeps other pods off GPUs;
+- Spot GPU node groups, each of one node size (the cluster autoscaler plans a group with one
+  instance type's vCPUs and memory) and one GPU architecture; together they span three or more
+  instance types (diversified, so one type's Spot shortage does not stop scaling), and the
+  priority expander tries the smallest size first. Each has the accelerated AMI, the
+  ``dualdeploy.io/gpu-arch`` label that the model Deployment's node affinity matches, the
+  ``k8s.amazonaws.com/accelerator`` label (node and ASG node-template tag) with which the
+  autoscaler waits for a new node's GPUs instead of starting another, and the
+  ``nvidia.com/gpu=present:NoSchedule`` taint that keeps other pods off GPUs;
 - an optional on-demand GPU fallback group (minimum 0), ranked below every Spot group;
 - the NVIDIA device plugin (optionally time-slicing each GPU between several model pods);
 - the cluster autoscaler with its own IRSA role and the priority expander, able to scale
@@ -30,6 +36,7 @@ drain, ``preStop``, grace period, PDB, spread) belongs to the serving component.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,22 +46,35 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import yaml
 
-from components.aws.gpu_instances import GPU_INSTANCE_TYPES, GpuInstanceType
+from components.aws.gpu_instances import GPU_INSTANCE_TYPES, GpuInstanceType, accelerator
+from components.aws.log_encryption import logs_key, partition_of
 from components.k8s_specs import CAPACITY_LABEL, GPU_ARCH_LABEL, GPU_RESOURCE
 
 SUPPORTED_KUBERNETES_VERSIONS: tuple[str, ...] = ("1.31", "1.32", "1.33", "1.34")
 """EKS versions this code was written against. The cluster autoscaler's minor must match."""
 
+AUTOSCALER_RELEASES: Mapping[str, tuple[str, str]] = {
+    "1.31": ("9.43.1", "v1.31.0"),
+    "1.32": ("9.46.6", "v1.32.0"),
+    "1.33": ("9.50.1", "v1.33.0"),
+    "1.34": ("9.52.1", "v1.34.1"),
+}
+"""Kubernetes minor → (cluster-autoscaler chart, the image that chart ships as its appVersion).
+
+The autoscaler's minor must match the cluster's, and the chart's templates are written for its
+own appVersion, so both come from one row. Sources: the chart's Chart.yaml in kubernetes/autoscaler
+(9.43.1 → 1.31.0), ``helm search repo autoscaler/cluster-autoscaler --versions`` quoted in
+kubernetes/autoscaler#8891 (9.50.1 → 1.33.0, 9.52.1 → 1.34.1), and issue 17's review of the chart
+history (9.46.6 → 1.32.0). Never pulled here: check them before a real apply.
+"""
+
 CLUSTER_AUTOSCALER_IMAGE_TAGS: Mapping[str, str] = {
-    "1.31": "v1.31.0",
-    "1.32": "v1.32.0",
-    "1.33": "v1.33.0",
-    "1.34": "v1.34.0",
+    minor: tag for minor, (_, tag) in AUTOSCALER_RELEASES.items()
 }
 """Default cluster-autoscaler image per Kubernetes minor (its releases track the minor)."""
 
 DEFAULT_DEVICE_PLUGIN_CHART = "0.18.0"
-DEFAULT_AUTOSCALER_CHART = "9.46.6"
+DEFAULT_AUTOSCALER_CHART = AUTOSCALER_RELEASES["1.33"][0]
 DEFAULT_METRICS_SERVER_CHART = "3.12.2"
 LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 REQUIRED_LOG_TYPES = ("api", "audit", "authenticator")
@@ -64,6 +84,22 @@ NODE_GROUP_NAME_MAX = 63
 GPU_TAINT_KEY = GPU_RESOURCE
 """GPU nodes are tainted with the device plugin's resource name; model pods tolerate exactly that."""
 POOL_LABEL = "dualdeploy.io/pool"
+ACCELERATOR_LABEL = "k8s.amazonaws.com/accelerator"
+"""The AWS cluster autoscaler's GPU label (``GPULabel`` in its aws_cloud_provider.go): a node that
+carries it counts as not ready until the device plugin advertises ``nvidia.com/gpu``, so the
+autoscaler does not start a second node for pods the first one is about to take."""
+MIN_SPOT_TYPES = 3
+"""Instance types the Spot pools must span together, so one type's Spot shortage does not stop scaling."""
+DEFAULT_DEPLOY_ROLE = "dualdeploy-github-deploy"
+DEFAULT_PREVIEW_ROLE = "dualdeploy-github-preview"
+ACCESS_POLICY_ARN = "arn:aws:eks::aws:cluster-access-policy/"
+DEPLOY_ACCESS_POLICY = "AmazonEKSClusterAdminPolicy"
+"""``pulumi up`` creates namespaces, ClusterRoles and webhooks through the charts: cluster admin."""
+PREVIEW_ACCESS_POLICY = "AmazonEKSAdminViewPolicy"
+"""Read-only, cluster-wide, Secrets included (Helm keeps its release records in Secrets)."""
+ACCESS_TAG = "dualdeploy:access"
+"""Tag on each access entry: ``deploy``, ``preview`` or ``admin`` (the policy pack reads it)."""
+_ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}")
 GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
 CPU_AMI_TYPE = "AL2023_x86_64_STANDARD"
 DEVICE_PLUGIN_REPO = "https://nvidia.github.io/k8s-device-plugin"
@@ -122,7 +158,8 @@ class GpuClusterArgs:
     """The on-demand CPU node group for system pods."""
 
     gpu_pools: Sequence[NodePool]
-    """Spot GPU node groups: each ≥ 3 instance types of one GPU architecture and one GPU count."""
+    """Spot GPU node groups, each of one size (vCPUs, memory, GPUs) and one GPU architecture;
+    together they span ≥ 3 instance types (one pool per size, e.g. g5.xlarge, g5.2xlarge, g5.4xlarge)."""
 
     fallback_pool: NodePool | None = None
     """Optional on-demand GPU node group with ``min_size`` 0, used only when Spot cannot be had."""
@@ -155,6 +192,16 @@ class GpuClusterArgs:
     metrics_server_chart_version: pulumi.Input[str] = DEFAULT_METRICS_SERVER_CHART
     """Pinned metrics-server chart. EKS does not install metrics-server, and without it an HPA
     has no CPU metric and never scales."""
+
+    deploy_role_name: str = DEFAULT_DEPLOY_ROLE
+    """IAM role (same account, no path) that runs ``pulumi up``: cluster admin through an access
+    entry. The creator gets no implicit admin: whoever applies must be this role or an admin role."""
+
+    preview_role_name: str = DEFAULT_PREVIEW_ROLE
+    """IAM role that runs ``pulumi preview`` on pull requests: read-only access (AmazonEKSAdminViewPolicy)."""
+
+    admin_role_names: Sequence[str] = ()
+    """More IAM roles with cluster admin (people, break-glass)."""
 
     tags: Mapping[str, str] = field(default_factory=dict)
     """Tags for every taggable AWS resource."""
@@ -248,6 +295,30 @@ def _validate(args: GpuClusterArgs) -> None:
                 f"{where}[{pool.name}].name: node group name {group!r} exceeds EKS's "
                 f"{NODE_GROUP_NAME_MAX} characters"
             )
+    _validate_cluster_wide(args)
+
+
+def _validate_cluster_wide(args: GpuClusterArgs) -> None:
+    """What spans pools and add-ons: Spot diversity, the access roles, the autoscaler's chart."""
+    spot_types = sorted({t for p in args.gpu_pools for t in p.instance_types})
+    if len(spot_types) < MIN_SPOT_TYPES:
+        raise ValueError(
+            f"gpu_pools: the Spot pools together need ≥ {MIN_SPOT_TYPES} instance types so one type's "
+            f"shortage does not stop scaling, got {spot_types}; add a pool of another size or family"
+        )
+    roles = [args.deploy_role_name, args.preview_role_name, *args.admin_role_names]
+    for role_name in roles:
+        if not _ROLE_NAME.fullmatch(role_name):
+            raise ValueError(f"access: {role_name!r} is not an IAM role name (no path, ≤ 64 characters)")
+    if len(set(roles)) != len(roles):
+        raise ValueError(f"access: each role gets one access entry, got {roles}")
+    chart = args.autoscaler_chart_version
+    expected_chart, expected_tag = AUTOSCALER_RELEASES[args.kubernetes_version]
+    if isinstance(chart, str) and chart != expected_chart:
+        raise ValueError(
+            f"autoscaler_chart_version: {chart!r} does not ship cluster-autoscaler {expected_tag} for "
+            f"Kubernetes {args.kubernetes_version}; use {expected_chart} (AUTOSCALER_RELEASES)"
+        )
 
 
 def _validate_gpu_pool(pool: NodePool, where: str) -> None:
@@ -260,17 +331,18 @@ def _validate_gpu_pool(pool: NodePool, where: str) -> None:
         raise ValueError(
             f"{where}[{pool.name}].instance_types: {unknown} not in components/aws/gpu_instances.py"
         )
-    arches = {GPU_INSTANCE_TYPES[t].gpu_arch for t in pool.instance_types}
-    counts = {GPU_INSTANCE_TYPES[t].gpus for t in pool.instance_types}
+    types = [GPU_INSTANCE_TYPES[t] for t in pool.instance_types]
+    arches = {t.gpu_arch for t in types}
+    counts = {t.gpus for t in types}
     if len(arches) != 1 or len(counts) != 1:
         raise ValueError(
             f"{where}[{pool.name}].instance_types: one GPU architecture and GPU count per pool, "
             f"got arches {sorted(arches)} and counts {sorted(counts)}"
         )
-    if where == "gpu_pools" and len(pool.instance_types) < 3:
+    if len({t.node_size for t in types}) != 1:
         raise ValueError(
-            f"gpu_pools[{pool.name}].instance_types: a Spot pool needs ≥ 3 instance types, "
-            f"got {list(pool.instance_types)}"
+            f"{where}[{pool.name}].instance_types: one size per pool (the cluster autoscaler plans "
+            f"with one type's vCPUs and memory), got {', '.join(t.describe() for t in types)}"
         )
 
 
@@ -430,13 +502,17 @@ class GpuCluster(pulumi.ComponentResource):
         cluster_name = args.cluster_name
 
         # ---------------------------------------------------------------- encryption, logs, role
-        key = aws.kms.Key(
+        identity = aws.get_caller_identity_output()
+        log_group_name = f"/aws/eks/{cluster_name}/cluster"
+        # One key for the Kubernetes secrets and the control-plane log group; its policy lets
+        # CloudWatch Logs use it for that log group only (components/aws/log_encryption.py).
+        key = logs_key(
             f"{name}-secrets-key",
-            description=f"Envelope encryption of Kubernetes secrets in EKS cluster {cluster_name}",
-            enable_key_rotation=True,
-            deletion_window_in_days=30,
+            description=f"Kubernetes secrets and control-plane logs of EKS cluster {cluster_name}",
+            region=args.region,
+            log_groups=[log_group_name],
             tags=tags,
-            opts=child,
+            parent=self,
         )
         aws.kms.Alias(
             f"{name}-secrets-key-alias",
@@ -446,8 +522,9 @@ class GpuCluster(pulumi.ComponentResource):
         )
         log_group = aws.cloudwatch.LogGroup(
             f"{name}-control-plane-logs",
-            name=f"/aws/eks/{cluster_name}/cluster",
+            name=log_group_name,
             retention_in_days=args.log_retention_days,
+            kms_key_id=key.arn,
             tags=tags,
             opts=child,
         )
@@ -505,7 +582,10 @@ class GpuCluster(pulumi.ComponentResource):
             enabled_cluster_log_types=list(args.log_types),
             access_config=aws.eks.ClusterAccessConfigArgs(
                 authentication_mode="API",
-                bootstrap_cluster_creator_admin_permissions=True,
+                # No implicit admin for whoever happens to create the cluster: the deploy role gets
+                # it through an access entry below (an implicit entry for the same role would
+                # make that one fail with ResourceInUseException).
+                bootstrap_cluster_creator_admin_permissions=False,
             ),
             tags=tags,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[log_group, cluster_policy, cluster_kms]),
@@ -583,6 +663,9 @@ class GpuCluster(pulumi.ComponentResource):
                 )
             )
 
+        # ---------------------------------------------------------------- access entries (API mode)
+        access = self._access_entries(name, args=args, cluster=cluster, identity=identity)
+
         # ---------------------------------------------------------------- kubeconfig, provider
         self.kubeconfig = pulumi.Output.secret(
             pulumi.Output.all(cluster.name, cluster.endpoint, cluster.certificate_authority.data).apply(
@@ -595,7 +678,10 @@ class GpuCluster(pulumi.ComponentResource):
             kubeconfig=self.kubeconfig,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[system_group]),
         )
-        on_cluster = pulumi.ResourceOptions(parent=self, provider=self.provider, depends_on=[system_group])
+        # Every Kubernetes object waits for the access entries: before them, nobody may talk to the API.
+        on_cluster = pulumi.ResourceOptions(
+            parent=self, provider=self.provider, depends_on=[system_group, *access]
+        )
 
         # ---------------------------------------------------------------- NVIDIA device plugin
         plugin_values: dict[str, Any] = {
@@ -672,12 +758,14 @@ class GpuCluster(pulumi.ComponentResource):
                 },
                 # The chart renders this into the priority expander's ConfigMap. The keys are
                 # ASG name regexes; EKS names a managed group's ASG eks-<nodegroup>-<uuid>.
-                "expanderPriorities": expander_priorities(cluster_name),
+                "expanderPriorities": expander_priorities(cluster_name, pool_roles(args)),
                 "nodeSelector": {POOL_LABEL: "system"},
                 "priorityClassName": "system-cluster-critical",
             },
             opts=pulumi.ResourceOptions(
-                parent=self, provider=self.provider, depends_on=[system_group, autoscaler_role_policy]
+                parent=self,
+                provider=self.provider,
+                depends_on=[system_group, *access, autoscaler_role_policy],
             ),
         )
 
@@ -705,6 +793,49 @@ class GpuCluster(pulumi.ComponentResource):
             }
         )
 
+    def _access_entries(
+        self,
+        name: str,
+        *,
+        args: GpuClusterArgs,
+        cluster: aws.eks.Cluster,
+        identity: pulumi.Output[aws.GetCallerIdentityResult],
+    ) -> list[aws.eks.AccessPolicyAssociation]:
+        """An access entry and one cluster-scoped access policy for each CI and admin role.
+
+        ``pulumi preview`` in a pull request reads every object (Helm keeps its release records
+        in Secrets, hence AdminView, not View); ``pulumi up`` creates cluster-scoped objects
+        through the charts (ClusterRoles, webhooks), hence ClusterAdmin.
+        """
+        grants = [
+            ("deploy", args.deploy_role_name, DEPLOY_ACCESS_POLICY),
+            ("preview", args.preview_role_name, PREVIEW_ACCESS_POLICY),
+            *[("admin", role, DEPLOY_ACCESS_POLICY) for role in args.admin_role_names],
+        ]
+        associations = []
+        for kind, role, policy in grants:
+            suffix = kind if kind != "admin" else f"admin-{role}"
+            principal = _role_arn_output(identity, role)
+            entry = aws.eks.AccessEntry(
+                f"{name}-access-{suffix}",
+                cluster_name=cluster.name,
+                principal_arn=principal,
+                type="STANDARD",
+                tags=tags_with(args.tags, {ACCESS_TAG: kind}),
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+            associations.append(
+                aws.eks.AccessPolicyAssociation(
+                    f"{name}-access-{suffix}-policy",
+                    cluster_name=cluster.name,
+                    principal_arn=entry.principal_arn,
+                    policy_arn=ACCESS_POLICY_ARN + policy,
+                    access_scope=aws.eks.AccessPolicyAssociationAccessScopeArgs(type="cluster"),
+                    opts=pulumi.ResourceOptions(parent=self),
+                )
+            )
+        return associations
+
     def _gpu_node_group(
         self,
         name: str,
@@ -720,6 +851,7 @@ class GpuCluster(pulumi.ComponentResource):
         facts = gpu_facts(pool)
         capacity = capacity_type(role)
         labels = {
+            ACCELERATOR_LABEL: accelerator([GPU_INSTANCE_TYPES[t] for t in pool.instance_types]),
             GPU_ARCH_LABEL: facts.gpu_arch,
             CAPACITY_LABEL: "spot" if role == "spot" else "on-demand",
             POOL_LABEL: pool.name,
@@ -771,19 +903,45 @@ class GpuCluster(pulumi.ComponentResource):
         return group
 
 
+def _role_arn_output(identity: pulumi.Output[aws.GetCallerIdentityResult], role: str) -> pulumi.Output[str]:
+    return pulumi.Output.all(identity.arn, identity.account_id).apply(lambda v: role_arn(v[0], v[1], role))
+
+
+def role_arn(caller_arn: str, account: str, role: str) -> str:
+    """The ARN of role ``role`` in the caller's account and partition (access entries need the role's
+    ARN, not the assumed-role session's)."""
+    return f"arn:{partition_of(caller_arn)}:iam::{account}:role/{role}"
+
+
 def tags_with(tags: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
     """The common tags plus resource-specific ones."""
     return {**tags, **extra}
 
 
-def expander_priorities(cluster_name: str) -> dict[str, list[str]]:
-    """Priority expander tiers: every Spot GPU group above the on-demand fallback.
+def expander_priorities(cluster_name: str, pools: Sequence[tuple[NodePool, str]]) -> dict[str, list[str]]:
+    """Priority expander tiers: Spot GPU groups, smallest node size first, all above the fallback.
 
-    The autoscaler picks the highest tier that can fit the pending pods; the fallback is
-    reached only when no Spot group can grow (capacity unavailable or at its max).
+    The autoscaler picks the highest tier that can fit the pending pods (at random within a tier);
+    a larger Spot size is reached when the smaller ones cannot grow (no Spot capacity, or at their
+    max), and the on-demand fallback only when no Spot group can. Each regex names one group's
+    ASG, ``eks-<node group>-<uuid>``, so pool ``ada`` does not also match ``ada-2x``.
     """
-    return {
-        str(SPOT_PRIORITY): [f"^eks-{cluster_name}-gpu-spot-.*"],
-        str(FALLBACK_PRIORITY): [f"^eks-{cluster_name}-gpu-fallback-.*"],
-        str(OTHER_PRIORITY): [".*"],
-    }
+    spot = [p for p, role in pools if role == "spot"]
+    sizes = sorted({gpu_facts(p).node_size for p in spot}, reverse=True)
+    tiers: dict[str, list[str]] = {}
+    for pool in spot:
+        priority = SPOT_PRIORITY + sizes.index(gpu_facts(pool).node_size)
+        tiers.setdefault(str(priority), []).append(_asg_pattern(node_group_name(cluster_name, "spot", pool)))
+    fallback = [
+        _asg_pattern(node_group_name(cluster_name, "fallback", p)) for p, role in pools if role != "spot"
+    ]
+    if fallback:
+        tiers[str(FALLBACK_PRIORITY)] = fallback
+    tiers[str(OTHER_PRIORITY)] = [".*"]
+    return tiers
+
+
+def _asg_pattern(group: str) -> str:
+    """The regex of a managed node group's ASG name: ``eks-<group>-`` then the UUID's hex start."""
+    # Node group names are [a-z0-9-] (checked by the config), nothing a regex would read specially.
+    return f"^eks-{group}-[0-9a-f]{{8}}"

@@ -13,6 +13,7 @@ architecture does not load on another, which is why a pool never mixes them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -43,6 +44,19 @@ class GpuInstanceType:
     def family(self) -> str:
         """The instance family, e.g. ``g5`` for ``g5.xlarge``."""
         return self.name.split(".", 1)[0]
+
+    @property
+    def node_size(self) -> tuple[int, int, int]:
+        """``(vCPUs, memory GiB, GPUs)``: what the cluster autoscaler plans a node group with.
+
+        The autoscaler models a group by one instance type; its AWS README asks that every type
+        in a group have the same vCPUs and memory ("fundamental to CA's scaling calculations").
+        """
+        return (self.vcpus, self.memory_gib, self.gpus)
+
+    def describe(self) -> str:
+        """``g5.xlarge (4 vCPU, 16 GiB, 1 GPU)``, for error messages."""
+        return f"{self.name} ({self.vcpus} vCPU, {self.memory_gib} GiB, {self.gpus} GPU)"
 
 
 # (family, GPU model, arch, GPU memory GiB) and the sizes as (size, vCPUs, memory GiB, GPUs).
@@ -132,6 +146,18 @@ GPU_INSTANCE_TYPES: MappingProxyType[str, GpuInstanceType] = MappingProxyType(_b
 
 GPU_ARCHES: frozenset[str] = frozenset(t.gpu_arch for t in GPU_INSTANCE_TYPES.values())
 """Every architecture the table knows, e.g. ``{"sm_75", "sm_80", "sm_86", "sm_89", "sm_90"}``."""
+
+
+def accelerator(types: Sequence[GpuInstanceType]) -> str:
+    """The ``k8s.amazonaws.com/accelerator`` label value of nodes of these types.
+
+    The AWS cluster autoscaler only checks that the label is present (it then treats a node as
+    not ready until the device plugin advertises its GPUs); the value names the GPU, e.g.
+    ``nvidia-a10g``, or the architecture when one pool holds two GPU models (``nvidia-sm_90``
+    for p5 with p5e). Label values allow letters, digits, ``-``, ``_`` and ``.``.
+    """
+    models = {t.gpu_model.lower() for t in types}
+    return f"nvidia-{models.pop()}" if len(models) == 1 else f"nvidia-{types[0].gpu_arch}"
 
 
 class UnknownInstanceType(KeyError):

@@ -4,11 +4,16 @@ What it creates:
 
 - an ECR repository that scans every pushed image, refuses to overwrite a tag (IMMUTABLE), and
   a lifecycle policy that expires all but the newest ``keep_images`` images;
-- a ``pulumi_docker.Image`` built from ``serving/Dockerfile`` with the repository root as the
-  context, for ``linux/amd64`` (the GPU nodes' platform, whatever machine runs ``pulumi up``),
-  with ``BASE=gpu`` for GPU stacks (CUDA runtime and onnxruntime-gpu) and the bundle's real
-  folder as ``BUNDLE`` (the Dockerfile copies it to ``/srv/bundle`` and runs
-  ``python -m serving --check`` on it, so an unverifiable bundle never becomes an image);
+- a ``pulumi_docker.Image`` built from ``serving/Dockerfile`` for ``linux/amd64`` (the GPU nodes'
+  platform, whatever machine runs ``pulumi up``), with ``BASE=gpu`` for GPU stacks (CUDA runtime
+  and onnxruntime-gpu). Its build context is a folder staged under ``build/image-context/<name>``
+  that holds exactly what the Dockerfile copies: ``serving/``, ``contract/``, the one bundle as
+  ``bundle/`` and the trusted public key as ``signer.pub`` (hard links where the file system
+  allows). Sending the repository root would send every bundle in ``dist/`` to the builder. The
+  Dockerfile copies the bundle to ``/srv/bundle`` and runs ``python -m serving --check`` on it, so
+  an unverifiable bundle never becomes an image;
+- no build without the key: the public key the image will trust must exist before anything is
+  registered (the stack config also checks that it verifies the bundle's signature);
 - registry credentials from ``aws.ecr.get_authorization_token_output``, kept secret.
 
 The output :attr:`ModelImage.image_ref` is ``<repository>@sha256:<digest>``: Deployments pull
@@ -26,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +45,10 @@ BASES = ("cpu", "gpu")
 DOCKERFILE = "serving/Dockerfile"
 IMAGE_SOURCES: tuple[str, ...] = ("serving", "contract", DOCKERFILE)
 """What the Dockerfile copies besides the bundle and the key: it decides the image's source hash."""
+DEFAULT_PUBLIC_KEY = ".keys/dev-ed25519.pub"
+"""The Dockerfile's default ``PUBLIC_KEY``: the development key that ``make build`` generates."""
+STAGING_DIR = "build/image-context"
+"""Where the build context is staged, under ``context_dir`` (``build/`` is git-ignored)."""
 _REPOSITORY_NAME = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*")
 _VERSION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}")
 _TRT_VERSION = re.compile(r"\d+(\.\d+){1,3}")
@@ -55,7 +65,8 @@ class ModelImageArgs:
     """ECR repository, e.g. ``dualdeploy/demo``."""
 
     context_dir: Path
-    """The Docker build context: the repository root (the Dockerfile's COPY paths start there)."""
+    """The project root: ``serving/``, ``contract/`` and the bundle are found there, and the build
+    context is staged under its ``build/image-context/``."""
 
     bundle_dir: Path
     """The bundle's real folder (``dist/demo/latest`` resolved), inside ``context_dir``."""
@@ -64,8 +75,9 @@ class ModelImageArgs:
     """``manifest["version"]``; the image tag starts with it."""
 
     public_key: Path | None = None
-    """The signer's public key the image trusts, inside ``context_dir`` (None: the Dockerfile's
-    default, the development key ``.keys/dev-ed25519.pub``)."""
+    """The signer's public key the image trusts (None: the development key
+    ``<context_dir>/.keys/dev-ed25519.pub``). It must exist: the build stops before any resource
+    otherwise."""
 
     base: str = "gpu"
     """``gpu`` (CUDA runtime, onnxruntime-gpu) for GPU stacks, ``cpu`` otherwise."""
@@ -124,10 +136,59 @@ def validate(args: ModelImageArgs) -> None:
     _inside(args.bundle_dir, args.context_dir, "bundle_dir")
     if not (args.bundle_dir / "manifest.json").is_file():
         raise ValueError(f"bundle_dir: {args.bundle_dir} holds no manifest.json")
+    _validate_sources(args)
+
+
+def _validate_sources(args: ModelImageArgs) -> None:
+    """What the staged context copies must exist: the server, the contract and the trusted key."""
+    for source in ("serving", "contract"):
+        if not (args.context_dir / source).is_dir():
+            raise ValueError(f"context_dir: {args.context_dir} has no {source}/ (the image copies it)")
+    key = public_key_path(args)
     if args.public_key is not None:
         _inside(args.public_key, args.context_dir, "public_key")
-        if not args.public_key.is_file():
-            raise ValueError(f"public_key: {args.public_key} does not exist")
+    if not key.is_file():
+        raise ValueError(
+            f"public_key: {key} does not exist, and the image must trust the key that signed the "
+            "bundle. Set dualdeploy:serving.publicKey to the signer's public key (CI: the prebuild "
+            "writes .keys/release-ed25519.pub from vars.DUALDEPLOY_PUBLIC_KEY), or build the bundle "
+            "with `make build`, which writes the development key .keys/dev-ed25519.pub"
+        )
+
+
+def public_key_path(args: ModelImageArgs) -> Path:
+    """The public key the image will trust: ``public_key``, or the development key."""
+    return args.public_key if args.public_key is not None else args.context_dir / DEFAULT_PUBLIC_KEY
+
+
+def _place(source: Path, target: Path) -> None:
+    """Hard-link ``source`` at ``target`` (copy across file systems)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def stage_context(args: ModelImageArgs, folder: Path) -> Path:
+    """Write the build context into ``folder`` (emptied first) and return it.
+
+    It holds ``serving/`` and ``contract/`` (without caches), ``bundle/`` (the one bundle) and
+    ``signer.pub``: exactly what ``serving/Dockerfile`` copies, so nothing else reaches the builder.
+    """
+    if folder.exists():
+        shutil.rmtree(folder)
+    for source in ("serving", "contract"):
+        root = (args.context_dir / source).resolve()
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                _place(path, folder / source / path.relative_to(root))
+    bundle = args.bundle_dir.resolve()
+    for path in sorted(bundle.rglob("*")):
+        if path.is_file():
+            _place(path, folder / "bundle" / path.relative_to(bundle))
+    _place(public_key_path(args).resolve(), folder / "signer.pub")
+    return folder
 
 
 def source_hash(context_dir: Path, base: str, sources: Sequence[str] = IMAGE_SOURCES) -> str:
@@ -206,21 +267,17 @@ class ModelImage(pulumi.ComponentResource):
 
         token = aws.ecr.get_authorization_token_output(registry_id=repository.registry_id)
         self.tag = image_tag(args)
-        build_args = {
-            "BASE": args.base,
-            "BUNDLE": _inside(args.bundle_dir, args.context_dir, "bundle_dir"),
-        }
+        build_args = {"BASE": args.base, "BUNDLE": "bundle", "PUBLIC_KEY": "signer.pub"}
         if args.tensorrt_version is not None:
             build_args["TENSORRT_VERSION"] = args.tensorrt_version
-        if args.public_key is not None:
-            build_args["PUBLIC_KEY"] = _inside(args.public_key, args.context_dir, "public_key")
+        context = stage_context(args, args.context_dir / STAGING_DIR / name)
         image = docker.Image(
             f"{name}-image",
             image_name=repository.repository_url.apply(lambda url: f"{url}:{self.tag}"),
             build=docker.DockerBuildArgs(
                 # Relative to the program's folder, so the state does not record this machine's paths.
-                context=os.path.relpath(args.context_dir),
-                dockerfile=os.path.relpath(args.context_dir / DOCKERFILE),
+                context=os.path.relpath(context),
+                dockerfile=os.path.relpath(context / DOCKERFILE),
                 platform=PLATFORM,
                 # serving/Dockerfile bind-mounts the context in a RUN step (the optional wheelhouse).
                 builder_version=docker.BuilderVersion.BUILDER_BUILD_KIT,

@@ -4,16 +4,24 @@ Nodes never get public addresses. Each availability zone has one private subnet
 (nodes, tagged for internal load balancers) and one public subnet (NAT gateway and
 internet-facing load balancers). The subnet tags are the ones the AWS Load Balancer
 Controller and the in-tree service controller look for.
+
+VPC flow logs (accepted and rejected traffic of every interface) go to a CloudWatch log group
+encrypted with the network's own KMS key, through a role that only the flow-logs service may
+assume and that may only write to that group.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
+
+from components.aws.log_encryption import logs_key
 
 NAT_MODES = ("single", "per-az")
 MAX_ZONES = 6
@@ -34,8 +42,14 @@ class NetworkArgs:
     """The EKS cluster that uses the subnets. Concrete: it is part of a tag *key*
     (``kubernetes.io/cluster/<name>``), and keys cannot wait for an Output."""
 
+    region: str
+    """AWS region (the flow-log key's policy names the regional CloudWatch Logs service)."""
+
     nat_gateways: str = "single"
     """``single`` (one NAT gateway, cheaper) or ``per-az`` (one a zone, zone-redundant)."""
+
+    flow_log_retention_days: int = 90
+    """Retention of the VPC flow-log group."""
 
     tags: Mapping[str, str] = field(default_factory=dict)
     """Tags for every resource."""
@@ -82,6 +96,8 @@ class Network(pulumi.ComponentResource):
                 "availability_zones: EKS needs at least 2 distinct zones, "
                 f"got {list(args.availability_zones)}"
             )
+        if args.flow_log_retention_days < 1:
+            raise ValueError(f"flow_log_retention_days: must be ≥ 1, got {args.flow_log_retention_days}")
         if args.nat_gateways not in NAT_MODES:
             raise ValueError(f"nat_gateways: {args.nat_gateways!r} is not one of {', '.join(NAT_MODES)}")
         private_cidrs, public_cidrs = subnet_cidrs(args.cidr, len(args.availability_zones))
@@ -183,6 +199,8 @@ class Network(pulumi.ComponentResource):
                 opts=child,
             )
 
+        self._flow_logs(name, args, vpc, named)
+
         self.vpc_id = vpc.id
         self.private_subnet_ids = pulumi.Output.all(*[s.id for s in private_subnets])
         self.public_subnet_ids = pulumi.Output.all(*[s.id for s in public_subnets])
@@ -193,3 +211,79 @@ class Network(pulumi.ComponentResource):
                 "public_subnet_ids": self.public_subnet_ids,
             }
         )
+
+    def _flow_logs(self, name: str, args: NetworkArgs, vpc: aws.ec2.Vpc, named: Any) -> None:
+        """Flow logs of the whole VPC (accepted and rejected) into a KMS-encrypted log group."""
+        child = pulumi.ResourceOptions(parent=self)
+        group_name = f"/dualdeploy/vpc-flow-logs/{args.cluster_name}"
+        key = logs_key(
+            f"{name}-flow-logs-key",
+            description=f"Encryption of the VPC flow logs of {args.cluster_name}",
+            region=args.region,
+            log_groups=[group_name],
+            tags=named("flow-logs-key"),
+            parent=self,
+        )
+        group = aws.cloudwatch.LogGroup(
+            f"{name}-flow-logs",
+            name=group_name,
+            retention_in_days=args.flow_log_retention_days,
+            kms_key_id=key.arn,
+            tags=named("flow-logs"),
+            opts=child,
+        )
+        role = aws.iam.Role(
+            f"{name}-flow-logs-role",
+            assume_role_policy=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"Service": "vpc-flow-logs.amazonaws.com"},
+                            "Action": "sts:AssumeRole",
+                        }
+                    ],
+                }
+            ),
+            tags=named("flow-logs-role"),
+            opts=child,
+        )
+        write = aws.iam.RolePolicy(
+            f"{name}-flow-logs-write",
+            role=role.id,
+            policy=group.arn.apply(flow_log_write_policy),
+            opts=child,
+        )
+        aws.ec2.FlowLog(
+            f"{name}-flow-log",
+            vpc_id=vpc.id,
+            traffic_type="ALL",
+            log_destination_type="cloud-watch-logs",
+            log_destination=group.arn,
+            iam_role_arn=role.arn,
+            max_aggregation_interval=600,
+            tags=named("flow-log"),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[write]),
+        )
+
+
+def flow_log_write_policy(group_arn: str) -> str:
+    """What the flow-logs service may do with its role: write streams of this one log group."""
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Action": [
+                        "logs:CreateLogStream",
+                        "logs:PutLogEvents",
+                        "logs:DescribeLogGroups",
+                        "logs:DescribeLogStreams",
+                    ],
+                    "Resource": [group_arn, f"{group_arn}:*"],
+                }
+            ],
+        }
+    )
