@@ -18,15 +18,26 @@ Rules for the model service's objects (cloud part 2):
 - ``k8s-deployment-has-hpa-and-pdb`` (stack policy): every Deployment has an HPA that targets
   it and a PodDisruptionBudget that selects its pods.
 - ``ecr-scan-on-push``: every ECR repository scans images on push.
+
+Rules for what only AWS and the autoscaler would have caught (issue 17):
+- ``gpu-pool-one-size``: the instance types of a GPU node group share one size (vCPUs, memory,
+  GPUs), read from ``components/aws/gpu_instances.py``.
+- ``gpu-node-groups-accelerator-label``: GPU node groups carry ``k8s.amazonaws.com/accelerator``.
+- ``eks-ci-access-entries`` (stack policy): an EKS cluster on API authentication has access entries
+  tagged ``dualdeploy:access`` ``deploy`` and ``preview``, each with an access policy, the preview
+  one read-only.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import re
+import sys
 from collections.abc import Callable, Mapping
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from pulumi_policy import (
@@ -338,5 +349,137 @@ POLICIES: tuple[ResourceValidationPolicy | StackValidationPolicy, ...] = (
         name="k8s-deployment-has-hpa-and-pdb",
         description="Every Deployment has a HorizontalPodAutoscaler and a PodDisruptionBudget.",
         validate=validate_deployments_have_hpa_and_pdb,
+    ),
+)
+
+
+# --------------------------------------------------------------------------- issue 17: pools and CI access
+
+ACCELERATOR_LABEL = "k8s.amazonaws.com/accelerator"
+ACCESS_ENTRY = "aws:eks/accessEntry:AccessEntry"
+ACCESS_POLICY_ASSOCIATION = "aws:eks/accessPolicyAssociation:AccessPolicyAssociation"
+ACCESS_TAG = "dualdeploy:access"
+VIEW_POLICIES = ("AmazonEKSViewPolicy", "AmazonEKSAdminViewPolicy")
+"""Access policies that only read: what a pull-request preview may have."""
+
+
+@cache
+def instance_sizes() -> dict[str, tuple[int, int, int]]:
+    """Instance type → (vCPUs, memory GiB, GPUs), from the project's GPU table.
+
+    The table is ``components/aws/gpu_instances.py`` (stdlib only), loaded by path: the pack runs from
+    the repository (``--policy-pack policy``), and one table serves the config, the components and
+    this rule.
+    """
+    path = Path(__file__).resolve().parent.parent / "components" / "aws" / "gpu_instances.py"
+    spec = importlib.util.spec_from_file_location("dualdeploy_gpu_instances", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"the GPU instance table {path} is missing: run the pack from the repository")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return {name: facts.node_size for name, facts in module.GPU_INSTANCE_TYPES.items()}
+
+
+def validate_gpu_pool_one_size(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """Every instance type of a GPU node group has the same vCPUs, memory and GPUs."""
+    if args.resource_type != NODE_GROUP or not is_gpu_node_group(args.props):
+        return
+    types = [str(t) for t in args.props.get("instanceTypes") or []]
+    table = instance_sizes()
+    unknown = [t for t in types if t not in table]
+    if unknown:
+        report_violation(
+            f"GPU node group {args.name!r}: {unknown} not in components/aws/gpu_instances.py, so its "
+            "node size cannot be checked",
+            None,
+        )
+        return
+    sizes = {t: table[t] for t in types}
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"{t} ({v} vCPU, {m} GiB, {g} GPU)" for t, (v, m, g) in sizes.items())
+        report_violation(
+            f"GPU node group {args.name!r} mixes node sizes: {shown}. The cluster autoscaler plans "
+            "with one instance type of a group; use one pool per size",
+            None,
+        )
+
+
+def validate_gpu_accelerator_label(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """GPU node groups label their nodes ``k8s.amazonaws.com/accelerator`` (the autoscaler's GPU label)."""
+    if args.resource_type != NODE_GROUP or not is_gpu_node_group(args.props):
+        return
+    labels = args.props.get("labels") or {}
+    if not labels.get(ACCELERATOR_LABEL):
+        report_violation(
+            f"GPU node group {args.name!r} has no {ACCELERATOR_LABEL} label: the cluster autoscaler "
+            "then counts a new GPU node as ready before its GPUs are, and starts another",
+            None,
+        )
+
+
+def validate_ci_access_entries(args: StackValidationArgs, report_violation: ReportViolation) -> None:
+    """Each EKS cluster on API authentication has access entries for the deploy and preview roles.
+
+    The entries are recognised by their ``dualdeploy:access`` tag (``deploy``, ``preview``); each must
+    have an access policy association for its principal, and the preview role's only reads.
+    """
+    by_type: dict[str, list[Any]] = {}
+    for resource in args.resources:
+        by_type.setdefault(resource.resource_type, []).append(resource)
+    for cluster in by_type.get(CLUSTER, []):
+        mode = (cluster.props.get("accessConfig") or {}).get("authenticationMode") or "CONFIG_MAP"
+        if mode == "CONFIG_MAP":
+            continue  # aws-auth mapping, not this rule's business
+        name = cluster.props.get("name")
+        entries = [
+            e
+            for e in by_type.get(ACCESS_ENTRY, [])
+            if e.props.get("clusterName") in (name, None) or not isinstance(e.props.get("clusterName"), str)
+        ]
+        for kind in ("deploy", "preview"):
+            tagged = [e for e in entries if (e.props.get("tags") or {}).get(ACCESS_TAG) == kind]
+            if not tagged:
+                report_violation(
+                    f"EKS cluster {name!r} has no access entry for the CI {kind} role "
+                    f"(tag {ACCESS_TAG}={kind}): with API authentication, its `pulumi` run gets "
+                    "Unauthorized on every Kubernetes object",
+                    cluster.urn,
+                )
+                continue
+            principals = {e.props.get("principalArn") for e in tagged}
+            policies = [
+                str(a.props.get("policyArn", "")).rsplit("/", 1)[-1]
+                for a in by_type.get(ACCESS_POLICY_ASSOCIATION, [])
+                if a.props.get("principalArn") in principals
+            ]
+            if not policies:
+                report_violation(
+                    f"EKS cluster {name!r}: the {kind} role's access entry has no access policy", cluster.urn
+                )
+            elif kind == "preview" and any(p not in VIEW_POLICIES for p in policies):
+                report_violation(
+                    f"EKS cluster {name!r}: the preview role has {policies}; a preview only reads "
+                    f"(least privilege: one of {', '.join(VIEW_POLICIES)})",
+                    cluster.urn,
+                )
+
+
+POLICIES = (
+    *POLICIES,
+    _policy(
+        "gpu-pool-one-size",
+        "Every instance type of a GPU node group has the same vCPUs, memory and GPUs.",
+        validate_gpu_pool_one_size,
+    ),
+    _policy(
+        "gpu-node-groups-accelerator-label",
+        "GPU node groups label their nodes k8s.amazonaws.com/accelerator.",
+        validate_gpu_accelerator_label,
+    ),
+    StackValidationPolicy(
+        name="eks-ci-access-entries",
+        description="EKS clusters on API authentication give the CI deploy and preview roles access entries.",
+        validate=validate_ci_access_entries,
     ),
 )

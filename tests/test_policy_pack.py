@@ -70,9 +70,9 @@ def spot_group(**changes: Any) -> dict[str, Any]:
         "nodeGroupName": "dualdeploy-cloud-prod-gpu-spot-ampere",
         "capacityType": "SPOT",
         "amiType": "AL2023_x86_64_NVIDIA",
-        "instanceTypes": ["g5.xlarge", "g5.2xlarge", "g5.4xlarge"],
+        "instanceTypes": ["g5.xlarge"],
         "scalingConfig": {"minSize": 0, "maxSize": 30, "desiredSize": 0},
-        "labels": {"dualdeploy.io/gpu-arch": "sm_86"},
+        "labels": {"dualdeploy.io/gpu-arch": "sm_86", "k8s.amazonaws.com/accelerator": "nvidia-a10g"},
         "taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NO_SCHEDULE"}],
         "tags": {**TAGS, "dualdeploy:pool-role": "spot"},
     }
@@ -258,6 +258,9 @@ def test_the_pack_has_the_cluster_and_the_service_rules() -> None:
         "k8s-non-root-with-limits",
         "k8s-deployment-has-hpa-and-pdb",
         "ecr-scan-on-push",
+        "gpu-pool-one-size",
+        "gpu-node-groups-accelerator-label",
+        "eks-ci-access-entries",
     }
 
 
@@ -474,3 +477,146 @@ def test_cloud_prod_program_would_fail_if_the_ecr_scan_were_off(prod_graph: dict
     broken = copy.deepcopy(repo["inputs"])
     del broken["imageScanningConfiguration"]
     assert violations(rules.validate_ecr_scan_on_push, args_for(rules.ECR_REPOSITORY, repo["name"], broken))
+
+
+# --------------------------------------------------------------------------- issue 17: pools and CI access
+
+
+def test_a_gpu_pool_of_one_size_passes_across_families() -> None:
+    one_size = spot_group(instanceTypes=["p5.48xlarge", "p5e.48xlarge", "p5en.48xlarge"])
+    assert violations(rules.validate_gpu_pool_one_size, args_for(rules.NODE_GROUP, "hopper", one_size)) == []
+    assert (
+        violations(rules.validate_gpu_pool_one_size, args_for(rules.NODE_GROUP, "ampere", spot_group())) == []
+    )
+
+
+def test_a_spot_pool_with_unequal_sizes_fails_naming_each_size() -> None:
+    mixed = spot_group(instanceTypes=["g6.xlarge", "g6e.xlarge"])  # same vCPUs, 16 vs 32 GiB
+    (message,) = violations(rules.validate_gpu_pool_one_size, args_for(rules.NODE_GROUP, "ada", mixed))
+    assert (
+        "mixes node sizes: g6.xlarge (4 vCPU, 16 GiB, 1 GPU), g6e.xlarge (4 vCPU, 32 GiB, 1 GPU)" in message
+    )
+
+
+def test_a_gpu_type_missing_from_the_table_fails_the_size_rule() -> None:
+    props = spot_group(instanceTypes=["g7.xlarge"])
+    (message,) = violations(rules.validate_gpu_pool_one_size, args_for(rules.NODE_GROUP, "g7", props))
+    assert "not in components/aws/gpu_instances.py" in message
+
+
+def test_the_size_rule_reads_the_projects_gpu_table() -> None:
+    from components.aws.gpu_instances import GPU_INSTANCE_TYPES
+
+    assert rules.instance_sizes() == {name: t.node_size for name, t in GPU_INSTANCE_TYPES.items()}
+
+
+def test_a_gpu_node_group_with_the_accelerator_label_passes() -> None:
+    args = args_for(rules.NODE_GROUP, "ampere", spot_group())
+    assert violations(rules.validate_gpu_accelerator_label, args) == []
+
+
+def test_a_gpu_node_group_without_the_accelerator_label_fails() -> None:
+    args = args_for(rules.NODE_GROUP, "ampere", spot_group(labels={"dualdeploy.io/gpu-arch": "sm_86"}))
+    (message,) = violations(rules.validate_gpu_accelerator_label, args)
+    assert "no k8s.amazonaws.com/accelerator label" in message
+
+
+def test_a_cpu_node_group_needs_no_accelerator_label() -> None:
+    props = spot_group(amiType="AL2023_x86_64_STANDARD", instanceTypes=["m6i.large"], labels={})
+    assert violations(rules.validate_gpu_accelerator_label, args_for(rules.NODE_GROUP, "system", props)) == []
+
+
+def access_resources(
+    preview_policy: str = "AmazonEKSAdminViewPolicy",
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """A cluster on API authentication with the deploy and preview entries, as the component makes them."""
+    account = "arn:aws:iam::123456789012:role/"
+    cluster = cluster_props(accessConfig={"authenticationMode": "API"})
+    resources = [(rules.CLUSTER, "cluster-eks", cluster)]
+    for kind, policy in (("deploy", "AmazonEKSClusterAdminPolicy"), ("preview", preview_policy)):
+        principal = f"{account}dualdeploy-github-{kind}"
+        resources.append(
+            (
+                rules.ACCESS_ENTRY,
+                f"cluster-access-{kind}",
+                {
+                    "clusterName": cluster["name"],
+                    "principalArn": principal,
+                    "tags": {**TAGS, rules.ACCESS_TAG: kind},
+                },
+            )
+        )
+        resources.append(
+            (
+                rules.ACCESS_POLICY_ASSOCIATION,
+                f"cluster-access-{kind}-policy",
+                {
+                    "clusterName": cluster["name"],
+                    "principalArn": principal,
+                    "policyArn": f"arn:aws:eks::aws:cluster-access-policy/{policy}",
+                    "accessScope": {"type": "cluster"},
+                },
+            )
+        )
+    return resources
+
+
+def as_stack(resources: list[tuple[str, str, dict[str, Any]]]) -> StackValidationArgs:
+    policy_resources = []
+    for typ, name, props in resources:
+        single = args_for(typ, name, props)
+        policy_resources.append(PolicyResource(typ, props, single.urn, name, single.opts, None, None, [], {}))
+    return StackValidationArgs(policy_resources)
+
+
+def test_a_cluster_with_access_entries_for_both_ci_roles_passes() -> None:
+    assert violations(rules.validate_ci_access_entries, as_stack(access_resources())) == []
+
+
+def test_a_cluster_with_no_access_entry_for_the_ci_roles_fails() -> None:
+    bare = [r for r in access_resources() if r[0] == rules.CLUSTER]
+    found = violations(rules.validate_ci_access_entries, as_stack(bare))
+    assert len(found) == 2
+    assert "no access entry for the CI deploy role" in found[0]
+    assert "no access entry for the CI preview role" in found[1]
+
+
+def test_a_preview_role_that_may_write_fails_least_privilege() -> None:
+    found = violations(rules.validate_ci_access_entries, as_stack(access_resources("AmazonEKSEditPolicy")))
+    assert found == [
+        "EKS cluster 'dualdeploy-cloud-prod': the preview role has ['AmazonEKSEditPolicy']; a preview only "
+        "reads (least privilege: one of AmazonEKSViewPolicy, AmazonEKSAdminViewPolicy)"
+    ]
+
+
+def test_an_entry_without_an_access_policy_fails() -> None:
+    no_policy = [r for r in access_resources() if r[1] != "cluster-access-deploy-policy"]
+    (message,) = violations(rules.validate_ci_access_entries, as_stack(no_policy))
+    assert "the deploy role's access entry has no access policy" in message
+
+
+def test_a_cluster_on_the_aws_auth_config_map_is_not_this_rules_business() -> None:
+    cluster = cluster_props(accessConfig={"authenticationMode": "CONFIG_MAP"})
+    assert violations(rules.validate_ci_access_entries, as_stack([(rules.CLUSTER, "c", cluster)])) == []
+
+
+def test_cloud_prod_program_passes_the_access_rule_and_fails_without_its_entries(
+    prod_graph: dict[str, Any],
+) -> None:
+    args = graph_stack_args(prod_graph["resources"])
+    assert violations(rules.validate_ci_access_entries, args) == []
+    without = [r for r in prod_graph["resources"] if r["type"] != rules.ACCESS_ENTRY]
+    assert len(violations(rules.validate_ci_access_entries, graph_stack_args(without))) == 2
+
+
+def test_cloud_prod_program_would_fail_if_a_pool_mixed_sizes_or_lost_its_label(
+    prod_graph: dict[str, Any],
+) -> None:
+    (group,) = [r for r in prod_graph["resources"] if r["name"] == "cluster-gpu-spot-ampere"]
+    mixed = {**copy.deepcopy(group["inputs"]), "instanceTypes": ["g5.xlarge", "g5.2xlarge"]}
+    assert violations(rules.validate_gpu_pool_one_size, args_for(rules.NODE_GROUP, group["name"], mixed))
+    unlabelled = copy.deepcopy(group["inputs"])
+    del unlabelled["labels"]["k8s.amazonaws.com/accelerator"]
+    assert violations(
+        rules.validate_gpu_accelerator_label, args_for(rules.NODE_GROUP, group["name"], unlabelled)
+    )
