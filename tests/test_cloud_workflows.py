@@ -44,6 +44,19 @@ def steps_using(job: dict[str, Any], action: str) -> list[dict[str, Any]]:
     return [s for s in job["steps"] if str(s.get("uses", "")).split("@")[0] == action]
 
 
+def pulumi_command(job: dict[str, Any]) -> dict[str, Any]:
+    """The one pulumi/actions step that runs a command (the other only installs the CLI)."""
+    (step,) = [s for s in steps_using(job, "pulumi/actions") if "command" in s.get("with", {})]
+    return step
+
+
+def signer_step(job: dict[str, Any]) -> dict[str, Any]:
+    (step,) = [
+        s for s in job["steps"] if str(s.get("name", "")).startswith("Point the stack at the bundle's signer")
+    ]
+    return step
+
+
 def validate(*paths: Path) -> subprocess.CompletedProcess[str]:
     command = [str(CHECK_JSONSCHEMA), "--builtin-schema", "vendor.github-workflows", *map(str, paths)]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
@@ -79,7 +92,7 @@ def test_preview_runs_after_the_prebuild_with_the_pulumi_action_and_comments() -
     assert jobs["prebuild"]["uses"] == "./.github/workflows/prebuild.yml"
     job = jobs["preview"]
     assert job["needs"] == "prebuild"
-    (pulumi,) = steps_using(job, "pulumi/actions")
+    pulumi = pulumi_command(job)
     assert pulumi["with"]["command"] == "preview"
     assert pulumi["with"]["stack-name"] == "${{ matrix.stack }}"
     assert pulumi["with"]["comment-on-pr"] is True
@@ -104,6 +117,7 @@ def test_aws_access_is_oidc_role_assumption_without_stored_keys(name: str, job: 
     # The role is assumed before Pulumi runs.
     names = [str(s.get("uses", "")).split("@")[0] for s in spec["steps"]]
     assert names.index("aws-actions/configure-aws-credentials") < names.index("pulumi/actions")
+    assert spec["steps"].index(signer_step(spec)) < spec["steps"].index(pulumi_command(spec))
 
 
 def test_deploy_runs_up_from_main_for_selected_stacks_with_an_approval_for_prod() -> None:
@@ -116,7 +130,7 @@ def test_deploy_runs_up_from_main_for_selected_stacks_with_an_approval_for_prod(
     up = deploy["jobs"]["up"]
     assert "production" in up["environment"] and "cloud-prod" in up["environment"]
     assert up["strategy"]["matrix"]["stack"] == "${{ fromJSON(needs.select.outputs.stacks) }}"
-    (pulumi,) = steps_using(up, "pulumi/actions")
+    pulumi = pulumi_command(up)
     assert pulumi["with"]["command"] == "up"
     assert pulumi["with"]["policyPacks"] == "policy"
     assert deploy["concurrency"]["cancel-in-progress"] is False
@@ -149,3 +163,78 @@ def test_the_prebuild_hands_on_the_bundle_but_never_a_private_key() -> None:
     assert pack["run"].index("rm -f .keys/*.pem") < pack["run"].index("tar -czf")
     (upload,) = steps_using(job, "actions/upload-artifact")
     assert upload["with"]["path"] == "bundle.tgz"
+
+
+# --------------------------------------------------------------------------- issue 17: keys and engines
+
+
+def run_signer_step(
+    job: dict[str, Any], tmp_path: Path, engines: tuple[str, ...], release_key: bool
+) -> tuple[list[str], str]:
+    """Run the step's script in a fixture checkout with a fake `pulumi` that records its arguments."""
+    from cloud_harness import write_fixture_bundle
+
+    bash = shutil.which("bash")
+    assert bash is not None
+    checkout = tmp_path / "checkout"
+    write_fixture_bundle(checkout / "dist", "demo", engines)
+    if release_key:
+        (checkout / ".keys" / "release-ed25519.pub").write_text("release public key\n")
+    (checkout / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "pulumi").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (bin_dir / "pulumi").chmod(0o755)
+    summary = tmp_path / "summary.md"
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "PYTHONPATH": str(REPO_ROOT),
+        "STACK": "cloud-prod",
+        "PULUMI_BACKEND_URL": "s3://state",
+        "GITHUB_STEP_SUMMARY": str(summary),
+    }
+    done = subprocess.run(
+        [bash, "-eo", "pipefail", "-c", signer_step(job)["run"]],
+        cwd=checkout, env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    shown = done.stdout + (summary.read_text() if summary.exists() else "")
+    return calls.read_text().splitlines(), shown
+
+
+def test_a_preview_without_engines_relaxes_require_engines_and_says_so(tmp_path: Path) -> None:
+    job = workflow("preview.yml")["jobs"]["preview"]
+    calls, shown = run_signer_step(job, tmp_path, engines=(), release_key=True)
+    assert calls == [
+        "login s3://state",
+        "stack select cloud-prod",
+        "config set --path dualdeploy:serving.publicKey .keys/release-ed25519.pub",
+        "config set dualdeploy:requireEngines false",
+    ]
+    assert "::warning title=Preview without TensorRT engines::" in shown
+    assert "**Warning:**" in shown and "A deploy of cloud-prod needs engines" in shown
+
+
+def test_a_preview_with_engines_keeps_require_engines_and_the_dev_key_without_a_release_key(
+    tmp_path: Path,
+) -> None:
+    job = workflow("preview.yml")["jobs"]["preview"]
+    calls, shown = run_signer_step(job, tmp_path, engines=("sm_86", "sm_89"), release_key=False)
+    assert calls == ["login s3://state", "stack select cloud-prod"]
+    assert "warning" not in shown
+
+
+def test_a_deploy_trusts_the_release_key_and_never_relaxes_require_engines(tmp_path: Path) -> None:
+    up = workflow("deploy.yml")["jobs"]["up"]
+    assert "requireEngines" not in signer_step(up)["run"]
+    calls, _ = run_signer_step(up, tmp_path, engines=(), release_key=True)
+    assert "config set --path dualdeploy:serving.publicKey .keys/release-ed25519.pub" in calls
+    assert not [c for c in calls if "requireEngines" in c]
+
+
+def test_the_deploy_prebuild_runs_on_the_gpu_runner_when_there_is_one() -> None:
+    deploy = workflow("deploy.yml")
+    assert deploy["jobs"]["prebuild"]["with"]["runner"] == "${{ vars.GPU_RUNNER || 'ubuntu-latest' }}"
+    prebuild = workflow("prebuild.yml")
+    assert prebuild["on"]["workflow_call"]["inputs"]["runner"]["default"] == "ubuntu-latest"
+    assert prebuild["jobs"]["bundle"]["runs-on"] == "${{ inputs.runner }}"
