@@ -53,6 +53,11 @@ PRESTOP_SECONDS = 5
 """preStop pause that lets endpoints and load balancers stop sending before the server drains."""
 EXIT_SECONDS = 5
 """What the grace period keeps beyond preStop and the drain for the process to exit."""
+PREPULL_REQUESTS = {"cpu": "10m", "memory": "16Mi"}
+"""What each image pre-pull holder requests on a GPU node (it sleeps; the node's capacity check counts it)."""
+PROMETHEUS_STACK_RELEASE = "kube-prometheus-stack"
+"""The kube-prometheus-stack release ModelService installs. Its Prometheus selects the ServiceMonitors
+labelled ``release: <release name>`` (the chart's default ``serviceMonitorSelector``)."""
 QUEUE_METRIC = "dualdeploy_inflight_requests"
 """The server's in-flight gauge (``serving/metrics.py``), served to the HPA by prometheus-adapter."""
 
@@ -381,11 +386,16 @@ def network_policy(args: ModelServiceArgs) -> dict[str, Any]:
 
 
 def service_monitor(args: ModelServiceArgs) -> dict[str, Any]:
-    """A Prometheus-operator ServiceMonitor for ``/metrics`` (only when the operator is installed)."""
+    """A Prometheus-operator ServiceMonitor for ``/metrics`` (only when the operator is installed).
+
+    It carries the ``release`` label that the installed stack's Prometheus selects.
+    """
+    metadata = _metadata(args, args.name)
+    metadata["labels"]["release"] = PROMETHEUS_STACK_RELEASE
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": _metadata(args, args.name),
+        "metadata": metadata,
         "spec": {
             "selector": {"matchLabels": labels(args)},
             "namespaceSelector": {"matchNames": [args.namespace]},
@@ -402,7 +412,7 @@ def prepull_daemonset(args: ModelServiceArgs) -> dict[str, Any]:
         "imagePullPolicy": "Always",
         "command": ["sleep", "infinity"],
         "resources": {
-            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "requests": dict(PREPULL_REQUESTS),
             "limits": {"cpu": "50m", "memory": "32Mi"},
         },
         "securityContext": _security_context(),

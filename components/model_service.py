@@ -9,8 +9,11 @@ Objects: a Namespace (restricted Pod Security), a ServiceAccount without an API 
 Deployment (image by digest, one GPU, arch affinity, Spot tolerations, spread, v2 probes,
 ``preStop`` and a grace period within the Spot notice, hardened containers, no ``replicas``),
 a Service (ClusterIP or an NLB), an autoscaling/v2 HPA, a PDB, a NetworkPolicy, and optionally
-a ServiceMonitor (else scrape annotations), the image pre-pull DaemonSet, prometheus-adapter
-(serving the queue-depth metric to the HPA) and NVIDIA's DCGM exporter.
+kube-prometheus-stack (the Prometheus operator and a Prometheus, pinned) with a ServiceMonitor
+that its Prometheus selects (else scrape annotations, and no ServiceMonitor at all), the image
+pre-pull DaemonSet, prometheus-adapter (serving the queue-depth metric to the HPA) and NVIDIA's
+DCGM exporter. Those add-ons are cluster-wide (fixed release names in ``monitoring``): one
+ModelService with them per cluster.
 """
 
 from __future__ import annotations
@@ -28,8 +31,20 @@ from components import k8s_specs
 PROMETHEUS_COMMUNITY_REPO = "https://prometheus-community.github.io/helm-charts"
 DCGM_EXPORTER_REPO = "https://nvidia.github.io/dcgm-exporter/helm-charts"
 MONITORING_NAMESPACE = "monitoring"
-DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
-"""The Service the Prometheus operator creates for a Prometheus in ``monitoring``."""
+INSTALLED_PROMETHEUS_URL = (
+    f"http://{k8s_specs.PROMETHEUS_STACK_RELEASE}-prometheus.{MONITORING_NAMESPACE}.svc:9090"
+)
+"""The Prometheus Service of the kube-prometheus-stack release installed here (``fullnameOverride``
+is the release name, and the chart names the Service ``<fullname>-prometheus``)."""
+DEFAULT_CPU = "700m"
+"""CPU request of a model pod: five fit a 4-vCPU node beside its DaemonSets (``make render`` prints
+the arithmetic; ``deploy/config.py`` refuses a stack where the time-sliced pods do not fit)."""
+DEFAULT_MEMORY = "2560Mi"
+"""Memory request and limit of a model pod: five fit a 16 GiB node beside its DaemonSets."""
+DCGM_EXPORTER_REQUESTS = {"cpu": "100m", "memory": "256Mi"}
+"""The DCGM exporter's requests on each GPU node (the chart requests nothing unless told)."""
+NODE_EXPORTER_REQUESTS = {"cpu": "50m", "memory": "64Mi"}
+"""kube-prometheus-stack's node-exporter requests on each node, GPU nodes included."""
 
 _KINDS: dict[str, Any] = {
     "Namespace": k8s.core.v1.Namespace,
@@ -75,10 +90,10 @@ class ModelServiceArgs:
     gpu_resource: str = k8s_specs.GPU_RESOURCE
     """``nvidia.com/gpu``, or ``nvidia.com/gpu.shared`` if the device plugin renames time-sliced GPUs."""
 
-    cpu: str = "2"
+    cpu: str = DEFAULT_CPU
     """CPU request (the limit is twice it)."""
 
-    memory: str = "8Gi"
+    memory: str = DEFAULT_MEMORY
     """Memory request and limit."""
 
     min_replicas: int = 2
@@ -96,11 +111,14 @@ class ModelServiceArgs:
     prometheus_adapter: bool = False
     """Install prometheus-adapter with the rule that serves the queue-depth metric."""
 
-    prometheus_url: str = DEFAULT_PROMETHEUS_URL
-    """Where prometheus-adapter queries Prometheus."""
+    prometheus_url: str | None = None
+    """Where prometheus-adapter queries Prometheus; None: the Prometheus installed with
+    ``prometheus_operator`` (:data:`INSTALLED_PROMETHEUS_URL`)."""
 
     prometheus_operator: bool = False
-    """The Prometheus operator runs in the cluster: a ServiceMonitor instead of scrape annotations."""
+    """Install kube-prometheus-stack (the Prometheus operator, its CRDs and one Prometheus) and
+    monitor the server through a ServiceMonitor it selects; False: scrape annotations, no
+    ServiceMonitor anywhere."""
 
     drain_seconds: int = 30
     """The server's drain after SIGTERM; preStop + drain must fit the two-minute Spot notice."""
@@ -119,6 +137,9 @@ class ModelServiceArgs:
 
     dcgm_exporter_chart_version: str = "4.1.1"
     """Pinned dcgm-exporter chart."""
+
+    prometheus_stack_chart_version: str = "75.15.0"
+    """Pinned kube-prometheus-stack chart (installed with ``prometheus_operator``)."""
 
     image: pulumi.Input[str] | None = None
     """The image by digest, ``<repository>@sha256:<digest>`` (``ModelImage.image_ref``). Required; it
@@ -150,6 +171,11 @@ def validate(args: ModelServiceArgs) -> list[str]:
             f"drain_seconds: preStop {k8s_specs.PRESTOP_SECONDS} s + drain {args.drain_seconds} s "
             f"exceeds the {k8s_specs.SPOT_NOTICE_BUDGET_S} s that fit the two-minute Spot notice"
         )
+    if args.prometheus_adapter and args.prometheus_url is None and not args.prometheus_operator:
+        raise ValueError(
+            "prometheus_url: prometheus-adapter needs a Prometheus to query; install one with "
+            "prometheus_operator True or pass the URL of yours"
+        )
     if args.gpu_resource not in k8s_specs.GPU_RESOURCES:
         raise ValueError(
             f"gpu_resource: {args.gpu_resource!r} is not one of {', '.join(k8s_specs.GPU_RESOURCES)}"
@@ -175,12 +201,49 @@ def validate(args: ModelServiceArgs) -> list[str]:
     return warnings
 
 
+def prometheus_url(args: ModelServiceArgs) -> str:
+    """The Prometheus prometheus-adapter queries: the one given, else the one installed here."""
+    return args.prometheus_url or INSTALLED_PROMETHEUS_URL
+
+
+def prometheus_stack_values(args: ModelServiceArgs) -> dict[str, Any]:
+    """kube-prometheus-stack chart values: the operator and one Prometheus, sized for the GPU nodes."""
+    return {
+        # The Prometheus Service is then <release>-prometheus, whatever Helm's naming rules do.
+        "fullnameOverride": k8s_specs.PROMETHEUS_STACK_RELEASE,
+        # EKS runs the control plane: its scheduler, controller manager and etcd cannot be scraped.
+        "kubeControllerManager": {"enabled": False},
+        "kubeScheduler": {"enabled": False},
+        "kubeEtcd": {"enabled": False},
+        # Metrics for the HPA and for people: no dashboards or alert routes are configured here.
+        "grafana": {"enabled": False},
+        "alertmanager": {"enabled": False},
+        # Host metrics on every node, GPU nodes too, with requests the capacity check counts.
+        "prometheus-node-exporter": {
+            "tolerations": [{"operator": "Exists", "effect": "NoSchedule"}],
+            "resources": {"requests": dict(NODE_EXPORTER_REQUESTS)},
+        },
+    }
+
+
+def gpu_node_daemonsets(args: ModelServiceArgs) -> dict[str, dict[str, str]]:
+    """The DaemonSets this service puts on every GPU node, with their requests (for the capacity check)."""
+    daemonsets: dict[str, dict[str, str]] = {}
+    if args.pre_pull:
+        daemonsets["image pre-pull"] = k8s_specs.PREPULL_REQUESTS
+    if args.dcgm_exporter:
+        daemonsets["dcgm-exporter"] = DCGM_EXPORTER_REQUESTS
+    if args.prometheus_operator:
+        daemonsets["node-exporter"] = NODE_EXPORTER_REQUESTS
+    return daemonsets
+
+
 def prometheus_adapter_values(args: ModelServiceArgs) -> dict[str, Any]:
     """prometheus-adapter chart values: where Prometheus is, and the rule for the queue metric.
 
     The chart joins ``prometheus.url``, ``port`` and ``path`` itself, so the URL is split here.
     """
-    parts = urlsplit(args.prometheus_url)
+    parts = urlsplit(prometheus_url(args))
     default_port = 443 if parts.scheme == "https" else 9090
     return {
         "prometheus": {
@@ -205,8 +268,36 @@ def dcgm_exporter_values(args: ModelServiceArgs) -> dict[str, Any]:
             }
         },
         "tolerations": [{"key": k8s_specs.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
-        "serviceMonitor": {"enabled": args.prometheus_operator},
+        "resources": {"requests": dict(DCGM_EXPORTER_REQUESTS)},
+        # Its ServiceMonitor only where the operator is installed, labelled for its Prometheus.
+        "serviceMonitor": (
+            {"enabled": True, "additionalLabels": {"release": k8s_specs.PROMETHEUS_STACK_RELEASE}}
+            if args.prometheus_operator
+            else {"enabled": False}
+        ),
     }
+
+
+def _monitoring_chart(
+    resource_name: str,
+    chart: str,
+    source: tuple[str, str],
+    values: dict[str, Any],
+    opts: pulumi.ResourceOptions,
+) -> k8s.helm.v3.Release:
+    """A pinned chart in ``monitoring``, released under its own name; ``source`` is (repository, version)."""
+    repo, version = source
+    return k8s.helm.v3.Release(
+        resource_name,
+        name=chart,
+        chart=chart,
+        version=version,
+        repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=repo),
+        namespace=MONITORING_NAMESPACE,
+        create_namespace=True,
+        values=values,
+        opts=opts,
+    )
 
 
 class ModelService(pulumi.ComponentResource):
@@ -233,32 +324,39 @@ class ModelService(pulumi.ComponentResource):
         ns = k8s.core.v1.Namespace(f"{name}-namespace", metadata=ns_obj["metadata"], opts=child)
         in_ns = pulumi.ResourceOptions(parent=self, depends_on=[ns])
 
+        # The monitoring stack first: its CRDs define ServiceMonitor, and its Prometheus is what the
+        # ServiceMonitors report to and prometheus-adapter queries.
+        monitoring: list[pulumi.Resource] = []
+        if args.prometheus_operator:
+            monitoring.append(
+                _monitoring_chart(
+                    f"{name}-prometheus-stack",
+                    k8s_specs.PROMETHEUS_STACK_RELEASE,
+                    (PROMETHEUS_COMMUNITY_REPO, args.prometheus_stack_chart_version),
+                    prometheus_stack_values(args),
+                    child,
+                )
+            )
+        after_monitoring = pulumi.ResourceOptions(parent=self, depends_on=monitoring)
+
         extra_deps: list[pulumi.Resource] = []
         if args.prometheus_adapter and k8s_specs.queue_metric(args) is not None:
             extra_deps.append(
-                k8s.helm.v3.Release(
+                _monitoring_chart(
                     f"{name}-prometheus-adapter",
-                    name="prometheus-adapter",
-                    chart="prometheus-adapter",
-                    version=args.prometheus_adapter_chart_version,
-                    repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=PROMETHEUS_COMMUNITY_REPO),
-                    namespace=MONITORING_NAMESPACE,
-                    create_namespace=True,
-                    values=prometheus_adapter_values(args),
-                    opts=child,
+                    "prometheus-adapter",
+                    (PROMETHEUS_COMMUNITY_REPO, args.prometheus_adapter_chart_version),
+                    prometheus_adapter_values(args),
+                    after_monitoring,
                 )
             )
         if args.dcgm_exporter:
-            k8s.helm.v3.Release(
+            _monitoring_chart(
                 f"{name}-dcgm-exporter",
-                name="dcgm-exporter",
-                chart="dcgm-exporter",
-                version=args.dcgm_exporter_chart_version,
-                repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=DCGM_EXPORTER_REPO),
-                namespace=MONITORING_NAMESPACE,
-                create_namespace=True,
-                values=dcgm_exporter_values(args),
-                opts=child,
+                "dcgm-exporter",
+                (DCGM_EXPORTER_REPO, args.dcgm_exporter_chart_version),
+                dcgm_exporter_values(args),
+                after_monitoring,
             )
 
         for obj in namespaced:
@@ -270,6 +368,8 @@ class ModelService(pulumi.ComponentResource):
             obj_opts = in_ns
             if kind == "HorizontalPodAutoscaler" and extra_deps:
                 obj_opts = pulumi.ResourceOptions(parent=self, depends_on=[ns, *extra_deps])
+            if kind == "ServiceMonitor":
+                obj_opts = pulumi.ResourceOptions(parent=self, depends_on=[ns, *monitoring])
             self._create(f"{name}-{suffix}", obj, obj_opts)
 
         self.namespace = args.namespace

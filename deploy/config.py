@@ -61,9 +61,23 @@ from components.aws.gpu_cluster import (
 from components.aws.gpu_instances import GPU_INSTANCE_TYPES, GpuInstanceType
 from components.aws.model_image import DEFAULT_PUBLIC_KEY, ModelImageArgs, public_key_path
 from components.aws.network import MAX_ZONES, NAT_MODES, NetworkArgs
+from components.aws.node_capacity import (
+    EKS_NODE_DAEMONSETS,
+    NodeFit,
+    Requests,
+    cpu_millicores,
+    memory_mib,
+    node_fit,
+)
 from components.edge_fleet import EdgeFleetArgs
 from components.k8s_specs import EXIT_SECONDS, LOAD_BALANCERS, PRESTOP_SECONDS, SPOT_NOTICE_BUDGET_S
-from components.model_service import DEFAULT_PROMETHEUS_URL, ModelServiceArgs
+from components.model_service import (
+    DEFAULT_CPU,
+    DEFAULT_MEMORY,
+    INSTALLED_PROMETHEUS_URL,
+    ModelServiceArgs,
+    gpu_node_daemonsets,
+)
 from contract.bundle import BundleError, load_public_key, read_manifest, verify_bundle
 
 NAMESPACE = "dualdeploy"
@@ -672,10 +686,10 @@ def _parse_serving(
             _key(f"{path}.namespace"), f"{namespace!r} must be a DNS label other than 'default'"
         )
     port = _int(data, "port", path, default=8000, minimum=1024)
-    cpu = _str(data, "cpu", path, default="2")
+    cpu = _str(data, "cpu", path, default=DEFAULT_CPU)
     if not re.fullmatch(r"\d+(\.\d+)?|\d+m", cpu):
         raise ConfigError(_key(f"{path}.cpu"), f"{cpu!r} is not a CPU quantity (e.g. 2, 1.5, 500m)")
-    memory = _str(data, "memory", path, default="8Gi")
+    memory = _str(data, "memory", path, default=DEFAULT_MEMORY)
     if not re.fullmatch(r"\d+(Mi|Gi)", memory):
         raise ConfigError(
             _key(f"{path}.memory"), f"{memory!r} is not a memory quantity in Mi or Gi (e.g. 8Gi)"
@@ -763,13 +777,23 @@ def _public_key(data: Mapping[str, Any], path: str, base_dir: Path) -> str | Non
     return key
 
 
-def _prometheus_url(data: Mapping[str, Any], path: str) -> str:
-    url = _str(data, "prometheusUrl", path, default=DEFAULT_PROMETHEUS_URL)
+def _prometheus_url(data: Mapping[str, Any], path: str) -> str | None:
+    """prometheus-adapter's Prometheus: the URL given, or None for the one ``prometheusOperator`` installs."""
+    adapter = _bool(data, "prometheusAdapter", path, default=False)
+    if "prometheusUrl" not in data:
+        if adapter and not _bool(data, "prometheusOperator", path, default=False):
+            raise ConfigError(
+                _key(f"{path}.prometheusAdapter"),
+                "prometheus-adapter needs a Prometheus to query, and none is installed: set "
+                "prometheusOperator true (installs kube-prometheus-stack) or prometheusUrl to yours",
+            )
+        return None
+    url: str = _str(data, "prometheusUrl", path)
     if not re.fullmatch(r"https?://[^\s/]+(:\d+)?(/\S*)?", url):
         raise ConfigError(
-            _key(f"{path}.prometheusUrl"), f"{url!r} is not an http(s) URL (e.g. {DEFAULT_PROMETHEUS_URL})"
+            _key(f"{path}.prometheusUrl"), f"{url!r} is not an http(s) URL (e.g. {INSTALLED_PROMETHEUS_URL})"
         )
-    if "prometheusUrl" in data and not _bool(data, "prometheusAdapter", path, default=False):
+    if not adapter:
         raise ConfigError(
             _key(f"{path}.prometheusUrl"), "only prometheus-adapter uses it: set prometheusAdapter true"
         )
@@ -972,15 +996,59 @@ def _check_endpoint(cluster: GpuClusterArgs, environment: str, warnings: list[st
         warnings.append(f"cluster.endpoint.publicAccessCidrs contains {open_cidrs}: the API is open to all")
 
 
+def gpu_node_requests(serving: ModelServiceArgs) -> Requests:
+    """What the DaemonSets on every GPU node request together: EKS's own and the service's."""
+    total = Requests(0, 0)
+    for requests in EKS_NODE_DAEMONSETS.values():
+        total += requests
+    for quantities in gpu_node_daemonsets(serving).values():
+        total += Requests(cpu_millicores(quantities["cpu"]), memory_mib(quantities["memory"]))
+    return total
+
+
+def pool_fits(cluster: GpuClusterArgs, serving: ModelServiceArgs) -> list[tuple[NodePool, NodeFit]]:
+    """Each GPU pool with the model pods one of its nodes holds (its smallest type's fit, and why)."""
+    pod = Requests(cpu_millicores(serving.cpu), memory_mib(serving.memory))
+    daemonsets = gpu_node_requests(serving)
+    fits: list[tuple[NodePool, NodeFit]] = []
+    for pool in cluster.all_gpu_pools:
+        by_type = [node_fit(t, pod, daemonsets, cluster.time_slicing_replicas) for t in pool.instance_types]
+        fits.append((pool, min(by_type, key=lambda fit: fit.pods)))
+    return fits
+
+
+def capacity_report(cluster: GpuClusterArgs, serving: ModelServiceArgs) -> list[str]:
+    """The capacity arithmetic of a stack, one line a pool and a total (``make render`` prints it)."""
+    fits = pool_fits(cluster, serving)
+    lines = [f"pool {pool.name}: {pool.max_size} nodes max; {fit.explain()}" for pool, fit in fits]
+    slots = sum(pool.max_size * fit.pods for pool, fit in fits)
+    lines.append(
+        f"model pods at the pools' maxSize: {slots} (HPA maximum {serving.max_replicas}, "
+        f"requests {serving.cpu} CPU and {serving.memory} a pod)"
+    )
+    return lines
+
+
 def _check_capacity(cluster: GpuClusterArgs, serving: ModelServiceArgs) -> None:
-    per_gpu = cluster.time_slicing_replicas
-    slots = sum(p.max_size * gpu_facts(p).gpus * per_gpu for p in cluster.all_gpu_pools)
+    """Refuse pods that defeat time-slicing, and an HPA maximum the pools cannot hold."""
+    fits = pool_fits(cluster, serving)
+    for pool, fit in fits:
+        if fit.pods < fit.gpu_slots:
+            key = "serving.cpu" if fit.by_cpu <= fit.by_memory else "serving.memory"
+            raise ConfigError(
+                _key(key),
+                f"pool {pool.name!r} offers {fit.gpu_slots} time-sliced GPU slots a node "
+                f"({cluster.time_slicing_replicas} replicas per GPU) but only {fit.pods} model pods fit: "
+                f"{fit.explain()}. Lower serving.cpu or serving.memory, use a larger instance type, "
+                "or lower cluster.devicePlugin.timeSlicingReplicas",
+            )
+    slots = sum(pool.max_size * fit.pods for pool, fit in fits)
     if slots < serving.max_replicas:
+        detail = " + ".join(f"{pool.name} {pool.max_size} × {fit.pods}" for pool, fit in fits)
         raise ConfigError(
             _key("serving.maxReplicas"),
             f"{serving.max_replicas} replicas cannot fit: the GPU pools hold at most {slots} "
-            f"(sum of maxSize × GPUs per node × {per_gpu} time-sliced replicas per GPU); "
-            "raise the pools' maxSize or timeSlicingReplicas",
+            f"({detail}: maxSize × model pods per node); raise the pools' maxSize or timeSlicingReplicas",
         )
 
 

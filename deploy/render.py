@@ -9,9 +9,11 @@ AWS account, the image digest pushed to ECR) are placeholders, listed in the
 The folder is written whole or not at all: the objects go to a temporary folder beside it,
 which then replaces the old one.
 
-Not rendered: the cluster add-ons (the NVIDIA device plugin, the cluster autoscaler and
-prometheus-adapter are Helm charts, which cannot be fetched here); prometheus-adapter's rules
-and the DCGM exporter's values are written as chart values under ``values/``.
+Not rendered: the cluster add-ons (the NVIDIA device plugin, the cluster autoscaler,
+kube-prometheus-stack and prometheus-adapter are Helm charts, which cannot be fetched here); the
+values the service's charts get (kube-prometheus-stack, prometheus-adapter's rules, the DCGM
+exporter) are written under ``values/``. The notes end with the capacity arithmetic: model pods
+per GPU node of each pool, and what the pools hold against the HPA maximum.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from deploy.config import (
     ConfigError,
     MissingEngines,
     StackConfig,
+    capacity_report,
     parse_stack_config,
     raw_from_stack_yaml,
 )
@@ -123,6 +126,8 @@ def load_stack(stack: str, base_dir: Path) -> LoadedStack:
     except ConfigError as exc:
         raise RenderError(f"invalid stack config: {exc}") from None
     notes.extend(cfg.warnings)
+    if cfg.cluster is not None and cfg.service is not None:
+        notes.extend(f"capacity: {line}" for line in capacity_report(cfg.cluster, cfg.service))
     return LoadedStack(cfg, notes, engines_missing)
 
 
@@ -156,14 +161,17 @@ def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
             name = f"{index:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
             (staging / name).write_text(yaml.safe_dump(obj, sort_keys=False))
             written.append(out_dir / name)
+        (staging / "values").mkdir()
+        if args.prometheus_operator:
+            (staging / "values" / "kube-prometheus-stack.yaml").write_text(
+                yaml.safe_dump(model_service.prometheus_stack_values(args), sort_keys=False)
+            )
         if k8s_specs.queue_metric(args) is not None and args.prometheus_adapter:
-            (staging / "values").mkdir()
             values = model_service.prometheus_adapter_values(args)
             (staging / "values" / "prometheus-adapter.yaml").write_text(
                 yaml.safe_dump(values, sort_keys=False)
             )
         if args.dcgm_exporter:
-            (staging / "values").mkdir(exist_ok=True)
             (staging / "values" / "dcgm-exporter.yaml").write_text(
                 yaml.safe_dump(model_service.dcgm_exporter_values(args), sort_keys=False)
             )

@@ -19,6 +19,19 @@ Rules for the model service's objects (cloud part 2):
   it and a PodDisruptionBudget that selects its pods.
 - ``ecr-scan-on-push``: every ECR repository scans images on push.
 
+Rules for monitoring and capacity (issue 17), all stack policies:
+- ``k8s-service-monitor-has-operator``: a ServiceMonitor (an object, or one a Helm chart is told
+  to create) needs the kube-prometheus-stack release in the same stack, and carries the
+  ``release`` label its Prometheus selects.
+- ``gpu-pod-fit-covers-time-slicing``: on every GPU node group, the model pods' requests let as
+  many pods fit a node as the device plugin offers time-sliced GPU slots.
+- ``gpu-hpa-max-within-pool-capacity``: the HPA maximum of a GPU Deployment is no more than the
+  GPU node groups hold at their maximum size.
+
+The capacity rules read the node arithmetic and the GPU instance table from the repository the
+pack sits in (``components/aws/node_capacity.py``, pure Python), so a rule and the stack config
+check can never disagree on a figure.
+
 Rules for what only AWS and the autoscaler would have caught (issue 17):
 - ``gpu-pool-one-size``: the instance types of a GPU node group share one size (vCPUs, memory,
   GPUs), read from ``components/aws/gpu_instances.py``.
@@ -38,8 +51,10 @@ import sys
 from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import yaml
 from pulumi_policy import (
     PolicyConfigSchema,
     ReportViolation,
@@ -286,6 +301,203 @@ def _selects(selector: Mapping[str, Any], labels: Mapping[str, Any]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+# --------------------------------------------------------------------------- monitoring and capacity
+
+SERVICE_MONITOR = "kubernetes:monitoring.coreos.com/v1:ServiceMonitor"
+HELM_RELEASE = "kubernetes:helm.sh/v3:Release"
+DAEMONSET = "kubernetes:apps/v1:DaemonSet"
+PROMETHEUS_STACK_CHART = "kube-prometheus-stack"
+DEVICE_PLUGIN_CHART = "nvidia-device-plugin"
+GPU_ARCH_LABEL = "dualdeploy.io/gpu-arch"
+GPU_RESOURCES = ("nvidia.com/gpu", "nvidia.com/gpu.shared")
+CHART_GPU_NODE_REQUESTS: Mapping[str, tuple[str, ...]] = {
+    "dcgm-exporter": ("resources", "requests"),
+    PROMETHEUS_STACK_CHART: ("prometheus-node-exporter", "resources", "requests"),
+}
+"""Charts that run a DaemonSet on GPU nodes, and where their values hold its requests."""
+
+
+def _by_type(args: StackValidationArgs) -> dict[str, list[Any]]:
+    by_type: dict[str, list[Any]] = {}
+    for resource in args.resources:
+        by_type.setdefault(resource.resource_type, []).append(resource)
+    return by_type
+
+
+def _dig(value: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def validate_service_monitors_have_an_operator(
+    args: StackValidationArgs, report_violation: ReportViolation
+) -> None:
+    """A ServiceMonitor needs the Prometheus operator's release in the stack, and its selector label."""
+    by_type = _by_type(args)
+    stacks = [r for r in by_type.get(HELM_RELEASE, []) if r.props.get("chart") == PROMETHEUS_STACK_CHART]
+    release_names = {str(r.props.get("name")) for r in stacks}
+    for monitor in by_type.get(SERVICE_MONITOR, []):
+        meta = monitor.props.get("metadata") or {}
+        where = f"ServiceMonitor {_namespace(monitor.props)}/{meta.get('name')}"
+        if not stacks:
+            report_violation(
+                f"{where} needs the Prometheus operator, and the stack installs none: without its CRDs "
+                f"the apply fails (no matches for kind ServiceMonitor); add the {PROMETHEUS_STACK_CHART} "
+                "release or drop the ServiceMonitor",
+                monitor.urn,
+            )
+        elif (meta.get("labels") or {}).get("release") not in release_names:
+            report_violation(
+                f"{where} lacks the label release={sorted(release_names)[0]} that the installed "
+                "Prometheus selects: it would never be scraped",
+                monitor.urn,
+            )
+    for release in by_type.get(HELM_RELEASE, []):
+        if _dig(release.props, "values", "serviceMonitor", "enabled") is True and not stacks:
+            report_violation(
+                f"Helm release {release.props.get('name')} creates a ServiceMonitor, and the stack installs "
+                f"no Prometheus operator ({PROMETHEUS_STACK_CHART})",
+                release.urn,
+            )
+
+
+@cache
+def _node_capacity() -> ModuleType:
+    """``components/aws/node_capacity.py`` of the repository this pack sits in (pure Python)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.append(root)
+    return importlib.import_module("components.aws.node_capacity")
+
+
+def _requests(capacity: ModuleType, requests: Mapping[str, Any] | None) -> Any:
+    requests = requests or {}
+    cpu = capacity.cpu_millicores(str(requests["cpu"])) if "cpu" in requests else 0
+    memory = capacity.memory_mib(str(requests["memory"])) if "memory" in requests else 0
+    return capacity.Requests(cpu, memory)
+
+
+def _tolerates_gpu_taint(pod: Mapping[str, Any]) -> bool:
+    return any(t.get("key") in GPU_RESOURCES or (t.get("operator") == "Exists" and not t.get("key"))
+               for t in pod.get("tolerations") or [])  # fmt: skip
+
+
+def _slices_per_gpu(by_type: Mapping[str, list[Any]]) -> int:
+    for release in by_type.get(HELM_RELEASE, []):
+        if release.props.get("chart") != DEVICE_PLUGIN_CHART:
+            continue
+        config = _dig(release.props, "values", "config", "map", "default")
+        if isinstance(config, str):
+            resources = _dig(yaml.safe_load(config), "sharing", "timeSlicing", "resources") or []
+            return max([int(r.get("replicas", 1)) for r in resources] or [1])
+    return 1
+
+
+def _gpu_node_daemonsets(capacity: ModuleType, by_type: Mapping[str, list[Any]]) -> Any:
+    """What DaemonSets request on each GPU node: EKS's own, the stack's tolerating the GPU taint, charts'."""
+    total = capacity.Requests(0, 0)
+    for requests in capacity.EKS_NODE_DAEMONSETS.values():
+        total += requests
+    for daemonset in by_type.get(DAEMONSET, []):
+        pod = pod_spec_of(DAEMONSET, daemonset.props) or {}
+        if _tolerates_gpu_taint(pod):
+            for container in _containers(pod):
+                total += _requests(capacity, _dig(container, "resources", "requests"))
+    for release in by_type.get(HELM_RELEASE, []):
+        path = CHART_GPU_NODE_REQUESTS.get(str(release.props.get("chart")))
+        if path is not None:
+            total += _requests(capacity, _dig(release.props.get("values") or {}, *path))
+    return total
+
+
+def _gpu_workloads(by_type: Mapping[str, list[Any]]) -> list[tuple[Any, Mapping[str, Any], set[str]]]:
+    """Each Deployment that requests a GPU, its container requests, and the GPU arches it may use."""
+    found = []
+    for deployment in by_type.get(DEPLOYMENT, []):
+        pod = pod_spec_of(DEPLOYMENT, deployment.props) or {}
+        for container in _containers(pod):
+            requests = _dig(container, "resources", "requests") or {}
+            if any(r in requests for r in GPU_RESOURCES):
+                affinity = _dig(pod, "affinity", "nodeAffinity") or {}
+                required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+                terms = required.get("nodeSelectorTerms") or []
+                arches = {v for t in terms for e in t.get("matchExpressions") or []
+                          if e.get("key") == GPU_ARCH_LABEL for v in e.get("values") or []}  # fmt: skip
+                found.append((deployment, requests, arches))
+    return found
+
+
+def _fits(args: StackValidationArgs) -> list[tuple[Any, Any, list[tuple[Any, Any]]]]:
+    """For each GPU Deployment: its resource, and each GPU node group it may use with its smallest fit."""
+    capacity = _node_capacity()
+    by_type = _by_type(args)
+    slices = _slices_per_gpu(by_type)
+    daemonsets = _gpu_node_daemonsets(capacity, by_type)
+    groups = [g for g in by_type.get(NODE_GROUP, []) if is_gpu_node_group(g.props)]
+    result = []
+    for deployment, requests, arches in _gpu_workloads(by_type):
+        pod = _requests(capacity, requests)
+        fits = []
+        for group in groups:
+            arch = (group.props.get("labels") or {}).get(GPU_ARCH_LABEL)
+            if arches and arch not in arches:
+                continue
+            known = [t for t in group.props.get("instanceTypes") or [] if t in capacity.GPU_INSTANCE_TYPES]
+            if known:
+                by_instance = [capacity.node_fit(t, pod, daemonsets, slices) for t in known]
+                fits.append((group, min(by_instance, key=lambda fit: fit.pods)))
+        result.append((deployment, pod, fits))
+    return result
+
+
+def validate_gpu_pod_fit_covers_time_slicing(
+    args: StackValidationArgs, report_violation: ReportViolation
+) -> None:
+    """As many model pods fit a GPU node as the device plugin offers time-sliced slots."""
+    for deployment, _, fits in _fits(args):
+        name = (deployment.props.get("metadata") or {}).get("name")
+        for group, fit in fits:
+            if fit.pods < fit.gpu_slots:
+                report_violation(
+                    f"Deployment {_namespace(deployment.props)}/{name} on GPU node group {group.name!r}: "
+                    f"{fit.pods} pods fit a node but the device plugin offers {fit.gpu_slots} GPU slots, so "
+                    f"{fit.gpu_slots - fit.pods} stay idle ({fit.explain()})",
+                    deployment.urn,
+                )
+
+
+def validate_gpu_hpa_max_within_pool_capacity(
+    args: StackValidationArgs, report_violation: ReportViolation
+) -> None:
+    """An HPA's maximum for a GPU Deployment fits the GPU node groups at their maximum size."""
+    hpas = _by_type(args).get(HPA, [])
+    for deployment, _, fits in _fits(args):
+        name = (deployment.props.get("metadata") or {}).get("name")
+        namespace = _namespace(deployment.props)
+        held = sum(int(_dig(g.props, "scalingConfig", "maxSize") or 0) * fit.pods for g, fit in fits)
+        for hpa in hpas:
+            spec = hpa.props.get("spec") or {}
+            if _namespace(hpa.props) != namespace or _dig(spec, "scaleTargetRef", "name") != name:
+                continue
+            maximum = int(spec.get("maxReplicas") or 0)
+            if maximum > held:
+                detail = (
+                    " + ".join(
+                        f"{g.name} {int(_dig(g.props, 'scalingConfig', 'maxSize') or 0)} x {fit.pods}"
+                        for g, fit in fits
+                    )
+                    or "no GPU node group it may use"
+                )
+                report_violation(
+                    f"HPA {namespace}/{name} may scale to {maximum} pods, but the GPU node groups hold "
+                    f"{held} ({detail}: maxSize x pods per node); the rest would stay Pending",
+                    hpa.urn,
+                )
+
+
 def _policy(
     name: str,
     description: str,
@@ -349,6 +561,21 @@ POLICIES: tuple[ResourceValidationPolicy | StackValidationPolicy, ...] = (
         name="k8s-deployment-has-hpa-and-pdb",
         description="Every Deployment has a HorizontalPodAutoscaler and a PodDisruptionBudget.",
         validate=validate_deployments_have_hpa_and_pdb,
+    ),
+    StackValidationPolicy(
+        name="k8s-service-monitor-has-operator",
+        description="A ServiceMonitor comes with the Prometheus operator's release and its selector label.",
+        validate=validate_service_monitors_have_an_operator,
+    ),
+    StackValidationPolicy(
+        name="gpu-pod-fit-covers-time-slicing",
+        description="As many model pods fit a GPU node as it has time-sliced GPU slots.",
+        validate=validate_gpu_pod_fit_covers_time_slicing,
+    ),
+    StackValidationPolicy(
+        name="gpu-hpa-max-within-pool-capacity",
+        description="The HPA maximum of a GPU Deployment fits the GPU node groups at their maximum size.",
+        validate=validate_gpu_hpa_max_within_pool_capacity,
     ),
 )
 

@@ -88,6 +88,10 @@ def service_args(**overrides: Any) -> ModelServiceArgs:
         ({"gpu_resource": "amd.com/gpu"}, "gpu_resource: 'amd.com/gpu' is not one of"),
         ({"load_balancer": "public"}, "load_balancer: 'public' is not one of"),
         ({"image": None}, r"image: required; pass the image by digest \(ModelImage.image_ref\)"),
+        (
+            {"queue_depth_target": 4, "prometheus_adapter": True},
+            "prometheus_url: prometheus-adapter needs a Prometheus to query",
+        ),
     ],
 )
 def test_bad_service_args_raise_before_any_resource(
@@ -138,7 +142,13 @@ def test_every_object_is_created_with_the_provider_from_opts(mocks: ComponentMoc
 def test_service_objects_carry_the_args(mocks: ComponentMocks) -> None:
     ModelService(
         "svc",
-        service_args(min_replicas=3, max_replicas=7, queue_depth_target=5, prometheus_adapter=True),
+        service_args(
+            min_replicas=3,
+            max_replicas=7,
+            queue_depth_target=5,
+            prometheus_adapter=True,
+            prometheus_operator=True,
+        ),
         opts=pulumi.ResourceOptions(provider=_k8s_provider()),
     )
     _wait()
@@ -147,13 +157,17 @@ def test_service_objects_carry_the_args(mocks: ComponentMocks) -> None:
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 7)
     (pods,) = [m for m in hpa["metrics"] if m["type"] == "Pods"]
     assert pods["pods"]["target"]["averageValue"] == "5"
-    adapter = by_type["kubernetes:helm.sh/v3:Release"]
-    assert adapter["chart"] == "prometheus-adapter"
-    assert adapter["values"]["prometheus"] == {
-        "url": "http://prometheus-operated.monitoring.svc",
+    releases = {i["chart"]: i for t, _, i in mocks.registered if t == "kubernetes:helm.sh/v3:Release"}
+    # prometheus-adapter queries the Prometheus that the installed kube-prometheus-stack runs.
+    assert releases["prometheus-adapter"]["values"]["prometheus"] == {
+        "url": "http://kube-prometheus-stack-prometheus.monitoring.svc",
         "port": 9090,
         "path": "",
     }
+    assert releases["kube-prometheus-stack"]["name"] == k8s_specs.PROMETHEUS_STACK_RELEASE
+    assert (
+        releases["kube-prometheus-stack"]["values"]["fullnameOverride"] == k8s_specs.PROMETHEUS_STACK_RELEASE
+    )
     deployment = by_type["kubernetes:apps/v1:Deployment"]
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == DIGEST
 
@@ -185,6 +199,36 @@ def test_the_objects_derive_the_architectures_and_the_queue_metric_from_the_args
     )
     with pytest.raises(ValueError, match="queue_metric: not set"):
         k8s_specs.prometheus_adapter_rules(args)
+
+
+def test_a_service_monitor_exists_only_beside_the_installed_operator_and_carries_its_label(
+    mocks: ComponentMocks,
+) -> None:
+    ModelService(
+        "off", service_args(dcgm_exporter=True), opts=pulumi.ResourceOptions(provider=_k8s_provider())
+    )
+    _wait()
+    types = [t for t, _, _ in mocks.registered]
+    assert "kubernetes:monitoring.coreos.com/v1:ServiceMonitor" not in types
+    (dcgm,) = [i for t, _, i in mocks.registered if t == "kubernetes:helm.sh/v3:Release"]
+    assert dcgm["values"]["serviceMonitor"] == {"enabled": False}  # the chart's default is on
+
+    mocks.registered.clear()
+    ModelService(
+        "on",
+        service_args(dcgm_exporter=True, prometheus_operator=True),
+        opts=pulumi.ResourceOptions(provider=_k8s_provider()),
+    )
+    _wait()
+    (monitor,) = [
+        i for t, _, i in mocks.registered if t == "kubernetes:monitoring.coreos.com/v1:ServiceMonitor"
+    ]
+    assert monitor["metadata"]["labels"]["release"] == k8s_specs.PROMETHEUS_STACK_RELEASE
+    releases = {i["chart"]: i for t, _, i in mocks.registered if t == "kubernetes:helm.sh/v3:Release"}
+    assert set(releases) == {"kube-prometheus-stack", "dcgm-exporter"}
+    assert releases["dcgm-exporter"]["values"]["serviceMonitor"]["additionalLabels"] == {
+        "release": k8s_specs.PROMETHEUS_STACK_RELEASE
+    }
 
 
 def _wait() -> None:

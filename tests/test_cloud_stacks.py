@@ -290,7 +290,8 @@ def test_autoscaler_can_scale_gpu_pools_from_zero(cloud: StackRun) -> None:
 def test_no_termination_handler_beside_managed_node_groups(cloud: StackRun) -> None:
     charts = {r["inputs"]["chart"] for r in cloud.of_type("kubernetes:helm.sh/v3:Release")}
     assert charts <= {
-        "nvidia-device-plugin", "cluster-autoscaler", "metrics-server", "prometheus-adapter", "dcgm-exporter"
+        "nvidia-device-plugin", "cluster-autoscaler", "metrics-server", "prometheus-adapter", "dcgm-exporter",
+        "kube-prometheus-stack",
     }  # fmt: skip
     assert not [r for r in cloud.resources if "termination-handler" in json.dumps(r)]
     # Every node is in an EKS managed node group: no self-managed ASGs or launch templates.
@@ -714,6 +715,15 @@ def test_monitoring_follows_the_stack(cloud: StackRun) -> None:
         r for r in cloud.of_type("kubernetes:helm.sh/v3:Release") if r["inputs"]["chart"] == "dcgm-exporter"
     ]
     assert len(dcgm) == int(bool(serving.get("dcgmExporter")))
+    # The operator the ServiceMonitors need is installed by the stack itself, and selects them.
+    stacks = [
+        r
+        for r in cloud.of_type("kubernetes:helm.sh/v3:Release")
+        if r["inputs"]["chart"] == "kube-prometheus-stack"
+    ]
+    assert len(stacks) == int(bool(serving.get("prometheusOperator")))
+    for monitor in monitors:
+        assert monitor["inputs"]["metadata"]["labels"]["release"] == stacks[0]["inputs"]["name"]
 
 
 def test_prepull_daemonset_follows_the_stack(cloud: StackRun) -> None:
@@ -808,7 +818,7 @@ def test_make_render_writes_exactly_the_objects_the_program_creates(
     assert images and all(re.search(r"@sha256:[0-9a-f]{64}$", image) for image in images)
     assert ":latest" not in text
     # The Helm charts are not rendered; their values are, and they are the ones the releases get.
-    for chart in ("prometheus-adapter", "dcgm-exporter"):
+    for chart in ("kube-prometheus-stack", "prometheus-adapter", "dcgm-exporter"):
         releases = [
             r for r in cloud.of_type("kubernetes:helm.sh/v3:Release") if r["inputs"]["chart"] == chart
         ]

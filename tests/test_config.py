@@ -643,3 +643,79 @@ def test_configured_names_lists_every_key_of_the_namespace_on_the_pinned_pulumi(
         assert configured_names("dualdeploy") == {"requireEngine", "fromEnv"}
     finally:
         runtime_config.set_all_config(before)
+
+
+# --------------------------------------------------------------------------- capacity (issue 17, item 2)
+
+
+def test_an_xlarge_node_has_the_eks_allocatable_cpu_and_memory() -> None:
+    from components.aws.node_capacity import allocatable, cpu_millicores, memory_mib
+
+    # 4 vCPU less 6 % + 1 % + 0.5 % + 0.5 % of a core; 16 GiB less 6 %, 11 MiB x 110 pods + 255, 100 MiB.
+    assert allocatable("g5.xlarge").cpu_m == 3920
+    assert allocatable("g5.xlarge").memory_mib == int(16 * 1024 * 0.94) - 1465 - 100
+    assert (cpu_millicores("1.5"), cpu_millicores("700m"), memory_mib("8Gi")) == (1500, 700, 8192)
+
+
+def test_pods_that_defeat_time_slicing_are_rejected_with_the_arithmetic(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "cpu": "2", "memory": "8Gi"}  # the old requests
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.cpu"
+    assert "pool 'ampere' offers 5 time-sliced GPU slots a node" in str(error)
+    assert "g5.xlarge: CPU (3920m allocatable - 150m DaemonSets) / 2000m = 1" in str(error)
+    assert "-> 1 pods per node" in str(error)
+
+
+def test_memory_that_defeats_time_slicing_names_the_memory_key(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "memory": "4Gi"}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.memory"
+    assert "/ 4096Mi = 3" in str(error)
+
+
+def test_the_service_daemonsets_count_against_each_gpu_node(project: Path) -> None:
+    raw = cloud_raw()
+    # 760m fits five a node beside EKS's 150m (3770m / 760m = 4.96 -> no), so it is refused.
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "cpu": "760m"}
+    assert "150m DaemonSets) / 760m = 4" in str(error_for(raw, project))
+    # 700m fits beside EKS's DaemonSets, the pre-pull holder and the DCGM exporter (310m with node-exporter).
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "prePull": True, "dcgmExporter": True}
+    parse(raw, project)
+
+
+def test_an_hpa_maximum_the_pools_cannot_hold_is_rejected_with_the_arithmetic(project: Path) -> None:
+    raw = cloud_raw()
+    cluster = parse(raw, project).cluster
+    assert cluster is not None
+    held = sum(pool.max_size * 5 for pool in cluster.all_gpu_pools)  # five pods fit each node
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": held + 1}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.maxReplicas"
+    assert f"{held + 1} replicas cannot fit: the GPU pools hold at most {held}" in str(error)
+    detail = " + ".join(f"{pool.name} {pool.max_size} × 5" for pool in cluster.all_gpu_pools)
+    assert f"({detail}: maxSize × model pods per node)" in str(error)
+
+
+@pytest.mark.parametrize("stack", ["cloud-dev", "cloud-prod", "hybrid"])
+def test_each_cloud_stack_fits_five_pods_a_node_and_holds_its_hpa_maximum(stack: str, project: Path) -> None:
+    from deploy.config import pool_fits
+
+    raw, region = load_stack(stack)
+    config = parse({**raw, "bundle": "dist/demo/latest"}, project, stack=stack, region=region)
+    assert config.cluster is not None and config.service is not None
+    fits = pool_fits(config.cluster, config.service)
+    assert all(fit.pods == fit.gpu_slots == 5 for _, fit in fits)
+    assert sum(pool.max_size * fit.pods for pool, fit in fits) >= config.service.max_replicas
+
+
+def test_the_adapter_without_a_prometheus_to_query_is_rejected(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {"minReplicas": 2, "maxReplicas": 10, "queueDepthTarget": 4, "prometheusAdapter": True}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.prometheusAdapter"
+    assert "prometheusOperator true" in str(error)
+    raw["serving"]["prometheusOperator"] = True
+    service = parse(raw, project).service
+    assert service is not None and service.prometheus_url is None  # the installed stack's Prometheus

@@ -258,6 +258,9 @@ def test_the_pack_has_the_cluster_and_the_service_rules() -> None:
         "k8s-non-root-with-limits",
         "k8s-deployment-has-hpa-and-pdb",
         "ecr-scan-on-push",
+        "k8s-service-monitor-has-operator",
+        "gpu-pod-fit-covers-time-slicing",
+        "gpu-hpa-max-within-pool-capacity",
         "gpu-pool-one-size",
         "gpu-node-groups-accelerator-label",
         "eks-ci-access-entries",
@@ -477,6 +480,70 @@ def test_cloud_prod_program_would_fail_if_the_ecr_scan_were_off(prod_graph: dict
     broken = copy.deepcopy(repo["inputs"])
     del broken["imageScanningConfiguration"]
     assert violations(rules.validate_ecr_scan_on_push, args_for(rules.ECR_REPOSITORY, repo["name"], broken))
+
+
+# ------------------------------------------------------------------ monitoring and capacity (issue 17)
+
+
+def _stack_rule(validate: Any, resources: list[dict[str, Any]]) -> list[str]:
+    return violations(validate, graph_stack_args(resources))
+
+
+def _edited(graph: dict[str, Any], resource_type: str, edit: Any) -> list[dict[str, Any]]:
+    """The graph's resources with ``edit`` applied to the inputs of each of one type (a deep copy)."""
+    resources = copy.deepcopy(graph["resources"])
+    for resource in resources:
+        if resource["type"] == resource_type:
+            edit(resource["inputs"])
+    return resources
+
+
+def test_cloud_prod_passes_the_monitoring_and_capacity_rules(prod_graph: dict[str, Any]) -> None:
+    for validate in (
+        rules.validate_service_monitors_have_an_operator,
+        rules.validate_gpu_pod_fit_covers_time_slicing,
+        rules.validate_gpu_hpa_max_within_pool_capacity,
+    ):
+        assert _stack_rule(validate, prod_graph["resources"]) == [], validate.__name__
+    assert rules.SERVICE_MONITOR in {r["type"] for r in prod_graph["resources"]}  # the rule had work
+
+
+def test_a_service_monitor_without_the_operator_release_fails(prod_graph: dict[str, Any]) -> None:
+    resources = [
+        r
+        for r in prod_graph["resources"]
+        if not (r["type"] == rules.HELM_RELEASE and r["inputs"]["chart"] == rules.PROMETHEUS_STACK_CHART)
+    ]
+    found = _stack_rule(rules.validate_service_monitors_have_an_operator, resources)
+    assert any("ServiceMonitor dualdeploy/demo needs the Prometheus operator" in f for f in found), found
+    assert any("Helm release dcgm-exporter creates a ServiceMonitor" in f for f in found), found
+
+
+def test_a_service_monitor_without_the_release_label_fails(prod_graph: dict[str, Any]) -> None:
+    resources = _edited(prod_graph, rules.SERVICE_MONITOR, lambda i: i["metadata"]["labels"].pop("release"))
+    (found,) = _stack_rule(rules.validate_service_monitors_have_an_operator, resources)
+    assert "lacks the label release=kube-prometheus-stack" in found
+
+
+def _old_requests(inputs: dict[str, Any]) -> None:
+    inputs["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"].update(cpu="2", memory="8Gi")
+
+
+def test_pod_requests_that_leave_gpu_slots_idle_fail(prod_graph: dict[str, Any]) -> None:
+    resources = _edited(prod_graph, rules.DEPLOYMENT, _old_requests)  # the requests before issue 17
+    found = _stack_rule(rules.validate_gpu_pod_fit_covers_time_slicing, resources)
+    assert found and all("1 pods fit a node but the device plugin offers 5 GPU slots" in f for f in found)
+    assert "/ 2000m = 1" in found[0]
+
+
+def test_an_hpa_maximum_above_the_pools_fails(prod_graph: dict[str, Any]) -> None:
+    resources = _edited(prod_graph, rules.HPA, lambda i: i["spec"].update(maxReplicas=1000))
+    (found,) = _stack_rule(rules.validate_gpu_hpa_max_within_pool_capacity, resources)
+    assert "HPA dualdeploy/demo may scale to 1000 pods, but the GPU node groups hold" in found
+    # The requests before issue 17: one pod a node, so prod's 200 cannot fit its pools either.
+    resources = _edited(prod_graph, rules.DEPLOYMENT, _old_requests)
+    (found,) = _stack_rule(rules.validate_gpu_hpa_max_within_pool_capacity, resources)
+    assert "may scale to 200 pods" in found
 
 
 # --------------------------------------------------------------------------- issue 17: pools and CI access
