@@ -92,7 +92,7 @@ clean: ## Remove build outputs (keeps .venv and the dev signing key).
 
 # --- edge (ansible/README.md) ------------------------------------------------------------------
 EDGE_INVENTORY ?= ansible/inventories/local
-.PHONY: edge edge-stop
+.PHONY: edge edge-stop edge-lab edge-lab-down
 
 edge: build ## Roll the demo bundle out to this machine as an edge device; a re-run changes nothing.
 	$(PY) -m deploy.edge_rollout up --inventory $(EDGE_INVENTORY) --bundle $(DIST)/demo/latest --smoke
@@ -100,3 +100,14 @@ edge: build ## Roll the demo bundle out to this machine as an edge device; a re-
 
 edge-stop: setup ## Stop the service that `make edge` started (releases and venv stay).
 	$(PY) -m deploy.edge_rollout stop --inventory $(EDGE_INVENTORY)
+
+EDGE_LAB_DEVICES ?= 3
+LAB := $(PY) tests/lab/edge_lab.py
+
+edge-lab: system-packages build ## Boot EDGE_LAB_DEVICES (3) systemd devices in containers, roll the demo out over SSH, report each.
+	$(LAB) up --devices $(EDGE_LAB_DEVICES)
+	$(PY) -m deploy.edge_rollout up --inventory .edge-lab/inventory.yml --bundle $(DIST)/demo/latest
+	$(LAB) report --bundle $(DIST)/demo/latest
+
+edge-lab-down: ## Stop the lab's devices; no container, namespace, veth or cgroup stays (disks stay in .edge-lab/).
+	$(LAB) down

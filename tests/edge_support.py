@@ -370,7 +370,9 @@ def render_unit(root: Path, entry: dict[str, Any], device_class: str, memory_max
     wrapper = prefix / "bin" / "dualdeploy-serve"  # the role's _edge_service_wrapper for this prefix
     wrapper.write_text("#!/bin/sh\nexit 0\n")
     wrapper.chmod(0o755)
+    defaults = yaml.safe_load((ANSIBLE / "roles" / "edge_service" / "defaults" / "main.yml").read_text())
     variables = {
+        **defaults,
         "edge_common_instance": "dualdeploy",
         "edge_common_service_user": "root",
         "edge_common_prefix": str(prefix),

@@ -73,7 +73,8 @@ def test_example_site_firewall_ruleset_passes_nft_check(tmp_path: Path) -> None:
     site = yaml.safe_load(
         (ANSIBLE_DIR / "inventories" / "example-site" / "group_vars" / "all" / "main.yml").read_text()
     )
-    variables = {k: v for k, v in site.items() if k.startswith("edge_hardening_")}
+    defaults = yaml.safe_load((ANSIBLE_DIR / "roles" / "edge_hardening" / "defaults" / "main.yml").read_text())
+    variables = {**defaults, **{k: v for k, v in site.items() if k.startswith("edge_hardening_")}}
     variables.update({"_edge_hardening_table": "dualdeploy", "_edge_hardening_port": 8443})
     ruleset = render_template(
         ANSIBLE_DIR / "roles" / "edge_hardening" / "templates" / "dualdeploy.nft.j2",
@@ -82,6 +83,8 @@ def test_example_site_firewall_ruleset_passes_nft_check(tmp_path: Path) -> None:
     )
     text = ruleset.read_text()
     assert "policy drop" in text and "10.0.0.0/24" in text and "tcp dport 8443 drop" in text
+    # Management networks only on their ports (DNS, NTP): no other port of theirs is reachable.
+    assert "meta l4proto { tcp, udp } th dport { 53, 123 } accept" in text
     check = subprocess.run(["nft", "-c", "-f", str(ruleset)], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stderr
 
