@@ -73,7 +73,9 @@ def test_example_site_firewall_ruleset_passes_nft_check(tmp_path: Path) -> None:
     site = yaml.safe_load(
         (ANSIBLE_DIR / "inventories" / "example-site" / "group_vars" / "all" / "main.yml").read_text()
     )
-    defaults = yaml.safe_load((ANSIBLE_DIR / "roles" / "edge_hardening" / "defaults" / "main.yml").read_text())
+    defaults = yaml.safe_load(
+        (ANSIBLE_DIR / "roles" / "edge_hardening" / "defaults" / "main.yml").read_text()
+    )
     variables = {**defaults, **{k: v for k, v in site.items() if k.startswith("edge_hardening_")}}
     variables.update({"_edge_hardening_table": "dualdeploy", "_edge_hardening_port": 8443})
     ruleset = render_template(
@@ -348,3 +350,44 @@ def test_example_site_inventory_opens_with_its_vault_password(tmp_path: Path) ->
     )
     assert set(groups["edge"]["children"]) == {"x86_cpu", "jetson", "ascend"}
     assert set(groups["edge"]["children"]) <= set(TABLE["classes"])
+
+
+def test_monitoring_files_quote_every_inventory_value(tmp_path: Path) -> None:
+    """The scrape snippet (YAML) and targets file (JSON) keep hostile inventory values as plain strings."""
+    site = 'ward "3"\n  - job_name: injected'
+    job = "dualdeploy: edge\n- job_name: x"
+    hosts = [
+        {
+            "inventory_hostname": 'box"1',
+            "edge_service_endpoint": "https://10.0.0.5:8443",
+            "edge_service_result": {"device_class": "x86_cpu", "model": "demo\n"},
+        }
+    ]
+    variables = {
+        "edge_monitoring_job": job,
+        "edge_monitoring_site": site,
+        "edge_monitoring_scrape_interval": "15s",
+        "edge_monitoring_ca_file": "/etc/prometheus/ca #.crt",
+        "edge_monitoring_token_file": "/etc/prometheus/token: x",
+        "edge_monitoring_output_dir": "/srv/file_sd",
+        "_edge_monitoring_tls": True,
+        "_edge_monitoring_token": True,
+        "_edge_monitoring_hosts": hosts,
+    }
+    templates = ANSIBLE_DIR / "roles" / "edge_monitoring" / "templates"
+    scrape = yaml.safe_load(
+        render_template(templates / "scrape.yml.j2", tmp_path / "scrape.yml", variables).read_text()
+    )
+    assert len(scrape) == 1 and scrape[0]["job_name"] == job
+    assert scrape[0]["tls_config"]["ca_file"] == "/etc/prometheus/ca #.crt"
+    assert scrape[0]["authorization"]["credentials_file"] == "/etc/prometheus/token: x"
+    assert scrape[0]["file_sd_configs"][0]["files"] == [f"/srv/file_sd/{job}.json"]
+    targets = json.loads(
+        render_template(templates / "targets.json.j2", tmp_path / "t.json", variables).read_text()
+    )
+    assert targets == [
+        {
+            "targets": ["10.0.0.5:8443"],
+            "labels": {"instance": 'box"1', "site": site, "device_class": "x86_cpu", "model": "demo\n"},
+        }
+    ]
