@@ -184,30 +184,23 @@ MAX_MANIFEST_BYTES = 16 << 20
 """Largest ``manifest.json`` (or signature) read: far above any real one, far below a memory problem."""
 
 
-def _read_small_regular_file(path: Path, what: str, missing: str = "") -> bytes:
-    """Read a file once, refusing links, FIFOs, devices and folders, and anything over the size limit.
+def _read_small_regular_file(root: Path, name: str, missing: str = "") -> bytes:
+    """Read ``root/name`` once (via :func:`_open_in`: no link, only a regular file), within the size limit.
 
     Raises:
-        BundleVerificationError: naming ``what`` and why it was refused.
+        BundleVerificationError: naming ``name`` and why it was refused.
     """
+    fd = _open_in(root, name, missing or f"missing in {root}")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError as exc:
-        raise BundleVerificationError(what, missing or f"missing in {path.parent}") from exc
-    except OSError as exc:
-        raise BundleVerificationError(what, f"cannot be opened ({exc.strerror}; links are refused)") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BundleVerificationError(what, "is not a regular file")
-        if info.st_size > MAX_MANIFEST_BYTES:
-            raise BundleVerificationError(what, f"is {info.st_size:,} bytes, above {MAX_MANIFEST_BYTES:,}")
+        size = os.fstat(fd).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise BundleVerificationError(name, f"is {size:,} bytes, above {MAX_MANIFEST_BYTES:,}")
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(MAX_MANIFEST_BYTES + 1)
     finally:
         os.close(fd)
     if len(data) > MAX_MANIFEST_BYTES:
-        raise BundleVerificationError(what, f"grew above {MAX_MANIFEST_BYTES:,} bytes while read")
+        raise BundleVerificationError(name, f"grew above {MAX_MANIFEST_BYTES:,} bytes while read")
     return data
 
 
@@ -227,10 +220,10 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         BundleVerificationError: the manifest is missing, not a regular file, not JSON, of an unsupported
             schema version, or does not fit the schema (naming the field).
     """
-    return _parse(_read_small_regular_file(Path(bundle_dir) / MANIFEST_NAME, MANIFEST_NAME))
+    return _parse(_read_small_regular_file(Path(bundle_dir), MANIFEST_NAME))
 
 
-def _open_in(root: Path, rel: str) -> int:
+def _open_in(root: Path, rel: str, missing: str = "listed in the manifest but missing") -> int:
     """Open ``root/rel`` for reading, refusing a link at any step and anything but a regular file.
 
     Each folder on the way is opened relative to the one before it with ``O_NOFOLLOW``, so neither a
@@ -240,20 +233,24 @@ def _open_in(root: Path, rel: str) -> int:
         The open file descriptor (the caller closes it).
 
     Raises:
-        BundleVerificationError: naming ``rel``: missing, a link, or not a regular file.
+        BundleVerificationError: naming ``rel``: missing (with ``missing`` as the reason), a link, or
+            not a regular file.
     """
     parts = rel.split("/")
     if rel.startswith("/") or any(part in ("", ".", "..") for part in parts):
         raise BundleVerificationError(
             rel, "path escapes the bundle folder (absolute, empty, '.' or '..' part)"
         )
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise BundleVerificationError(rel, missing) from exc
     try:
         for part in parts[:-1]:
             try:
                 child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except FileNotFoundError as exc:
-                raise BundleVerificationError(rel, "listed in the manifest but missing") from exc
+                raise BundleVerificationError(rel, missing) from exc
             except OSError as exc:
                 raise BundleVerificationError(rel, f"folder {part!r} is a link or not a folder") from exc
             os.close(fd)
@@ -261,7 +258,7 @@ def _open_in(root: Path, rel: str) -> int:
         try:
             leaf = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
         except FileNotFoundError as exc:
-            raise BundleVerificationError(rel, "listed in the manifest but missing") from exc
+            raise BundleVerificationError(rel, missing) from exc
         except OSError as exc:
             raise BundleVerificationError(
                 rel, f"cannot be opened ({exc.strerror}; links are refused)"
@@ -433,10 +430,8 @@ def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey) -> VerifiedBun
         raise BundleVerificationError(str(bundle_dir), f"bundle folder does not exist ({exc})") from exc
     if not root.is_dir():
         raise BundleVerificationError(str(bundle_dir), "is not a folder")
-    data = _read_small_regular_file(root / MANIFEST_NAME, MANIFEST_NAME)
-    signature = _read_small_regular_file(
-        root / SIGNATURE_NAME, SIGNATURE_NAME, missing="missing: the bundle is unsigned"
-    )
+    data = _read_small_regular_file(root, MANIFEST_NAME)
+    signature = _read_small_regular_file(root, SIGNATURE_NAME, missing="missing: the bundle is unsigned")
     try:
         public_key.verify(signature, data)
     except InvalidSignature as exc:

@@ -206,11 +206,10 @@ class Manifest(_Model):
 
     @model_validator(mode="after")
     def _bounded_axes(self) -> Manifest:
-        named = {d for t in self.inputs for d in t.shape[1:] if isinstance(d, str) and d != "batch"}
         for axis, size in self.axes.items():
             if size < 1:
                 raise ValueError(f"axes.{axis}: must be at least 1, got {size}")
-        missing = sorted(named - set(self.axes)) if self.schema_version >= 3 else []
+        missing = self.unbounded_axes() if self.schema_version >= 3 else []
         if missing:
             raise ValueError(f"axes: gives no maximum for the input axis {', '.join(missing)}")
         return self

@@ -24,6 +24,7 @@ import pytest
 from serving_support import REPO, Bundle, ServerProcess, make_bundle, run_refused, running_server
 
 from contract import bundle as contract
+from contract.codec import encode_infer_request
 from serving.batching import Batcher
 from serving.protocol import InferRequest
 
@@ -44,22 +45,6 @@ def _rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for {pid}")
-
-
-def _binary_body(arrays: dict[str, np.ndarray]) -> tuple[bytes, int]:
-    header = {
-        "inputs": [
-            {
-                "name": name,
-                "datatype": "INT64",
-                "shape": list(array.shape),
-                "parameters": {"binary_data_size": array.nbytes},
-            }
-            for name, array in arrays.items()
-        ]
-    }
-    head = json.dumps(header).encode()
-    return head + b"".join(a.tobytes() for a in arrays.values()), len(head)
 
 
 # --------------------------------------------------------------------------- the sequence-length bomb
@@ -117,12 +102,12 @@ def test_a_million_token_request_is_a_400_and_the_server_keeps_its_memory(tmp_pa
         before = _rss_bytes(proc.proc.pid)
         for length in (1_000_000, 2048, 513):
             ids = np.ones((1, length), np.int64)
-            body, head = _binary_body({"input_ids": ids, "attention_mask": ids})
+            body, headers = encode_infer_request({"input_ids": ids, "attention_mask": ids})
             started = time.perf_counter()
             response = client.post(
                 "/v2/models/minilm/infer",
                 content=body,
-                headers={"Inference-Header-Content-Length": str(head)},
+                headers=headers,
             )
             elapsed = time.perf_counter() - started
             assert response.status_code == 400, response.text
@@ -132,10 +117,8 @@ def test_a_million_token_request_is_a_400_and_the_server_keeps_its_memory(tmp_pa
         after = _rss_bytes(proc.proc.pid)
         assert after <= before * 1.10, f"RSS grew from {before >> 20} MiB to {after >> 20} MiB"
         ids = np.ones((2, 512), np.int64)
-        body, head = _binary_body({"input_ids": ids, "attention_mask": ids})
-        ok = client.post(
-            "/v2/models/minilm/infer", content=body, headers={"Inference-Header-Content-Length": str(head)}
-        )
+        body, headers = encode_infer_request({"input_ids": ids, "attention_mask": ids})
+        ok = client.post("/v2/models/minilm/infer", content=body, headers=headers)
         assert ok.status_code == 200, ok.text
         assert proc.proc.poll() is None
         assert "Traceback" not in proc.log()
@@ -157,12 +140,12 @@ def test_a_bundle_without_axis_bounds_is_refused_unless_the_operator_gives_them(
         built.path, built.public_key, tmp_path / "logs", ["--axis-max", "sequence=8"]
     ) as proc:
         ids = np.ones((1, 9), np.int64)
-        body, head = _binary_body({"ids": ids, "mask": ids})
+        body, headers = encode_infer_request({"ids": ids, "mask": ids})
         with proc.client() as c:
             r = c.post(
                 "/v2/models/tinyemb/infer",
                 content=body,
-                headers={"Inference-Header-Content-Length": str(head)},
+                headers=headers,
             )
         assert r.status_code == 400 and "above its maximum of 8" in r.json()["error"]
 
@@ -258,12 +241,14 @@ def test_an_input_the_runtime_refuses_is_a_clean_400(tmp_path: Path) -> None:
     """ids and mask of different lengths (the manifest names two axes): ONNX Runtime's Fail, not a 500."""
     built = make_bundle(tmp_path / "b", kind="embedder", mask_axis="length")
     with running_server(built.path, built.public_key, tmp_path / "logs") as proc:
-        body, head = _binary_body({"ids": np.ones((1, 2), np.int64), "mask": np.ones((1, 3), np.int64)})
+        body, headers = encode_infer_request(
+            {"ids": np.ones((1, 2), np.int64), "mask": np.ones((1, 3), np.int64)}
+        )
         with proc.client() as c:
             r = c.post(
                 "/v2/models/tinyemb/infer",
                 content=body,
-                headers={"Inference-Header-Content-Length": str(head)},
+                headers=headers,
             )
             errors = c.get("/metrics").text
         assert r.status_code == 400, r.text
