@@ -111,3 +111,9 @@ edge-lab: system-packages build ## Boot EDGE_LAB_DEVICES (3) systemd devices in 
 
 edge-lab-down: ## Stop the lab's devices; no container, namespace, veth or cgroup stays (disks stay in .edge-lab/).
 	$(LAB) down
+
+# --- charts and the deployment advisor (issue 15) --------------------------------------------
+.PHONY: charts
+
+charts: setup ## Redraw every benchmark's chart (bench/results/*.png) from the JSON already there, no re-run.
+	$(PY) bench/charts.py

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import charts  # bench/charts.py, beside this script
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET_S = 5.0
 STACK = "cloud-prod"
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = REPO_ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cloud.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out_dir / 'cloud.json'} and {charts.draw('cloud', out_dir / 'cloud.json')}")
     return 0 if result["meets_target"] else 1
 
 

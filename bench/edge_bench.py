@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 # The benchmark reuses the tests' device helpers (tests/edge_support.py): imports follow the path set-up.
-from deploy.edge_rollout import RolloutResult, run_rollout  # noqa: E402, I001
+import charts  # noqa: E402 - bench/charts.py, beside this script
 from edge_support import (  # noqa: E402
     DEV_PUB,
     Device,
@@ -44,6 +44,8 @@ from edge_support import (  # noqa: E402
     touch_onnx_docstring,
     write_inventory,
 )
+
+from deploy.edge_rollout import RolloutResult, run_rollout  # noqa: E402
 
 ALL_AT_ONCE = {"edge_rollout_serial": "100%", "edge_rollout_max_fail_percentage": 0}
 RESULTS = REPO / "bench" / "results" / "edge.json"
@@ -191,7 +193,7 @@ def main() -> int:
     print("pass:", json.dumps(results["pass"]))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(REPO)}")
+    print(f"wrote {RESULTS.relative_to(REPO)} and {charts.draw('edge', RESULTS).relative_to(REPO)}")
     return 0
 
 

@@ -34,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import charts  # noqa: E402 - bench/charts.py, beside this script
+
 from contract import bundle  # noqa: E402
 from model_build import cpu_gate  # noqa: E402
 from model_build.benchmark import benchmark  # noqa: E402
@@ -41,7 +43,7 @@ from model_build.onnx_stages import EVAL_BATCH, run_onnx, session  # noqa: E402
 from model_build.spec import BenchmarkSpec, load_spec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "int8_portability.json"
-CHART = RESULTS.with_suffix(".png")
+CHART = RESULTS.with_suffix(".png")  # drawn by bench/charts.py from the JSON
 QEMU = ("qemu-x86_64", "-cpu", "Haswell")
 
 
@@ -74,30 +76,6 @@ def _quantize(fp32: Path, target: Path, reduce_range: bool, calibration: dict[st
 
 def _agreement(reference: np.ndarray, got: np.ndarray) -> float:
     return float(np.mean(np.argmax(reference, -1) == np.argmax(got, -1)))
-
-
-def _chart(rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r["variant"] for r in rows]
-    x = np.arange(len(rows))
-    left.bar(x - 0.2, [100 * r["agreement_native"] for r in rows], 0.4, label="native")
-    left.bar(x + 0.2, [100 * r["agreement_avx2_emulated"] for r in rows], 0.4, label="AVX2 (qemu Haswell)")
-    left.axhline(99.0, color="grey", linestyle="--", linewidth=1, label="gate 99 %")
-    left.set_xticks(x, names)
-    left.set_ylim(95, 100.5)
-    left.set_ylabel("top-1 agreement with FP32 (%)")
-    left.legend(loc="lower left", fontsize=8)
-    right.bar(x, [r["latency_ms_p50"] for r in rows], 0.5, color="tab:green")
-    right.set_xticks(x, names)
-    right.set_ylabel("batch-1 p50 (ms), native")
-    fig.suptitle("Demo CNN INT8: 8-bit vs 7-bit (reduce_range) weights, 512 images")
-    fig.tight_layout()
-    fig.savefig(CHART, dpi=100)
 
 
 def main() -> int:
@@ -165,7 +143,7 @@ def main() -> int:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    _chart(rows)
+    charts.draw("int8_portability", RESULTS)
     fp32_p50 = timing["fp32"]["latency_ms_p50"]
     print(f"host CPU class {host}; {len(reference)} images; FP32 p50 {fp32_p50:.3f} ms")
     print(

@@ -32,6 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import charts  # noqa: E402 - bench/charts.py, beside this script
+
 from contract import bundle  # noqa: E402
 from contract.manifest import Manifest, Variant  # noqa: E402
 from model_build.benchmark import benchmark  # noqa: E402
@@ -206,7 +208,7 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {charts.draw('prebuild', args.out)}")
     return 0 if all(r["ok"] for r in results) else 1
 
 

@@ -495,7 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    # Imported here: the load generator (this same script with --loadgen) never draws.
+    import charts  # noqa: PLC0415 - bench/charts.py, beside this script
+
+    print(f"wrote {args.out} and {charts.draw('serving', args.out)}")
     return 0
 
 
