@@ -54,7 +54,9 @@ def test_serving_chart_plots_the_measured_throughput_against_clients() -> None:
     fig = charts.figure("serving", RESULTS / "serving.json")
     try:
         throughput_axes = fig.axes[0]
-        plotted = {line.get_label(): list(line.get_ydata()) for line in throughput_axes.get_lines()}
+        plotted = {
+            line.get_label(): np.asarray(line.get_ydata()).tolist() for line in throughput_axes.get_lines()
+        }
         for result in data["results"]:
             label = f"{result['model']} ({result['variant']})"
             expected = [
@@ -73,9 +75,15 @@ def test_edge_chart_plots_rollout_time_against_devices() -> None:
     fig = charts.figure("edge", RESULTS / "edge.json")
     try:
         lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
-        assert list(lines["fresh rollout"].get_xdata()) == [1, 8]
-        assert list(lines["fresh rollout"].get_ydata()) == [data["fresh_1_s"], data["fresh_8_s"]]
-        assert list(lines["bundle update"].get_ydata()) == [data["update_1_s"], data["update_8_s"]]
+        assert np.asarray(lines["fresh rollout"].get_xdata()).tolist() == [1, 8]
+        assert np.asarray(lines["fresh rollout"].get_ydata()).tolist() == [
+            data["fresh_1_s"],
+            data["fresh_8_s"],
+        ]
+        assert np.asarray(lines["bundle update"].get_ydata()).tolist() == [
+            data["update_1_s"],
+            data["update_8_s"],
+        ]
     finally:
         fig.clf()
 
