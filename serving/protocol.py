@@ -14,17 +14,26 @@ the rules are testable on their own. Both tensor encodings are handled:
 
 Every problem with a request raises :class:`ProtocolError` carrying a 4xx status
 and a message that names the offending field.
+
+JSON goes through orjson both ways: a body is parsed by orjson and its ``data`` lists become arrays in one
+NumPy call; JSON outputs are written by orjson straight from the arrays (``OPT_SERIALIZE_NUMPY``), never
+through ``tolist()``. orjson is stricter than the standard library, which the protocol has always
+accepted, so a body orjson refuses is handed to :func:`json.loads`: that keeps the ``NaN`` and
+``Infinity`` tokens (a model that allows non-finite inputs takes them), lone surrogate escapes in an
+``id``, and the standard library's own wording of a syntax error. Outputs holding NaN or Inf, and anything
+else orjson won't write, go out through :func:`json.dumps` as before.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from contract.codec import WIRE_DTYPES
 from contract.manifest import TensorEntry
@@ -131,6 +140,58 @@ class InferRequest:
         return tuple((name, arr.shape[1:]) for name, arr in sorted(self.inputs.items()))
 
 
+def loads(text: bytes) -> Any:
+    """Parse one JSON document from UTF-8 bytes: orjson, and the standard library for what orjson refuses.
+
+    Raises:
+        ValueError: the text is not JSON (:class:`json.JSONDecodeError`, the standard library's message).
+        UnicodeDecodeError: the text is not UTF-8.
+        RecursionError: the nesting is deeper than the standard library's parser goes.
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    # JSON bodies are UTF-8 (RFC 8259); json.loads on bytes would also guess UTF-16 and UTF-32.
+    return json.loads(text.decode("utf-8"))
+
+
+def dumps(doc: Mapping[str, Any]) -> bytes:
+    """Write a response document compactly; NumPy arrays in it are written without a Python list.
+
+    Float arrays holding NaN or Inf go out as the JSON extension tokens ``NaN`` and ``Infinity``, as the
+    standard library writes them (orjson would write ``null``, which a client can't tell from a gap).
+    """
+    if not any(_nonfinite(value) for value in _arrays(doc)):
+        try:
+            return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError:
+            pass  # a string with a lone surrogate (an echoed id), a dtype orjson does not write
+    return json.dumps(doc, separators=(",", ":"), default=_tolist).encode()
+
+
+def _arrays(value: Any) -> Iterator[np.ndarray]:
+    """Every NumPy array in a response document (its ``outputs[].data``)."""
+    if isinstance(value, np.ndarray):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _arrays(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _arrays(item)
+
+
+def _nonfinite(arr: np.ndarray) -> bool:
+    return arr.dtype.kind in "fc" and not bool(np.isfinite(arr).all())
+
+
+def _tolist(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _object(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ProtocolError(f"{where} must be a JSON object")
@@ -166,9 +227,12 @@ def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...], where: str) 
     if not isinstance(data, list):
         raise ProtocolError(f"{where}.data must be a JSON array")
     try:
+        # One C pass over the parsed list: no Python loop touches the numbers.
         arr = np.asarray(data)
     except (ValueError, OverflowError) as exc:
         raise ProtocolError(f"{where}.data is not a regular array of numbers ({exc})") from exc
+    if spec.dtype.kind in "iu" and arr.size:
+        _check_int_range(arr, spec, where)
     kinds = "biuf" if spec.dtype.kind == "f" else "biu"
     if arr.size and arr.dtype.kind not in kinds:
         what = {"U": "strings", "S": "strings", "O": "ragged or mixed values", "f": "fractional numbers"}
@@ -183,6 +247,34 @@ def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...], where: str) 
         return arr.astype(spec.dtype, casting="unsafe").reshape(shape)
     except (ValueError, OverflowError) as exc:
         raise ProtocolError(f"{where}.data cannot be converted to {spec.datatype} ({exc})") from exc
+
+
+def _check_int_range(arr: np.ndarray, spec: TensorSpec, where: str) -> None:
+    """Refuse integers an integer tensor can't hold, where the cast would wrap them around silently."""
+    info = np.iinfo(spec.dtype)
+    low: Any
+    high: Any
+    if arr.dtype.kind == "O":
+        # Integers beyond 64 bits from the standard library's parser; anything else is worded later.
+        values = list(arr.flat)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return
+        low, high = min(values), max(values)
+    elif arr.dtype.kind == "f":
+        # orjson reads an integer beyond 64 bits as a float: an integral float out of range is one of those.
+        if not (np.isfinite(arr).all() and (np.floor(arr) == arr).all()):
+            return
+        low, high = float(arr.min()), float(arr.max())
+        if max(-low, high) >= 2.0**63:  # rounded from beyond 64 bits: -2**63 - 1 reads as -2**63
+            low = -math.inf
+    elif arr.dtype.kind in "iu":
+        low, high = int(arr.min()), int(arr.max())
+    else:
+        return
+    if low < info.min or high > info.max:
+        raise ProtocolError(
+            f"{where}.data holds integers outside the range of {spec.datatype} [{info.min}, {info.max}]"
+        )
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -346,7 +438,7 @@ def precheck_header(header: bytes, model: ModelSpec, max_batch: int) -> None:
         ProtocolError: an input's shape, an axis bound or the element budget is exceeded.
     """
     try:
-        doc = json.loads(header.decode("utf-8"))
+        doc = loads(header)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return
     raw_inputs = doc.get("inputs") if isinstance(doc, dict) else None
@@ -378,8 +470,7 @@ def parse_infer_request(
     """
     header, binary = split_body(body, header_length)
     try:
-        # JSON bodies are UTF-8 (RFC 8259); json.loads on bytes would also guess UTF-16 and UTF-32.
-        doc = json.loads(header.decode("utf-8"))
+        doc = loads(header)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         where = (
             "request body"
@@ -437,13 +528,13 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             buffers.append(raw)
         else:
-            entry["data"] = arr.reshape(-1).tolist()
+            entry["data"] = np.ascontiguousarray(arr).reshape(-1)
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
     if request.id is not None:
         doc["id"] = request.id
     # NaN/Inf in outputs (possible only where inputs allow them) go out as the JSON extension tokens.
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = dumps(doc)
     if not buffers:
         return header, None
     return header + b"".join(buffers), len(header)

@@ -25,7 +25,7 @@ from types import FrameType
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from serving import __version__, logs
+from serving import __version__, logs, systemd
 from serving.app import Settings, State, build_app
 from serving.batching import Batcher
 from serving.device import DEFAULT_TABLE, memory_limit_bytes
@@ -228,6 +228,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="(DUALDEPLOY_LOG_LEVEL)")
     p.add_argument(
+        "--inherited-socket",
+        choices=["serve", "standby"],
+        default=_env("INHERITED_SOCKET"),
+        help="serve the listening socket that systemd passed (socket activation) instead of binding "
+        "--host/--port; 'standby' binds --host/--port (a release's private gate port) and starts serving "
+        "the inherited socket too on SIGUSR2, once the gate passed (DUALDEPLOY_INHERITED_SOCKET)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="verify, load and warm up the bundle, then exit 0 without serving "
@@ -363,14 +371,29 @@ def _check_bounds(args: argparse.Namespace) -> None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, marking the state as draining on the first SIGTERM/SIGINT."""
+    """uvicorn's server, marking the state as draining on the first SIGTERM/SIGINT.
 
-    def __init__(self, config: uvicorn.Config, state: State) -> None:
+    With ``inherited`` sockets (systemd socket activation) and ``standby`` false it serves them instead of
+    binding host and port. With ``standby`` it binds host and port, and adds the inherited sockets on
+    SIGUSR2: a new release gates on its private port, then takes its share of the public one.
+    """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        state: State,
+        inherited: Sequence[socket.socket] = (),
+        standby: bool = False,
+    ) -> None:
         super().__init__(config)
         self.state = state
+        self.inherited = list(inherited)
+        self.standby = standby
+        self.promoted = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.state.draining:
+            systemd.notify("STOPPING=1")
             log.info(
                 "signal %s: draining (not ready, no new connections, %.0f s grace)",
                 signal.Signals(sig).name,
@@ -384,13 +407,45 @@ class _Server(uvicorn.Server):
             forget_captured_signal(self, sig)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets is None and self.inherited and not self.standby:
+            sockets = self.inherited
         await super().startup(sockets)
-        if self.started:
-            age = process_age()
-            self.state.metrics.startup_seconds.set(age)
-            log.info(
-                "ready: process start to ready %.3f s (model load %.3f s)", age, self.state.model.load_seconds
+        if not self.started:
+            return
+        if sockets is not None:
+            log.info("serving the socket systemd passed: %s", _names(sockets))
+        if self.standby:
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGUSR2, lambda: asyncio.ensure_future(self.promote())
             )
+        age = process_age()
+        self.state.metrics.startup_seconds.set(age)
+        log.info(
+            "ready: process start to ready %.3f s (model load %.3f s)", age, self.state.model.load_seconds
+        )
+        systemd.notify("READY=1")
+
+    async def promote(self) -> None:
+        """Start accepting on the inherited sockets too (once; SIGUSR2 in standby)."""
+        if self.promoted or self.state.draining or self.should_exit:
+            return
+        self.promoted = True
+        config, loop = self.config, asyncio.get_running_loop()
+        for sock in self.inherited:
+            server = await loop.create_server(
+                lambda: config.http_protocol_class(  # type: ignore[call-arg]
+                    config=config, server_state=self.server_state, app_state=self.lifespan.state
+                ),
+                sock=sock,
+                ssl=config.ssl,
+                backlog=config.backlog,
+            )
+            self.servers.append(server)
+        log.info("promoted: serving the socket systemd passed too: %s", _names(self.inherited))
+
+
+def _names(sockets: Sequence[socket.socket]) -> str:
+    return ", ".join(str(sock.getsockname()) for sock in sockets)
 
 
 def _log_bounds(model: LoadedModel, budget: int) -> None:
@@ -419,6 +474,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         token = _check_args(args)
     except ConfigError as exc:
         log.error("refused to start: %s", exc)
+        return EXIT_REFUSED
+    inherited = systemd.listen_fds()
+    if args.inherited_socket and not inherited:
+        log.error(
+            "refused to start: --inherited-socket %s, but systemd passed no listening socket "
+            "(start the server through its .socket unit, or drop the flag)",
+            args.inherited_socket,
+        )
         return EXIT_REFUSED
     public_key = args.public_key
     if public_key is None:
@@ -523,7 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ssl_keyfile=str(args.tls_key) if args.tls_key else None,
         lifespan="on",
     )
-    server = _Server(config, state)
+    server = _Server(
+        config, state, inherited if args.inherited_socket else (), args.inherited_socket == "standby"
+    )
     try:
         server.run()
     except OSError as exc:
