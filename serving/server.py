@@ -350,6 +350,11 @@ def _check_args(args: argparse.Namespace) -> str | None:
         if value is not None and value < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must not be negative, got {value}")
     _check_bounds(args)
+    if args.inherited_socket and not systemd.passed_fds():
+        raise ConfigError(
+            f"--inherited-socket {args.inherited_socket}, but systemd passed no listening socket "
+            "(start the server through its .socket unit, or drop the flag)"
+        )
     if args.token_file is None:
         return None
     try:
@@ -476,13 +481,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("refused to start: %s", exc)
         return EXIT_REFUSED
     inherited = systemd.listen_fds()
-    if args.inherited_socket and not inherited:
-        log.error(
-            "refused to start: --inherited-socket %s, but systemd passed no listening socket "
-            "(start the server through its .socket unit, or drop the flag)",
-            args.inherited_socket,
-        )
-        return EXIT_REFUSED
     public_key = args.public_key
     if public_key is None:
         public_key = DEV_PUBLIC_KEY

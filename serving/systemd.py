@@ -16,33 +16,41 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import MutableMapping
 
 log = logging.getLogger("serving.systemd")
 
 LISTEN_FDS_START = 3
 
 
-def listen_fds(environ: dict[str, str] | None = None) -> list[socket.socket]:
+def passed_fds(environ: MutableMapping[str, str] | None = None) -> int:
+    """How many sockets systemd passed to this process (without taking them)."""
+    env = os.environ if environ is None else environ
+    pid, count = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    if not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
+        return 0
+    return int(count)
+
+
+def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[socket.socket]:
     """The sockets systemd passed to this process, or [] when none were passed to it.
 
     Unsets ``LISTEN_PID``/``LISTEN_FDS``/``LISTEN_FDNAMES`` (as ``sd_listen_fds(1)`` does) so that child
     processes don't take them for theirs.
     """
     env = os.environ if environ is None else environ
-    pid, count = env.get("LISTEN_PID"), env.get("LISTEN_FDS")
+    count = passed_fds(env)
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         env.pop(name, None)
-    if not pid or not count or not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
-        return []
     sockets = []
-    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)):
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + count):
         sock = socket.socket(fileno=fd)
         sock.set_inheritable(False)
         sockets.append(sock)
     return sockets
 
 
-def notify(message: str, environ: dict[str, str] | None = None) -> bool:
+def notify(message: str, environ: MutableMapping[str, str] | None = None) -> bool:
     """Send ``message`` (e.g. ``READY=1``) to the service manager; False when there is none."""
     address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET")
     if not address:

@@ -67,7 +67,7 @@ def spawn(
         return subprocess.Popen(
             # The shell moves the listener to fd 3 and sets LISTEN_PID to its own pid, which exec hands
             # on to the server.
-            ["/bin/sh", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ exec "$@"', "sh", *command],
+            ["/bin/bash", "-c", f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ exec "$@"', "sh", *command],
             env=env,
             cwd=REPO,
             stdout=sink,
