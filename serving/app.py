@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from serving import __version__, logs
 from serving.batching import Batcher, QueueFull, QueueTimeout
+from serving.cascade import Escalator, with_parameters
 from serving.metrics import CONTENT_TYPE, Metrics
 from serving.model import LoadedModel, ModelRunError
 from serving.openapi import openapi_document
@@ -69,6 +70,8 @@ class State:
     settings: Settings
     metrics: Metrics
     batcher: Batcher
+    escalator: Escalator | None = None
+    """Edge -> cloud escalation (``--escalate-to``); None keeps every answer local and opens no socket."""
     ready: bool = False
     draining: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
@@ -293,7 +296,12 @@ class V2Api:
             outputs, stats = await self.batcher.submit(parsed, self.settings.request_timeout_s)
         except (QueueFull, QueueTimeout) as exc:
             raise _Overloaded(str(exc)) from exc
+        parameters: dict[str, Any] | None = None
+        if self.state.escalator is not None:
+            outputs, parameters = await self.state.escalator.answer(parsed.inputs, outputs)
         payload, header_length = encode_response(self.spec, parsed, outputs)
+        if parameters is not None:
+            payload, header_length = with_parameters(payload, header_length, parameters)
         self.metrics.queue_seconds.observe(stats.queue_seconds)
         if header_length is None:
             return Response(payload, media_type="application/json")
@@ -379,6 +387,8 @@ def build_app(state: State) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         state.batcher.start()
+        if state.escalator is not None:
+            await state.escalator.start()
         state.ready = True
         state.metrics.ready.set(1)
         try:
@@ -387,6 +397,8 @@ def build_app(state: State) -> ASGIApp:
             state.ready = False
             state.metrics.ready.set(0)
             await state.batcher.stop()
+            if state.escalator is not None:
+                await state.escalator.close()
 
     app = Starlette(
         routes=api.routes(),

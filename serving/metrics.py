@@ -114,6 +114,39 @@ class Metrics:
             registry=r,
         )
 
+        # Edge -> cloud escalation (serving/cascade.py); zero while --escalate-to is not set.
+        self.escalations = Counter(
+            "dualdeploy_escalations",
+            "Rows whose confidence was below the bundle's cascade threshold (sent to the cloud or not).",
+            registry=r,
+        )
+        self.cloud_rows = Counter(
+            "dualdeploy_escalation_cloud_rows", "Escalated rows the cloud teacher answered.", registry=r
+        )
+        self.fallbacks = Counter(
+            "dualdeploy_escalation_fallbacks",
+            "Escalations answered locally instead, by reason (deadline, unreachable, tls, http_error, "
+            "wrong_model, bad_answer, circuit_open).",
+            ["reason"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "dualdeploy_escalation_circuit_state",
+            "The escalation circuit breaker: 0 closed, 1 half-open, 2 open.",
+            registry=r,
+        )
+        self.cloud_seconds = Histogram(
+            "dualdeploy_escalation_cloud_seconds",
+            "Time of one escalation to the cloud (success or failure, within the deadline).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.connections = Counter(
+            "dualdeploy_connections",
+            "TCP connections accepted by this server (a server that must see none can prove it).",
+            registry=r,
+        )
+
     def observe_batch(self, rows: int, seconds: float) -> None:
         """Record one model run: its rows and its compute time."""
         self.batch_size.observe(rows)

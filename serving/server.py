@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -28,6 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from serving import __version__, logs, systemd
 from serving.app import Settings, State, build_app
 from serving.batching import Batcher
+from serving.cascade import EscalationConfigError, EscalationSettings, Escalator
 from serving.device import DEFAULT_TABLE, memory_limit_bytes
 from serving.metrics import Metrics
 from serving.model import LoadedModel, ModelLoadError, load
@@ -221,6 +222,46 @@ def parser() -> argparse.ArgumentParser:
         "(Jetson; the edge role sets it beside the release) (DUALDEPLOY_TRT_CACHE_DIR)",
     )
     p.add_argument(
+        "--escalate-to",
+        default=_env("ESCALATE_TO"),
+        metavar="URL",
+        help="escalate the rows below the bundle's cascade threshold to this teacher server "
+        "(https://host:port); off by default, and then no connection leaves this server "
+        "(DUALDEPLOY_ESCALATE_TO)",
+    )
+    p.add_argument(
+        "--escalate-token-file",
+        type=Path,
+        default=_env("ESCALATE_TOKEN_FILE"),
+        help="file holding the teacher's bearer token (DUALDEPLOY_ESCALATE_TOKEN_FILE)",
+    )
+    p.add_argument(
+        "--escalate-ca",
+        type=Path,
+        default=_env("ESCALATE_CA"),
+        help="PEM CA certificates the teacher's certificate must chain to (DUALDEPLOY_ESCALATE_CA)",
+    )
+    p.add_argument(
+        "--escalate-deadline-ms",
+        type=float,
+        default=_env("ESCALATE_DEADLINE_MS", "500"),
+        help="longest time an escalation may add to a request; then the local answer goes out, marked "
+        "fallback (DUALDEPLOY_ESCALATE_DEADLINE_MS)",
+    )
+    p.add_argument(
+        "--circuit-failures",
+        type=int,
+        default=_env("CIRCUIT_FAILURES", "5"),
+        help="consecutive escalation failures that open the circuit (DUALDEPLOY_CIRCUIT_FAILURES)",
+    )
+    p.add_argument(
+        "--circuit-open-s",
+        type=float,
+        default=_env("CIRCUIT_OPEN_S", "10"),
+        help="seconds the open circuit answers locally before one trial escalation "
+        "(DUALDEPLOY_CIRCUIT_OPEN_S)",
+    )
+    p.add_argument(
         "--log-format",
         choices=["text", "json"],
         default=_env("LOG_FORMAT", "text"),
@@ -275,9 +316,12 @@ class TimedHttpProtocol(HttpToolsProtocol):
     """
 
     read_timeout_s = 30.0
+    on_connection: Callable[[], None] | None = None
     _read_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.on_connection is not None:
+            self.on_connection()
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
@@ -312,9 +356,17 @@ class TimedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def timed_protocol(read_timeout_s: float) -> type[TimedHttpProtocol]:
-    """A :class:`TimedHttpProtocol` class with its read timeout (uvicorn makes one per connection)."""
-    return type("TimedHttpProtocol", (TimedHttpProtocol,), {"read_timeout_s": read_timeout_s})
+def timed_protocol(
+    read_timeout_s: float, on_connection: Callable[[], None] | None = None
+) -> type[TimedHttpProtocol]:
+    """A :class:`TimedHttpProtocol` class with its read timeout (uvicorn makes one per connection).
+
+    ``on_connection`` is called for every accepted connection (``dualdeploy_connections_total``).
+    """
+    attrs: dict[str, object] = {"read_timeout_s": read_timeout_s}
+    if on_connection is not None:
+        attrs["on_connection"] = staticmethod(on_connection)
+    return type("TimedHttpProtocol", (TimedHttpProtocol,), attrs)
 
 
 class ConfigError(Exception):
@@ -364,6 +416,45 @@ def _check_args(args: argparse.Namespace) -> str | None:
     if not token:
         raise ConfigError(f"--token-file {args.token_file}: the file is empty")
     return token
+
+
+def escalation_settings(args: argparse.Namespace) -> EscalationSettings | None:
+    """The ``--escalate-*`` flags as settings, or None when escalation is off.
+
+    Raises:
+        ConfigError: naming the flag that is missing or unusable.
+    """
+    given = [f for f in ("escalate_token_file", "escalate_ca") if getattr(args, f) is not None]
+    if args.escalate_to is None:
+        if given:
+            flags = ", ".join(f"--{f.replace('_', '-')}" for f in given)
+            raise ConfigError(f"{flags} given without --escalate-to (escalation is off without it)")
+        return None
+    if not args.escalate_to.startswith("https://"):
+        raise ConfigError(f"--escalate-to {args.escalate_to!r}: must be an https:// URL (TLS is required)")
+    for flag in ("escalate_token_file", "escalate_ca"):
+        path = getattr(args, flag)
+        if path is None:
+            raise ConfigError(f"--escalate-to needs --{flag.replace('_', '-')}")
+        if not path.is_file():
+            raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
+    token = args.escalate_token_file.read_text().strip()
+    if not token:
+        raise ConfigError(f"--escalate-token-file {args.escalate_token_file}: the file is empty")
+    if not args.escalate_deadline_ms > 0:
+        raise ConfigError(f"--escalate-deadline-ms must be positive, got {args.escalate_deadline_ms}")
+    if args.circuit_failures < 1:
+        raise ConfigError(f"--circuit-failures must be at least 1, got {args.circuit_failures}")
+    if not args.circuit_open_s > 0:
+        raise ConfigError(f"--circuit-open-s must be positive, got {args.circuit_open_s}")
+    return EscalationSettings(
+        url=args.escalate_to,
+        token=token,
+        ca_file=args.escalate_ca,
+        deadline_s=args.escalate_deadline_ms / 1000.0,
+        failures_to_open=args.circuit_failures,
+        open_s=args.circuit_open_s,
+    )
 
 
 def _check_bounds(args: argparse.Namespace) -> None:
@@ -468,6 +559,37 @@ def _log_bounds(model: LoadedModel, budget: int) -> None:
     )
 
 
+def _escalator(settings: EscalationSettings | None, model: LoadedModel, metrics: Metrics) -> Escalator | None:
+    """The escalator for ``--escalate-to``, or None when escalation is off.
+
+    Raises:
+        ConfigError: the bundle has no calibrated cascade, or the CA file is unusable.
+    """
+    if settings is None:
+        return None
+    cascade = model.bundle.manifest.cascade
+    if cascade is None:
+        raise ConfigError(
+            f"--escalate-to: bundle {model.spec.name} ({model.spec.version}) has no cascade section; only a "
+            "distilled classifier calibrated at build (a 'cascade' section in its models/*.yaml) can escalate"
+        )
+    try:
+        escalator = Escalator(settings, cascade, metrics)
+    except EscalationConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    log.info(
+        "escalating rows with %s < %.4g (expected %.2f%% of inputs) to %s %s at %s, deadline %.0f ms",
+        cascade.measure,
+        cascade.threshold,
+        100 * cascade.expected_escalation_rate,
+        cascade.teacher.model,
+        cascade.teacher.version,
+        settings.url,
+        settings.deadline_s * 1000,
+    )
+    return escalator
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server; return the process exit status.
 
@@ -477,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_format, args.log_level)
     try:
         token = _check_args(args)
+        escalation = escalation_settings(args)
     except ConfigError as exc:
         log.error("refused to start: %s", exc)
         return EXIT_REFUSED
@@ -556,7 +679,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_depth=metrics.queue_depth.set,
         on_batch=metrics.observe_batch,
     )
-    state = State(model=model, settings=settings, metrics=metrics, batcher=batcher)
+    try:
+        escalator = _escalator(escalation, model, metrics)
+    except ConfigError as exc:
+        log.error("refused to start: %s", exc)
+        return EXIT_REFUSED
+    state = State(model=model, settings=settings, metrics=metrics, batcher=batcher, escalator=escalator)
     _log_bounds(model, batcher.max_cost)
     log.info(
         "serving model %s version %s, variant %s, max batch %d, queue delay %.3g ms, on %s://%s:%d",
@@ -579,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy_headers=False,
         timeout_graceful_shutdown=int(args.grace_period_s + 0.999),
         timeout_keep_alive=int(args.keep_alive_s + 0.999),
-        http=timed_protocol(args.read_timeout_s),
+        http=timed_protocol(args.read_timeout_s, metrics.connections.inc),
         ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
         ssl_keyfile=str(args.tls_key) if args.tls_key else None,
         lifespan="on",

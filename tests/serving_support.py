@@ -449,3 +449,67 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     """A copy of a bundle folder (to tamper with)."""
     shutil.copytree(src, dst)
     return dst
+
+
+# --------------------------------------------------------------------------- cascade (issue 13) helpers
+
+_FAULT_SERVER = r"""
+import http.server, ssl, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        body = b'{"error": "injected fault"}'
+        self.send_response(int(sys.argv[2]))
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[3], sys.argv[4])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print("listening", flush=True)
+server.serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def fault_server(status: int, cert: Path, key: Path) -> Iterator[str]:
+    """A real HTTPS process on 127.0.0.1 that answers every POST with ``status``; yields its base URL.
+
+    It stands in for a teacher whose server fails (an injected fault, not the thing under test).
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FAULT_SERVER, str(port), str(status), str(cert), str(key)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"listening"
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def resign_bundle(src: Path, dst: Path, key_path: Path, **changes: Any) -> Path:
+    """A copy of a real bundle whose manifest has ``changes`` (e.g. another ``version``), re-signed with
+    ``key_path`` (so a server trusting that key serves it)."""
+    import json
+
+    copy_bundle(src.resolve(), dst)
+    manifest = json.loads((dst / bundle.MANIFEST_NAME).read_bytes())
+    manifest.update(changes)
+    bundle.write_manifest(dst, manifest, bundle.load_private_key(key_path))
+    return dst
+
+
+def metric_value(metrics_text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in a Prometheus text exposition (0 when absent)."""
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    for line in metrics_text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
