@@ -113,7 +113,12 @@ edge-lab-down: ## Stop the lab's devices; no container, namespace, veth or cgrou
 	$(LAB) down
 
 # --- charts and the deployment advisor (issue 15) --------------------------------------------
-.PHONY: charts
+.PHONY: charts advise
 
 charts: setup ## Redraw every benchmark's chart (bench/results/*.png) from the JSON already there, no re-run.
 	$(PY) bench/charts.py
+
+# ADVISE_ARGS: --figures F (user-supplied GPU/Jetson/Atlas figures), --prices P, --p99-ms, --residency on-site,
+# --calls N, --escalation-rate R; see `.venv/bin/python bench/advise.py --help`.
+advise: setup ## Monthly cost of cloud, Spot, edge and hybrid against calls, break-evens, the cheapest mode.
+	$(PY) bench/advise.py $(ADVISE_ARGS)

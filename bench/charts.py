@@ -271,7 +271,14 @@ CHARTS: dict[str, Chart] = {
 
 
 def _key(loc: Sequence[int | str]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+    # A key with a dot in it (an instance type, g5.xlarge) is quoted so the path stays readable.
+    parts = [f'"{part}"' if isinstance(part, str) and "." in part else str(part) for part in loc]
+    return ".".join(parts) or "(top level)"
+
+
+def describe(error: ValidationError) -> str:
+    """Every problem pydantic found, as ``key a.b.0.c: message`` joined by ``; ``."""
+    return "; ".join(f"key {_key(e['loc'])}: {e['msg']}" for e in error.errors())
 
 
 def load(name: str, path: Path) -> _Result:
@@ -297,8 +304,7 @@ def load(name: str, path: Path) -> _Result:
     try:
         return chart.model.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(f"key {_key(e['loc'])}: {e['msg']}" for e in error.errors())
-        raise ChartInputError(f"{path}: {problems}") from None
+        raise ChartInputError(f"{path}: {describe(error)}") from None
 
 
 def figure(name: str, path: Path) -> Figure:
