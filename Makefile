@@ -113,7 +113,7 @@ edge-lab-down: ## Stop the lab's devices; no container, namespace, veth or cgrou
 	$(LAB) down
 
 # --- charts and the deployment advisor (issue 15) --------------------------------------------
-.PHONY: charts advise
+.PHONY: charts advise tune
 
 charts: setup ## Redraw every benchmark's chart (bench/results/*.png) from the JSON already there, no re-run.
 	$(PY) bench/charts.py
@@ -122,3 +122,10 @@ charts: setup ## Redraw every benchmark's chart (bench/results/*.png) from the J
 # --calls N, --escalation-rate R; see `.venv/bin/python bench/advise.py --help`.
 advise: setup ## Monthly cost of cloud, Spot, edge and hybrid against calls, break-evens, the cheapest mode.
 	$(PY) bench/advise.py $(ADVISE_ARGS)
+
+# The tuned settings belong to the machine that measured them: the sidecar goes beside the bundles
+# (dist/, not in git); the run's every trial goes to bench/results/tune.json.
+TUNED ?= $(DIST)/demo/tuned.yaml
+tune: build ## Tune max batch, queue delay and threads for BUNDLE on this machine under real load; writes TUNED.
+	$(PY) -m serving.tune run --bundle $(or $(BUNDLE),$(DIST)/demo/latest) \
+	  --public-key $(or $(PUBLIC_KEY),.keys/dev-ed25519.pub) --out $(TUNED) --results bench/results/tune.json

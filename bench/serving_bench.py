@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/serving_bench.py` from the repository root
 
 from contract.bundle import load_tensors, read_manifest  # noqa: E402
-from contract.codec import encode_infer_request  # noqa: E402
+from serving.loadgen import ServerProcess, encode_request, load  # noqa: E402
 from serving.model import session_options  # noqa: E402
 
 TARGETS = {
@@ -55,92 +54,12 @@ RSS_GROWTH_TARGET = 0.10
 # --------------------------------------------------------------------------- load generator (child process)
 
 
-def encode_request(inputs: dict[str, np.ndarray], model: str, host: str, port: int) -> bytes:
-    """A complete HTTP/1.1 request using the binary tensor data extension."""
-    body, headers = encode_infer_request(inputs)
-    lines = [
-        f"POST /v2/models/{model}/infer HTTP/1.1",
-        f"Host: {host}:{port}",
-        *(f"{name}: {value}" for name, value in headers.items()),
-        f"Content-Length: {len(body)}",
-        "",
-        "",
-    ]
-    return "\r\n".join(lines).encode() + body
-
-
-async def _client(
-    host: str, port: int, request: bytes, *, stop_at: float, latencies: list[float], errors: list[str]
-) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        while time.perf_counter() < stop_at:
-            started = time.perf_counter()
-            writer.write(request)
-            status_line = await reader.readline()
-            length = 0
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b""):
-                    break
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            body = await reader.readexactly(length)
-            parts = status_line.split()
-            if len(parts) < 2 or parts[1] != b"200":
-                errors.append(f"{status_line!r} {body[:200]!r}")
-                continue
-            latencies.append(time.perf_counter() - started)
-    except (OSError, asyncio.IncompleteReadError) as exc:
-        errors.append(repr(exc))
-    finally:
-        writer.close()
-
-
-async def _load(
-    host: str, port: int, request: bytes, *, clients: int, seconds: float, warmup: float
-) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors: list[str] = []
-    if warmup > 0:
-        warm: list[float] = []
-        await asyncio.gather(
-            *(
-                _client(
-                    host, port, request, stop_at=time.perf_counter() + warmup, latencies=warm, errors=errors
-                )
-                for _ in range(clients)
-            )
-        )
-    started = time.perf_counter()
-    stop_at = started + seconds
-    await asyncio.gather(
-        *(
-            _client(host, port, request, stop_at=stop_at, latencies=latencies, errors=errors)
-            for _ in range(clients)
-        )
-    )
-    elapsed = time.perf_counter() - started
-    lat_ms = sorted(x * 1000 for x in latencies)
-    return {
-        "clients": clients,
-        "seconds": elapsed,
-        "requests": len(latencies),
-        "errors": len(errors),
-        "error_samples": errors[:3],
-        "throughput_rps": len(latencies) / elapsed,
-        "p50_ms": statistics.median(lat_ms) if lat_ms else None,
-        "p99_ms": lat_ms[int(len(lat_ms) * 0.99) - 1] if lat_ms else None,
-    }
-
-
 def loadgen_main(args: argparse.Namespace) -> int:
     """Child process: load the request bytes, run the clients, print one JSON line."""
     request = Path(args.request_file).read_bytes()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         result = runner.run(
-            _load(
+            load(
                 args.host, args.port, request, clients=args.clients, seconds=args.seconds, warmup=args.warmup
             )
         )
@@ -151,58 +70,8 @@ def loadgen_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- orchestration (parent)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _ready(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            return sock.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-
-
-class Server:
-    """A ``python -m serving`` process for the benchmark."""
-
-    def __init__(self, bundle: Path, public_key: Path, extra: Sequence[str] = ()) -> None:
-        """Spawn the server and wait until it is ready; ``cold_start_s`` is spawn to ready."""
-        self.port = _free_port()
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serving-bench-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DUALDEPLOY_")}
-        env["PYTHONPATH"] = str(REPO)
-        started = time.perf_counter()
-        with self.log.open("wb") as sink:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "serving",
-                    "--bundle",
-                    str(bundle),
-                    "--public-key",
-                    str(public_key),
-                    "--port",
-                    str(self.port),
-                    *extra,
-                ],
-                cwd=REPO,
-                env=env,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
-        while not _ready(self.port):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log.read_text()}")
-            if time.perf_counter() - started > 60:
-                self.stop()
-                raise RuntimeError(f"server not ready in 60 s: {self.log.read_text()}")
-            time.sleep(0.002)
-        self.cold_start_s = time.perf_counter() - started
+class Server(ServerProcess):
+    """A ``python -m serving`` process for the benchmark (``serving.loadgen``), with what it reads back."""
 
     def rss_mb(self) -> float:
         """The server's resident set size, from /proc."""
@@ -223,12 +92,6 @@ class Server:
             if family.name in ("dualdeploy_model", "dualdeploy_model_info"):
                 return dict(family.samples[0].labels)
         raise RuntimeError("no dualdeploy_model_info")
-
-    def stop(self) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
 
 
 def run_load(

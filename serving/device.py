@@ -456,3 +456,107 @@ def choose_variant(
         f"(p50 {_latency(best):.3g} ms among {', '.join(v.name for v in candidates)})"
     )
     return VariantChoice(best, providers, reason, tuple(refused), tuple(cpu_refused))
+
+
+# --- tuned serving settings (python -m serving.tune) ----------------------------------------------
+TUNED_SCHEMA_VERSION = 1
+TUNED_ENV = {
+    "max_batch_size": "DUALDEPLOY_MAX_BATCH_SIZE",
+    "max_queue_delay_ms": "DUALDEPLOY_MAX_QUEUE_DELAY_MS",
+    "threads": "DUALDEPLOY_THREADS",
+}
+"""The settings a tuner may record, and the server's environment variables that carry them.
+
+Nothing else can be tuned: the queue limit, the timeouts, the body, element and memory budgets are safety
+bounds, and a tuned file that names one is refused. The batch size is further capped by the bundle's
+``serving.max_batch_size`` (the largest batch the build proved), so tuning can only tighten it.
+"""
+MAX_TUNED_QUEUE_DELAY_MS = 100.0
+"""A queue delay above this is a latency bug, not a tuning result."""
+
+
+@dataclass(frozen=True)
+class TunedSettings:
+    """The tuned settings of one device class, from a sidecar file written by ``serving.tune``."""
+
+    device_class: str
+    max_batch_size: int
+    max_queue_delay_ms: float
+    threads: int
+
+    def environment(self) -> dict[str, str]:
+        """The settings as the server's environment (an ``EnvironmentFile``, a Pod's ``env``)."""
+        return {env: str(getattr(self, name)) for name, env in TUNED_ENV.items()}
+
+
+def parse_tuned(
+    data: Any, device_class: str, *, model: str, max_batch_size: int, source: str = "tuned settings"
+) -> TunedSettings | None:
+    """Validate a parsed sidecar and return the settings for ``device_class`` (None: none tuned for it).
+
+    Args:
+        data: the parsed YAML.
+        device_class: the class of the device that will serve.
+        model: the bundle's model name; the sidecar must have been tuned for it.
+        max_batch_size: the bundle's ``serving.max_batch_size``, the cap of a tuned batch size.
+        source: the file, for messages.
+
+    Raises:
+        DeviceError: naming the file and the key that is missing, unknown, or out of bounds.
+    """
+    if not isinstance(data, dict) or data.get("schema_version") != TUNED_SCHEMA_VERSION:
+        raise DeviceError(f"{source}: key schema_version: must be {TUNED_SCHEMA_VERSION}")
+    if data.get("model") != model:
+        raise DeviceError(f"{source}: key model: tuned for {data.get('model')!r}, this bundle is {model!r}")
+    classes = data.get("classes")
+    if not isinstance(classes, dict):
+        raise DeviceError(f"{source}: key classes: must be a mapping of device class to settings")
+    entry = classes.get(device_class)
+    if entry is None:
+        return None
+    where = f"classes.{device_class}.settings"
+    settings = entry.get("settings") if isinstance(entry, dict) else None
+    if not isinstance(settings, dict):
+        raise DeviceError(f"{source}: key {where}: must be a mapping")
+    for key in settings:
+        if key not in TUNED_ENV:
+            raise DeviceError(
+                f"{source}: key {where}.{key}: not a tunable setting ({', '.join(TUNED_ENV)}); "
+                "queue limits, timeouts and budgets are safety bounds, never tuned"
+            )
+    missing = [key for key in TUNED_ENV if key not in settings]
+    if missing:
+        raise DeviceError(f"{source}: key {where}.{missing[0]}: missing")
+    batch, delay, threads = (settings[k] for k in TUNED_ENV)
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= max_batch_size:
+        raise DeviceError(
+            f"{source}: key {where}.max_batch_size: {batch!r} is not an integer from 1 to the bundle's "
+            f"serving.max_batch_size ({max_batch_size})"
+        )
+    if (
+        not isinstance(delay, int | float)
+        or isinstance(delay, bool)
+        or not 0 <= delay <= MAX_TUNED_QUEUE_DELAY_MS
+    ):
+        raise DeviceError(
+            f"{source}: key {where}.max_queue_delay_ms: {delay!r} is not a number from 0 to "
+            f"{MAX_TUNED_QUEUE_DELAY_MS:g}"
+        )
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= 1024:
+        raise DeviceError(
+            f"{source}: key {where}.threads: {threads!r} is not an integer from 0 (ORT's default)"
+        )
+    return TunedSettings(device_class, batch, float(delay), threads)
+
+
+def load_tuned(path: Path, device_class: str, *, model: str, max_batch_size: int) -> TunedSettings | None:
+    """Read a sidecar written by ``python -m serving.tune`` (see :func:`parse_tuned`).
+
+    Raises:
+        DeviceError: the file cannot be read, is not YAML, or has a bad key (named).
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise DeviceError(f"{path}: cannot read the tuned settings ({exc})") from exc
+    return parse_tuned(data, device_class, model=model, max_batch_size=max_batch_size, source=str(path))
