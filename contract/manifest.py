@@ -172,6 +172,7 @@ class CascadePoint(_Model):
     threshold: float
     escalation_rate: float = Field(ge=0.0, le=1.0)
     agreement: float = Field(ge=0.0, le=1.0)
+    agreement_lower_bound: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class Cascade(_Model):
@@ -187,6 +188,10 @@ class Cascade(_Model):
     expected_escalation_rate: float = Field(ge=0.0, le=1.0)
     expected_agreement: float = Field(ge=0.0, le=1.0)
     """The cascade's top-1 agreement with the teacher on the held-out set at ``threshold``."""
+    confidence_level: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """The one-sided confidence the threshold was chosen with (0: on the measured agreement alone)."""
+    agreement_lower_bound: float | None = Field(default=None, ge=0.0, le=1.0)
+    """The Wilson lower bound of ``expected_agreement`` at ``confidence``; it reaches the target."""
     student_agreement: float = Field(ge=0.0, le=1.0)
     """The student's own top-1 agreement with the teacher on the same set (no escalation)."""
     samples: int = Field(ge=1)

@@ -4,7 +4,11 @@ On a held-out set (drawn from the spec's data factory with ``cascade.seed``; the
 on it and no other gate uses it) the stage runs the student's FP32 ONNX model and the teacher, then
 sweeps every threshold that separates two confidence values. Escalated inputs get the teacher's answer,
 so the cascade agrees with the teacher on them by construction; the rest keep the student's. The stage
-keeps the smallest escalation rate whose agreement reaches ``cascade.target_agreement``.
+keeps the smallest escalation rate whose agreement reaches ``cascade.target_agreement`` with
+``cascade.confidence_level`` (95 %): the Wilson lower bound of the measured agreement must reach the target,
+so that a threshold fitted to a few thousand samples still holds on inputs it never saw. (With the point
+estimate alone, demo-distilled's threshold escalated 1.7 % and agreed 99.80 % on its calibration set, but
+99.61 % on the benchmark's held-out images.)
 
 The measure is the softmax **margin** (top-1 minus top-2 probability) by default: a student disagrees
 with its teacher where its own top two classes are close, which the margin measures directly, while the
@@ -14,8 +18,10 @@ top-1 probability also drops for inputs spread over many classes whose top-1 is 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -32,8 +38,19 @@ SWEEP_RATES = (0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1,
 """Escalation rates at which the manifest records the sweep (the full curve stays in the stage cache)."""
 
 
+def wilson_lower(successes: int, n: int, level: float) -> float:
+    """One-sided Wilson score lower bound of a proportion at confidence ``level`` (0: the point estimate)."""
+    p = successes / n
+    if level <= 0.0:
+        return p
+    z = NormalDist().inv_cdf(level)
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
+
+
 def sweep(
-    student: np.ndarray, teacher: np.ndarray, measure: str, target: float
+    student: np.ndarray, teacher: np.ndarray, measure: str, target: float, level: float = 0.0
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Choose the threshold with the smallest escalation rate whose cascade meets ``target``.
 
@@ -42,6 +59,8 @@ def sweep(
         teacher: the teacher's logits on the same rows.
         measure: ``margin`` or ``max_softmax``.
         target: the top-1 agreement with the teacher the cascade must reach.
+        level: one-sided confidence that the agreement on new inputs reaches ``target``: the Wilson lower
+            bound of the measured agreement must (0: the measured agreement itself must).
 
     Returns:
         The chosen point (threshold, escalation rate, agreement, the student's own agreement) and every
@@ -72,15 +91,18 @@ def sweep(
             threshold = float(np.nextafter(sorted_conf[-1], np.inf))
         else:
             threshold = float((sorted_conf[k - 1] + sorted_conf[k]) / 2.0)
+        agreeing = int(k + kept_agreeing[k])
         point = {
             "threshold": threshold,
             "escalation_rate": k / n,
-            "agreement": float((k + kept_agreeing[k]) / n),
+            "agreement": agreeing / n,
+            "agreement_lower_bound": wilson_lower(agreeing, n, level),
         }
         curve.append(point)
-        if chosen is None and point["agreement"] >= target:
+        if chosen is None and point["agreement_lower_bound"] >= target:
             chosen = point
-    assert chosen is not None  # escalating every row agrees fully
+    if chosen is None:  # too few samples for the bound even with every row escalated
+        chosen = curve[-1]
     return {**chosen, "student_agreement": float(agree.mean())}, curve
 
 
@@ -133,10 +155,11 @@ def cascade_stage(
         student_rows.append(run_onnx(sess, spec, inputs)[output])
         teacher_rows.append(run_torch(model, spec, inputs, "cascade")[output])
     student, teacher_logits = np.concatenate(student_rows), np.concatenate(teacher_rows)
-    chosen, curve = sweep(student, teacher_logits, cfg.measure, cfg.target_agreement)
+    chosen, curve = sweep(student, teacher_logits, cfg.measure, cfg.target_agreement, cfg.confidence_level)
     progress(
         f"threshold {chosen['threshold']:.4f} ({cfg.measure}): escalates {chosen['escalation_rate']:.2%}, "
-        f"agreement {chosen['agreement']:.4f} (student alone {chosen['student_agreement']:.4f}, "
+        f"agreement {chosen['agreement']:.4f}, {cfg.confidence_level:.0%} lower bound "
+        f"{chosen['agreement_lower_bound']:.4f} (student alone {chosen['student_agreement']:.4f}, "
         f"target {cfg.target_agreement}) on {cfg.samples} held-out samples"
     )
     record = {
@@ -146,6 +169,8 @@ def cascade_stage(
         "target_agreement": cfg.target_agreement,
         "expected_escalation_rate": chosen["escalation_rate"],
         "expected_agreement": chosen["agreement"],
+        "confidence_level": cfg.confidence_level,
+        "agreement_lower_bound": chosen["agreement_lower_bound"],
         "student_agreement": chosen["student_agreement"],
         "samples": cfg.samples,
         "seed": cfg.seed,

@@ -191,6 +191,10 @@ class CascadeSpec:
     serves, so its name and version are recorded; its model must be this spec's ``model`` section."""
     target_agreement: float = 0.998
     """Top-1 agreement of the cascade (student above the threshold, teacher below) with the teacher."""
+    confidence_level: float = 0.95
+    """One-sided confidence that the cascade reaches ``target_agreement`` on new inputs: the Wilson lower
+    bound of the measured agreement must reach it. 0 uses the measured agreement itself (overfits the
+    threshold to the calibration set)."""
     measure: Literal["margin", "max_softmax"] = "margin"
     """``margin``: top-1 minus top-2 softmax probability (the distance to a flipped answer, default);
     ``max_softmax``: the top-1 probability."""
@@ -471,6 +475,10 @@ def _validate_cascade(spec: Spec) -> None:
     if not 0.0 < cascade.target_agreement <= 1.0:
         raise SpecError(
             path, "cascade.target_agreement", f"must be in (0, 1], got {cascade.target_agreement}"
+        )
+    if not 0.0 <= cascade.confidence_level < 1.0:
+        raise SpecError(
+            path, "cascade.confidence_level", f"must be in [0, 1), got {cascade.confidence_level}"
         )
     if cascade.samples < 1:
         raise SpecError(path, "cascade.samples", f"must be at least 1, got {cascade.samples}")

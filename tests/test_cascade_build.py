@@ -13,7 +13,7 @@ import yaml
 
 from contract import bundle
 from contract.manifest import Cascade, Manifest, ManifestError, confidence
-from model_build.cascade import recorded_points, sweep
+from model_build.cascade import recorded_points, sweep, wilson_lower
 from model_build.errors import SpecError
 from model_build.pipeline import compute_keys
 from model_build.spec import load_spec
@@ -49,16 +49,31 @@ def test_sweep_picks_the_smallest_escalation_meeting_the_target() -> None:
     # The curve is monotone and ends with everything escalated and full agreement.
     assert [p["escalation_rate"] for p in curve] == sorted(p["escalation_rate"] for p in curve)
     assert curve[0]["escalation_rate"] == 0.0 and curve[0]["agreement"] == pytest.approx(0.7)
-    assert curve[-1] == {
-        "threshold": pytest.approx(curve[-1]["threshold"]),
-        "escalation_rate": 1.0,
-        "agreement": 1.0,
-    }
+    assert curve[-1]["escalation_rate"] == 1.0 and curve[-1]["agreement"] == 1.0
     assert (conf < curve[-1]["threshold"]).all()
     # Full agreement needs the confident disagreement (row 7, the 8th least confident) escalated too.
     assert sweep(student, teacher, "margin", target=1.0)[0]["escalation_rate"] == pytest.approx(0.8)
     points = recorded_points(curve)
     assert points[0]["escalation_rate"] == 0.0 and points[-1]["escalation_rate"] == 1.0
+
+
+def test_with_a_confidence_level_the_lower_bound_must_reach_the_target() -> None:
+    # 2048 rows, 17 disagreements at the lowest margins, spread over the first 5 %.
+    rng = np.random.default_rng(0)
+    n = 2048
+    margins = np.sort(rng.uniform(0.0, 1.0, n))
+    student = _logits([[0.5 + m / 2, 0.5 - m / 2 - 1e-6, 1e-6] for m in margins])
+    disagree = np.zeros(n, bool)
+    disagree[np.linspace(0, 100, 17).astype(int)] = True
+    teacher = np.eye(3, dtype=np.float32)[np.where(disagree, 1, 0)]
+    point, _ = sweep(student, teacher, "margin", target=0.998)
+    bounded, _ = sweep(student, teacher, "margin", target=0.998, level=0.95)
+    # The point estimate tolerates 4 disagreements (99.80 %); the 95 % bound only 0 (lower bound 99.87 %).
+    assert point["agreement"] == pytest.approx(1 - 4 / n)
+    assert bounded["agreement"] == 1.0 and bounded["agreement_lower_bound"] >= 0.998
+    assert bounded["escalation_rate"] > point["escalation_rate"]
+    assert wilson_lower(n, n, 0.95) == pytest.approx(n / (n + 1.6448536**2), rel=1e-6)
+    assert wilson_lower(n - 1, n, 0.95) < 0.998 < wilson_lower(n - 1, n, 0.0)
 
 
 def test_sweep_never_splits_tied_confidences() -> None:
@@ -100,6 +115,7 @@ def test_cascade_on_a_model_without_class_output_is_an_error_naming_the_key(tmp_
         ({"teacher": "demo.yaml", "target_agreement": 1.5}, "cascade.target_agreement", "must be in"),
         ({"teacher": "nowhere.yaml"}, "cascade.teacher", "does not exist"),
         ({"teacher": "demo.yaml", "measure": "entropy"}, "cascade.measure", "is not one of"),
+        ({"teacher": "demo.yaml", "confidence_level": 1.0}, "cascade.confidence_level", "must be in"),
         ({"teacher": "demo.yaml", "treshold": 0.1}, "cascade.treshold", "unknown key"),
     ],
 )
@@ -178,6 +194,8 @@ def test_the_built_distilled_bundle_records_its_calibrated_cascade() -> None:
     cascade = manifest.cascade
     assert cascade is not None and cascade.measure == "margin" and cascade.output == "logits"
     assert cascade.expected_agreement >= cascade.target_agreement == 0.998
+    assert cascade.confidence_level == 0.95 and cascade.agreement_lower_bound is not None
+    assert cascade.agreement_lower_bound >= cascade.target_agreement
     assert cascade.student_agreement < cascade.expected_agreement
     assert 0.0 < cascade.expected_escalation_rate <= 0.1
     # The teacher it names is the demo bundle built from models/demo.yaml by the same build.
