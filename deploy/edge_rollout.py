@@ -11,6 +11,7 @@ tests and by the benchmark. Pure ansible-runner: no Pulumi import here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from contract.detect import DEVICE_TABLE
+from deploy.edge_report import DeviceReport, build_report
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = REPO_ROOT / "ansible"
@@ -57,6 +59,12 @@ class HostResult:
     reason: str | None = None
     sent_files: list[str] = field(default_factory=list)
     sent_bytes: int = 0
+    cpu_class: str | None = None
+    previous_version: str | None = None
+    health: dict[str, Any] = field(default_factory=dict)
+    gate_failed: bool = False
+    facts: dict[str, Any] = field(default_factory=dict)
+    switched: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-data form (Pulumi outputs, JSON)."""
@@ -81,6 +89,9 @@ class RolloutResult:
     hosts: dict[str, HostResult]
     seconds: float
     errors: list[str] = field(default_factory=list)
+    report: DeviceReport | None = None
+    report_files: list[Path] = field(default_factory=list)
+    vault_password_given: bool = False
 
     @property
     def failed(self) -> list[str]:
@@ -168,6 +179,20 @@ def _parse_events(events: Iterable[Mapping[str, Any]]) -> dict[str, HostResult]:
         res = data.get("res") or {}
         if kind == "runner_on_ok":
             facts = res.get("ansible_facts") or {}
+            device = facts.get("edge_preflight_device")
+            if isinstance(device, dict):
+                entry.device_class = device.get("device_class")
+                entry.cpu_class = (device.get("found") or {}).get("cpu_class")
+            if (
+                str(res.get("target", "")).startswith("releases/")
+                and "previous" in res
+                and not entry.switched
+            ):
+                # The first switch of `current` reports what it named before this run (a rollback's
+                # switch back comes later and is not the previous version).
+                entry.switched = True
+                previous = res.get("previous")
+                entry.previous_version = Path(str(previous)).name if previous else None
             sent = facts.get("edge_bundle_sent")
             if isinstance(sent, dict):
                 entry.sent_files.extend(str(f) for f in sent.get("files") or [])
@@ -179,6 +204,12 @@ def _parse_events(events: Iterable[Mapping[str, Any]]) -> dict[str, HostResult]:
                 entry.device_class = result.get("device_class")
                 health = result.get("health") or {}
                 entry.variant = health.get("variant") if isinstance(health, dict) else None
+                entry.health = dict(health) if isinstance(health, dict) else {}
+                # What the monitoring role reads, for a run after a stopped rollout.
+                entry.facts = {
+                    "edge_service_result": result,
+                    "edge_service_endpoint": facts.get("edge_service_endpoint") or result.get("endpoint"),
+                }
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
             msg = str(res.get("msg") or "")
             stderr = str(res.get("stderr") or "").strip()
@@ -186,6 +217,7 @@ def _parse_events(events: Iterable[Mapping[str, Any]]) -> dict[str, HostResult]:
             entry.reason = (
                 stderr if stderr and (not msg or msg == "non-zero return code") else msg or "failed"
             )
+            entry.gate_failed = entry.gate_failed or "failed the health gate" in entry.reason
         elif kind == "runner_on_unreachable":
             entry.reason = str(res.get("msg") or "unreachable")
     return hosts
@@ -203,6 +235,8 @@ def run_rollout(
     forks: int | None = None,
     quiet: bool = True,
     raise_on_failure: bool = True,
+    report_dir: str | Path | None = None,
+    tags: str | None = None,
 ) -> RolloutResult:
     """Run ``playbook`` with ansible-runner and collect the per-host outcome.
 
@@ -218,6 +252,11 @@ def run_rollout(
         forks: parallel hosts; default from ansible.cfg.
         quiet: hide the playbook output (it is still in the runner's artifacts).
         raise_on_failure: raise :class:`RolloutError` unless the run succeeded.
+        report_dir: write the report of every device (``report.json``, ``report.md``) here. After the
+            playbook, each host of the ``edge`` group is looked at (read-only: its ``current`` link), so
+            a host the rollout never reached has its row too; when the rollout stopped, the monitoring
+            role still runs for the hosts it reached.
+        tags: run only the tasks with these Ansible tags (``preflight``: the checks, nothing changes).
 
     Returns:
         The per-host result.
@@ -262,6 +301,7 @@ def run_rollout(
             extravars=variables,
             limit=limit,
             forks=forks,
+            tags=tags,
             cmdline=" ".join(cmdline) or None,
             envvars=env,
             quiet=quiet,
@@ -275,23 +315,147 @@ def run_rollout(
             for line in runner.stdout.read().splitlines()
             if line.lstrip().startswith(("ERROR!", "[ERROR]"))
         ]
-    for host, count in (stats.get("changed") or {}).items():
-        hosts.setdefault(host, HostResult(status="unchanged")).changed = int(count)
-    for host in hosts.values():
-        host.status = "changed" if host.changed else "unchanged"
-    for key, status in (("failures", "failed"), ("dark", "unreachable")):
-        for host in stats.get(key) or {}:
-            hosts.setdefault(host, HostResult(status=status)).status = status
-    result = RolloutResult(
-        status=str(runner.status), rc=int(runner.rc or 0), hosts=hosts, seconds=seconds, errors=errors
-    )
+        for host, count in (stats.get("changed") or {}).items():
+            hosts.setdefault(host, HostResult(status="unchanged")).changed = int(count)
+        for host in hosts.values():
+            host.status = "changed" if host.changed else "unchanged"
+        for key, status in (("failures", "failed"), ("dark", "unreachable")):
+            for host in stats.get(key) or {}:
+                hosts.setdefault(host, HostResult(status=status)).status = status
+        result = RolloutResult(
+            status=str(runner.status),
+            rc=int(runner.rc or 0),
+            hosts=hosts,
+            seconds=seconds,
+            errors=errors,
+            vault_password_given=vault_password is not None,
+        )
+        if report_dir is not None and not _vault_fix(result):
+            common = {
+                "private_data_dir": private,
+                "inventory": str(inventory),
+                "limit": limit,
+                "forks": forks,
+                "cmdline": " ".join(cmdline) or None,
+                "envvars": env,
+                "quiet": True,
+            }
+            if result.status != "successful" and playbook.name == DEFAULT_PLAYBOOK.name:
+                _publish_reached(common, variables, hosts)
+            current = _look_at_devices(common)
+            version = str(variables["edge_bundle_dir"]) if "edge_bundle_dir" in variables else None
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                version = bundle_version(Path(version)) if version else None
+            result.report = build_report(
+                current.keys() | {h for h in hosts if h != "localhost"},
+                hosts,
+                {h: v for h, v in current.items() if v != _NO_ANSWER},
+                status=result.status,
+                bundle_version=version,
+                seconds=seconds,
+            )
+            result.report_files = list(result.report.write(Path(report_dir)))
     if raise_on_failure and result.status != "successful":
         raise RolloutError(failure_message(result), result)
     return result
 
 
+_NO_ANSWER = "\0no answer"
+
+
+def _look_at_devices(common: Mapping[str, Any]) -> dict[str, str | None]:
+    """Every ``edge`` host's ``current`` release after the run (read-only, one ad-hoc ``stat``).
+
+    Returns:
+        host -> release name (``None``: the device has no release yet); hosts that did not answer map
+        to ``_NO_ANSWER``.
+    """
+    import ansible_runner  # noqa: PLC0415
+
+    probe = ansible_runner.run(
+        **common,
+        ident="look",
+        host_pattern="edge",
+        module="ansible.builtin.stat",
+        # edge_common's default prefix: an ad-hoc run reads no role defaults.
+        module_args="path={{ edge_common_prefix | default('/opt/dualdeploy') }}/current get_checksum=false",
+    )
+    seen: dict[str, str | None] = {}
+    for event in probe.events:
+        data = event.get("event_data") or {}
+        host, kind = data.get("host"), event.get("event", "")
+        if not host:
+            continue
+        if kind == "runner_on_ok":
+            stat = (data.get("res") or {}).get("stat") or {}
+            target = stat.get("lnk_target") if stat.get("islnk") else None
+            seen[host] = Path(str(target)).name if target else None
+        elif kind in ("runner_on_unreachable", "runner_on_failed"):
+            seen[host] = _NO_ANSWER
+    return seen
+
+
+def _publish_reached(
+    common: Mapping[str, Any], variables: Mapping[str, Any], hosts: Mapping[str, HostResult]
+) -> None:
+    """After a stopped rollout, run the monitoring role for the hosts it reached (edge.yml stopped first)."""
+    import ansible_runner  # noqa: PLC0415
+
+    reached = {h: r.facts for h, r in hosts.items() if r.facts and r.status not in ("failed", "unreachable")}
+    if not reached:
+        return
+    plays = [
+        {
+            "name": "Take what the stopped rollout reported for each host it reached.",
+            "hosts": ",".join(sorted(reached)),
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "Record the host's endpoint and result as the rollout left them.",
+                    "vars": {"_reached": "{{ edge_report_reached[inventory_hostname] }}"},
+                    "ansible.builtin.set_fact": {
+                        "edge_service_result": "{{ _reached.edge_service_result }}",
+                        "edge_service_endpoint": "{{ _reached.edge_service_endpoint }}",
+                    },
+                }
+            ],
+        },
+        {
+            "name": "Publish the reached hosts to the site's Prometheus.",
+            "hosts": "localhost",
+            "gather_facts": False,
+            "roles": [{"role": "edge_monitoring"}],
+        },
+    ]
+    ansible_runner.run(
+        **{**common, "limit": None},
+        ident="monitoring",
+        playbook=plays,
+        extravars={**variables, "edge_report_reached": reached, "edge_common_repo_root": str(REPO_ROOT)},
+    )
+
+
+def _vault_fix(result: RolloutResult) -> str | None:
+    """The fix for a vault error in ``result`` (Ansible's own words name no file or option), or None."""
+    texts = [*result.errors, *(r.reason or "" for r in result.hosts.values())]
+    if any("no vault secrets found" in t for t in texts):
+        return (
+            "the inventory holds Ansible Vault secrets and no vault password was given: pass "
+            "--vault-password-file FILE (the site kit keeps it in ~/.config/dualdeploy/<site>.vault-password)"
+        )
+    if any("no vault secrets were found that could decrypt" in t or "Decryption failed" in t for t in texts):
+        return (
+            "the vault password given does not open this inventory's vault files: use the password file "
+            "of this site (the site kit keeps it in ~/.config/dualdeploy/<site>.vault-password)"
+        )
+    return None
+
+
 def failure_message(result: RolloutResult) -> str:
     """One message naming every failed and unreachable host with its reason."""
+    fix = _vault_fix(result)
+    if fix:
+        return f"edge rollout {result.status}: {fix}"
     parts = [
         f"{h} {r.status}: {r.reason or 'no reason reported'}"
         for h, r in sorted(result.hosts.items())
@@ -405,6 +569,62 @@ def _parse_extra(pairs: list[str]) -> dict[str, Any]:
     return extra
 
 
+def _read_password(path: Path | None) -> str | None:
+    """The vault password in ``path``, or None without a file.
+
+    Raises:
+        FileNotFoundError: naming the file and where the site kit keeps it.
+    """
+    if path is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--vault-password-file {path} does not exist: give the file that `make site-init` wrote for "
+            "this site (~/.config/dualdeploy/<site>.vault-password by default)"
+        )
+    return path.read_text().strip()
+
+
+def _check(args: argparse.Namespace, password: str | None) -> int:
+    """Run the preflight only (the playbook's ``preflight`` tag) and name each device that passed."""
+    result = _run(args, password, _parse_extra(args.extra), tags="preflight")
+    for host in sorted(h for h in result.hosts if h != "localhost"):
+        print(f"{host}: preflight passed")
+    return 0
+
+
+def _run(
+    args: argparse.Namespace, password: str | None, extra: dict[str, Any], **options: Any
+) -> RolloutResult:
+    return run_rollout(
+        args.inventory,
+        args.bundle,
+        public_key=args.public_key,
+        limit=args.limit,
+        vault_password=password,
+        extravars=extra,
+        quiet=not args.verbose,
+        **options,
+    )
+
+
+def _up(args: argparse.Namespace, password: str | None) -> RolloutResult:
+    """Roll out, print the report of every device, and raise naming the failed hosts."""
+    extra = _parse_extra(args.extra)
+    if args.allow_dev_key:
+        extra["edge_allow_dev_key"] = True
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    inventory_name = Path(args.inventory).resolve().name
+    report_dir = args.report_dir or REPO_ROOT / "build" / "rollouts" / inventory_name / stamp
+    result = _run(args, password, extra, raise_on_failure=False, report_dir=report_dir)
+    if result.report is not None:
+        sys.stdout.write(result.report.markdown())
+        print(f"report: {', '.join(str(p) for p in result.report_files)}")
+    if result.status != "successful":
+        raise RolloutError(failure_message(result), result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     """The CLI behind ``make edge`` and ``make edge-stop``."""
     parser = argparse.ArgumentParser(
@@ -413,27 +633,43 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="roll the bundle out (ansible/edge.yml)")
     stop = sub.add_parser("stop", help="stop the service on the devices (ansible/edge-stop.yml)")
-    for p in (up, stop):
+    check = sub.add_parser("check", help="run the preflight checks only: nothing changes on any device")
+    for p in (up, stop, check):
         p.add_argument("--inventory", type=Path, default=DEFAULT_INVENTORY, help="inventory file or folder")
         p.add_argument("--limit", help="Ansible host pattern to restrict the run")
         p.add_argument("--vault-password-file", type=Path, help="file holding the inventory's vault password")
         p.add_argument("-v", "--verbose", action="store_true", help="show the playbook output")
-    up.add_argument(
-        "--bundle", type=Path, default=REPO_ROOT / "dist" / "demo" / "latest", help="bundle folder"
-    )
-    up.add_argument("--public-key", type=Path, help="signer's public key (default .keys/dev-ed25519.pub)")
-    up.add_argument(
-        "-e", "--extra", action="append", default=[], help="extra variable KEY=VALUE (YAML value)"
-    )
+    for p in (up, check):
+        p.add_argument(
+            "--bundle", type=Path, default=REPO_ROOT / "dist" / "demo" / "latest", help="bundle folder"
+        )
+        p.add_argument(
+            "--public-key",
+            type=Path,
+            help="signer's public key (default: the inventory's edge_bundle_public_key)",
+        )
+        p.add_argument(
+            "-e", "--extra", action="append", default=[], help="extra variable KEY=VALUE (YAML value)"
+        )
     up.add_argument("--smoke", action="store_true", help="send one inference to each endpoint and time it")
+    up.add_argument(
+        "--report-dir",
+        type=Path,
+        help="folder for the report of every device (default build/rollouts/<inventory>/<UTC time>)",
+    )
+    up.add_argument(
+        "--allow-dev-key",
+        action="store_true",
+        help="let the devices take a bundle signed with the development key (edge_allow_dev_key=true)",
+    )
     sub.add_parser("matrix", help="print the device compatibility matrix (Markdown)")
     args = parser.parse_args(argv)
 
     if args.command == "matrix":
         sys.stdout.write(device_matrix())
         return 0
-    password = args.vault_password_file.read_text().strip() if args.vault_password_file else None
     try:
+        password = _read_password(args.vault_password_file)
         if args.command == "stop":
             result = run_rollout(
                 args.inventory,
@@ -445,18 +681,9 @@ def main(argv: list[str] | None = None) -> int:
             for host, entry in sorted(result.hosts.items()):
                 print(f"{host}: {'stopped' if entry.changed else 'was not running'}")
             return 0
-        public_key = args.public_key
-        if public_key is None and (REPO_ROOT / ".keys" / "dev-ed25519.pub").exists():
-            print("warning: using the development signing key .keys/dev-ed25519.pub", file=sys.stderr)
-        result = run_rollout(
-            args.inventory,
-            args.bundle,
-            public_key=public_key,
-            limit=args.limit,
-            vault_password=password,
-            extravars=_parse_extra(args.extra),
-            quiet=not args.verbose,
-        )
+        if args.command == "check":
+            return _check(args, password)
+        result = _up(args, password)
     except RolloutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
