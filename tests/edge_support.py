@@ -274,14 +274,27 @@ class Device:
             subprocess.run([str(ctl), "stop"], check=False, capture_output=True, timeout=60)
 
 
-def write_inventory(path: Path, devices: Iterable[Device], group_vars: dict[str, Any] | None = None) -> Path:
-    """Write a YAML inventory with every device in the `edge` group."""
+def write_inventory(
+    path: Path,
+    devices: Iterable[Device],
+    group_vars: dict[str, Any] | None = None,
+    *,
+    allow_dev_key: bool = True,
+) -> Path:
+    """Write a YAML inventory with every device in the `edge` group.
+
+    The test bundles are signed with the development key, so the inventory allows it
+    (``edge_allow_dev_key``) unless ``allow_dev_key`` is false.
+    """
     inventory = {
         "all": {
             "children": {
                 "edge": {"hosts": {d.name: d.host_vars() for d in devices}, "vars": group_vars or {}}
             },
-            "vars": {"edge_monitoring_output_dir": str(path.parent / "monitoring")},
+            "vars": {
+                "edge_monitoring_output_dir": str(path.parent / "monitoring"),
+                "edge_allow_dev_key": allow_dev_key,
+            },
         }
     }
     path.write_text(yaml.safe_dump(inventory, sort_keys=False))
