@@ -129,3 +129,22 @@ TUNED ?= $(DIST)/demo/tuned.yaml
 tune: build ## Tune max batch, queue delay and threads for BUNDLE on this machine under real load; writes TUNED.
 	$(PY) -m serving.tune run --bundle $(or $(BUNDLE),$(DIST)/demo/latest) \
 	  --public-key $(or $(PUBLIC_KEY),.keys/dev-ed25519.pub) --out $(TUNED) --results bench/results/tune.json
+
+# --- on-site rollouts (ansible/README.md, issue 18) ---------------------------------------------------
+# make site-init SITE=ward-3 PUBLIC_KEY=keys/site-signing.pub HOSTS="box-1=10.20.3.11 box-2=10.20.3.12,x86_cpu" \
+#     MANAGEMENT="10.0.0.5/32" CLIENTS="10.20.0.0/16"
+.PHONY: site-init site-certs rollout
+SITE_KIT_ARGS = $(foreach h,$(HOSTS),--host $(h)) $(foreach n,$(MANAGEMENT),--management-network $(n)) \
+	$(foreach n,$(CLIENTS),--client-network $(n)) $(if $(VAULT_PASSWORD_FILE),--vault-password-file $(VAULT_PASSWORD_FILE))
+
+site-init: setup ## Create ansible/inventories/SITE/ (CA, device certificates, tokens, vault) for HOSTS="name=address ...".
+	@test -n "$(SITE)" -a -n "$(PUBLIC_KEY)" -a -n "$(HOSTS)" || { echo 'usage: make site-init SITE=name PUBLIC_KEY=signer.pub HOSTS="name=address[,class] ..." [MANAGEMENT="cidr ..."] [CLIENTS="cidr ..."]' >&2; exit 2; }
+	$(PY) -m deploy.site_kit init --site $(SITE) --public-key $(PUBLIC_KEY) $(SITE_KIT_ARGS)
+
+site-certs: setup ## Issue certificates for the devices added to or re-addressed in ansible/inventories/SITE/hosts.yml.
+	@test -n "$(SITE)" || { echo "usage: make site-certs SITE=name" >&2; exit 2; }
+	ansible/run $(SITE) certs
+
+rollout: setup ## Roll BUNDLE (default dist/demo/latest) out to site SITE and write the report of every device.
+	@test -n "$(SITE)" || { echo "usage: make rollout SITE=name [BUNDLE=dist/demo/<version>]" >&2; exit 2; }
+	ansible/run $(SITE) rollout $(or $(BUNDLE),$(DIST)/demo/latest)
