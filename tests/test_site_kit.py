@@ -20,7 +20,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from edge_support import BIN, DEV_PUB, ansible_env, demo_bundle
+from edge_support import ANSIBLE, BIN, DEV_PUB, ansible_env, demo_bundle
 from serving_support import free_port
 
 from contract.bundle import generate_key, public_path
@@ -215,3 +215,44 @@ def test_new_site_rolls_out_with_its_certificate_and_token(tmp_path: Path) -> No
         ctl = tmp_path / "box" / "bin" / "dualdeploy-ctl"
         if ctl.exists():
             subprocess.run([str(ctl), "stop"], check=False, capture_output=True, timeout=60)
+
+
+def test_site_init_command_writes_a_site_and_names_the_next_steps(tmp_path: Path) -> None:
+    generate_key(tmp_path / "site-signing.pem")
+    args = [
+        *("--site", "plant-2", "--inventories", str(tmp_path / "inventories")),
+        *("--vault-password-file", str(tmp_path / "pw"), "--public-key", str(tmp_path / "site-signing.pub")),
+        *("--host", "press-1=10.1.0.7", "--host", "press-2=10.1.0.8,arm64_cpu"),
+    ]
+    run = subprocess.run(
+        [str(BIN / "python"), "-m", "deploy.site_kit", "init", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "(new: keep a copy off this machine)" in run.stdout and "ansible/run plant-2 check" in run.stdout
+    assert "warning: no --management-network" in run.stdout
+    hosts = site_kit.read_hosts(tmp_path / "inventories" / "plant-2")
+    assert hosts == [site_kit.Host("press-1", "10.1.0.7"), site_kit.Host("press-2", "10.1.0.8", "arm64_cpu")]
+    again = subprocess.run(
+        [str(BIN / "python"), "-m", "deploy.site_kit", "init", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_wrapper_names_the_missing_site_and_the_command_that_makes_it() -> None:
+    run = subprocess.run(
+        [str(ANSIBLE / "run"), "no-such-site", "check"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "no site 'no-such-site'" in run.stderr and "make site-init SITE=no-such-site" in run.stderr
