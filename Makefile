@@ -76,6 +76,16 @@ $(CHECKOV):
 serve: setup ## Serve the built bundle on 127.0.0.1:8000 (BUNDLE=dist/demo/latest by default).
 	$(PY) -m serving --bundle $(or $(BUNDLE),$(DIST)/demo/latest)
 
+# --- hybrid cascade on this machine (issue 13) -------------------------------------------------------
+.PHONY: hybrid-local hybrid-local-stop
+
+hybrid-local: setup ## Teacher (HTTPS, token, private CA) and escalating student on 127.0.0.1:8471/8472; prints a table.
+	for s in models/demo.yaml models/demo-distilled.yaml; do $(PY) -m model_build build $$s --out $(DIST); done
+	$(PY) -m serving.hybrid_local up --dist $(DIST)
+
+hybrid-local-stop: ## Stop the two servers make hybrid-local started.
+	$(PY) -m serving.hybrid_local down
+
 image: ## Build the CPU serving image with the demo bundle baked in (needs docker and a local python:3.11-slim).
 	docker build -f serving/Dockerfile --build-arg BASE=$(or $(BASE),cpu) \
 	  --build-arg BUNDLE="$$(realpath --relative-to=. $(or $(BUNDLE),$(DIST)/demo/latest))" \
