@@ -41,7 +41,8 @@ bundles: setup ## Build the bundles the test suite serves (demo, its distilled s
 # The unit lane: pure and in-process tests (no server, Ansible, emulator or bundle build), for every edit.
 FAST_TESTS := tests/test_bundle.py tests/test_config.py tests/test_cloud_service.py tests/test_cloud_cluster.py \
 	tests/test_cloud_serving_contract.py tests/test_edge_component.py tests/test_serving_device.py \
-	tests/test_model_build_tensorrt.py tests/test_policy_pack.py tests/test_cloud_stacks.py
+	tests/test_model_build_tensorrt.py tests/test_policy_pack.py tests/test_cloud_stacks.py \
+	tests/test_cascade_build.py tests/test_cascade_circuit.py
 
 test-fast: setup ## Run the unit lane (under 90 s): pure and in-process tests; `make test` runs everything.
 	$(PY) -m pytest -q -m "not slow" $(FAST_TESTS)

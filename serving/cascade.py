@@ -233,8 +233,13 @@ class Escalator:
             else:
                 self.breaker.failure()
         if reason is not None:
-            log.warning(
-                "escalation of %d row(s) fell back to the local answer (%s): %s", len(rows), reason, detail
+            # While the circuit is open every escalation falls back; the state change was logged once.
+            log.log(
+                logging.DEBUG if reason == "circuit_open" else logging.WARNING,
+                "escalation of %d row(s) fell back to the local answer (%s): %s",
+                len(rows),
+                reason,
+                detail,
             )
             self.metrics.fallbacks.labels(reason).inc()
             return dict(outputs), {"served_by": "edge", "fallback": True, "escalated_rows": ""}

@@ -187,6 +187,7 @@ def test_the_manifest_cascade_is_typed_and_checked() -> None:
         Manifest.parse(_manifest(schema_version=4, cascade={**CASCADE, "expected_escalation_rate": 2}))
 
 
+@pytest.mark.slow  # reads the bundles make bundles builds
 def test_the_built_distilled_bundle_records_its_calibrated_cascade() -> None:
     student, teacher = REPO / "dist" / "demo-distilled" / "latest", REPO / "dist" / "demo" / "latest"
     assert (student / "manifest.json").is_file(), f"{student} is not built: run make bundles"
