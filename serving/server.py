@@ -438,7 +438,10 @@ def escalation_settings(args: argparse.Namespace) -> EscalationSettings | None:
             raise ConfigError(f"--escalate-to needs --{flag.replace('_', '-')}")
         if not path.is_file():
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
-    token = args.escalate_token_file.read_text().strip()
+    try:
+        token = args.escalate_token_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"--escalate-token-file {args.escalate_token_file}: cannot read ({exc})") from exc
     if not token:
         raise ConfigError(f"--escalate-token-file {args.escalate_token_file}: the file is empty")
     if not args.escalate_deadline_ms > 0:
