@@ -11,9 +11,13 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import sys
 import tarfile
+import time
 from pathlib import Path
+
+STALE_AFTER_S = 24 * 3600
 
 
 def main() -> int:
@@ -47,12 +51,16 @@ def main() -> int:
     built = not archive.exists()
     if built:
         args.dest.mkdir(parents=True, exist_ok=True)
-        partial = archive.with_suffix(".partial")
+        partial = args.dest / f".app-{digest}.{os.getpid()}.partial"
         partial.write_bytes(content)
         partial.replace(archive)
-        for old in args.dest.glob("app-*.tar"):
-            if old != archive:
-                old.unlink()
+    else:
+        os.utime(archive)  # its time says when a rollout last used it
+    # Archives another rollout from this checkout may still be sending (two sites at once, or a rollout
+    # while the code changes) stay; only those unused for a day go.
+    for old in args.dest.glob("app-*.tar"):
+        if old != archive and time.time() - old.stat().st_mtime > STALE_AFTER_S:
+            old.unlink(missing_ok=True)
     print(
         json.dumps(
             {
