@@ -141,6 +141,12 @@ tune: build ## Tune max batch, queue delay and threads for BUNDLE on this machin
 	$(PY) -m serving.tune run --bundle $(or $(BUNDLE),$(DIST)/demo/latest) \
 	  --public-key $(or $(PUBLIC_KEY),.keys/dev-ed25519.pub) --out $(TUNED) --results bench/results/tune.json
 
+# --- peer benchmark (issue 14) -------------------------------------------------------------------
+.PHONY: bench-peers
+
+bench-peers: setup bundles ## dualdeploy vs Triton, KServe, MLServer on the same bundles (peers in .bench-venvs/, wrk from Debian).
+	$(PY) bench/peers_bench.py
+
 # --- on-site rollouts (ansible/README.md, issue 18) ---------------------------------------------------
 # make site-init SITE=ward-3 PUBLIC_KEY=keys/site-signing.pub HOSTS="box-1=10.20.3.11 box-2=10.20.3.12,x86_cpu" \
 #     MANAGEMENT="10.0.0.5/32" CLIENTS="10.20.0.0/16"

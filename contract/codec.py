@@ -89,7 +89,8 @@ def decode_infer_response(
     arrays: dict[str, np.ndarray] = {}
     for out in doc["outputs"]:
         dtype = _FROM_WIRE[out["datatype"]]
-        size = out.get("parameters", {}).get("binary_data_size")
+        # Some servers (KServe, MLServer) write "parameters": null.
+        size = (out.get("parameters") or {}).get("binary_data_size")
         if size is None:
             arrays[out["name"]] = np.asarray(out["data"], dtype).reshape(out["shape"])
             continue
