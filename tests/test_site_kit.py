@@ -30,13 +30,17 @@ from deploy.edge_rollout import run_rollout
 HOSTS = [site_kit.Host("ward-box", "10.20.3.11"), site_kit.Host("lab-orin", "10.40.2.21", "jetson")]
 
 
-def _site(tmp_path: Path, hosts: list[site_kit.Host] = HOSTS, **options: object) -> tuple[Path, Path]:
-    generate_key(tmp_path / "keys" / "site-signing.pem")  # the site's own signer, not the dev key
+def _site(
+    tmp_path: Path, hosts: list[site_kit.Host] = HOSTS, public_key: Path | None = None, **options: object
+) -> tuple[Path, Path]:
+    if public_key is None:
+        generate_key(tmp_path / "keys" / "site-signing.pem")  # the site's own signer, not the dev key
+        public_key = public_path(tmp_path / "keys" / "site-signing.pem")
     password = tmp_path / "secrets" / "site.vault-password"
     inventory = site_kit.init_site(
         site_kit.SiteOptions(
             site="ward-3",
-            public_key=public_path(tmp_path / "keys" / "site-signing.pem"),
+            public_key=public_key,
             vault_password_file=password,
             hosts=list(hosts),
             management_networks=["10.0.0.5/32"],
@@ -176,7 +180,11 @@ def test_new_site_rolls_out_with_its_certificate_and_token(tmp_path: Path) -> No
     The site's one device is this machine over Ansible's local connection, so the firewall and become are
     off for it (extra variables); everything else is the generated inventory as written.
     """
-    inventory, password = _site(tmp_path, hosts=[site_kit.Host("box", "127.0.0.1")], allow_dev_key=True)
+    # The demo bundle is signed with the development key: a test site that allows it, whose
+    # .site/signing.pub (the inventory's edge_bundle_public_key) is that key.
+    inventory, password = _site(
+        tmp_path, hosts=[site_kit.Host("box", "127.0.0.1")], public_key=DEV_PUB, allow_dev_key=True
+    )
     port = free_port()
     device = {
         "ansible_connection": "local",
@@ -192,7 +200,6 @@ def test_new_site_rolls_out_with_its_certificate_and_token(tmp_path: Path) -> No
         result = run_rollout(
             inventory,
             demo_bundle(),
-            public_key=DEV_PUB,
             vault_password=password.read_text().strip(),
             extravars=device,
             report_dir=tmp_path / "report",
@@ -203,6 +210,8 @@ def test_new_site_rolls_out_with_its_certificate_and_token(tmp_path: Path) -> No
         url = f"https://127.0.0.1:{port}/v2/models/demo"
         with httpx.Client(verify=context, timeout=10.0) as client:
             assert client.get(url).status_code == 401
+            metrics_only = {"Authorization": f"Bearer {tokens['vault_edge_metrics_token']}"}
+            assert client.get(url, headers=metrics_only).status_code == 401  # never inference
             served = client.get(url, headers={"Authorization": f"Bearer {tokens['vault_edge_token']}"})
         assert served.status_code == 200 and served.json()["name"] == "demo"
         token_file = tmp_path / "prometheus" / "dualdeploy-token"
