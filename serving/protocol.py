@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,30 +156,18 @@ def loads(text: bytes) -> Any:
     return json.loads(text.decode("utf-8"))
 
 
-def dumps(doc: Mapping[str, Any]) -> bytes:
-    """Write a response document compactly; NumPy arrays in it are written without a Python list.
+def dumps(doc: Mapping[str, Any], arrays: Sequence[np.ndarray] = ()) -> bytes:
+    """Write a response document compactly; the NumPy ``arrays`` in it are written without a Python list.
 
     Float arrays holding NaN or Inf go out as the JSON extension tokens ``NaN`` and ``Infinity``, as the
     standard library writes them (orjson would write ``null``, which a client can't tell from a gap).
     """
-    if not any(_nonfinite(value) for value in _arrays(doc)):
+    if not any(_nonfinite(arr) for arr in arrays):
         try:
             return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
         except orjson.JSONEncodeError:
             pass  # a string with a lone surrogate (an echoed id), a dtype orjson does not write
     return json.dumps(doc, separators=(",", ":"), default=_tolist).encode()
-
-
-def _arrays(value: Any) -> Iterator[np.ndarray]:
-    """Every NumPy array in a response document (its ``outputs[].data``)."""
-    if isinstance(value, np.ndarray):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _arrays(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _arrays(item)
 
 
 def _nonfinite(arr: np.ndarray) -> bool:
@@ -519,6 +507,7 @@ def encode_response(
     by_name = {t.name: t for t in model.outputs}
     outputs: list[dict[str, Any]] = []
     buffers: list[bytes] = []
+    as_json: list[np.ndarray] = []
     for name, as_binary in request.outputs:
         arr = results[name]
         spec = by_name[name]
@@ -529,12 +518,13 @@ def encode_response(
             buffers.append(raw)
         else:
             entry["data"] = np.ascontiguousarray(arr).reshape(-1)
+            as_json.append(entry["data"])
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
     if request.id is not None:
         doc["id"] = request.id
     # NaN/Inf in outputs (possible only where inputs allow them) go out as the JSON extension tokens.
-    header = dumps(doc)
+    header = dumps(doc, as_json)
     if not buffers:
         return header, None
     return header + b"".join(buffers), len(header)
