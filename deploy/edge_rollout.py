@@ -565,7 +565,10 @@ def _parse_extra(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"-e {pair!r}: expected KEY=VALUE (VALUE is YAML)")
-        extra[key] = yaml.safe_load(value)
+        try:
+            extra[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            extra[key] = value  # not YAML (e.g. a Jinja expression "{{ … }}"): the string itself
     return extra
 
 
