@@ -186,3 +186,18 @@ def test_firewall_with_sshd_off_port_22_is_refused(tmp_path: Path, sshd: SshServ
         edge_hardening_management_networks=["127.0.0.0/8"],
     )
     assert f"sshd on port {sshd.port}" in message and "reach sshd on port 22" in message
+
+
+def test_check_command_runs_the_preflight_and_changes_nothing(tmp_path: Path) -> None:
+    device = Device("box", tmp_path / "box", free_port())
+    inventory = write_inventory(tmp_path / "hosts.yml", [device])
+    run = subprocess.run(
+        [sys.executable, "-m", "deploy.edge_rollout", "check", "--inventory", str(inventory)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["box: preflight passed"]
+    assert not device.prefix.exists(), "the check changed the device"
