@@ -883,6 +883,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw_main(args.raw[0], args.raw[1], args.seconds, args.max_batch)
         return 0
     sys.path.insert(0, str(REPO))
+    # SIGTERM (from `timeout`, CI, a user) unwinds like Ctrl-C, so every server started is stopped.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     try:
         return run(args)
     except BenchError as exc:
