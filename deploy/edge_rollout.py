@@ -617,7 +617,9 @@ def _up(args: argparse.Namespace, password: str | None) -> RolloutResult:
     if args.allow_dev_key:
         extra["edge_allow_dev_key"] = True
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    inventory_name = Path(args.inventory).resolve().name
+    # The site's folder name (a file inventory: its folder's, e.g. .edge-lab/inventory.yml -> edge-lab).
+    inventory = Path(args.inventory).resolve()
+    inventory_name = (inventory if inventory.is_dir() else inventory.parent).name.lstrip(".") or "inventory"
     report_dir = args.report_dir or REPO_ROOT / "build" / "rollouts" / inventory_name / stamp
     result = _run(args, password, extra, raise_on_failure=False, report_dir=report_dir)
     if result.report is not None:
@@ -658,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "--report-dir",
         type=Path,
-        help="folder for the report of every device (default build/rollouts/<inventory>/<UTC time>)",
+        help="folder for the report of every device (default build/rollouts/<inventory folder>/<UTC time>)",
     )
     up.add_argument(
         "--allow-dev-key",
