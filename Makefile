@@ -103,7 +103,7 @@ clean: ## Remove build outputs (keeps .venv and the dev signing key).
 
 # --- edge (ansible/README.md) ------------------------------------------------------------------
 EDGE_INVENTORY ?= ansible/inventories/local
-.PHONY: edge edge-stop edge-lab edge-lab-down
+.PHONY: edge edge-stop edge-lab edge-lab-down edge-lab-update
 
 edge: build ## Roll the demo bundle out to this machine as an edge device; a re-run changes nothing.
 	$(PY) -m deploy.edge_rollout up --inventory $(EDGE_INVENTORY) --bundle $(DIST)/demo/latest --smoke
@@ -119,6 +119,10 @@ edge-lab: system-packages build ## Boot EDGE_LAB_DEVICES (3) systemd devices in 
 	$(LAB) up --devices $(EDGE_LAB_DEVICES)
 	$(PY) -m deploy.edge_rollout up --inventory .edge-lab/inventory.yml --bundle $(DIST)/demo/latest
 	$(LAB) report --bundle $(DIST)/demo/latest
+
+edge-lab-update: setup ## Roll BUNDLE (a bundle folder, e.g. dist/demo/latest) out to the running lab, then report each device.
+	@test -n "$(BUNDLE)" || { echo "usage: make edge-lab-update BUNDLE=dist/demo/<version>" >&2; exit 2; }
+	$(LAB) update --bundle $(BUNDLE)
 
 edge-lab-down: ## Stop the lab's devices; no container, namespace, veth or cgroup stays (disks stay in .edge-lab/).
 	$(LAB) down

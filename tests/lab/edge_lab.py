@@ -36,13 +36,17 @@ import argparse
 import contextlib
 import json
 import os
+import queue
+import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,9 @@ NAME_PREFIX = "dev"
 CGROUP_GROUP = "dualdeploy-lab"
 BOOT_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+# A session whose device went away (a power cut, a dead link) ends after about 20 s of silence instead
+# of waiting for TCP to give up (about 15 minutes): a rollout to a lost device then fails that device.
+SERVER_ALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=4")
 
 
 class LabError(Exception):
@@ -246,6 +253,161 @@ def _configure_link(device: LabDevice) -> None:
     _run([*inside, "ip", "route", "replace", "default", "via", device.controller_address, "dev", "host0"])
 
 
+def set_link(device: LabDevice, *, up: bool) -> None:
+    """Take the device's link down (as a pulled cable) or bring it back with its addresses and route."""
+    _run(["ip", "link", "set", device.veth, "up" if up else "down"])
+    if up:
+        _configure_link(device)
+
+
+def _fault_table(device: LabDevice) -> str:
+    return f"dualdeploy_lab_fault_{device.name}"
+
+
+def shape(device: LabDevice, *, loss_percent: int = 0, rate_kbit: int = 0) -> None:
+    """Make the device's link lossy and slow; :func:`unshape` undoes it.
+
+    ``loss_percent``: each packet the controller sends to the device is dropped with that chance (an
+    nftables rule here, where ``tc netem`` on the controller's end of the link would drop it).
+    ``rate_kbit``: what goes to the device is held to that rate (an htb class on the link).
+    This kernel may lack ``sch_netem`` (a Firecracker build has neither it nor modules), so loss
+    comes from nftables' random numbers and delay from :class:`DelayRelay`.
+    """
+    unshape(device)
+    if loss_percent:
+        veth, table, chance = json.dumps(device.veth), _fault_table(device), int(loss_percent)
+        ruleset = (
+            f"table inet {table} {{\n"
+            f"  chain out {{ type filter hook output priority 0; oifname {veth} counter "
+            f"numgen random mod 100 < {chance} counter drop; }}\n"
+            "}\n"
+        )
+        _run(["nft", "-f", "-"], stdin=ruleset)
+    if rate_kbit:
+        link = ["dev", device.veth]
+        _run(["tc", "qdisc", "replace", *link, "root", "handle", "1:", "htb", "default", "1"])
+        _run(
+            [
+                "tc",
+                "class",
+                "add",
+                *link,
+                "parent",
+                "1:",
+                "classid",
+                "1:1",
+                "htb",
+                "rate",
+                f"{int(rate_kbit)}kbit",
+            ]
+        )
+
+
+def unshape(device: LabDevice) -> None:
+    """Remove what :func:`shape` added to the device's link (nothing happens when there is none)."""
+    if _run(["nft", "list", "table", "inet", _fault_table(device)], check=False).returncode == 0:
+        _run(["nft", "delete", "table", "inet", _fault_table(device)])
+    if "htb" in _run(["tc", "qdisc", "show", "dev", device.veth], check=False).stdout:
+        _run(["tc", "qdisc", "del", "dev", device.veth, "root"])
+
+
+def loss_counters(device: LabDevice) -> tuple[int, int]:
+    """(packets sent to the device, packets dropped) since :func:`shape` made its link lossy."""
+    shown = _run(["nft", "list", "table", "inet", _fault_table(device)]).stdout
+    counts = [int(n) for n in re.findall(r"counter packets (\d+)", shown)]
+    if len(counts) != 2:
+        raise LabError(f"{device.name}: no loss counters in table {_fault_table(device)}: {shown!r}")
+    return counts[0], counts[1]
+
+
+class DelayRelay:
+    """A TCP relay from ``127.0.0.1:<port>`` to the device's sshd that holds every chunk ``delay_s``
+    seconds in each direction: ``2 * delay_s`` more round trip on the SSH path, for a kernel without
+    ``sch_netem``. Point the inventory at it: ``write_inventory(..., via={name: ("127.0.0.1", port)})``.
+    """
+
+    def __init__(self, device: LabDevice, delay_s: float) -> None:
+        """Listen on a free loopback port; relay each connection to the device's sshd."""
+        self.target, self.delay_s = (device.address, device.ssh_port), delay_s
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.connections = 0
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self.server.accept()
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                continue
+            upstream.settimeout(None)
+            self.connections += 1
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        held: queue.Queue[tuple[float, bytes]] = queue.Queue()
+
+        def send() -> None:
+            while True:
+                due, data = held.get()
+                time.sleep(max(0.0, due - time.monotonic()))
+                try:
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+        threading.Thread(target=send, daemon=True).start()
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            held.put((time.monotonic() + self.delay_s, data))
+            if not data:
+                return
+
+    def close(self) -> None:
+        """Stop accepting; connections already open end with their peers."""
+        self._closed.set()
+        self.server.close()
+
+
+def device_path(device: LabDevice, path: str) -> Path:
+    """A path of the device's file system as seen from here.
+
+    While the device runs: through ``/proc/<leader_pid>/root`` (its mounts included). When it is off:
+    the persistent folder that holds it (``/etc``, ``/opt`` and ``/root`` survive; the rest was tmpfs).
+    """
+    if is_running(device):
+        return Path(f"/proc/{device.leader_pid}/root") / path.lstrip("/")
+    top, _, rest = path.lstrip("/").partition("/")
+    if top not in ("etc", "opt", "root"):
+        raise LabError(
+            f"{device.name}: {path} did not survive the device's power-off (only /etc, /opt, /root)"
+        )
+    return device.root / top / rest
+
+
+def device_processes(device: LabDevice) -> dict[int, list[str]]:
+    """The device's processes seen from here (pid here → argv), found by the device's cgroup."""
+    mark = f"/{CGROUP_GROUP}/{device.name}/"
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if mark in (proc / "cgroup").read_text():
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                found[int(proc.name)] = [a.decode(errors="replace") for a in argv if a]
+    return found
+
+
 def ssh_argv(device: LabDevice, *command: str, timeout: int = 5) -> list[str]:
     """``ssh`` to the device as root with the lab's key and known hosts."""
     return [
@@ -262,6 +424,7 @@ def ssh_argv(device: LabDevice, *command: str, timeout: int = 5) -> list[str]:
         "BatchMode=yes",
         "-o",
         "LogLevel=ERROR",
+        *SERVER_ALIVE,
         f"root@{device.address}",
         *command,
     ]
@@ -408,6 +571,36 @@ def up(count: int) -> list[LabDevice]:
     return devices
 
 
+@contextlib.contextmanager
+def private_lab(folder: Path, net_prefix: str, name_prefix: str, count: int) -> Iterator[list[LabDevice]]:
+    """Boot ``count`` devices of a lab of their own (a test's, not a technician's ``.edge-lab``).
+
+    ``folder`` holds their disks, ``net_prefix`` (``10.233``) their links and ``name_prefix`` their names;
+    the module's settings are restored afterwards. On the way out every device is stopped and its links
+    shaped by :func:`shape` are freed.
+
+    Raises:
+        LabError: a tool or root is missing, a device does not boot, or the lab left something behind.
+    """
+    problems = missing_tools()
+    if problems:
+        raise LabError(f"the lab needs: apt-get install -y {' '.join(problems)} (.ci/system-packages)")
+    global LAB, NET_PREFIX, NAME_PREFIX
+    saved = (LAB, NET_PREFIX, NAME_PREFIX)
+    LAB, NET_PREFIX, NAME_PREFIX = folder, net_prefix, name_prefix
+    try:
+        yield up(count)
+    finally:
+        for device in load_devices():
+            with contextlib.suppress(LabError):
+                unshape(device)
+        down()
+        left = leftovers()
+        LAB, NET_PREFIX, NAME_PREFIX = saved
+        if left:
+            raise LabError(f"the lab left behind: {', '.join(left)}")
+
+
 def stop(device: LabDevice, *, power_cut: bool = False) -> None:
     """Shut a device down (its systemd powers off), or cut its power (SIGKILL to the whole container)."""
     if is_running(device) or _alive(device.nspawn_pid):
@@ -485,16 +678,28 @@ def _pids_named(comm: str) -> list[int]:
     return pids
 
 
-def write_inventory(devices: Sequence[LabDevice], path: Path | None = None, **group_vars: Any) -> Path:
-    """An inventory for the devices: root over SSH with the lab's key, the production (systemd) path."""
+def write_inventory(
+    devices: Sequence[LabDevice],
+    path: Path | None = None,
+    via: dict[str, tuple[str, int]] | None = None,
+    **group_vars: Any,
+) -> Path:
+    """An inventory for the devices: root over SSH with the lab's key, the production (systemd) path.
+
+    ``via`` reaches a device's sshd through another address and port (a :class:`DelayRelay`); its host key
+    is still checked under the device's own address.
+    """
+    via = via or {}
     hosts = {
         d.name: {
-            "ansible_host": d.address,
+            "ansible_host": via[d.name][0] if d.name in via else d.address,
+            "ansible_port": via[d.name][1] if d.name in via else d.ssh_port,
             "ansible_user": "root",
             "ansible_ssh_private_key_file": str(LAB / "controller-key"),
             "ansible_ssh_common_args": (
                 f"-o UserKnownHostsFile={LAB / 'known_hosts'} -o StrictHostKeyChecking=yes "
-                "-o ControlMaster=no -o ControlPath=none"
+                f"-o ControlMaster=no -o ControlPath=none {' '.join(SERVER_ALIVE)} "
+                f"-o HostKeyAlias={d.address}"
             ),
             "ansible_python_interpreter": "/usr/bin/python3",
             "edge_service_bind_address": d.address,
@@ -514,6 +719,8 @@ def write_inventory(devices: Sequence[LabDevice], path: Path | None = None, **gr
                         "edge_common_prefix": "/opt/dualdeploy",
                         "edge_service_manager": "systemd",
                         "edge_hardening_nftables_enabled": True,
+                        # A test site: the bundles here are signed with the checkout's development key.
+                        "edge_allow_dev_key": True,
                         **group_vars,
                     },
                 }
@@ -560,8 +767,51 @@ def report(devices: Sequence[LabDevice], bundle_dir: Path | None = None) -> list
     return rows
 
 
+def _print_report(rows: Iterable[dict[str, Any]]) -> None:
+    for row in rows:
+        print(
+            f"{row['device']} {row['address']}: unit {row['unit']}, MemoryMax {row['memory_max']}, "
+            f"TasksMax {row['tasks_max']}, restarts {row['restarts']}, nft {row['nft']}, "
+            f"smoke {json.dumps(row.get('smoke'))}"
+        )
+
+
+def update(bundle_dir: Path) -> int:
+    """Roll ``bundle_dir`` out to the running lab's devices, print each device's outcome, then the report.
+
+    Returns 0 when every device took the bundle, 1 when any failed (named with its reason).
+
+    Raises:
+        LabError: no lab runs, or the bundle folder has no manifest.
+    """
+    devices = [d for d in load_devices() if is_running(d)]
+    if not devices:
+        raise LabError(f"no device of {LAB / 'devices.json'} runs: make edge-lab first")
+    if not (bundle_dir / "manifest.json").is_file():
+        raise LabError(
+            f"BUNDLE={bundle_dir}: no manifest.json there (a bundle folder, e.g. dist/demo/latest)"
+        )
+    sys.path.insert(0, str(REPO))
+    from deploy.edge_rollout import failure_message, run_rollout
+
+    inventory = write_inventory(devices)
+    result = run_rollout(inventory, bundle_dir, raise_on_failure=False)
+    print(f"edge rollout {result.status} in {result.seconds:.1f} s")
+    for host, entry in sorted(result.hosts.items()):
+        if host != "localhost":
+            print(
+                f"  {host}: {entry.status} ({entry.changed} changed), bundle {entry.version}, "
+                f"sent {len(entry.sent_files)} files ({entry.sent_bytes} bytes)"
+            )
+    _print_report(report(devices, bundle_dir))
+    if result.status != "successful":
+        print(f"edge lab: {failure_message(result)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``up [--devices N]``, ``down``, ``status``, ``report``."""
+    """``up [--devices N]``, ``down``, ``status``, ``report``, ``update --bundle DIR``."""
     parser = argparse.ArgumentParser(prog="edge_lab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     up_p = sub.add_parser("up", help="boot the devices and write .edge-lab/devices.json and inventory.yml")
@@ -572,6 +822,11 @@ def main(argv: list[str] | None = None) -> int:
         "report", help="one line a device: unit state, MemoryMax, nft ruleset, smoke inference"
     )
     rep.add_argument("--bundle", type=Path, default=REPO / "dist" / "demo" / "latest")
+    upd = sub.add_parser(
+        "update",
+        help="roll a bundle out to the running lab's devices, then report each (make edge-lab-update)",
+    )
+    upd.add_argument("--bundle", type=Path, required=True, help="the bundle folder (a version or `latest`)")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
@@ -591,13 +846,10 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"; left behind: {', '.join(rest)}" if rest else "")
             )
             return 1 if rest else 0
+        elif args.command == "update":
+            return update(args.bundle)
         elif args.command == "report":
-            for row in report(load_devices(), args.bundle):
-                print(
-                    f"{row['device']} {row['address']}: unit {row['unit']}, MemoryMax {row['memory_max']}, "
-                    f"TasksMax {row['tasks_max']}, restarts {row['restarts']}, nft {row['nft']}, "
-                    f"smoke {json.dumps(row.get('smoke'))}"
-                )
+            _print_report(report(load_devices(), args.bundle))
         else:
             for d in load_devices():
                 print(f"{d.name}: {d.address} {'running' if is_running(d) else 'stopped'}")
