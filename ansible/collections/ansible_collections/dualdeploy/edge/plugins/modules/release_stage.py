@@ -11,7 +11,8 @@ short_description: Prepare releases/.staging-<version>/ and list the bundle file
 description:
   - When C(releases/<version>/) already exists, reports C(present=true) and changes nothing.
   - Otherwise creates (or resumes) C(releases/.staging-<version>/). A file that the staging folder already
-    holds with the right sha256 is kept (an interrupted rollout resumes); a file whose sha256 an earlier
+    holds with the right sha256 is kept (an interrupted rollout resumes) and any file it holds that the
+    manifest does not list is deleted (an interrupted copy's temporary file); a file whose sha256 an earlier
     release holds is hard-linked from it; every other file is reported in C(missing) for the controller
     to send.
   - The manifest and its signature are always reported missing: they are small and name the version.
@@ -66,6 +67,12 @@ missing_bytes:
   description: Total size of the missing files listed in the manifest.
   returned: always
   type: int
+removed:
+  description: Files of a resumed staging folder that the manifest does not list (an interrupted copy's
+    temporary files), deleted.
+  returned: always
+  type: list
+  elements: str
 """
 
 import hashlib
@@ -107,6 +114,23 @@ def _known_files(releases_dir: str, skip: str) -> dict[str, str]:
     return known
 
 
+def _remove_strays(staging: str, listed: set) -> list:
+    """Delete what a resumed staging folder holds beyond the bundle's files; return their paths.
+
+    An interrupted transfer (a power cut, a dropped link) can leave a copy's temporary file behind,
+    which the verifier would rightly refuse as a file the manifest does not list.
+    """
+    removed = []
+    for folder, _dirs, names in os.walk(staging):
+        for name in names:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, staging)
+            if rel not in listed:
+                os.unlink(path)
+                removed.append(rel)
+    return sorted(removed)
+
+
 def stage(releases_dir: str, version: str, files: dict) -> dict:
     """Create or resume the staging folder; return what is present, linked and missing."""
     final = os.path.join(releases_dir, version)
@@ -119,8 +143,10 @@ def stage(releases_dir: str, version: str, files: dict) -> dict:
             "missing": [],
             "linked": [],
             "missing_bytes": 0,
+            "removed": [],
         }
     os.makedirs(staging, mode=0o755, exist_ok=True)
+    strays = _remove_strays(staging, set(files) | set(_META))
     known = _known_files(releases_dir, skip=version)
     missing: list[str] = []
     linked: list[str] = []
@@ -154,6 +180,7 @@ def stage(releases_dir: str, version: str, files: dict) -> dict:
         "missing": list(_META) + missing,
         "linked": linked,
         "missing_bytes": missing_bytes,
+        "removed": strays,
     }
 
 
