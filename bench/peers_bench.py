@@ -28,7 +28,8 @@ wrongly gets null with the reason.
 The machine is shared and noisy, so all servers of a model run at once (idle but for the one measured),
 every row is measured in the same run, and in rounds: each server once a round, in a rotating order,
 ``--rounds`` times (default 3 × 4 s, after a 2 s warm-up); a cell is the median of its rounds. Compare
-within a row, not across runs: the raw reference is measured once per model, before the servers start.
+within a row, not across runs. The raw reference is measured before the servers start and after they
+stop; the rows carry the mean of the two.
 
 Writes ``bench/results/peers.json`` and ``bench/results/peers.png``; prints a table.
 
@@ -653,7 +654,6 @@ def bench_model(
     seconds: int,
     rounds: int,
     conns: Sequence[int],
-    raw: dict[str, Any],
     work: Path,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every row of one model (each body and connection count, server after server), and wrk's figures."""
@@ -694,7 +694,6 @@ def bench_model(
                         f"  {model.name:7} {body_kind:6} c={conn:<3} {name:10} {median:8.1f} req/s",
                         flush=True,
                     )
-                row["raw_batch1"] = round(raw["batch1"], 1)
                 rows.append(row)
                 details.append({"model": model.name, "body": body_kind, "conns": conn, "servers": detail})
     finally:
@@ -796,8 +795,7 @@ def run(args: argparse.Namespace) -> int:
                 f"== {model.name} ({variant.name}, {onnx.name}): raw session.run on core {SERVER_CORE}",
                 flush=True,
             )
-            raw = raw_reference(onnx, model.inputs, args.seconds, int(model.spec["max_batch"]), work)
-            raws[model.name] = {"variant": variant.name, "file": onnx.name, **raw}
+            before = raw_reference(onnx, model.inputs, args.seconds, int(model.spec["max_batch"]), work)
             model_rows, model_details = bench_model(
                 model,
                 pythons,
@@ -806,9 +804,21 @@ def run(args: argparse.Namespace) -> int:
                 seconds=args.seconds,
                 rounds=args.rounds,
                 conns=args.conns,
-                raw=raw,
                 work=work,
             )
+            after = raw_reference(onnx, model.inputs, args.seconds, int(model.spec["max_batch"]), work)
+            # Before and after the servers: the machine's load drifts, so the reference is their mean.
+            raw = {
+                "variant": variant.name,
+                "file": onnx.name,
+                "batch1": (before["batch1"] + after["batch1"]) / 2,
+                "best": (before["best"] + after["best"]) / 2,
+                "before": before,
+                "after": after,
+            }
+            raws[model.name] = raw
+            for row in model_rows:
+                row["raw_batch1"] = round(raw["batch1"], 1)
             rows += model_rows
             details += model_details
     result = {
