@@ -59,6 +59,7 @@ class Settings:
     request_timeout_s: float = 30.0
     max_body_bytes: int = 16 * 1024 * 1024
     token: str | None = None
+    metrics_token: str | None = None
     retry_after_s: int = 1
 
 
@@ -89,10 +90,15 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 class Guard:
     """ASGI middleware: request id on every log line and response, bearer token check."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
-        """Wrap ``app``; with ``token`` set, every path except the health checks needs it."""
+    def __init__(self, app: ASGIApp, token: str | None, metrics_token: str | None = None) -> None:
+        """Wrap ``app``; with ``token`` set, every path except the health checks needs it.
+
+        ``metrics_token`` (Prometheus's) is accepted on ``/metrics`` only, beside ``token``; with it set,
+        ``/metrics`` needs one of the two even when inference is open.
+        """
         self.app = app
         self.expected = token.encode() if token else None
+        self.metrics = metrics_token.encode() if metrics_token else None
         # Request ids: a random per-process prefix and a counter (cheaper than a uuid4 a request).
         self.prefix = uuid.uuid4().hex[:12]
         self.counter = itertools.count(1)
@@ -108,15 +114,15 @@ class Guard:
         )
         token = logs.request_id.set(rid)
         try:
-            if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            accepted = [self.expected] if self.expected is not None else []
+            if scope["path"] == "/metrics" and self.metrics is not None:
+                accepted.append(self.metrics)
+            if accepted and scope["path"] not in OPEN_PATHS:
                 given = headers.get(b"authorization")
                 # RFC 9110: the auth scheme is case-insensitive; the token is compared in constant time.
                 scheme, _, credentials = (given or b"").strip().partition(b" ")
-                if (
-                    given is None
-                    or scheme.lower() != b"bearer"
-                    or not hmac.compare_digest(credentials.strip(), self.expected)
-                ):
+                matches = [hmac.compare_digest(credentials.strip(), expected) for expected in accepted]
+                if given is None or scheme.lower() != b"bearer" or not any(matches):
                     reason = "missing bearer token" if given is None else "wrong bearer token"
                     log.warning("refused %s %s: %s", scope["method"], scope["path"], reason)
                     response = _error(
@@ -269,8 +275,6 @@ class V2Api:
         return JSONResponse(self.openapi)
 
     async def _infer(self, request: Request, arriving: list[bool]) -> Response:
-        if self.state.draining:
-            raise _Overloaded("server is shutting down")
         problem = self._known(request)
         if problem:
             raise ProtocolError(problem, 404)
@@ -344,6 +348,12 @@ class V2Api:
             self.metrics.request_seconds.observe(time.perf_counter() - started)
         if response.status_code != 499:
             self.count("infer", response.status_code)
+        if self.state.draining:
+            # A request that was already on its way when the drain began is served, not refused: the model
+            # runs until the in-flight work is done. Its connection then closes, so the client's next
+            # request opens a new one, which reaches the server that takes over (the release switch's
+            # shared socket, or the load balancer once readiness fails).
+            response.headers["connection"] = "close"
         return response
 
     async def http_error(self, request: Request, exc: Exception) -> Response:
@@ -405,4 +415,4 @@ def build_app(state: State) -> ASGIApp:
         lifespan=lifespan,
         exception_handlers={HTTPException: api.http_error, Exception: api.internal_error},
     )
-    return Guard(app, state.settings.token)
+    return Guard(app, state.settings.token, state.settings.metrics_token)

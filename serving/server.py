@@ -138,6 +138,13 @@ def parser() -> argparse.ArgumentParser:
         help="file holding the bearer token; health checks stay open (DUALDEPLOY_TOKEN_FILE)",
     )
     p.add_argument(
+        "--metrics-token-file",
+        type=Path,
+        default=_env("METRICS_TOKEN_FILE"),
+        help="file holding a second bearer token that can read /metrics and nothing else (for Prometheus); "
+        "the inference token reads it too (DUALDEPLOY_METRICS_TOKEN_FILE)",
+    )
+    p.add_argument(
         "--max-batch-size",
         type=int,
         default=_env("MAX_BATCH_SIZE"),
@@ -407,14 +414,28 @@ def _check_args(args: argparse.Namespace) -> str | None:
             f"--inherited-socket {args.inherited_socket}, but systemd passed no listening socket "
             "(start the server through its .socket unit, or drop the flag)"
         )
+    args.metrics_token = None
+    if args.metrics_token_file is not None:
+        args.metrics_token = read_token(args.metrics_token_file, "--metrics-token-file")
     if args.token_file is None:
         return None
+    token = read_token(args.token_file, "--token-file")
+    if token == args.metrics_token:
+        raise ConfigError(
+            "--metrics-token-file holds the inference token: give Prometheus its own token, "
+            "which can read /metrics and nothing else"
+        )
+    return token
+
+
+def read_token(path: Path, flag: str) -> str:
+    """A bearer token from its file (stripped), or a ConfigError naming ``flag``."""
     try:
-        token = args.token_file.read_text().strip()
+        token = path.read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"--token-file {args.token_file}: cannot read ({exc})") from exc
+        raise ConfigError(f"{flag} {path}: cannot read ({exc})") from exc
     if not token:
-        raise ConfigError(f"--token-file {args.token_file}: the file is empty")
+        raise ConfigError(f"{flag} {path}: the file is empty")
     return token
 
 
@@ -651,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         request_timeout_s=args.request_timeout_s,
         max_body_bytes=args.max_body_bytes,
         token=token,
+        metrics_token=args.metrics_token,
     )
     metrics = Metrics()
     metrics.load_seconds.set(model.load_seconds)

@@ -11,6 +11,7 @@ import pytest
 from serving_support import Bundle, ServerProcess, make_bundle, run_refused, running_server, self_signed_cert
 
 TOKEN = "s3cret-token-for-tests"
+METRICS_TOKEN = "prometheus-only-token-for-tests"
 INFER = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
 
 
@@ -27,8 +28,11 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bundle, 
     cert, key = self_signed(folder)
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
+    metrics_token_file = folder / "metrics-token"
+    metrics_token_file.write_text(METRICS_TOKEN + "\n")
     context = ssl.create_default_context(cafile=str(cert))
     extra = ["--tls-cert", str(cert), "--tls-key", str(key), "--token-file", str(token_file)]
+    extra += ["--metrics-token-file", str(metrics_token_file)]
     with running_server(
         built.path, built.public_key, folder / "logs", extra, scheme="https", verify=context
     ) as proc:
@@ -78,6 +82,28 @@ def test_inference_with_and_without_the_token(secured: tuple[Bundle, ServerProce
         ok = c.post("/v2/models/tiny/infer", json=INFER, headers={"Authorization": f"Bearer {TOKEN}"})
     assert ok.status_code == 200 and ok.json()["outputs"][0]["shape"] == [1, 3]
     assert TOKEN not in proc.log()
+
+
+def test_the_metrics_token_reads_metrics_and_nothing_else(secured: tuple[Bundle, ServerProcess]) -> None:
+    """Prometheus's token (issue 18): /metrics yes; inference, metadata and the API document no."""
+    _, proc = secured
+    prometheus = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    with proc.client() as c:
+        scraped = c.get("/metrics", headers=prometheus)
+        infer = c.post("/v2/models/tiny/infer", json=INFER, headers=prometheus)
+        refused = {path: c.get(path, headers=prometheus).status_code for path in ("/v2", "/v2/models/tiny")}
+    assert scraped.status_code == 200 and "dualdeploy_model_info" in scraped.text
+    assert infer.status_code == 401 and "wrong bearer token" in infer.json()["error"]
+    assert refused == {"/v2": 401, "/v2/models/tiny": 401}
+    assert METRICS_TOKEN not in proc.log()
+
+
+def test_a_metrics_token_equal_to_the_inference_token_is_refused(tmp_path: Path) -> None:
+    built = make_bundle(tmp_path)
+    (tmp_path / "token").write_text("same-token-twice\n")
+    extra = ["--token-file", str(tmp_path / "token"), "--metrics-token-file", str(tmp_path / "token")]
+    code, output = run_refused(built.path, built.public_key, extra)
+    assert code == 2 and "--metrics-token-file holds the inference token" in output
 
 
 def test_empty_token_file_is_refused(tmp_path: Path) -> None:
