@@ -306,7 +306,7 @@ def test_failing_health_gate_rolls_the_canary_back_and_stops_the_rollout(fleet: 
     message = str(caught.value)
     canary = fleet.devices[0]
     assert f"{canary.name} failed" in message and "health gate" in message
-    assert f"Rolled back to {version}" in message
+    assert f"switched back to {version}, serving and healthy" in message
     # The canary serves the previous version again; no other device was touched.
     assert canary.current_version() == version
     assert _versions(fleet) == {d.name: [version] for d in fleet.devices}

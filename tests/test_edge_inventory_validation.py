@@ -36,6 +36,13 @@ from deploy.edge_rollout import RolloutError, run_rollout
 pytestmark = pytest.mark.slow
 
 ROLES = ANSIBLE / "roles"
+# What the start script's template sees from the roles' defaults (edge_common's escalation settings,
+# edge_service's own); a test's variables override them.
+ROLE_DEFAULTS: dict[str, Any] = {
+    **yaml.safe_load((ROLES / "edge_common" / "defaults" / "main.yml").read_text()),
+    **yaml.safe_load((ROLES / "edge_common" / "vars" / "main.yml").read_text()),
+    **yaml.safe_load((ROLES / "edge_service" / "defaults" / "main.yml").read_text()),
+}
 TABLE = yaml.safe_load((ANSIBLE.parent / "contract" / "device_classes.yaml").read_text())
 MEMORY_PATTERN = yaml.safe_load((ROLES / "edge_service" / "vars" / "main.yml").read_text())[
     "_edge_service_memory_pattern"
@@ -206,6 +213,8 @@ def test_start_script_passes_extra_env_values_through_verbatim(tmp_path: Path) -
     )
     python.chmod(0o755)
     variables = {
+        **ROLE_DEFAULTS,
+        "_edge_service_manager": "supervised",
         "edge_common_prefix": str(prefix),
         "edge_common_instance": "dualdeploy",
         "edge_service_extra_env": values,
@@ -251,3 +260,117 @@ def test_memory_limits_systemd_would_ignore_are_refused_by_the_check(tmp_path: P
         ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, check=False
     )
     assert "memory limit" in verify.stderr.lower() and "ignoring" in verify.stderr, verify.stderr
+
+
+# --------------------------------------------------------------------------- the cascade (issue 13, item 3)
+
+
+# A site that escalates, with every setting present (a PEM-shaped CA; the rollout stops before using it).
+ESCALATING: dict[str, Any] = {
+    "edge_escalation": "low_confidence",
+    "edge_escalation_endpoint": "https://10.9.9.9:8443",
+    "edge_escalation_token": "t" * 32,
+    "edge_escalation_ca": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+}
+
+
+def test_escalation_choice_outside_never_and_low_confidence_is_refused(tmp_path: Path) -> None:
+    message = _refused(tmp_path, edge_escalation="always")
+    # The role's argument spec (choices) refuses it before any task runs.
+    assert "value of edge_escalation must be one of: never, low_confidence, got: always" in message
+
+
+def test_low_confidence_without_endpoint_token_and_ca_names_each_missing_variable(tmp_path: Path) -> None:
+    message = _refused(
+        tmp_path, edge_escalation="low_confidence", edge_escalation_endpoint="http://10.9.9.9:443"
+    )
+    assert "edge_escalation=low_confidence needs" in message
+    for name in ("edge_escalation_endpoint", "edge_escalation_token", "edge_escalation_ca"):
+        assert name in message.split("needs", 1)[1].split(":", 1)[0], (name, message)
+
+
+def test_low_confidence_with_a_host_name_and_no_addresses_is_refused(tmp_path: Path) -> None:
+    message = _refused(
+        tmp_path, **{**ESCALATING, "edge_escalation_endpoint": "https://teacher.example.com:8443"}
+    )
+    assert "list the teacher's addresses in edge_escalation_addresses" in message
+
+
+def test_low_confidence_with_a_bundle_without_a_cascade_is_refused(tmp_path: Path) -> None:
+    message = _refused(tmp_path, **ESCALATING)
+    assert "has no cascade section" in message
+
+
+# --------------------------------------------------------------------------- tuned settings (issue 15)
+
+
+def test_start_script_hands_the_tuned_settings_of_its_class_to_the_server(tmp_path: Path) -> None:
+    """serve.sh reads make tune's sidecar through the real `python -m serving.tune env` (the device's class,
+    checked against the release's bundle) and the server's process gets the DUALDEPLOY_* settings."""
+    bundle = demo_bundle()
+    prefix = tmp_path / "prefix"
+    (prefix / "releases").mkdir(parents=True)
+    (prefix / "releases" / "v1").symlink_to(bundle)
+    (prefix / "app").mkdir()
+    (prefix / "app" / "v1").symlink_to(ANSIBLE.parent)
+    (prefix / "current").symlink_to("releases/v1")
+    (prefix / "app" / "current").symlink_to("v1")
+    (prefix / "venv" / "bin").mkdir(parents=True)
+    (prefix / "etc").mkdir()
+    model = json.loads((bundle / "manifest.json").read_text())["model"]
+    (prefix / "etc" / "tuned.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "schema_version": 1,
+                "model": model,
+                "classes": {
+                    "x86_cpu": {"settings": {"max_batch_size": 2, "max_queue_delay_ms": 0.5, "threads": 1}},
+                    "jetson": {"settings": {"max_batch_size": 8, "max_queue_delay_ms": 9.0, "threads": 4}},
+                },
+            }
+        )
+    )
+    # The device's python: the real one for the tuner, one that reports its environment for the server.
+    python = prefix / "venv" / "bin" / "python"
+    python.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        "if sys.argv[1:3] == ['-m', 'serving.tune']:\n"
+        f"    os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)}))\n"
+    )
+    python.chmod(0o755)
+    variables = {
+        **ROLE_DEFAULTS,
+        "_edge_service_manager": "supervised",
+        "edge_common_prefix": str(prefix),
+        "edge_common_instance": "dualdeploy",
+        "edge_service_bind_address": "127.0.0.1",
+        "edge_service_port": 8470,
+        "edge_service_tls_enabled": False,
+        "edge_service_token_enabled": False,
+        "edge_preflight_device": {"device_class": "x86_cpu", "entry": TABLE["classes"]["x86_cpu"]},
+        "edge_bundle_release": {"choice": {"trt_engine_cache": False, "variant": "auto"}},
+    }
+    template = ROLES / "edge_service" / "templates" / "serve.sh.j2"
+    script = render_template(template, tmp_path / "serve.sh", variables, role_vars=True)
+    run = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=False, timeout=120)
+    assert run.returncode == 0, run.stderr
+    env = json.loads(run.stdout)["env"]
+    tuned = {
+        k: env.get(k)
+        for k in ("DUALDEPLOY_MAX_BATCH_SIZE", "DUALDEPLOY_MAX_QUEUE_DELAY_MS", "DUALDEPLOY_THREADS")
+    }
+    assert tuned == {
+        "DUALDEPLOY_MAX_BATCH_SIZE": "2",
+        "DUALDEPLOY_MAX_QUEUE_DELAY_MS": "0.5",
+        "DUALDEPLOY_THREADS": "1",
+    }
+    # A sidecar with a safety bound in it stops the start, naming the key.
+    (prefix / "etc" / "tuned.yaml").write_text(
+        yaml.safe_dump(
+            {"schema_version": 1, "model": model, "classes": {"x86_cpu": {"settings": {"max_queue": 10**6}}}}
+        )
+    )
+    refused = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=False, timeout=120)
+    assert refused.returncode != 0 and "max_queue" in refused.stderr, refused.stderr

@@ -12,6 +12,8 @@ import json
 import os
 import re
 import socket
+import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -19,12 +21,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "lab"))
 import edge_lab
+from edge_support import derive_bundle, skew_golden, touch_onnx_docstring
 
+from contract.bundle import load_tensors
+from contract.codec import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from deploy.edge_rollout import RolloutResult, run_rollout, smoke_inference
+from serving.hybrid_local import make_pki
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "dist" / "demo" / "latest"
@@ -274,3 +281,208 @@ def test_the_allowed_paths_work(lab: tuple[list[edge_lab.LabDevice], RolloutResu
             "dualdeploy_requests_total" in httpx.get(f"http://{device.address}:8000/metrics", timeout=5).text
         )
         assert edge_lab.ssh(device, "true").returncode == 0
+
+
+class RequestLoop:
+    """Golden-input inferences against one device, one after another on a keep-alive client (as a real
+    client would), on a thread, bounded in time; counts answers and failures per phase."""
+
+    def __init__(self, url: str, bundle: Path, seconds: float = 900.0) -> None:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        inputs = load_tensors(bundle / manifest["golden"]["inputs"])
+        self.body, self.headers = encode_infer_request(inputs)
+        self.url = f"{url}/v2/models/{manifest['model']}/infer"
+        self.deadline = time.monotonic() + seconds
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failed: list[str] = []
+        self.versions: dict[str, int] = {}
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        with httpx.Client(timeout=30.0) as client:
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                try:
+                    response = client.post(self.url, content=self.body, headers=self.headers)
+                    if response.status_code == 200:
+                        self.ok += 1
+                        answer, _ = decode_infer_response(
+                            response.content, response.headers.get(HEADER_LENGTH)
+                        )
+                        version = str(answer.get("model_version"))
+                        self.versions[version] = self.versions.get(version, 0) + 1
+                    else:
+                        self.failed.append(f"HTTP {response.status_code}: {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    self.failed.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.02)
+
+    def phase(self) -> tuple[int, list[str], dict[str, int]]:
+        """Counts since the last phase, then start counting afresh."""
+        counts = (self.ok, list(self.failed), dict(self.versions))
+        self.ok, self.failed, self.versions = 0, [], {}
+        return counts
+
+
+def _ctl(device: edge_lab.LabDevice, *args: str, check: bool = True) -> tuple[int, dict[str, object], str]:
+    done = edge_lab.ssh(device, "/opt/dualdeploy/bin/dualdeploy-ctl", *args, check=False, timeout=400)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done.returncode, (json.loads(done.stdout) if done.stdout.strip() else {}), done.stderr
+
+
+def test_updates_a_failed_update_and_a_rollback_drop_no_request(
+    lab: tuple[list[edge_lab.LabDevice], RolloutResult], tmp_path: Path
+) -> None:
+    """Issue 18, item 1: under a steady request loop, 0 failed requests while a new release rolls out, while
+    a failing one is refused, and during `dualdeploy-ctl rollback`."""
+    devices, _ = lab
+    device = devices[0]
+    first = json.loads((BUNDLE / "manifest.json").read_text())["version"]
+    good = derive_bundle(BUNDLE.resolve(), tmp_path, "b", touch_onnx_docstring)
+    bad = derive_bundle(BUNDLE.resolve(), tmp_path, "c", skew_golden)
+    inventory = edge_lab.LAB / "inventory.yml"
+    loop = RequestLoop(f"http://{device.address}:8000", BUNDLE)
+    loop.thread.start()
+    try:
+        time.sleep(2)
+        loop.phase()
+        started = time.monotonic()
+        update = run_rollout(inventory, good, limit=device.name)
+        took = time.monotonic() - started
+        ok, failed, versions = loop.phase()
+        print(
+            f"\ngood update {good.name}: {took:.1f} s, {ok} answered, {len(failed)} failed, "
+            f"by version {versions}"
+        )
+        assert update.hosts[device.name].status == "changed"
+        assert not failed, failed[:5]
+        assert versions.get(good.name, 0) > 0, "the loop saw the new release"
+
+        started = time.monotonic()
+        refused = run_rollout(inventory, bad, limit=device.name, raise_on_failure=False)
+        took = time.monotonic() - started
+        ok, failed, versions = loop.phase()
+        message = refused.hosts[device.name].reason or ""
+        print(
+            f"failed update {bad.name}: refused in {took:.1f} s ({message[:300]}); {ok} answered, "
+            f"{len(failed)} failed, by version {versions}"
+        )
+        assert refused.hosts[device.name].status == "failed"
+        assert "health gate" in message or "did not become ready" in message, message
+        assert f"release {good.name} keeps serving" in message, message
+        assert not failed, failed[:5]
+        assert set(versions) == {good.name}, "the old release served throughout"
+        _, status, _ = _ctl(device, "status")
+        assert status["current"] == good.name and bad.name in status["failed"], status  # type: ignore[operator]
+
+        started = time.monotonic()
+        _, back, _ = _ctl(device, "rollback")
+        took = time.monotonic() - started
+        time.sleep(1)
+        ok, failed, versions = loop.phase()
+        print(
+            f"rollback to {back['version']}: {took:.1f} s, {ok} answered, {len(failed)} failed, "
+            f"by version {versions}"
+        )
+        assert back["version"] == first and back["switched"] is True
+        assert not failed, failed[:5]
+        assert versions.get(first, 0) > 0
+
+        # Item 4 of issue 12: the next rollout prunes (the failed release does not count against the two
+        # kept), and a rollback after the pruning still works.
+        again = run_rollout(inventory, good, limit=device.name)
+        assert again.hosts[device.name].status == "changed"
+        releases = edge_lab.ssh(device, "ls", "/opt/dualdeploy/releases").stdout.split()
+        records = edge_lab.ssh(device, "ls", "/opt/dualdeploy/var/failed", check=False).stdout.split()
+        _, after_prune, _ = _ctl(device, "rollback")
+        ok, failed, versions = loop.phase()
+        print(
+            f"update and rollback after pruning: releases {releases}, failed records {records}; "
+            f"{ok} answered, {len(failed)} failed, by version {versions}"
+        )
+        assert sorted(releases) == sorted([first, good.name]), releases
+        assert f"{bad.name}.json" not in records
+        assert after_prune["version"] == first
+        assert not failed, failed[:5]
+    finally:
+        loop.stop.set()
+        loop.thread.join(timeout=60)
+
+
+def test_a_site_that_escalates_reaches_its_cloud_teacher_through_the_firewall(
+    lab: tuple[list[edge_lab.LabDevice], RolloutResult], tmp_path: Path
+) -> None:
+    """Issue 13, item 3: with edge_escalation=low_confidence the device's server reaches exactly the
+    teacher's address and port through the nftables ruleset (whose management ports are 53 and 123 only),
+    over TLS with the token; uncertain rows come back from the cloud."""
+    devices, _ = lab
+    device = devices[1]
+    student = REPO / "dist" / "demo-distilled" / "latest"
+    assert student.is_dir(), "make bundles builds dist/demo-distilled"
+    pki = tmp_path / "pki"
+    make_pki(pki, address=device.controller_address)
+    port = 18443 + device.index
+    teacher_log = tmp_path / "teacher.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALDEPLOY_")}
+    env["PYTHONPATH"] = str(REPO)
+    argv = [
+        sys.executable,
+        "-m",
+        "serving",
+        "--bundle",
+        str(BUNDLE.resolve()),
+        "--host",
+        device.controller_address,
+    ]
+    argv += ["--port", str(port), "--public-key", str(REPO / ".keys" / "dev-ed25519.pub")]
+    argv += ["--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key")]
+    argv += ["--token-file", str(pki / "token")]
+    with teacher_log.open("wb") as sink:
+        teacher = subprocess.Popen(argv, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        base = f"https://{device.controller_address}:{port}"
+        verify = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        _wait(
+            lambda: _ok(f"{base}/v2/health/ready", verify),
+            90,
+            f"the teacher on {base} (log: {teacher_log})",
+        )
+        extravars = {
+            "edge_escalation": "low_confidence",
+            "edge_escalation_endpoint": base,
+            "edge_escalation_token": (pki / "token").read_text().strip(),
+            "edge_escalation_ca": (pki / "ca.crt").read_text(),
+        }
+        started = time.monotonic()
+        result = run_rollout(edge_lab.LAB / "inventory.yml", student, limit=device.name, extravars=extravars)
+        took = time.monotonic() - started
+        assert result.hosts[device.name].status == "changed"
+        ruleset = edge_lab.ssh(device, "nft", "list", "table", "inet", "dualdeploy").stdout
+        assert f"ip daddr {device.controller_address} tcp dport {port} accept" in ruleset
+        rng = np.random.default_rng(7)
+        url = f"http://{device.address}:8000/v2/models/demo-distilled/infer"
+        served: dict[str, int] = {}
+        with httpx.Client(timeout=30) as client:
+            for _ in range(40):
+                image = rng.normal(size=(1, 3, 224, 224)).astype(np.float32)
+                body, headers = encode_infer_request({"image": image})
+                response = client.post(url, content=body, headers=headers)
+                assert response.status_code == 200, response.text
+                answer, _ = decode_infer_response(response.content, response.headers.get(HEADER_LENGTH))
+                params = answer.get("parameters", {})
+                key = f"{params.get('served_by')}{' (fallback)' if params.get('fallback') else ''}"
+                served[key] = served.get(key, 0) + 1
+        print(f"\nescalating rollout {took:.1f} s; 40 noise images from {device.name}: {served}")
+        assert served.get("cloud", 0) > 0, served
+        assert not any("fallback" in k for k in served), served
+    finally:
+        teacher.terminate()
+        teacher.wait(timeout=30)
+
+
+def _ok(url: str, verify: ssl.SSLContext) -> bool:
+    try:
+        return httpx.get(url, verify=verify, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

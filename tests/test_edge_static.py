@@ -91,11 +91,84 @@ def test_example_site_firewall_ruleset_passes_nft_check(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.parametrize("escalation", ["never", "low_confidence"])
+def test_the_firewall_admits_the_cloud_teacher_only_when_the_site_escalates(
+    tmp_path: Path, escalation: str
+) -> None:
+    """Issue 13, item 3: with `never` no egress rule names the cloud; with `low_confidence` exactly the
+    teacher's address and port, and the unit's IPAddressAllow= the same address."""
+    assert shutil.which("nft"), "nft is missing: run .ci/system-packages (Debian nftables)"
+    roles = ANSIBLE_DIR / "roles"
+    common = {
+        **yaml.safe_load((roles / "edge_common" / "defaults" / "main.yml").read_text()),
+        **yaml.safe_load((roles / "edge_common" / "vars" / "main.yml").read_text()),
+    }
+    variables = {
+        **common,
+        **yaml.safe_load((roles / "edge_hardening" / "defaults" / "main.yml").read_text()),
+        "edge_hardening_management_networks": ["10.0.0.0/24"],
+        "_edge_hardening_table": "dualdeploy",
+        "_edge_hardening_port": 8000,
+        "edge_escalation": escalation,
+        "edge_escalation_endpoint": "https://203.0.113.7:8443",
+    }
+    ruleset = render_template(
+        roles / "edge_hardening" / "templates" / "dualdeploy.nft.j2", tmp_path / "d.nft", variables
+    )
+    text = ruleset.read_text()
+    check = subprocess.run(["nft", "-c", "-f", str(ruleset)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+    unit = render_unit(tmp_path / "unit", TABLE["classes"]["x86_cpu"], "x86_cpu")
+    unit_vars = json.loads(unit.with_name(f"{unit.name}.vars.json").read_text())
+    unit_vars.update(
+        {k: v for k, v in variables.items() if k.startswith(("edge_escalation", "_edge_common"))},
+        edge_service_ip_allow=["10.0.0.0/24"],
+    )
+    unit = render_template(
+        roles / "edge_service" / "templates" / "dualdeploy.service.j2",
+        tmp_path / "u.service",
+        unit_vars,
+        role_vars=True,
+    )
+    allow = next(line for line in unit.read_text().splitlines() if line.startswith("IPAddressAllow="))
+    if escalation == "never":
+        assert "203.0.113.7" not in text and "8443" not in text
+        assert "203.0.113.7" not in allow
+    else:
+        assert "ip daddr 203.0.113.7 tcp dport 8443 accept" in text
+        assert text.count("203.0.113.7") == 1
+        assert allow.split() == ["IPAddressAllow=localhost", "127.0.0.1", "10.0.0.0/24", "203.0.113.7"]
+
+
 @pytest.mark.parametrize("device_class", ["x86_cpu", "jetson"])
 def test_rendered_unit_passes_systemd_analyze_verify_and_scores_ok(tmp_path: Path, device_class: str) -> None:
     missing = "systemd-analyze is missing: run .ci/system-packages (Debian systemd)"
     assert shutil.which("systemd-analyze"), missing
     unit = render_unit(tmp_path, TABLE["classes"][device_class], device_class)
+    # The switch's other two units, from the same variables: the candidate and the socket that owns the port.
+    variables = json.loads(unit.with_name(f"{unit.name}.vars.json").read_text())
+    common = yaml.safe_load((ANSIBLE_DIR / "roles" / "edge_common" / "vars" / "main.yml").read_text())
+    variables["_edge_common_cidr_pattern"] = common["_edge_common_cidr_pattern"]
+    templates = ANSIBLE_DIR / "roles" / "edge_service" / "templates"
+    units = tmp_path / "units"
+    units.mkdir()
+    main = unit.rename(units / "dualdeploy.service")
+    candidate = render_template(
+        templates / "dualdeploy.service.j2",
+        units / "dualdeploy-next.service",
+        {**variables, "_edge_service_unit_role": "candidate"},
+        role_vars=True,
+    )
+    sock = render_template(
+        templates / "dualdeploy.socket.j2", units / "dualdeploy.socket", variables, role_vars=True
+    )
+    for path in (main, candidate, sock):
+        (path.parent / f"{path.name}.vars.json").unlink(missing_ok=True)
+    assert "ListenStream=127.0.0.1:8000" in sock.read_text()
+    assert "ExecStart=" in candidate.read_text() and " candidate\n" in candidate.read_text()
+    assert "Restart=no" in candidate.read_text() and "WantedBy" not in candidate.read_text()
+    assert "Restart=on-failure" in main.read_text() and "Type=notify" in main.read_text()
+    unit = main
     text = unit.read_text()
     entry = TABLE["classes"][device_class]
     for line in (
@@ -108,19 +181,23 @@ def test_rendered_unit_passes_systemd_analyze_verify_and_scores_ok(tmp_path: Pat
     ):
         assert line in text
     verify = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, check=False
-    )
-    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
-    security = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", str(unit)],
+        ["systemd-analyze", "verify", "--man=no", str(main), str(candidate), str(sock)],
         capture_output=True,
         text=True,
         check=False,
     )
-    score = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", security.stdout)
-    assert score, security.stdout[-2000:] + security.stderr
-    # systemd rates 0-10, lower is better; "OK" is its best band (below 3.0 here on every class).
-    assert float(score.group(1)) < 3.0 and score.group(2) == "OK", score.group(0)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    for service in (main, candidate):
+        security = subprocess.run(
+            ["systemd-analyze", "security", "--offline=true", str(service)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        score = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", security.stdout)
+        assert score, security.stdout[-2000:] + security.stderr
+        # systemd rates 0-10, lower is better; "OK" is its best band (below 3.0 here on every class).
+        assert float(score.group(1)) < 3.0 and score.group(2) == "OK", (service.name, score.group(0))
 
 
 def test_readme_device_matrix_is_generated_from_the_table() -> None:

@@ -65,6 +65,8 @@ def main() -> int:
                 "version": verified.manifest.version,
                 "key_id": verified.key_id,
                 "dev_key": dev_key,
+                # A calibrated edge-cloud cascade (schema 4): what edge_escalation=low_confidence needs.
+                "cascade": verified.manifest.cascade is not None,
                 "files": {rel: entry.model_dump() for rel, entry in verified.manifest.files.items()},
             }
         )

@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,24 @@ def _request(
         raise HealthGateError(f"{url} answered HTTP {exc.code}: {detail}") from exc
 
 
-def wait_ready(base: str, timeout: float, token: str | None, context: ssl.SSLContext | None) -> float:
-    """Poll /v2/health/ready until it answers 200; return the seconds waited."""
+def wait_ready(
+    base: str,
+    timeout: float,
+    token: str | None,
+    context: ssl.SSLContext | None,
+    alive: Callable[[], str | None] | None = None,
+) -> float:
+    """Poll /v2/health/ready until it answers 200; return the seconds waited.
+
+    ``alive`` (when given) is asked before each poll and returns why the server is gone, or None: a
+    server that exits or crash-loops fails the gate at once instead of after ``timeout``.
+    """
     start = time.monotonic()
     last = "no answer"
     while time.monotonic() - start < timeout:
+        gone = alive() if alive is not None else None
+        if gone:
+            raise HealthGateError(f"{gone} after {time.monotonic() - start:.1f} s, before it was ready")
         try:
             status, _, _ = _request(f"{base}/v2/health/ready", token=token, context=context, timeout=5.0)
             if status == 200:

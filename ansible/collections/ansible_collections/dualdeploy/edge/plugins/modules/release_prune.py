@@ -12,6 +12,8 @@ description:
   - Releases are ordered by the modification time of their folder (the rename that finalized them).
   - A release that any of C(protect) links resolves to is never removed, nor is its sibling
     C(<version>.trt-cache) folder.
+  - A release that failed its health gate (a C(<failed_dir>/<version>.json) record, written by
+    dualdeploy-ctl) does not count against the releases to keep, and is removed with its record.
   - Leftover staging folders of other versions (an interrupted rollout) are removed too.
 options:
   releases_dir:
@@ -32,6 +34,9 @@ options:
     type: list
     elements: str
     default: []
+  failed_dir:
+    description: Folder of the failed-release records (one C(<version>.json) each).
+    type: path
 author:
   - dualdeploy
 """
@@ -41,7 +46,8 @@ EXAMPLES = r"""
   dualdeploy.edge.release_prune:
     releases_dir: /opt/dualdeploy/releases
     keep: 3
-    protect: [/opt/dualdeploy/current]
+    protect: [/opt/dualdeploy/current, /opt/dualdeploy/previous]
+    failed_dir: /opt/dualdeploy/var/failed
 """
 
 RETURN = r"""
@@ -65,6 +71,7 @@ def main() -> None:
             "keep": {"type": "int", "default": 3},
             "protect": {"type": "list", "elements": "path", "default": []},
             "protect_versions": {"type": "list", "elements": "str", "default": []},
+            "failed_dir": {"type": "path"},
         },
         supports_check_mode=True,
     )
@@ -77,19 +84,26 @@ def main() -> None:
     for link in module.params["protect"]:
         if os.path.islink(link):
             protected.add(os.path.basename(os.path.realpath(link)))
+    failed_dir = module.params["failed_dir"]
+    failed = set()
+    if failed_dir and os.path.isdir(failed_dir):
+        failed = {n[: -len(".json")] for n in os.listdir(failed_dir) if n.endswith(".json")}
     names = [n for n in os.listdir(releases) if os.path.isdir(os.path.join(releases, n))]
     versions = sorted(
         (n for n in names if not n.startswith(".") and not n.endswith(".trt-cache")),
         key=lambda n: os.stat(os.path.join(releases, n)).st_mtime,
         reverse=True,
     )
-    survivors = set(versions[:keep]) | protected
+    good = [v for v in versions if v not in failed]
+    survivors = set(good[:keep]) | protected
     doomed = [v for v in versions if v not in survivors]
     doomed += [n for n in names if n.endswith(".trt-cache") and n[: -len(".trt-cache")] not in survivors]
     doomed += [n for n in names if n.startswith(".staging-") and n[len(".staging-") :] not in protected]
     if not module.check_mode:
         for name in doomed:
             shutil.rmtree(os.path.join(releases, name))
+            if name in failed:
+                os.unlink(os.path.join(failed_dir, f"{name}.json"))
     module.exit_json(changed=bool(doomed), removed=sorted(doomed))
 
 
