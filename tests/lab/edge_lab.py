@@ -241,7 +241,14 @@ def _walk(pid: int) -> Iterable[int]:
         yield from _walk(child)
 
 
+def _fence(device: LabDevice) -> list[str]:
+    """The route that keeps the device's addresses here when its link is gone: without it, traffic to a
+    powered-off device or over a pulled link would follow this machine's default route out."""
+    return ["unreachable", f"{device.controller_address.rsplit('.', 1)[0]}.0/30", "metric", "4000"]
+
+
 def _configure_link(device: LabDevice) -> None:
+    _run(["ip", "route", "replace", *_fence(device)])
     _run(["ip", "addr", "replace", f"{device.controller_address}/30", "dev", device.veth])
     _run(["ip", "link", "set", device.veth, "up"])
     inside = ["nsenter", "-t", str(device.leader_pid), "-n"]
@@ -646,6 +653,7 @@ def down() -> list[str]:
     devices = load_devices()
     for device in devices:
         stop(device)
+        _run(["ip", "route", "del", *_fence(device)], check=False)
     for name in {p.parent.name for p in LAB.glob("*/console.log")}:
         _remove_cgroups(name)
     with contextlib.suppress(FileNotFoundError):
@@ -654,7 +662,7 @@ def down() -> list[str]:
 
 
 def leftovers() -> list[str]:
-    """What this lab (NAME_PREFIX) leaves behind here: containers, veths, cgroups (none after ``down``)."""
+    """What this lab leaves behind here: containers, veths, cgroups, routes (none after ``down``)."""
     found = []
     for pid in _pids_named("systemd-nspawn"):
         with contextlib.suppress(OSError):
@@ -665,6 +673,8 @@ def leftovers() -> list[str]:
         f"veth {n.name}" for n in Path("/sys/class/net").iterdir() if n.name.startswith(f"ve-{NAME_PREFIX}")
     ]
     found += [f"cgroup {g}" for g in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_GROUP}/{NAME_PREFIX}*")]
+    routes = _run(["ip", "route", "show", "type", "unreachable"], check=False).stdout.splitlines()
+    found += [f"route {r.strip()}" for r in routes if r.startswith(f"unreachable {NET_PREFIX}.")]
     return found
 
 
