@@ -204,6 +204,8 @@ def test_prometheus_targets_list_every_device(fleet: Fleet) -> None:
     assert scrape["file_sd_configs"][0]["files"][0].endswith("dualdeploy-edge.json")
     # One server needs TLS and a token, so the job scrapes over https with a credentials file.
     assert scrape["scheme"] == "https" and scrape["authorization"]["type"] == "Bearer"
+    dashboard = json.loads((fleet.root / "monitoring" / "dualdeploy-edge.dashboard.json").read_text())
+    assert dashboard["uid"] == "dualdeploy-edge", "the dashboard is written beside the scrape snippet"
 
 
 def test_tls_device_refuses_requests_without_its_vault_token(fleet: Fleet) -> None:
