@@ -178,14 +178,20 @@ def test_firewall_without_the_controller_in_the_management_networks_is_refused(
     assert "controller at 127.0.0.1" in message and "127.0.0.1/32" in message
 
 
-def test_firewall_with_sshd_off_port_22_is_refused(tmp_path: Path, sshd: SshServer) -> None:
+def test_firewall_that_lets_out_another_ssh_port_than_sshd_is_refused(
+    tmp_path: Path, sshd: SshServer
+) -> None:
+    # The ruleset lets SSH replies out from edge_hardening_ssh_port (the inventory's ansible_port by
+    # default, which is this sshd's); set to 22 while sshd listens elsewhere, it would cut the session.
     message, _ = _refused(
         tmp_path,
         ssh=sshd,
         edge_hardening_nftables_enabled=True,
         edge_hardening_management_networks=["127.0.0.0/8"],
+        edge_hardening_ssh_port=22,
     )
-    assert f"sshd on port {sshd.port}" in message and "reach sshd on port 22" in message
+    assert f"sshd on port {sshd.port}" in message and "from port 22" in message
+    assert f"set edge_hardening_ssh_port: {sshd.port}" in message
 
 
 def test_check_command_runs_the_preflight_and_changes_nothing(tmp_path: Path) -> None:
