@@ -393,5 +393,18 @@ def render_unit(root: Path, entry: dict[str, Any], device_class: str, memory_max
         "edge_preflight_device": {"device_class": device_class, "entry": entry},
         "edge_bundle_release": {"choice": {"trt_engine_cache": entry["trt_engine_cache"]}},
     }
-    template = ANSIBLE / "roles" / "edge_service" / "templates" / "dualdeploy.service.j2"
-    return render_template(template, root / f"dualdeploy-{device_class}.service", variables, role_vars=True)
+    templates = ANSIBLE / "roles" / "edge_service" / "templates"
+    # The unit requires the socket unit that owns the public port: render it beside the unit, where
+    # `systemd-analyze verify` looks for it.
+    common = yaml.safe_load((ANSIBLE / "roles" / "edge_common" / "vars" / "main.yml").read_text())
+    socket_vars = {**variables, "_edge_common_cidr_pattern": common["_edge_common_cidr_pattern"]}
+    render_template(
+        templates / "dualdeploy.socket.j2", root / "dualdeploy.socket", socket_vars, role_vars=True
+    )
+    (root / "dualdeploy.socket.vars.json").unlink(missing_ok=True)
+    return render_template(
+        templates / "dualdeploy.service.j2",
+        root / f"dualdeploy-{device_class}.service",
+        variables,
+        role_vars=True,
+    )
