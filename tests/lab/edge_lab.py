@@ -587,7 +587,8 @@ def private_lab(folder: Path, net_prefix: str, name_prefix: str, count: int) -> 
     shaped by :func:`shape` are freed.
 
     Raises:
-        LabError: a tool or root is missing, a device does not boot, or the lab left something behind.
+        LabError: a tool or root is missing, another lab with these prefixes runs, a device does not
+            boot, or the lab left something behind.
     """
     problems = missing_tools()
     if problems:
@@ -595,6 +596,14 @@ def private_lab(folder: Path, net_prefix: str, name_prefix: str, count: int) -> 
     global LAB, NET_PREFIX, NAME_PREFIX
     saved = (LAB, NET_PREFIX, NAME_PREFIX)
     LAB, NET_PREFIX, NAME_PREFIX = folder, net_prefix, name_prefix
+    running = leftovers()
+    if running:
+        # Two labs with the same names and addresses would take each other's links and routes.
+        LAB, NET_PREFIX, NAME_PREFIX = saved
+        raise LabError(
+            f"another lab with devices {name_prefix}* on {net_prefix}.0.0/16 runs here "
+            f"({', '.join(running[:3])}): run one at a time"
+        )
     try:
         yield up(count)
     finally:
