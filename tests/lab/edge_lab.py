@@ -713,6 +713,9 @@ def write_inventory(
         d.name: {
             "ansible_host": via[d.name][0] if d.name in via else d.address,
             "ansible_port": via[d.name][1] if d.name in via else d.ssh_port,
+            # The port sshd listens on, on the device (its firewall lets SSH replies out from it), which
+            # the controller's port differs from when it goes through a relay.
+            "edge_hardening_ssh_port": d.ssh_port,
             "ansible_user": "root",
             "ansible_ssh_private_key_file": str(LAB / "controller-key"),
             "ansible_ssh_common_args": (
