@@ -207,3 +207,18 @@ def test_check_command_runs_the_preflight_and_changes_nothing(tmp_path: Path) ->
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["box: preflight passed"]
     assert not device.prefix.exists(), "the check changed the device"
+
+
+def test_firewall_on_a_device_that_is_this_controller_is_refused(tmp_path: Path, sshd: SshServer) -> None:
+    # Everything else about this firewall is right (the controller's address is a management network,
+    # sshd's port is let out); but the device answers on 127.0.0.1: it is this machine, and an output
+    # policy of drop would cut its DNS and package mirrors (this happened to this test machine once).
+    message, _ = _refused(
+        tmp_path,
+        ssh=sshd,
+        edge_hardening_nftables_enabled=True,
+        edge_hardening_management_networks=["127.0.0.0/8"],
+    )
+    assert "this device is the controller itself (reached at 127.0.0.1)" in message, message
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
+    assert "dualdeploy" not in tables, "a ruleset was loaded on this machine"
