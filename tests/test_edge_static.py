@@ -226,7 +226,10 @@ def test_every_role_default_is_prefixed_and_mirrored_in_argument_specs() -> None
         specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())
         options = specs["argument_specs"]["main"]["options"]
         assert set(defaults) == set(options), role.name
-        assert all(name.startswith(f"{role.name}_") for name in defaults), role.name
+        # The one site-level family: issue 13 names it edge_escalation, and two roles read it (the
+        # firewall and the service); edge_common defines it, with a noqa for ansible-lint's prefix rule.
+        site = {n for n in defaults if role.name == "edge_common" and n.startswith("edge_escalation")}
+        assert all(name.startswith(f"{role.name}_") for name in set(defaults) - site), role.name
 
 
 FACT_CASES: list[tuple[dict[str, Any], str | None]] = [
