@@ -19,10 +19,14 @@ from serving.server import parser as server_parser
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "dist" / "demo" / "latest"
 DEV_KEY = REPO / ".keys" / "dev-ed25519.pub"
-needs_demo = pytest.mark.skipif(
-    not (DEMO / "manifest.json").is_file() or not DEV_KEY.is_file(),
-    reason="the demo bundle is built by `make bundles` (make test builds it first)",
-)
+
+
+@pytest.fixture
+def demo_built() -> None:
+    """The demo bundle runs here, so its absence is a failure, never a skip."""
+    assert (DEMO / "manifest.json").is_file() and DEV_KEY.is_file(), (
+        "the demo bundle is missing: `make bundles` builds it (make test runs it first)"
+    )
 
 
 def _sidecar(**settings: Any) -> dict[str, Any]:
@@ -95,7 +99,7 @@ def test_a_setting_over_the_latency_bound_or_with_errors_scores_nothing() -> Non
     assert tune.score(result | {"errors": 1}, p99_bound_ms=20.0) == 0.0
 
 
-@needs_demo
+@pytest.mark.usefixtures("demo_built")
 @pytest.mark.slow
 def test_the_server_serves_with_the_tuned_settings(tmp_path: Path) -> None:
     sidecar = tmp_path / "tuned.yaml"
@@ -133,7 +137,7 @@ def test_the_server_serves_with_the_tuned_settings(tmp_path: Path) -> None:
     assert "max batch 2, queue delay 0.5 ms" in log, log
 
 
-@needs_demo
+@pytest.mark.usefixtures("demo_built")
 @pytest.mark.slow
 def test_a_short_tuning_run_records_settings_at_least_as_fast_as_the_defaults(tmp_path: Path) -> None:
     out, results = tmp_path / "tuned.yaml", tmp_path / "tune.json"
