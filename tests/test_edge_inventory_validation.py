@@ -194,6 +194,25 @@ HOSTILE_VALUES = {
 }
 
 
+def _start_script(tmp_path: Path, prefix: Path, **variables: Any) -> Path:
+    """The role's serve.sh for a supervised x86 device under ``prefix``, rendered by Ansible."""
+    rendered = {
+        **ROLE_DEFAULTS,
+        "_edge_service_manager": "supervised",
+        "edge_common_prefix": str(prefix),
+        "edge_common_instance": "dualdeploy",
+        "edge_service_bind_address": "127.0.0.1",
+        "edge_service_port": 8470,
+        "edge_service_tls_enabled": False,
+        "edge_service_token_enabled": False,
+        "edge_preflight_device": {"device_class": "x86_cpu", "entry": TABLE["classes"]["x86_cpu"]},
+        "edge_bundle_release": {"choice": {"trt_engine_cache": False, "variant": "auto"}},
+        **variables,
+    }
+    template = ROLES / "edge_service" / "templates" / "serve.sh.j2"
+    return render_template(template, tmp_path / "serve.sh", rendered, role_vars=True)
+
+
 def test_start_script_passes_extra_env_values_through_verbatim(tmp_path: Path) -> None:
     """serve.sh, rendered by the role's template and run by sh: each value arrives byte for byte."""
     pwned = tmp_path / "pwned"
@@ -212,21 +231,7 @@ def test_start_script_passes_extra_env_values_through_verbatim(tmp_path: Path) -
         "print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)}))\n"
     )
     python.chmod(0o755)
-    variables = {
-        **ROLE_DEFAULTS,
-        "_edge_service_manager": "supervised",
-        "edge_common_prefix": str(prefix),
-        "edge_common_instance": "dualdeploy",
-        "edge_service_extra_env": values,
-        "edge_service_bind_address": "127.0.0.1",
-        "edge_service_port": 8470,
-        "edge_service_tls_enabled": False,
-        "edge_service_token_enabled": False,
-        "edge_preflight_device": {"device_class": "x86_cpu", "entry": TABLE["classes"]["x86_cpu"]},
-        "edge_bundle_release": {"choice": {"trt_engine_cache": False, "variant": "auto"}},
-    }
-    template = ROLES / "edge_service" / "templates" / "serve.sh.j2"
-    script = render_template(template, tmp_path / "serve.sh", variables, role_vars=True)
+    script = _start_script(tmp_path, prefix, edge_service_extra_env=values)
     run = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=False, timeout=60)
     assert run.returncode == 0, run.stderr
     started = json.loads(run.stdout)
@@ -340,20 +345,7 @@ def test_start_script_hands_the_tuned_settings_of_its_class_to_the_server(tmp_pa
         "print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)}))\n"
     )
     python.chmod(0o755)
-    variables = {
-        **ROLE_DEFAULTS,
-        "_edge_service_manager": "supervised",
-        "edge_common_prefix": str(prefix),
-        "edge_common_instance": "dualdeploy",
-        "edge_service_bind_address": "127.0.0.1",
-        "edge_service_port": 8470,
-        "edge_service_tls_enabled": False,
-        "edge_service_token_enabled": False,
-        "edge_preflight_device": {"device_class": "x86_cpu", "entry": TABLE["classes"]["x86_cpu"]},
-        "edge_bundle_release": {"choice": {"trt_engine_cache": False, "variant": "auto"}},
-    }
-    template = ROLES / "edge_service" / "templates" / "serve.sh.j2"
-    script = render_template(template, tmp_path / "serve.sh", variables, role_vars=True)
+    script = _start_script(tmp_path, prefix)
     run = subprocess.run(["sh", str(script)], capture_output=True, text=True, check=False, timeout=120)
     assert run.returncode == 0, run.stderr
     env = json.loads(run.stdout)["env"]
