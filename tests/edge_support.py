@@ -408,3 +408,30 @@ def render_unit(root: Path, entry: dict[str, Any], device_class: str, memory_max
         variables,
         role_vars=True,
     )
+
+
+def plugin_in_child(plugin: Path, call: str, args: list[list[Any]]) -> list[Any]:
+    """Call a function of a collection plugin in a child interpreter and return its JSON result.
+
+    Importing an Ansible plugin pulls in ``ansible.module_utils``, whose import patches
+    ``sys.intern`` and ``dataclasses`` for the whole process; torch's exporter then fails in any
+    later test of the same run. The plugins run on devices in their own process anyway.
+    """
+    script = (
+        "import importlib.util, json, sys\n"
+        f"sys.path.insert(0, {str(REPO / 'ansible' / 'collections')!r})  # the collection's module_utils\n"
+        "spec = importlib.util.spec_from_file_location('plugin', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        f"print(json.dumps([getattr(module, {call!r})(*a) for a in json.loads(sys.argv[2])]))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(plugin), json.dumps(args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results: list[Any] = json.loads(run.stdout)
+    return results

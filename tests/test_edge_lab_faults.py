@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from edge_support import derive_bundle, touch_onnx_docstring
+from edge_support import derive_bundle, plugin_in_child, touch_onnx_docstring
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "lab"))
 import edge_lab
@@ -420,10 +419,6 @@ def test_d_a_full_disk_during_staging_fails_naming_the_device_and_the_cause_and_
 def test_a_resumed_staging_folder_loses_an_interrupted_copys_temporary_file(tmp_path: Path) -> None:
     """A power cut during a copy leaves its temporary file in the staging folder; staging again removes it
     (the verifier refuses a file the manifest does not list) and keeps the files already received."""
-    spec = importlib.util.spec_from_file_location("release_stage", RELEASE_STAGE)
-    assert spec and spec.loader
-    release_stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(release_stage)
     staging = tmp_path / ".staging-v2"
     staging.mkdir()
     (staging / "a.onnx").write_bytes(b"received")
@@ -432,7 +427,8 @@ def test_a_resumed_staging_folder_loses_an_interrupted_copys_temporary_file(tmp_
         "a.onnx": {"sha256": hashlib.sha256(b"received").hexdigest(), "size": 8},
         "b.onnx": {"sha256": hashlib.sha256(b"to send").hexdigest(), "size": 7},
     }
-    result = release_stage.stage(str(tmp_path), "v2", files)
+    # In a child interpreter, as on a device: importing the module here would patch this process.
+    [result] = plugin_in_child(RELEASE_STAGE, "stage", [[str(tmp_path), "v2", files]])
     assert result["removed"] == [".ansible_tmpx1b2c3b.onnx"]
     assert sorted(p.name for p in staging.iterdir()) == ["a.onnx"]
     assert result["missing"] == ["manifest.json", "manifest.json.sig", "b.onnx"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from edge_support import demo_bundle, render_template, render_unit
+from edge_support import demo_bundle, plugin_in_child, render_template, render_unit
 
 from contract.manifest import Manifest
 from deploy.edge_rollout import ANSIBLE_DIR, REPO_ROOT, device_matrix
@@ -23,33 +23,6 @@ from serving import device
 BIN = Path(sys.executable).parent
 COLLECTION = ANSIBLE_DIR / "collections" / "ansible_collections" / "dualdeploy" / "edge" / "plugins"
 TABLE = yaml.safe_load((REPO_ROOT / "contract" / "device_classes.yaml").read_text())
-
-
-def _in_child(plugin: Path, call: str, args: list[list[Any]]) -> list[Any]:
-    """Call a function of a collection plugin in a child interpreter and return its JSON result.
-
-    Importing an Ansible plugin pulls in ``ansible.module_utils``, whose import patches
-    ``sys.intern`` and ``dataclasses`` for the whole process; torch's exporter then fails in any
-    later test of the same run. The plugins run on devices in their own process anyway.
-    """
-    script = (
-        "import importlib.util, json, sys\n"
-        f"sys.path.insert(0, {str(ANSIBLE_DIR / 'collections')!r})  # the collection's module_utils\n"
-        "spec = importlib.util.spec_from_file_location('plugin', sys.argv[1])\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        f"print(json.dumps([getattr(module, {call!r})(*a) for a in json.loads(sys.argv[2])]))\n"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", script, str(plugin), json.dumps(args)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    results: list[Any] = json.loads(run.stdout)
-    return results
 
 
 @pytest.mark.slow
@@ -245,7 +218,7 @@ FACT_CASES: list[tuple[dict[str, Any], str | None]] = [
 def test_device_detection_matches_the_first_class_whose_facts_hold() -> None:
     base = {"files": [], "commands": [], "nvidia_gpu": False}
     cases = [{**base, **facts} for facts, _ in FACT_CASES]
-    found = _in_child(
+    found = plugin_in_child(
         COLLECTION / "modules" / "device_facts.py", "match", [[TABLE["classes"], c] for c in cases]
     )
     assert found == [expected for _, expected in FACT_CASES]
@@ -278,7 +251,7 @@ def test_the_collection_ships_the_server_detection_module_byte_for_byte() -> Non
 
 
 def test_the_preflight_module_reports_this_machines_cpu_class_like_the_server() -> None:
-    (found,) = _in_child(
+    (found,) = plugin_in_child(
         COLLECTION / "module_utils" / "detect.py", "gather", [[TABLE["classes"], TABLE["cpu_classes"]]]
     )
     facts = device.gather_facts(device.parse_table(TABLE), TABLE["cpu_classes"])
