@@ -95,6 +95,13 @@ image: ## Build the CPU serving image with the demo bundle baked in (needs docke
 image-smoke: setup ## Build the CPU image offline (buildah, local Debian base), run it, infer, SIGTERM (root).
 	serving/image_smoke.sh $(or $(BUNDLE),$(DIST)/demo/latest)
 
+# KServe's v2 gRPC API: protoc's Python output is committed beside the .proto (the server needs no generator);
+# a test regenerates it and requires the committed files to match.
+GRPC_PROTO := serving/grpc_v2/grpc_predict_v2.proto
+.PHONY: grpc-stubs
+grpc-stubs: setup ## Regenerate serving/grpc_v2/*_pb2*.py from the v2 .proto (grpcio-tools); commit the result.
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(GRPC_PROTO)
+
 sync-detect: ## Copy contract/detect.py into the Ansible collection's module_utils (a test checks they match).
 	cp contract/detect.py ansible/collections/ansible_collections/dualdeploy/edge/plugins/module_utils/detect.py
 
