@@ -6,6 +6,10 @@ technician's ``ansible-playbook`` do. Its ``diff`` compares three fingerprints c
 runs (also during a preview): the bundle version, a content hash of the inventory, and a content hash of
 the playbook, roles and collection. A preview therefore shows the rollout without running it.
 
+With ``escalation`` set (the hybrid stack), the devices send the inputs their calibrated cascade is
+unsure of to the cloud teacher: the endpoint, the CA and the token go to the playbook as the site's
+``edge_escalation*`` variables, and a new certificate authority, token or endpoint rolls them out again.
+
 Removing the component from a stack does not uninstall the devices: they keep serving their release.
 """
 
@@ -23,7 +27,48 @@ from deploy.edge_rollout import bundle_version, inventory_hash, playbook_hash
 
 # Inputs whose change means a new rollout. The vault password is deliberately absent: rotating it
 # changes nothing on the devices.
-FINGERPRINT_KEYS = ("bundle_version", "inventory_hash", "playbook_hash", "limit", "public_key", "playbook")
+FINGERPRINT_KEYS = (
+    "bundle_version",
+    "inventory_hash",
+    "playbook_hash",
+    "limit",
+    "public_key",
+    "playbook",
+    "escalation",
+    "escalation_token",
+)
+SECRET_KEYS = ("vault_password", "escalation_token")
+"""Inputs kept as secrets in the state (the vault password is not even kept: see :meth:`_rollout`)."""
+
+
+@dataclass
+class EdgeEscalationArgs:
+    """Where the devices escalate to: the cloud teacher (``ModelService`` with ``ServingIdentity``)."""
+
+    endpoint: pulumi.Input[str]
+    """The teacher's v2 base URL, ``https://address:443``."""
+
+    ca_pem: pulumi.Input[str]
+    """The CA its certificate chains to; the devices trust nothing else for it."""
+
+    token: pulumi.Input[str]
+    """Its inference bearer token (a secret)."""
+
+
+def escalation_extravars(props: dict[str, Any]) -> dict[str, Any]:
+    """The playbook's ``edge_escalation*`` variables from the rollout's inputs ({} without escalation).
+
+    Extra variables win over the inventory: a stack that sets escalation decides it for its site.
+    """
+    escalation = props.get("escalation")
+    if not escalation:
+        return {}
+    return {
+        "edge_escalation": "low_confidence",
+        "edge_escalation_endpoint": escalation["endpoint"],
+        "edge_escalation_ca": escalation["ca"],
+        "edge_escalation_token": props["escalation_token"],
+    }
 
 
 @dataclass
@@ -47,6 +92,9 @@ class EdgeFleetArgs:
 
     limit: pulumi.Input[str] | None = None
     """An Ansible host pattern restricting the rollout."""
+
+    escalation: EdgeEscalationArgs | None = None
+    """The cloud teacher the devices escalate to; None: the inventory decides (default ``never``)."""
 
 
 def _resolve(path: str) -> Path:
@@ -126,6 +174,7 @@ class EdgeRolloutProvider(pulumi.dynamic.ResourceProvider):
             public_key=_resolve(props["public_key"]) if props.get("public_key") else None,
             vault_password=props.get("vault_password") or None,
             limit=props.get("limit") or None,
+            extravars=escalation_extravars(props),
         )  # raises RolloutError naming failed and unreachable hosts
         hosts = {
             name: {"version": host.version, "status": host.status, "endpoint": host.endpoint}
@@ -184,11 +233,16 @@ class EdgeFleet(pulumi.ComponentResource):
             "bundle_version": prints.apply(lambda p: p["bundle_version"]),
             "inventory_hash": prints.apply(lambda p: p["inventory_hash"]),
             "playbook_hash": prints.apply(lambda p: p["playbook_hash"]),
+            "escalation": None,
+            "escalation_token": None,
         }
+        if args.escalation is not None:
+            props["escalation"] = {"endpoint": args.escalation.endpoint, "ca": args.escalation.ca_pem}
+            props["escalation_token"] = pulumi.Output.secret(args.escalation.token)
         rollout = _EdgeRollout(
             f"{name}-rollout",
             props,
-            pulumi.ResourceOptions(parent=self, additional_secret_outputs=["vault_password"]),
+            pulumi.ResourceOptions(parent=self, additional_secret_outputs=list(SECRET_KEYS)),
         )
         self.hosts = rollout.hosts
         self.register_outputs({"hosts": self.hosts})

@@ -58,6 +58,19 @@ PREPULL_REQUESTS = {"cpu": "10m", "memory": "16Mi"}
 PROMETHEUS_STACK_RELEASE = "kube-prometheus-stack"
 """The kube-prometheus-stack release ModelService installs. Its Prometheus selects the ServiceMonitors
 labelled ``release: <release name>`` (the chart's default ``serviceMonitorSelector``)."""
+AUTH_MOUNT = "/etc/dualdeploy/auth"
+"""Where an authenticated server's credentials Secret is mounted (read-only)."""
+AUTH_KEYS = ("tls.crt", "tls.key", "ca.crt", "token", "metrics-token")
+"""The credentials Secret's keys: the server's certificate and key, the CA that signed it (Prometheus
+and the edge devices verify against it), the inference token and the read-only metrics token."""
+SET_BY_PULUMI = "set-by-pulumi-up"
+"""The value a rendered object carries where only ``pulumi up`` knows it (credentials, EIP ids)."""
+CREDENTIALS_ANNOTATION = "dualdeploy.io/credentials-sha256"
+"""Pod-template annotation: a hash of the credentials, so a new certificate or token rolls the pods."""
+EIP_ANNOTATION = "service.beta.kubernetes.io/aws-load-balancer-eip-allocations"
+"""The NLB's Elastic IPs, one per public subnet: addresses a site's firewall can name in advance."""
+HTTPS_PORT = 443
+"""The Service port of an authenticated server (TLS passes through the NLB to the pods)."""
 QUEUE_METRIC = "dualdeploy_inflight_requests"
 """The server's in-flight gauge (``serving/metrics.py``), served to the HPA by prometheus-adapter."""
 
@@ -194,9 +207,20 @@ def _security_context() -> dict[str, Any]:
     }
 
 
-def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
+def auth_secret_name(args: ModelServiceArgs) -> str:
+    """The credentials Secret of an authenticated service."""
+    return f"{args.name}-auth"
+
+
+def server_name(args: ModelServiceArgs) -> str:
+    """The in-cluster DNS name the server's certificate carries (Prometheus verifies against it)."""
+    return f"{args.name}.{args.namespace}.svc"
+
+
+def _probe(path: str, *, period: int, failures: int, https: bool = False) -> dict[str, Any]:
     return {
-        "httpGet": {"path": path, "port": "http"},
+        # The kubelet does not verify an HTTPS probe's certificate; health paths need no token.
+        "httpGet": {"path": path, "port": "http", **({"scheme": "HTTPS"} if https else {})},
         "periodSeconds": period,
         "failureThreshold": failures,
         "timeoutSeconds": 2,
@@ -206,7 +230,7 @@ def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
 def deployment(args: ModelServiceArgs) -> dict[str, Any]:
     """The model server Deployment. No ``replicas``: the HPA owns the count."""
     cpu_limit = _double_cpu(args.cpu)
-    container = {
+    container: dict[str, Any] = {
         "name": "server",
         "image": args.image,
         # By digest, "Always" costs one manifest check and never yields a different image.
@@ -230,14 +254,15 @@ def deployment(args: ModelServiceArgs) -> dict[str, Any]:
             "limits": {"cpu": cpu_limit, "memory": args.memory, args.gpu_resource: "1"},
         },
         # Cold start: up to 5 minutes to load and warm the model before liveness counts.
-        "startupProbe": _probe(READY_PATH, period=5, failures=60),
-        "readinessProbe": _probe(READY_PATH, period=5, failures=2),
-        "livenessProbe": _probe(LIVE_PATH, period=10, failures=3),
+        "startupProbe": _probe(READY_PATH, period=5, failures=60, https=args.authenticated),
+        "readinessProbe": _probe(READY_PATH, period=5, failures=2, https=args.authenticated),
+        "livenessProbe": _probe(LIVE_PATH, period=10, failures=3, https=args.authenticated),
         # Endpoints and load balancers stop sending before SIGTERM starts the server's drain.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
         "securityContext": _security_context(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
     annotations: dict[str, str] = {}
     if not args.prometheus_operator:
         annotations = {
@@ -245,6 +270,28 @@ def deployment(args: ModelServiceArgs) -> dict[str, Any]:
             "prometheus.io/port": str(args.port),
             "prometheus.io/path": "/metrics",
         }
+    if args.authenticated:
+        # HTTPS and a bearer token (the cascade's teacher is reached from outside the cluster).
+        container["env"] += [
+            {"name": f"DUALDEPLOY_{name}", "value": f"{AUTH_MOUNT}/{key}"}
+            for name, key in (
+                ("TLS_CERT", "tls.crt"),
+                ("TLS_KEY", "tls.key"),
+                ("TOKEN_FILE", "token"),
+                ("METRICS_TOKEN_FILE", "metrics-token"),
+            )
+        ]
+        container["volumeMounts"].append({"name": "auth", "mountPath": AUTH_MOUNT, "readOnly": True})
+        volumes.append(
+            {
+                "name": "auth",
+                # Group-readable for the pod's fsGroup (the server's uid); nobody else.
+                "secret": {"secretName": auth_secret_name(args), "defaultMode": 0o440},
+            }
+        )
+        annotations[CREDENTIALS_ANNOTATION] = SET_BY_PULUMI
+        if not args.prometheus_operator:
+            annotations["prometheus.io/scheme"] = "https"
     pod_spec = {
         "serviceAccountName": args.name,
         "automountServiceAccountToken": False,
@@ -256,7 +303,7 @@ def deployment(args: ModelServiceArgs) -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+        "volumes": volumes,
         **_gpu_scheduling(args),
     }
     template_meta: dict[str, Any] = {"labels": all_labels(args)}
@@ -277,26 +324,48 @@ def deployment(args: ModelServiceArgs) -> dict[str, Any]:
 
 
 def service(args: ModelServiceArgs) -> dict[str, Any]:
-    """ClusterIP by default; an NLB (internal or internet-facing) through annotations."""
+    """ClusterIP by default; an NLB (internal or internet-facing) through annotations.
+
+    An authenticated server listens on 443 (TLS passes through the NLB to the pods); with
+    ``static_ingress`` the NLB sits on Elastic IPs allocated beforehand, so the sites' firewalls can
+    name the teacher's addresses before it exists.
+    """
     annotations: dict[str, str] = {}
-    kind = "ClusterIP"
+    spec: dict[str, Any] = {"type": "ClusterIP", "selector": labels(args)}
     if args.load_balancer != "none":
-        kind = "LoadBalancer"
+        spec["type"] = "LoadBalancer"
         annotations = {
             "service.beta.kubernetes.io/aws-load-balancer-type": "nlb",
             "service.beta.kubernetes.io/aws-load-balancer-internal": str(
                 args.load_balancer == "internal"
             ).lower(),
         }
+        if args.static_ingress:
+            annotations[EIP_ANNOTATION] = SET_BY_PULUMI
+        if args.load_balancer_source_ranges:
+            spec["loadBalancerSourceRanges"] = list(args.load_balancer_source_ranges)
+    port = (
+        {"name": "https", "port": HTTPS_PORT, "targetPort": "http", "protocol": "TCP"}
+        if args.authenticated
+        else {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
+    )
+    spec["ports"] = [port]
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(args, args.name, annotations=annotations),
-        "spec": {
-            "type": kind,
-            "selector": labels(args),
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
-        },
+        "spec": spec,
+    }
+
+
+def auth_secret(args: ModelServiceArgs) -> dict[str, Any]:
+    """The credentials of an authenticated server; ``pulumi up`` fills every value (:data:`AUTH_KEYS`)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(args, auth_secret_name(args)),
+        "type": "Opaque",
+        "stringData": dict.fromkeys(AUTH_KEYS, SET_BY_PULUMI),
     }
 
 
@@ -399,14 +468,30 @@ def service_monitor(args: ModelServiceArgs) -> dict[str, Any]:
         "spec": {
             "selector": {"matchLabels": labels(args)},
             "namespaceSelector": {"matchNames": [args.namespace]},
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
+            "endpoints": [_scrape_endpoint(args)],
         },
+    }
+
+
+def _scrape_endpoint(args: ModelServiceArgs) -> dict[str, Any]:
+    """The ServiceMonitor endpoint; an authenticated server is scraped over verified HTTPS with the
+    metrics token, which reads ``/metrics`` and nothing else."""
+    if not args.authenticated:
+        return {"port": "http", "path": "/metrics", "interval": "15s"}
+    secret = auth_secret_name(args)
+    return {
+        "port": "https",
+        "path": "/metrics",
+        "interval": "15s",
+        "scheme": "https",
+        "tlsConfig": {"ca": {"secret": {"name": secret, "key": "ca.crt"}}, "serverName": server_name(args)},
+        "authorization": {"type": "Bearer", "credentials": {"name": secret, "key": "metrics-token"}},
     }
 
 
 def prepull_daemonset(args: ModelServiceArgs) -> dict[str, Any]:
     """Keeps the image on every GPU node the service may use, so a new pod does not wait for a pull."""
-    container = {
+    container: dict[str, Any] = {
         "name": "hold",
         "image": args.image,
         "imagePullPolicy": "Always",
@@ -480,6 +565,7 @@ def all_objects(args: ModelServiceArgs) -> list[dict[str, Any]]:
     objects = [
         namespace(args),
         service_account(args),
+        *([auth_secret(args)] if args.authenticated else []),
         deployment(args),
         service(args),
         horizontal_pod_autoscaler(args),

@@ -8,7 +8,9 @@ pulumi-kubernetes. It never builds a provider: the caller hands in the cluster's
 Objects: a Namespace (restricted Pod Security), a ServiceAccount without an API token, the
 Deployment (image by digest, one GPU, arch affinity, Spot tolerations, spread, v2 probes,
 ``preStop`` and a grace period within the Spot notice, hardened containers, no ``replicas``),
-a Service (ClusterIP or an NLB), an autoscaling/v2 HPA, a PDB, a NetworkPolicy, and optionally
+a Service (ClusterIP or an NLB, optionally on Elastic IPs given beforehand), an autoscaling/v2 HPA,
+a PDB, a NetworkPolicy, with ``authenticated`` a credentials Secret (HTTPS and bearer tokens, for the
+hybrid cascade's edge devices), and optionally
 kube-prometheus-stack (the Prometheus operator and a Prometheus, pinned) with a ServiceMonitor
 that its Prometheus selects (else scrape annotations, and no ServiceMonitor at all), the image
 pre-pull DaemonSet, prometheus-adapter (serving the queue-depth metric to the HPA) and NVIDIA's
@@ -18,6 +20,7 @@ ModelService with them per cluster.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,15 +58,38 @@ _KINDS: dict[str, Any] = {
     "PodDisruptionBudget": k8s.policy.v1.PodDisruptionBudget,
     "NetworkPolicy": k8s.networking.v1.NetworkPolicy,
     "DaemonSet": k8s.apps.v1.DaemonSet,
+    "Secret": k8s.core.v1.Secret,
 }
 """Kinds with a typed pulumi-kubernetes class; others (the ServiceMonitor CRD) go through CustomResource."""
+
+
+@dataclass
+class ServingCredentials:
+    """What an authenticated server needs (``ServingIdentity.credentials`` makes them)."""
+
+    cert_pem: pulumi.Input[str]
+    """The server's certificate (PEM)."""
+
+    key_pem: pulumi.Input[str]
+    """Its private key (PEM; a secret)."""
+
+    ca_pem: pulumi.Input[str]
+    """The CA that signed it: Prometheus and the edge devices verify against it."""
+
+    token: pulumi.Input[str]
+    """The inference bearer token (a secret)."""
+
+    metrics_token: pulumi.Input[str]
+    """The bearer token that reads ``/metrics`` and nothing else (a secret)."""
 
 
 @dataclass
 class ModelServiceArgs:
     """Inputs of :class:`ModelService`.
 
-    Everything but ``image`` is concrete: it decides which objects exist and what they say.
+    Everything but ``image``, ``credentials`` and ``eip_allocation_ids`` is concrete: it decides which
+    objects exist and what they say. Those three are filled in by ``__main__.py`` from the components
+    that make them.
     """
 
     name: str
@@ -141,10 +167,43 @@ class ModelServiceArgs:
     prometheus_stack_chart_version: str = "75.15.0"
     """Pinned kube-prometheus-stack chart (installed with ``prometheus_operator``)."""
 
+    authenticated: bool = False
+    """Serve HTTPS with bearer tokens from a credentials Secret (``credentials`` fills it); the Service
+    listens on 443. The hybrid stack sets it: its edge devices reach this server as their teacher."""
+
+    static_ingress: bool = False
+    """Put the internet-facing NLB on the Elastic IPs in ``eip_allocation_ids`` (one per public subnet)."""
+
+    load_balancer_source_ranges: Sequence[str] = ()
+    """CIDRs that may reach the NLB (``loadBalancerSourceRanges``); empty: any address."""
+
+    credentials: ServingCredentials | None = None
+    """The Secret's values; required with ``authenticated``."""
+
+    eip_allocation_ids: pulumi.Input[Sequence[str]] | None = None
+    """The NLB's Elastic IP allocations; required with ``static_ingress``."""
+
     image: pulumi.Input[str] | None = None
     """The image by digest, ``<repository>@sha256:<digest>`` (``ModelImage.image_ref``). Required; it
     defaults to None only because the stack config is read before the image exists, and
     ``__main__.py`` fills it in."""
+
+
+def _validate_ingress(args: ModelServiceArgs) -> None:
+    """The Service's reach: its kind, its credentials and its addresses."""
+    if args.load_balancer not in k8s_specs.LOAD_BALANCERS:
+        raise ValueError(
+            f"load_balancer: {args.load_balancer!r} is not one of {', '.join(k8s_specs.LOAD_BALANCERS)}"
+        )
+    if args.authenticated and args.credentials is None:
+        raise ValueError("credentials: an authenticated service needs them (ServingIdentity.credentials)")
+    if args.static_ingress and (args.load_balancer != "internet-facing" or args.eip_allocation_ids is None):
+        raise ValueError(
+            "static_ingress: needs load_balancer 'internet-facing' and eip_allocation_ids "
+            "(StaticIngress.allocation_ids)"
+        )
+    if args.load_balancer_source_ranges and args.load_balancer == "none":
+        raise ValueError("load_balancer_source_ranges: only a load balancer has source ranges")
 
 
 def validate(args: ModelServiceArgs) -> list[str]:
@@ -180,10 +239,7 @@ def validate(args: ModelServiceArgs) -> list[str]:
         raise ValueError(
             f"gpu_resource: {args.gpu_resource!r} is not one of {', '.join(k8s_specs.GPU_RESOURCES)}"
         )
-    if args.load_balancer not in k8s_specs.LOAD_BALANCERS:
-        raise ValueError(
-            f"load_balancer: {args.load_balancer!r} is not one of {', '.join(k8s_specs.LOAD_BALANCERS)}"
-        )
+    _validate_ingress(args)
     warnings: list[str] = []
     missing = sorted(set(args.pool_arches) - set(args.engine_arches))
     if missing:
@@ -300,6 +356,28 @@ def _monitoring_chart(
     )
 
 
+def _fill_credentials(objects: list[dict[str, Any]], credentials: ServingCredentials) -> pulumi.Output[str]:
+    """Put the credentials into the Secret's spec; return their hash for the pod-template annotation.
+
+    The hash is not secret (SHA-256 of a random token and key): a preview shows that the pods roll
+    when a certificate or token changes, and shows nothing of them.
+    """
+    secret = next(o for o in objects if o["kind"] == "Secret")
+    values = {
+        "tls.crt": credentials.cert_pem,
+        "tls.key": credentials.key_pem,
+        "ca.crt": credentials.ca_pem,
+        "token": credentials.token,
+        "metrics-token": credentials.metrics_token,
+    }
+    assert set(values) == set(k8s_specs.AUTH_KEYS)
+    secret["stringData"] = {key: pulumi.Output.secret(value) for key, value in values.items()}
+    digest = pulumi.Output.all(*values.values()).apply(
+        lambda parts: hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()
+    )
+    return pulumi.Output.unsecret(digest)
+
+
 class ModelService(pulumi.ComponentResource):
     """The model server's Kubernetes objects, created with the provider passed in ``opts``."""
 
@@ -359,8 +437,19 @@ class ModelService(pulumi.ComponentResource):
                 after_monitoring,
             )
 
+        credentials_hash: pulumi.Output[str] | None = None
+        if args.credentials is not None and args.authenticated:
+            credentials_hash = _fill_credentials(namespaced, args.credentials)
         for obj in namespaced:
             kind = obj["kind"]
+            if kind == "Deployment" and credentials_hash is not None:
+                obj["spec"]["template"]["metadata"]["annotations"][k8s_specs.CREDENTIALS_ANNOTATION] = (
+                    credentials_hash
+                )
+            if kind == "Service" and args.static_ingress and args.eip_allocation_ids is not None:
+                obj["metadata"]["annotations"][k8s_specs.EIP_ANNOTATION] = pulumi.Output.from_input(
+                    args.eip_allocation_ids
+                ).apply(",".join)
             suffix = {"HorizontalPodAutoscaler": "hpa", "PodDisruptionBudget": "pdb"}.get(kind, kind.lower())
             if kind == "DaemonSet":
                 suffix = "prepull"
@@ -374,7 +463,8 @@ class ModelService(pulumi.ComponentResource):
 
         self.namespace = args.namespace
         self.deployment_name = args.name
-        self.url = pulumi.Output.from_input(f"http://{args.name}.{args.namespace}.svc.cluster.local/v2")
+        scheme = "https" if args.authenticated else "http"
+        self.url = pulumi.Output.from_input(f"{scheme}://{args.name}.{args.namespace}.svc.cluster.local/v2")
         self.register_outputs({"url": self.url})
 
     @staticmethod
@@ -393,6 +483,9 @@ class ModelService(pulumi.ComponentResource):
         kwargs: dict[str, Any] = {"metadata": obj["metadata"]}
         if "spec" in obj:
             kwargs["spec"] = obj["spec"]
+        if obj["kind"] == "Secret":
+            kwargs["type"] = obj["type"]
+            kwargs["string_data"] = obj["stringData"]
         if "automountServiceAccountToken" in obj:
             kwargs["automount_service_account_token"] = obj["automountServiceAccountToken"]
         resource: pulumi.Resource = cls(resource_name, **kwargs, opts=opts)

@@ -25,13 +25,15 @@ The keys, by section (the stack files in ``stacks/`` show each one in use)::
     dualdeploy:serving         {minReplicas, maxReplicas, targetCpuUtilization, namespace, port,
                                 cpu, memory, drainSeconds, queueDepthTarget, prometheusAdapter,
                                 prometheusUrl, prometheusOperator, loadBalancer, prePull,
-                                dcgmExporter, keepImages, publicKey}
-    dualdeploy:edge            {inventory, bundle, playbook, publicKey, limit}
+                                dcgmExporter, keepImages, publicKey, loadBalancerSourceRanges}
+    dualdeploy:edge            {inventory, bundle, playbook, publicKey, limit,
+                                escalation: never | low_confidence}
     dualdeploy:edgeVaultPassword  (secret; read by __main__.py with get_secret, never here)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -147,6 +149,8 @@ class BundleRef:
     version: str
     engine_arches: frozenset[str]
     tensorrt_version: str | None = None
+    cascade_teacher: tuple[str, str] | None = None
+    """The calibrated cascade's teacher, ``(model, version)``, for a distilled classifier."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,9 @@ class StackConfig:
         network / cluster / image / service: the cloud part, all four or none
             (``cluster.subnet_ids`` and ``service.image`` are left None for ``__main__.py``).
         edge: the edge part, or None (``vault_password`` is left None: it is a secret).
+        escalation: ``edge.escalation``; with ``low_confidence`` the service is ``authenticated``
+            on ``static_ingress`` and the network allocates its addresses, and ``__main__.py`` passes
+            the teacher's endpoint, CA and token to the fleet.
         warnings: things a user should hear about that are not errors.
     """
 
@@ -180,6 +187,7 @@ class StackConfig:
     image: ModelImageArgs | None
     service: ModelServiceArgs | None
     edge: EdgeFleetArgs | None
+    escalation: str = "never"
     warnings: tuple[str, ...] = field(default=())
 
 
@@ -342,6 +350,9 @@ def read_bundle(path: str, key: str, base_dir: Path) -> BundleRef:
         version=manifest.version,
         engine_arches=frozenset(str(v.gpu_arch) for v in engines),
         tensorrt_version=trt_versions[0] if trt_versions else None,
+        cascade_teacher=(
+            (manifest.cascade.teacher.model, manifest.cascade.teacher.version) if manifest.cascade else None
+        ),
     )
 
 
@@ -465,17 +476,23 @@ def _parse_gpu_pool(raw: Any, path: str, role: Literal["spot", "fallback"]) -> N
     )
 
 
+def _cidr_list(data: Mapping[str, Any], name: str, path: str) -> tuple[str, ...]:
+    """An optional list of CIDRs (IPv4 or IPv6), each checked."""
+    cidrs = _str_list(data, name, path, default=())
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError:
+            raise ConfigError(_key(f"{path}.{name}"), f"{cidr!r} is not a CIDR") from None
+    return cidrs
+
+
 def _parse_endpoint(raw: Any, path: str) -> tuple[bool, list[str]]:
     """Whether the API endpoint is public, and its allow-list."""
     endpoint_raw = _object(raw, path)
     _known_keys(endpoint_raw, ("publicAccess", "publicAccessCidrs"), path)
     public = _bool(endpoint_raw, "publicAccess", path, default=False)
-    cidrs = _str_list(endpoint_raw, "publicAccessCidrs", path, default=())
-    for cidr in cidrs:
-        try:
-            ipaddress.ip_network(cidr)
-        except ValueError:
-            raise ConfigError(_key(f"{path}.publicAccessCidrs"), f"{cidr!r} is not a CIDR") from None
+    cidrs = _cidr_list(endpoint_raw, "publicAccessCidrs", path)
     if cidrs and not public:
         raise ConfigError(
             _key(f"{path}.publicAccessCidrs"),
@@ -644,8 +661,10 @@ def _parse_access(raw: Any, path: str) -> tuple[str, str, list[str]]:
 SERVING_KEYS = (
     "minReplicas", "maxReplicas", "targetCpuUtilization", "namespace", "port", "cpu", "memory",
     "drainSeconds", "queueDepthTarget", "prometheusAdapter", "prometheusOperator", "loadBalancer", "prePull",
-    "prometheusUrl", "dcgmExporter", "keepImages", "publicKey",
+    "prometheusUrl", "dcgmExporter", "keepImages", "publicKey", "loadBalancerSourceRanges",
 )  # fmt: skip
+ESCALATION_MODES = ("never", "low_confidence")
+"""``edge.escalation``: the role's ``edge_escalation`` values."""
 
 
 def _check_node_group_names(cluster: str, pools: tuple[NodePool, ...], fallback: NodePool | None) -> None:
@@ -731,7 +750,19 @@ def _parse_serving(
         pre_pull=_bool(data, "prePull", path, default=False),
         prometheus_url=_prometheus_url(data, path),
         dcgm_exporter=_bool(data, "dcgmExporter", path, default=False),
+        load_balancer_source_ranges=_source_ranges(data, path),
     )
+
+
+def _source_ranges(data: Mapping[str, Any], path: str) -> tuple[str, ...]:
+    """``serving.loadBalancerSourceRanges``: CIDRs, and only beside a load balancer."""
+    ranges = _cidr_list(data, "loadBalancerSourceRanges", path)
+    if ranges and data.get("loadBalancer", "none") == "none":
+        raise ConfigError(
+            _key(f"{path}.loadBalancerSourceRanges"),
+            "only a load balancer has source ranges: set loadBalancer internet-facing or internal",
+        )
+    return ranges
 
 
 def _parse_image(
@@ -800,28 +831,85 @@ def _prometheus_url(data: Mapping[str, Any], path: str) -> str | None:
     return url
 
 
-def _parse_edge(raw: Any, base_dir: Path) -> EdgeFleetArgs:
-    """The EdgeFleet's Args; ``vault_password`` is left for ``__main__.py`` (a secret)."""
+def _parse_edge(raw: Any, base_dir: Path) -> tuple[EdgeFleetArgs, BundleRef, str]:
+    """The EdgeFleet's Args, its bundle and ``escalation``.
+
+    ``vault_password`` is left for ``__main__.py`` (a secret), and ``escalation`` is only checked here
+    against the bundle: :func:`_wire_escalation` checks it against the cloud part.
+    """
     path = "edge"
     data = _object(raw, path)
-    _known_keys(data, ("inventory", "bundle", "playbook", "publicKey", "limit"), path)
+    _known_keys(data, ("inventory", "bundle", "playbook", "publicKey", "limit", "escalation"), path)
     inventory = _str(data, "inventory", path)
     if not (base_dir / inventory).exists():
         raise ConfigError(
             _key(f"{path}.inventory"), f"inventory {inventory!r} does not exist under {base_dir}"
         )
     bundle = _str(data, "bundle", path)
-    read_bundle(bundle, _key(f"{path}.bundle"), base_dir)
+    ref = read_bundle(bundle, _key(f"{path}.bundle"), base_dir)
+    escalation = _str(data, "escalation", path, default="never", choices=ESCALATION_MODES)
     public_key = _str(data, "publicKey", path, default=None)
     if public_key is not None and not (base_dir / public_key).is_file():
         raise ConfigError(_key(f"{path}.publicKey"), f"public key file {public_key!r} does not exist")
-    return EdgeFleetArgs(
+    args = EdgeFleetArgs(
         inventory=inventory,
         bundle_dir=bundle,
         playbook=_str(data, "playbook", path, default="ansible/edge.yml"),
         public_key=public_key,
         limit=_str(data, "limit", path, default=None),
     )
+    return args, ref, escalation
+
+
+def _wire_escalation(
+    edge_bundle: BundleRef,
+    cloud_bundle: BundleRef | None,
+    service: ModelServiceArgs | None,
+    warnings: list[str],
+) -> ModelServiceArgs:
+    """``edge.escalation: low_confidence``: the cloud service becomes the edge bundle's teacher.
+
+    The stack must serve, in the cloud, exactly the teacher the edge bundle's cascade was calibrated
+    against, on an internet-facing NLB; the service then serves HTTPS with tokens
+    (``authenticated``) on Elastic IPs (``static_ingress``) that the sites' firewalls name.
+
+    Raises:
+        ConfigError: naming the key that keeps the devices from reaching their teacher.
+    """
+    key = _key("edge.escalation")
+    if cloud_bundle is None or service is None:
+        raise ConfigError(
+            key,
+            "low_confidence escalates to this stack's cloud teacher, and the stack has no cloud part "
+            "(cluster, serving, bundle); add one, or set never",
+        )
+    if edge_bundle.cascade_teacher is None:
+        raise ConfigError(
+            _key("edge.bundle"),
+            f"{edge_bundle.path!r} has no calibrated cascade (manifest 'cascade'), so its devices have "
+            "nothing to escalate on: build a distilled classifier with one (models/demo-distilled.yaml)",
+        )
+    teacher = (cloud_bundle.model, cloud_bundle.version)
+    if edge_bundle.cascade_teacher != teacher:
+        raise ConfigError(
+            _key("bundle"),
+            f"the cloud serves {teacher[0]} {teacher[1]}, but the edge bundle's cascade was calibrated "
+            f"against {edge_bundle.cascade_teacher[0]} {edge_bundle.cascade_teacher[1]}; deploy that "
+            "teacher, or rebuild the edge bundle against this one (the devices would fall back on every "
+            "escalation)",
+        )
+    if service.load_balancer != "internet-facing":
+        raise ConfigError(
+            _key("serving.loadBalancer"),
+            f"is {service.load_balancer!r}; edge.escalation low_confidence needs the teacher reachable from "
+            "the sites: set internet-facing (TLS and a token guard it; loadBalancerSourceRanges narrows it)",
+        )
+    if not service.load_balancer_source_ranges:
+        warnings.append(
+            "serving.loadBalancerSourceRanges is not set: the teacher's NLB accepts connections from any "
+            "address (TLS and the bearer token still guard every request); list the sites' egress addresses"
+        )
+    return dataclasses.replace(service, authenticated=True, static_ingress=True)
 
 
 # --------------------------------------------------------------------------- the whole stack
@@ -908,7 +996,13 @@ def parse_stack_config(
                 "point it at the release signer's public key"
             )
 
-    edge = _parse_edge(raw["edge"], base_dir) if raw.get("edge") is not None else None
+    edge = escalation = None
+    if raw.get("edge") is not None:
+        edge, edge_bundle, escalation = _parse_edge(raw["edge"], base_dir)
+        if escalation == "low_confidence":
+            service = _wire_escalation(edge_bundle, bundle, service, warnings)
+            assert network is not None
+            network = dataclasses.replace(network, ingress_addresses=True)
     return StackConfig(
         stack=stack,
         environment=environment,
@@ -921,6 +1015,7 @@ def parse_stack_config(
         image=image,
         service=service,
         edge=edge,
+        escalation=escalation or "never",
         warnings=tuple(warnings),
     )
 

@@ -59,6 +59,12 @@ def service_args(cfg: StackConfig, image: str) -> ModelServiceArgs:
     if cfg.service is None:
         raise RenderError(f"stack {cfg.stack} has no cloud part (dualdeploy:cluster): nothing to render")
     args = dataclasses.replace(cfg.service, image=image)
+    if args.authenticated:
+        # The hybrid teacher's keys and tokens exist only in the stack's state (ServingIdentity).
+        unknown = k8s_specs.SET_BY_PULUMI
+        args = dataclasses.replace(args, credentials=model_service.ServingCredentials(*[unknown] * 5))
+    if args.static_ingress:
+        args = dataclasses.replace(args, eip_allocation_ids=[k8s_specs.SET_BY_PULUMI])
     try:
         model_service.validate(args)
     except ValueError as exc:
@@ -150,6 +156,13 @@ def render(stack: str, out_dir: Path, base_dir: Path = REPO_ROOT) -> list[Path]:
     if loaded.engines_missing:
         placeholders += ("gpu-arches (bundle lacks the required engines)",)
     args = service_args(cfg, image)
+    if args.authenticated:
+        placeholders += (
+            f"credentials (the {k8s_specs.auth_secret_name(args)} Secret's values and the pods' "
+            f"{k8s_specs.CREDENTIALS_ANNOTATION}: keys and tokens made by pulumi up, kept in its state)",
+        )
+    if args.static_ingress:
+        placeholders += ("NLB Elastic IP allocations (allocated by pulumi up)",)
     objects = [mark_placeholders(obj, placeholders) for obj in k8s_specs.all_objects(args)]
 
     out_dir = out_dir.resolve()

@@ -79,8 +79,29 @@ def stack_config(
     return config, secret_keys
 
 
-def _mock_outputs(typ: str, name: str, inputs: dict[str, Any], region: str) -> tuple[str, dict[str, Any]]:
+def _pem(label: str, body: str) -> str:
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
+
+
+def _mock_credentials(typ: str, name: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """What the tls and random providers report (PEM blocks and a random string), else None."""
+    body = f"MOCK{_hex(typ, name, length=32)}"
+    if typ == "tls:index/privateKey:PrivateKey":
+        return {"privateKeyPem": _pem("EC PRIVATE KEY", body), "publicKeyPem": _pem("PUBLIC KEY", body)}
+    if typ == "tls:index/certRequest:CertRequest":
+        return {"certRequestPem": _pem("CERTIFICATE REQUEST", body)}
+    if typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
+        return {"certPem": _pem("CERTIFICATE", body)}
+    if typ == "random:index/randomPassword:RandomPassword":
+        return {"result": _hex(typ, name, length=int(inputs.get("length", 16)))}
+    return None
+
+
+def mock_outputs(typ: str, name: str, inputs: dict[str, Any], region: str) -> tuple[str, dict[str, Any]]:
     """Realistic outputs for each resource type the program creates."""
+    credentials = _mock_credentials(typ, name, inputs)
+    if credentials is not None:
+        return f"{name}-{_hex(typ, name)[:8]}", {**inputs, **credentials}
     h = _hex(typ, name)
     arn = f"arn:aws:{{svc}}:{region}:{ACCOUNT}:{{res}}"
     out: dict[str, Any] = {}
@@ -140,6 +161,7 @@ def _mock_outputs(typ: str, name: str, inputs: dict[str, Any], region: str) -> t
         out = {"arn": arn.format(svc="ec2", res=f"{prefix}/{rid}")}
         if prefix == "eipalloc":
             out["publicIp"] = f"198.51.100.{int(h[:2], 16) % 250 + 1}"
+            out["allocationId"] = rid
     elif typ == "aws:ecr/repository:Repository":
         repo = str(inputs.get("name", name))
         rid = repo
@@ -198,7 +220,7 @@ def run(
 
     class CloudMocks(pulumi.runtime.Mocks):
         def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
-            return _mock_outputs(args.typ, args.name, dict(args.inputs), region)
+            return mock_outputs(args.typ, args.name, dict(args.inputs), region)
 
         def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]]]:
             if args.token == "aws:ecr/getAuthorizationToken:getAuthorizationToken":
@@ -340,13 +362,18 @@ def snapshot(graph: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_fixture_bundle(
-    dist: Path, model: str, engine_arches: tuple[str, ...] = (), version: str = "0123456789ab"
+    dist: Path,
+    model: str,
+    engine_arches: tuple[str, ...] = (),
+    version: str = "0123456789ab",
+    teacher: tuple[str, str] | None = None,
 ) -> Path:
     """Write a small signed bundle ``dist/<model>/<version>`` and point ``latest`` at it.
 
     Test data for the config rules: the ONNX and engine files are placeholder bytes, but
     the manifest, checksums and signature are real (written with contract.bundle), and
     each entry of ``engine_arches`` is declared as a TensorRT variant with that ``gpu_arch``.
+    With ``teacher`` (model, version) the manifest carries a calibrated cascade to it.
     """
     import numpy as np
 
@@ -400,6 +427,19 @@ def write_fixture_bundle(
         "tools": {},
         "skipped": [],
     }
+    if teacher is not None:
+        manifest["cascade"] = {
+            "measure": "margin",
+            "output": "y",
+            "threshold": 0.17,
+            "target_agreement": 0.998,
+            "expected_escalation_rate": 0.05,
+            "expected_agreement": 1.0,
+            "student_agreement": 0.99,
+            "samples": 2048,
+            "seed": 3,
+            "teacher": {"model": teacher[0], "version": teacher[1]},
+        }
     key_path = dist.parent / ".keys" / "dev-ed25519.pem"
     key = bundle.load_private_key(key_path) if key_path.exists() else bundle.generate_key(key_path)
     bundle.write_manifest(folder, manifest, key)
@@ -413,7 +453,7 @@ def make_project(root: Path, engine_arches: tuple[str, ...] = ()) -> Path:
     the repository's ansible/ folder when it exists (the edge stacks read inventories)."""
     root.mkdir(parents=True, exist_ok=True)
     write_fixture_bundle(root / "dist", "demo", engine_arches)
-    write_fixture_bundle(root / "dist", "demo-distilled")
+    write_fixture_bundle(root / "dist", "demo-distilled", teacher=("demo", "0123456789ab"))
     for source in ("serving", "contract", "model_build"):
         (root / source).symlink_to(REPO_ROOT / source)
     if (REPO_ROOT / "ansible").is_dir():

@@ -16,7 +16,7 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 import pytest
-from cloud_harness import _mock_outputs, caller_identity
+from cloud_harness import caller_identity, mock_outputs
 
 from components.aws.gpu_cluster import (
     ACCELERATOR_LABEL,
@@ -56,7 +56,7 @@ class ComponentMocks(pulumi.runtime.Mocks):
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         self.registered.append((args.typ, args.name))
         self.inputs[(args.typ, args.name)] = dict(args.inputs)
-        return _mock_outputs(args.typ, args.name, dict(args.inputs), REGION)
+        return mock_outputs(args.typ, args.name, dict(args.inputs), REGION)
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         if args.token == "aws:index/getCallerIdentity:getCallerIdentity":

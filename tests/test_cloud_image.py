@@ -10,7 +10,7 @@ from typing import Any
 
 import pulumi
 import pytest
-from cloud_harness import _mock_outputs, make_project, write_fixture_bundle
+from cloud_harness import make_project, mock_outputs, write_fixture_bundle
 
 from components.aws import model_image
 from components.aws.model_image import ModelImage, ModelImageArgs, stage_context
@@ -22,7 +22,7 @@ class Mocks(pulumi.runtime.Mocks):
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         self.registered.append(args.name)
-        return _mock_outputs(args.typ, args.name, dict(args.inputs), "us-east-1")
+        return mock_outputs(args.typ, args.name, dict(args.inputs), "us-east-1")
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         return {"userName": "AWS", "password": "unit", "proxyEndpoint": "https://x"}, []

@@ -25,7 +25,7 @@ from cloud_harness import REPO_ROOT, make_project
 from components import k8s_specs
 from deploy.render import RenderError, render
 
-CLOUD_STACKS = ("cloud-dev", "cloud-prod")
+CLOUD_STACKS = ("cloud-dev", "cloud-prod", "hybrid")  # every stack with a cloud part
 ENGINES = {"cloud-prod": ("sm_86", "sm_89")}
 CHECKOV = REPO_ROOT / ".tools" / "checkov" / "bin" / "checkov"
 CRD_KINDS = {"ServiceMonitor"}  # custom resources: kubernetes-validate ships no schema for them

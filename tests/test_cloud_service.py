@@ -16,7 +16,7 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 import pytest
-from cloud_harness import REPO_ROOT, _mock_outputs, make_project
+from cloud_harness import REPO_ROOT, make_project, mock_outputs
 
 from components import k8s_specs
 from components.aws import model_image
@@ -37,7 +37,7 @@ class ComponentMocks(pulumi.runtime.Mocks):
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         self.registered.append((args.typ, args.name, dict(args.inputs)))
         self.providers[args.name] = args.provider
-        return _mock_outputs(args.typ, args.name, dict(args.inputs), REGION)
+        return mock_outputs(args.typ, args.name, dict(args.inputs), REGION)
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         if args.token == "aws:ecr/getAuthorizationToken:getAuthorizationToken":
@@ -91,6 +91,19 @@ def service_args(**overrides: Any) -> ModelServiceArgs:
         (
             {"queue_depth_target": 4, "prometheus_adapter": True},
             "prometheus_url: prometheus-adapter needs a Prometheus to query",
+        ),
+        ({"authenticated": True}, r"credentials: an authenticated service needs them"),
+        (
+            {"static_ingress": True, "eip_allocation_ids": ["eipalloc-1"], "load_balancer": "internal"},
+            "static_ingress: needs load_balancer 'internet-facing' and eip_allocation_ids",
+        ),
+        (
+            {"static_ingress": True, "load_balancer": "internet-facing"},
+            "static_ingress: needs load_balancer 'internet-facing' and eip_allocation_ids",
+        ),
+        (
+            {"load_balancer_source_ranges": ["203.0.113.0/24"]},
+            "load_balancer_source_ranges: only a load balancer has source ranges",
         ),
     ],
 )

@@ -26,10 +26,20 @@ from typing import Any
 
 import pytest
 import yaml
-from cloud_harness import REPO_ROOT, is_secret, make_project, mask_secrets, secret_values, snapshot
+from cloud_harness import (
+    REPO_ROOT,
+    is_secret,
+    make_project,
+    mask_secrets,
+    mock_outputs,
+    secret_values,
+    snapshot,
+    write_fixture_bundle,
+)
 
 from components import k8s_specs
 from components.aws.gpu_instances import GPU_INSTANCE_TYPES
+from components.edge_fleet import escalation_extravars
 from deploy.render import render
 
 CLOUD_STACKS = ("cloud-dev", "cloud-prod")
@@ -775,13 +785,151 @@ def test_invalid_service_config_stops_the_program_before_any_resource(
     assert [r["type"] for r in json.loads(out.read_text())["resources"]] == ["pulumi:pulumi:Stack"]
 
 
+# --------------------------------------------------------------------------- hybrid: the edge's own teacher
+
+
+def _hybrid_service(run: StackRun) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The hybrid stack's Service, Deployment and credentials Secret."""
+    return k8s_object(run, "Service"), k8s_object(run, "Deployment"), k8s_object(run, "Secret")
+
+
+def test_hybrid_edge_devices_escalate_to_their_own_cloud_teacher(runs: dict[str, StackRun]) -> None:
+    """Issue 13, item 4: one program run wires the cloud Service's endpoint, CA and token into EdgeFleet."""
+    run = runs["hybrid"]
+    service, deployment, secret = _hybrid_service(run)
+    ingress = sorted(
+        (r for r in run.of_type("aws:ec2/eip:Eip") if "ingress" in r["name"]), key=lambda r: r["name"]
+    )
+    assert len(ingress) == len(stack_file("hybrid")["dualdeploy:network"]["availabilityZones"])
+    # What the (mock) provider gave each ingress EIP: its allocation id and public address.
+    region = stack_file("hybrid")["aws:region"]
+    given = [mock_outputs("aws:ec2/eip:Eip", r["name"], r["inputs"], region)[1] for r in ingress]
+    # The NLB sits on exactly the ingress EIPs (not the NAT's), listens on 443, from the sites only.
+    annotation = service["metadata"]["annotations"][k8s_specs.EIP_ANNOTATION]
+    assert annotation == ",".join(eip["allocationId"] for eip in given)
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["spec"]["ports"] == [
+        {"name": "https", "port": 443, "protocol": "TCP", "targetPort": "http"}
+    ]
+    assert service["spec"]["loadBalancerSourceRanges"] == serving_of("hybrid")["loadBalancerSourceRanges"]
+    # The certificate carries every ingress address and the in-cluster name; the CA signed it.
+    addresses = [eip["publicIp"] for eip in given]
+    csr = run.one("tls:index/certRequest:CertRequest", "teacher-identity-csr")["inputs"]
+    assert csr["ipAddresses"] == addresses and "demo.dualdeploy.svc" in csr["dnsNames"]
+    signed = run.one("tls:index/locallySignedCert:LocallySignedCert", "teacher-identity-cert")["inputs"]
+    assert "server_auth" in signed["allowedUses"] and signed["earlyRenewalHours"] > 0
+    ca_pem = signed["caCertPem"]
+    # The rollout gets the first address, that CA and the Secret's token: the role's variables.
+    (rollout,) = run.of_type("pulumi-python:dynamic/edge_fleet:EdgeRollout")
+    props = rollout["inputs"]
+    assert props["escalation"] == {"endpoint": f"https://{addresses[0]}:443", "ca": ca_pem}
+    assert is_secret(props["escalation_token"]) and is_secret(secret["stringData"])
+    credentials = secret["stringData"]["value"]
+    assert props["escalation_token"]["value"] == credentials["token"]
+    assert credentials["ca.crt"] == ca_pem and credentials["metrics-token"] != credentials["token"]
+    extravars = escalation_extravars({**props, "escalation_token": props["escalation_token"]["value"]})
+    assert extravars == {
+        "edge_escalation": "low_confidence",
+        "edge_escalation_endpoint": f"https://{addresses[0]}:443",
+        "edge_escalation_ca": ca_pem,
+        "edge_escalation_token": credentials["token"],
+    }
+    assert run.graph["outputs"]["teacher_endpoint"] == f"https://{addresses[0]}:443"
+    # The pods serve HTTPS with the token from the mounted Secret, and roll when it changes.
+    env = container_env(server_container(run))
+    assert env["DUALDEPLOY_TLS_CERT"] == f"{k8s_specs.AUTH_MOUNT}/tls.crt"
+    assert env["DUALDEPLOY_TOKEN_FILE"] == f"{k8s_specs.AUTH_MOUNT}/token"
+    assert env["DUALDEPLOY_METRICS_TOKEN_FILE"] == f"{k8s_specs.AUTH_MOUNT}/metrics-token"
+    assert server_container(run)["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    checksum = deployment["spec"]["template"]["metadata"]["annotations"][k8s_specs.CREDENTIALS_ANNOTATION]
+    assert re.fullmatch(r"[0-9a-f]{64}", checksum), "the checksum is plain (a preview shows the roll)"
+    volume = next(v for v in pod_spec(run)["volumes"] if v["name"] == "auth")
+    assert volume["secret"] == {"secretName": "demo-auth", "defaultMode": 0o440}
+
+
+def test_hybrid_keys_and_tokens_reach_the_state_only_as_secrets(runs: dict[str, StackRun]) -> None:
+    run = runs["hybrid"]
+    plain = json.dumps([mask_secrets(r["inputs"]) for r in run.resources])
+    _, _, secret = _hybrid_service(run)
+    credentials = secret["stringData"]["value"]
+    for key in ("token", "metrics-token", "tls.key"):
+        assert credentials[key] not in plain, key
+    assert "teacher_ca" in run.graph["outputs"]  # public: the sites' technicians may read it
+
+
+def test_edge_only_and_cloud_stacks_serve_plain_http_without_credentials(runs: dict[str, StackRun]) -> None:
+    for stack in CLOUD_STACKS:
+        run = runs[stack]
+        assert not [r for r in run.resources if r["type"].startswith(("tls:", "random:"))]
+        assert not [r for r in run.resources if r["type"] == "kubernetes:core/v1:Secret"]
+        assert "DUALDEPLOY_TOKEN_FILE" not in container_env(server_container(run))
+    (rollout,) = runs["edge-site"].of_type("pulumi-python:dynamic/edge_fleet:EdgeRollout")
+    assert rollout["inputs"].get("escalation") is None
+    assert escalation_extravars(rollout["inputs"]) == {}
+
+
+@pytest.mark.parametrize(
+    ("stack", "override", "key", "says"),
+    [
+        (
+            "hybrid",
+            {"dualdeploy:serving": {"minReplicas": 2, "maxReplicas": 20}},
+            "dualdeploy:serving.loadBalancer",
+            "needs the teacher reachable from the sites",
+        ),
+        (
+            "hybrid",
+            {"dualdeploy:bundle": "dist/other-teacher/latest"},
+            "dualdeploy:bundle",
+            "calibrated against demo 0123456789ab",
+        ),
+        (
+            "edge-site",
+            {"dualdeploy:edge": {"inventory": "ansible/inventories/example-site", "bundle":
+                                 "dist/demo-distilled/latest", "escalation": "low_confidence"}},
+            "dualdeploy:edge.escalation",
+            "the stack has no cloud part",
+        ),
+        (
+            "hybrid",
+            {"dualdeploy:edge": {"inventory": "ansible/inventories/example-site",
+                                 "bundle": "dist/demo/latest", "escalation": "low_confidence"}},
+            "dualdeploy:edge.bundle",
+            "has no calibrated cascade",
+        ),
+    ],
+    ids=["no-load-balancer", "other-teacher", "no-cloud-part", "no-cascade"],
+)  # fmt: skip
+def test_escalation_a_stack_cannot_wire_stops_the_program_naming_the_key(
+    stack: str, override: dict[str, Any], key: str, says: str, tmp_path: Path
+) -> None:
+    project = make_project(tmp_path / "project")
+    write_fixture_bundle(project / "dist", "other-teacher", version="fedcba987654")
+    out = tmp_path / "graph.json"
+    settings = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in override.items()]
+    done = run_stack(stack, project, out, *settings)
+    assert done.returncode != 0
+    assert f"invalid stack config: {key}" in done.stderr and says in done.stderr, done.stderr[-2000:]
+    assert [r["type"] for r in json.loads(out.read_text())["resources"]] == ["pulumi:pulumi:Stack"]
+
+
 # --------------------------------------------------------------------------- make render = the program
 
 
+ONLY_PULUMI_UP_KNOWS = (
+    k8s_specs.PLACEHOLDER_ANNOTATION,
+    k8s_specs.CREDENTIALS_ANNOTATION,
+    k8s_specs.EIP_ANNOTATION,
+    "stringData",
+)
+"""Keys whose values only a real apply knows: the placeholder note, the teacher's credentials and its
+Elastic IPs (``make render`` writes ``set-by-pulumi-up`` there)."""
+
+
 def _offline_view(value: Any) -> Any:
-    """An object with what only a real apply knows set aside: image references and the placeholder note."""
+    """An object with what only a real apply knows set aside: image references, credentials, addresses."""
     if isinstance(value, dict):
-        out = {k: _offline_view(v) for k, v in value.items() if k != k8s_specs.PLACEHOLDER_ANNOTATION}
+        out = {k: _offline_view(v) for k, v in value.items() if k not in ONLY_PULUMI_UP_KNOWS}
         if "image" in out and isinstance(out["image"], str):
             out["image"] = "<image by digest>"
         if out.get("annotations") == {}:
@@ -794,10 +942,12 @@ def _offline_view(value: Any) -> Any:
     return value
 
 
+@pytest.mark.parametrize("stack", [*CLOUD_STACKS, "hybrid"])
 def test_make_render_writes_exactly_the_objects_the_program_creates(
-    cloud: StackRun, tmp_path_factory: pytest.TempPathFactory
+    stack: str, runs: dict[str, StackRun], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """One spec, two writers: so the service's policies above hold for ``make render``'s files too."""
+    cloud = runs[stack]
     project = make_project(tmp_path_factory.mktemp(f"render-{cloud.stack}"), ENGINES.get(cloud.stack, ()))
     out = project / "build" / "manifests" / cloud.stack
     files = render(cloud.stack, out, project)
@@ -812,6 +962,8 @@ def test_make_render_writes_exactly_the_objects_the_program_creates(
     assert sorted(by_key) == sorted((o["kind"], o["metadata"]["name"]) for o in rendered)
     for obj in rendered:
         assert _offline_view(obj) == by_key[obj["kind"], obj["metadata"]["name"]], obj["kind"]
+        if obj["kind"] == "Secret":  # no key or token is ever written to a rendered file
+            assert obj["stringData"] == dict.fromkeys(k8s_specs.AUTH_KEYS, k8s_specs.SET_BY_PULUMI)
     # What the offline files hold in place of the pushed image: a placeholder by digest, never a tag.
     text = "\n".join(path.read_text() for path in files)
     images = re.findall(r"image: (\S+)", text)

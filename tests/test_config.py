@@ -27,7 +27,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project folder with fixture bundles (demo has sm_86 and sm_89 engines) and inventories."""
     root = tmp_path_factory.mktemp("project")
     write_fixture_bundle(root / "dist", "demo", ("sm_86", "sm_89"))
-    write_fixture_bundle(root / "dist", "demo-distilled")
+    write_fixture_bundle(root / "dist", "demo-distilled", teacher=("demo", "0123456789ab"))
     write_fixture_bundle(root / "dist", "plain")  # no engines at all
     for inventory in ("local", "example-site"):
         (root / "ansible" / "inventories" / inventory).mkdir(parents=True)
@@ -140,6 +140,48 @@ def test_hybrid_stack_serves_the_large_model_in_the_cloud_and_the_distilled_one_
     assert config.bundle is not None and config.bundle.path == "dist/demo/latest"
     assert config.edge is not None and config.edge.bundle_dir == "dist/demo-distilled/latest"
     assert config.cluster is not None
+    # The edge devices escalate to this stack's teacher: HTTPS and tokens on allocated addresses.
+    assert config.escalation == "low_confidence"
+    assert config.service is not None and config.service.authenticated and config.service.static_ingress
+    assert config.network is not None and config.network.ingress_addresses
+    assert config.service.load_balancer_source_ranges == ("203.0.113.0/24",)
+
+
+def test_cloud_stacks_without_escalation_serve_plain_in_the_cluster(project: Path) -> None:
+    config = parse(cloud_raw(), project)
+    assert config.escalation == "never"
+    assert config.service is not None and not config.service.authenticated
+    assert config.network is not None and not config.network.ingress_addresses
+
+
+@pytest.mark.parametrize(
+    ("serving", "says"),
+    [
+        ({"loadBalancer": "internet-facing", "loadBalancerSourceRanges": ["10.0.0.300/8"]}, "is not a CIDR"),
+        ({"loadBalancerSourceRanges": ["203.0.113.0/24"]}, "only a load balancer has source ranges"),
+    ],
+)
+def test_bad_load_balancer_source_ranges_name_the_key(
+    project: Path, serving: dict[str, Any], says: str
+) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {**raw["serving"], **serving}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.loadBalancerSourceRanges" and says in str(error)
+
+
+def test_an_escalation_outside_never_and_low_confidence_names_the_key(project: Path) -> None:
+    raw, region = load_stack("hybrid")
+    raw["edge"] = {**raw["edge"], "escalation": "always"}
+    error = error_for(raw, project, stack="hybrid", region=region)
+    assert error.key == "dualdeploy:edge.escalation" and "low_confidence" in str(error)
+
+
+def test_escalation_without_source_ranges_warns_that_the_teacher_is_open(project: Path) -> None:
+    raw, region = load_stack("hybrid")
+    raw["serving"] = {k: v for k, v in raw["serving"].items() if k != "loadBalancerSourceRanges"}
+    config = parse(raw, project, stack="hybrid", region=region)
+    assert any("loadBalancerSourceRanges is not set" in w for w in config.warnings)
 
 
 def test_cloud_dev_is_small_with_one_size_a_spot_pool_and_the_article_hpa(project: Path) -> None:

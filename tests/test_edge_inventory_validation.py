@@ -31,6 +31,7 @@ from edge_support import (
 )
 from serving_support import free_port
 
+from components.edge_fleet import escalation_extravars
 from deploy.edge_rollout import RolloutError, run_rollout
 
 pytestmark = pytest.mark.slow
@@ -304,6 +305,24 @@ def test_low_confidence_with_a_host_name_and_no_addresses_is_refused(tmp_path: P
 def test_low_confidence_with_a_bundle_without_a_cascade_is_refused(tmp_path: Path) -> None:
     message = _refused(tmp_path, **ESCALATING)
     assert "has no cascade section" in message
+
+
+def test_the_variables_the_hybrid_stack_passes_pass_the_roles_escalation_checks(tmp_path: Path) -> None:
+    """EdgeFleet's escalation (issue 13, item 4) reaches the role as extra variables over an inventory
+    that says nothing: the endpoint on the NLB's address and port 443, the CA and a 48-character token
+    pass every escalation check, and the rollout goes on to the bundle (the demo has no cascade)."""
+    props = {
+        "escalation": {"endpoint": "https://198.51.100.66:443", "ca": ESCALATING["edge_escalation_ca"]},
+        "escalation_token": "a" * 48,  # RandomPassword(length=48, special=False)
+    }
+    device = Device("box", tmp_path / "box", free_port())
+    inventory = write_inventory(tmp_path / "hosts.yml", [device])
+    with pytest.raises(RolloutError) as caught:
+        run_rollout(inventory, demo_bundle(), public_key=DEV_PUB, extravars=escalation_extravars(props))
+    message = str(caught.value)
+    assert "has no cascade section" in message, message
+    assert "needs" not in message and "edge_escalation_addresses" not in message, message
+    assert "a" * 48 not in message
 
 
 # --------------------------------------------------------------------------- tuned settings (issue 15)

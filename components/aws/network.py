@@ -48,6 +48,11 @@ class NetworkArgs:
     nat_gateways: str = "single"
     """``single`` (one NAT gateway, cheaper) or ``per-az`` (one a zone, zone-redundant)."""
 
+    ingress_addresses: bool = False
+    """Allocate one Elastic IP per zone for an internet-facing NLB (``ingress_allocation_ids``): its
+    addresses are then known before it exists, and stay when it is replaced. The hybrid stack's edge
+    sites name them in their egress firewall."""
+
     flow_log_retention_days: int = 90
     """Retention of the VPC flow-log group."""
 
@@ -82,6 +87,10 @@ class Network(pulumi.ComponentResource):
     vpc_id: pulumi.Output[str]
     private_subnet_ids: pulumi.Output[list[str]]
     public_subnet_ids: pulumi.Output[list[str]]
+    ingress_allocation_ids: pulumi.Output[list[str]]
+    """The NLB's Elastic IP allocations, one per zone (empty without ``ingress_addresses``)."""
+    ingress_public_ips: pulumi.Output[list[str]]
+    """Their public addresses, in the same order."""
 
     def __init__(self, name: str, args: NetworkArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         """Create the VPC, subnets, gateways and route tables.
@@ -201,6 +210,18 @@ class Network(pulumi.ComponentResource):
 
         self._flow_logs(name, args, vpc, named)
 
+        ingress = [
+            aws.ec2.Eip(
+                f"{name}-ingress-eip-{zone[-1]}",
+                domain="vpc",
+                tags=named(f"ingress-eip-{zone[-1]}"),
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[igw]),
+            )
+            for zone in (args.availability_zones if args.ingress_addresses else ())
+        ]
+        self.ingress_allocation_ids = pulumi.Output.all(*[eip.allocation_id for eip in ingress])
+        self.ingress_public_ips = pulumi.Output.all(*[eip.public_ip for eip in ingress])
+
         self.vpc_id = vpc.id
         self.private_subnet_ids = pulumi.Output.all(*[s.id for s in private_subnets])
         self.public_subnet_ids = pulumi.Output.all(*[s.id for s in public_subnets])
@@ -209,6 +230,8 @@ class Network(pulumi.ComponentResource):
                 "vpc_id": self.vpc_id,
                 "private_subnet_ids": self.private_subnet_ids,
                 "public_subnet_ids": self.public_subnet_ids,
+                "ingress_allocation_ids": self.ingress_allocation_ids,
+                "ingress_public_ips": self.ingress_public_ips,
             }
         )
 
