@@ -14,11 +14,12 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -33,6 +34,7 @@ from serving.model import LoadedModel, ModelRunError
 from serving.openapi import openapi_document
 from serving.protocol import (
     HEADER_LENGTH,
+    InferRequest,
     ProtocolError,
     encode_response,
     parse_infer_request,
@@ -63,6 +65,16 @@ class Settings:
     retry_after_s: int = 1
 
 
+class Endpoint(Protocol):
+    """Another listener serving the same :class:`State` (the gRPC endpoint, ``--grpc-port``)."""
+
+    async def start(self) -> None:
+        """Start serving; raise to refuse the server's start-up."""
+
+    async def stop(self) -> None:
+        """Stop taking requests and finish those in flight (called again: wait for the same stop)."""
+
+
 @dataclass
 class State:
     """What the handlers share: the model, the batcher, metrics and the lifecycle flags."""
@@ -73,6 +85,9 @@ class State:
     batcher: Batcher
     escalator: Escalator | None = None
     """Edge -> cloud escalation (``--escalate-to``); None keeps every answer local and opens no socket."""
+    endpoints: list[Endpoint] = field(default_factory=list)
+    """Listeners beside the REST one that share this state: started once the batcher runs, before the server
+    reports ready, and stopped before the batcher stops."""
     ready: bool = False
     draining: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +102,33 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def bearer_refusal(given: bytes | None, accepted: Sequence[bytes]) -> str | None:
+    """None when the ``Authorization`` value ``given`` carries one of the ``accepted`` tokens, else why not.
+
+    RFC 9110: the scheme is case-insensitive; the token is compared in constant time. The REST middleware
+    and the gRPC endpoint (the ``authorization`` metadata) both check with this.
+    """
+    scheme, _, credentials = (given or b"").strip().partition(b" ")
+    matches = [hmac.compare_digest(credentials.strip(), expected) for expected in accepted]
+    if given is None or scheme.lower() != b"bearer" or not any(matches):
+        return "missing bearer token" if given is None else "wrong bearer token"
+    return None
+
+
+class RequestIds:
+    """Request ids: the client's own (cut to 128 characters), else a per-process prefix and a counter
+    (cheaper than a uuid4 a request)."""
+
+    def __init__(self) -> None:
+        """A fresh random prefix."""
+        self.prefix = uuid.uuid4().hex[:12]
+        self.counter = itertools.count(1)
+
+    def take(self, given: str) -> str:
+        """``given`` when the client sent one, else the next id of this process."""
+        return given[:128] or f"{self.prefix}-{next(self.counter)}"
+
+
 class Guard:
     """ASGI middleware: request id on every log line and response, bearer token check."""
 
@@ -99,9 +141,7 @@ class Guard:
         self.app = app
         self.expected = token.encode() if token else None
         self.metrics = metrics_token.encode() if metrics_token else None
-        # Request ids: a random per-process prefix and a counter (cheaper than a uuid4 a request).
-        self.prefix = uuid.uuid4().hex[:12]
-        self.counter = itertools.count(1)
+        self.ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection scope."""
@@ -109,21 +149,15 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        rid = (
-            headers.get(b"x-request-id", b"").decode("latin-1")[:128] or f"{self.prefix}-{next(self.counter)}"
-        )
+        rid = self.ids.take(headers.get(b"x-request-id", b"").decode("latin-1"))
         token = logs.request_id.set(rid)
         try:
             accepted = [self.expected] if self.expected is not None else []
             if scope["path"] == "/metrics" and self.metrics is not None:
                 accepted.append(self.metrics)
             if accepted and scope["path"] not in OPEN_PATHS:
-                given = headers.get(b"authorization")
-                # RFC 9110: the auth scheme is case-insensitive; the token is compared in constant time.
-                scheme, _, credentials = (given or b"").strip().partition(b" ")
-                matches = [hmac.compare_digest(credentials.strip(), expected) for expected in accepted]
-                if given is None or scheme.lower() != b"bearer" or not any(matches):
-                    reason = "missing bearer token" if given is None else "wrong bearer token"
+                reason = bearer_refusal(headers.get(b"authorization"), accepted)
+                if reason is not None:
                     log.warning("refused %s %s: %s", scope["method"], scope["path"], reason)
                     response = _error(
                         401,
@@ -215,22 +249,59 @@ class V2Api:
 
     def _known(self, request: Request) -> str | None:
         """None when the path names the served model (and version), else the error message."""
-        name = request.path_params["name"]
-        version = request.path_params.get("version")
+        return self.unknown_model(request.path_params["name"], request.path_params.get("version"))
+
+    def unknown_model(self, name: str, version: str | None) -> str | None:
+        """None when ``name`` (and ``version``, if given) is the served model, else the error message."""
         if name != self.spec.name:
             return f"unknown model {name!r}: this server serves {self.spec.name!r}"
         if version is not None and version != self.spec.version:
             return f"unknown version {version!r} of model {name!r}: this server serves {self.spec.version!r}"
         return None
 
-    def _ready(self) -> bool:
+    def is_ready(self) -> bool:
+        """Warmed up and not draining (what the readiness answers say, REST and gRPC)."""
         return self.state.ready and not self.state.draining
 
     def count(self, endpoint: str, status: int) -> None:
         """Count an answer; 5xx answers also in ``dualdeploy_server_errors_total``."""
-        self.metrics.requests.labels(self.spec.name, endpoint, str(status)).inc()
-        if status >= 500:
+        self.count_answer(endpoint, str(status), fault=status >= 500)
+
+    def count_answer(self, endpoint: str, status: str, *, fault: bool) -> None:
+        """Count an answer by its status (an HTTP status, or a gRPC code's name); a ``fault`` (overload,
+        internal error, shutdown) also in ``dualdeploy_server_errors_total``."""
+        self.metrics.requests.labels(self.spec.name, endpoint, status).inc()
+        if fault:
             self.metrics.server_errors.labels(endpoint).inc()
+
+    async def execute(
+        self, parsed: InferRequest, timeout_s: float
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+        """Run a parsed request: the memory budget, the batch queue, then escalation (REST and gRPC alike).
+
+        Returns:
+            The outputs, and the response ``parameters`` escalation adds (None without escalation).
+
+        Raises:
+            ProtocolError: the request alone is above the memory budget of one run (400).
+            QueueFull: the queue is at its bound.
+            QueueTimeout: no result within ``timeout_s``.
+            ModelRunError: the model rejected the request's values.
+        """
+        cost = self.batcher.fits(parsed)
+        if cost is not None:
+            raise ProtocolError(
+                f"the request would need about {cost / 2**20:,.0f} MiB to run ({parsed.batch_size} rows), "
+                "above "
+                f"this server's memory budget of {self.batcher.max_cost / 2**20:,.0f} MiB for one run "
+                "(--batch-memory-mb): send fewer rows or shorter inputs"
+            )
+        outputs, stats = await self.batcher.submit(parsed, timeout_s)
+        parameters: dict[str, Any] | None = None
+        if self.state.escalator is not None:
+            outputs, parameters = await self.state.escalator.answer(parsed.inputs, outputs)
+        self.metrics.queue_seconds.observe(stats.queue_seconds)
+        return outputs, parameters
 
     async def live(self, _request: Request) -> Response:
         """GET /v2/health/live."""
@@ -239,7 +310,7 @@ class V2Api:
 
     async def ready(self, _request: Request) -> Response:
         """GET /v2/health/ready: 200 after warm-up, 503 before and while draining."""
-        ok = self._ready()
+        ok = self.is_ready()
         self.count("ready", 200 if ok else 503)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
@@ -260,7 +331,7 @@ class V2Api:
         if problem:
             self.count("model_ready", 404)
             return _error(404, problem)
-        ok = self._ready()
+        ok = self.is_ready()
         self.count("model_ready", 200 if ok else 503)
         return JSONResponse({"name": self.spec.name, "ready": ok}, status_code=200 if ok else 503)
 
@@ -288,25 +359,13 @@ class V2Api:
         )
         self.batcher.arriving -= 1
         arriving[0] = False
-        cost = self.batcher.fits(parsed)
-        if cost is not None:
-            raise ProtocolError(
-                f"the request would need about {cost / 2**20:,.0f} MiB to run ({parsed.batch_size} rows), "
-                "above "
-                f"this server's memory budget of {self.batcher.max_cost / 2**20:,.0f} MiB for one run "
-                "(--batch-memory-mb): send fewer rows or shorter inputs"
-            )
         try:
-            outputs, stats = await self.batcher.submit(parsed, self.settings.request_timeout_s)
+            outputs, parameters = await self.execute(parsed, self.settings.request_timeout_s)
         except (QueueFull, QueueTimeout) as exc:
             raise _Overloaded(str(exc)) from exc
-        parameters: dict[str, Any] | None = None
-        if self.state.escalator is not None:
-            outputs, parameters = await self.state.escalator.answer(parsed.inputs, outputs)
         payload, header_length = encode_response(self.spec, parsed, outputs)
         if parameters is not None:
             payload, header_length = with_parameters(payload, header_length, parameters)
-        self.metrics.queue_seconds.observe(stats.queue_seconds)
         if header_length is None:
             return Response(payload, media_type="application/json")
         return Response(
@@ -399,6 +458,8 @@ def build_app(state: State) -> ASGIApp:
         state.batcher.start()
         if state.escalator is not None:
             await state.escalator.start()
+        for endpoint in state.endpoints:
+            await endpoint.start()
         state.ready = True
         state.metrics.ready.set(1)
         try:
@@ -406,6 +467,9 @@ def build_app(state: State) -> ASGIApp:
         finally:
             state.ready = False
             state.metrics.ready.set(0)
+            # In-flight requests of every endpoint finish before the queue they wait on stops.
+            for endpoint in state.endpoints:
+                await endpoint.stop()
             await state.batcher.stop()
             if state.escalator is not None:
                 await state.escalator.close()

@@ -153,6 +153,10 @@ class Batcher:
             # completes, and its result for this request is discarded.
             item.future.cancel()
             raise QueueTimeout(f"no result within the request timeout of {timeout_s:g} s") from exc
+        except asyncio.CancelledError:
+            # The caller went away (a gRPC client's deadline or cancellation): the same, without a run.
+            item.future.cancel()
+            raise
         return result, item.stats
 
     def _take(self, batch: list[_Item], rows: int, signature: object) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from contract.manifest import TensorEntry
 DATATYPES = sorted({dt for dt, _ in WIRE_DTYPES.values()} | {"BYTES", "UINT16", "UINT32", "UINT64", "INT16"})
 BATCH_AXIS = "batch"
 HEADER_LENGTH = "inference-header-content-length"
+NO_INPUTS = "inputs must be a non-empty list of tensors"
 
 
 class ProtocolError(Exception):
@@ -220,7 +221,7 @@ def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...], where: str) 
     except (ValueError, OverflowError) as exc:
         raise ProtocolError(f"{where}.data is not a regular array of numbers ({exc})") from exc
     if spec.dtype.kind in "iu" and arr.size:
-        _check_int_range(arr, spec, where)
+        check_int_range(arr, spec, f"{where}.data")
     kinds = "biuf" if spec.dtype.kind == "f" else "biu"
     if arr.size and arr.dtype.kind not in kinds:
         what = {"U": "strings", "S": "strings", "O": "ragged or mixed values", "f": "fractional numbers"}
@@ -237,8 +238,11 @@ def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...], where: str) 
         raise ProtocolError(f"{where}.data cannot be converted to {spec.datatype} ({exc})") from exc
 
 
-def _check_int_range(arr: np.ndarray, spec: TensorSpec, where: str) -> None:
-    """Refuse integers an integer tensor can't hold, where the cast would wrap them around silently."""
+def check_int_range(arr: np.ndarray, spec: TensorSpec, what: str) -> None:
+    """Refuse integers an integer tensor can't hold, where the cast would wrap them around silently.
+
+    ``what`` names the values in the message (``input 'ids'.data``, or a gRPC ``contents`` field).
+    """
     info = np.iinfo(spec.dtype)
     low: Any
     high: Any
@@ -261,7 +265,7 @@ def _check_int_range(arr: np.ndarray, spec: TensorSpec, where: str) -> None:
         return
     if low < info.min or high > info.max:
         raise ProtocolError(
-            f"{where}.data holds integers outside the range of {spec.datatype} [{info.min}, {info.max}]"
+            f"{what} holds integers outside the range of {spec.datatype} [{info.min}, {info.max}]"
         )
 
 
@@ -288,8 +292,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
 
 
 @dataclass
-class _Cursor:
-    """Walks the binary tail of a request and remembers the named axes seen so far."""
+class Cursor:
+    """Walks the binary tail of a REST request; remembers the named axes and the elements seen so far."""
 
     binary: memoryview
     offset: int = 0
@@ -322,7 +326,7 @@ def _check_head(
     raw: Any,
     specs: Mapping[str, TensorSpec],
     *,
-    cursor: _Cursor,
+    cursor: Cursor,
     model: ModelSpec,
     max_batch: int,
 ) -> tuple[dict[str, Any], TensorSpec, tuple[int, ...]]:
@@ -351,18 +355,16 @@ def _check_head(
     return tensor, spec, shape
 
 
-def _parse_input(
-    index: int,
-    raw: Any,
-    specs: Mapping[str, TensorSpec],
-    *,
-    cursor: _Cursor,
-    model: ModelSpec,
-    max_batch: int,
-) -> tuple[str, np.ndarray]:
-    tensor, spec, shape = _check_head(index, raw, specs, cursor=cursor, model=model, max_batch=max_batch)
-    name = spec.name
-    where = f"input {name!r}"
+TensorReader = Callable[[int, Mapping[str, Any], TensorSpec, tuple[int, ...], str], np.ndarray]
+"""Reads one input's values once its head has passed the checks: ``(index, tensor, spec, shape, where)`` → an
+array of the spec's dtype and ``shape``, or :class:`ProtocolError` naming ``where``. The REST body and the
+gRPC message each have one; the checks around it are the same for both (:func:`parse_inputs`)."""
+
+
+def _body_tensor(
+    tensor: Mapping[str, Any], spec: TensorSpec, shape: tuple[int, ...], where: str, cursor: Cursor
+) -> np.ndarray:
+    """An input's values from a REST body: JSON ``data``, or its bytes of the binary tail."""
     tparams = _object(tensor.get("parameters", {}), f"{where}.parameters")
     size = tparams.get("binary_data_size")
     if size is not None:
@@ -376,19 +378,77 @@ def _parse_input(
                 f"{where}: binary_data_size {size} != {expected} bytes "
                 f"for shape {list(shape)} {spec.datatype}"
             )
-        arr = cursor.take(size, spec, shape, where)
-    elif "data" in tensor:
-        arr = _json_data(tensor["data"], spec, shape, where)
-    else:
-        raise ProtocolError(f"{where} has neither data nor parameters.binary_data_size")
-    if spec.dtype.kind == "f" and not spec.allow_nonfinite and not np.isfinite(arr).all():
-        raise ProtocolError(f"{where} contains NaN or Inf, which this model does not accept")
-    return name, arr
+        return cursor.take(size, spec, shape, where)
+    if "data" in tensor:
+        return _json_data(tensor["data"], spec, shape, where)
+    raise ProtocolError(f"{where} has neither data nor parameters.binary_data_size")
 
 
-def _parse_outputs(
+def parse_inputs(
+    raw_inputs: Sequence[Any], read: TensorReader, model: ModelSpec, max_batch: int, cursor: Cursor
+) -> dict[str, np.ndarray]:
+    """Check every input's head (name, datatype, shape, axis bounds, element budget), then read its values.
+
+    Both transports go through here: the REST body (:func:`parse_infer_request`) and the gRPC message
+    (``serving.grpc_api``), each with its own ``read``. The element budget is checked before ``read``
+    builds any tensor.
+
+    Raises:
+        ProtocolError: naming the input and the field that is wrong.
+    """
+    if not raw_inputs:
+        raise ProtocolError(NO_INPUTS)
+    specs = {t.name: t for t in model.inputs}
+    inputs: dict[str, np.ndarray] = {}
+    for index, raw in enumerate(raw_inputs):
+        tensor, spec, shape = _check_head(index, raw, specs, cursor=cursor, model=model, max_batch=max_batch)
+        where = f"input {spec.name!r}"
+        arr = read(index, tensor, spec, shape, where)
+        if spec.dtype.kind == "f" and not spec.allow_nonfinite and not np.isfinite(arr).all():
+            raise ProtocolError(f"{where} contains NaN or Inf, which this model does not accept")
+        if spec.name in inputs:
+            raise ProtocolError(f"input {spec.name!r} is given twice")
+        inputs[spec.name] = arr
+    return inputs
+
+
+def complete_request(
+    request_id: str | None,
+    inputs: dict[str, np.ndarray],
+    *,
+    cursor: Cursor,
+    doc: Mapping[str, Any],
+    params: Mapping[str, Any],
+    model: ModelSpec,
+) -> InferRequest:
+    """The request, once every input of the model is there, with the outputs it asks for (both transports).
+
+    Args:
+        request_id: the request's ``id``.
+        inputs: what :func:`parse_inputs` returned.
+        cursor: the cursor it used (the named axes and elements it saw).
+        doc: the request's ``outputs`` list, under that key, if it names its outputs.
+        params: the request's ``parameters`` (``binary_data_output``).
+        model: the served model.
+
+    Raises:
+        ProtocolError: an input of the model is missing, or an output is unknown.
+    """
+    missing = [t.name for t in model.inputs if t.name not in inputs]
+    if missing:
+        raise ProtocolError(f"missing input(s) {', '.join(map(repr, missing))} of model {model.name!r}")
+    batch = cursor.axes.get(BATCH_AXIS, (1, ""))[0]
+    return InferRequest(request_id, inputs, batch, parse_outputs(doc, params, model), cursor.elements)
+
+
+def parse_outputs(
     doc: Mapping[str, Any], params: Mapping[str, Any], model: ModelSpec
 ) -> list[tuple[str, bool]]:
+    """The outputs to send, each with whether to send it raw (``doc["outputs"]``, else all of them).
+
+    Raises:
+        ProtocolError: naming the output, or the parameter that is not a boolean.
+    """
     binary_all = params.get("binary_data_output", False)
     if not isinstance(binary_all, bool):
         raise ProtocolError("parameters.binary_data_output must be a boolean")
@@ -433,7 +493,7 @@ def precheck_header(header: bytes, model: ModelSpec, max_batch: int) -> None:
     if not isinstance(raw_inputs, list):
         return
     specs = {t.name: t for t in model.inputs}
-    cursor = _Cursor(memoryview(b""))
+    cursor = Cursor(memoryview(b""))
     for index, raw in enumerate(raw_inputs):
         if isinstance(raw, dict) and raw.get("name") in specs:
             _check_head(index, raw, specs, cursor=cursor, model=model, max_batch=max_batch)
@@ -472,27 +532,23 @@ def parse_infer_request(
         raise ProtocolError("id must be a string")
     params = _object(doc.get("parameters", {}), "parameters")
     raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise ProtocolError("inputs must be a non-empty list of tensors")
+    if not isinstance(raw_inputs, list):
+        raise ProtocolError(NO_INPUTS)
 
-    specs = {t.name: t for t in model.inputs}
-    cursor = _Cursor(binary)
-    inputs: dict[str, np.ndarray] = {}
-    for index, raw in enumerate(raw_inputs):
-        name, arr = _parse_input(index, raw, specs, cursor=cursor, model=model, max_batch=max_batch)
-        if name in inputs:
-            raise ProtocolError(f"input {name!r} is given twice")
-        inputs[name] = arr
+    cursor = Cursor(binary)
+    inputs = parse_inputs(
+        raw_inputs,
+        lambda _index, tensor, spec, shape, where: _body_tensor(tensor, spec, shape, where, cursor),
+        model,
+        max_batch,
+        cursor,
+    )
     if cursor.offset != len(binary):
         raise ProtocolError(
             f"body has {len(binary) - cursor.offset} bytes of binary data beyond those the inputs declare "
             "(check Inference-Header-Content-Length and binary_data_size)"
         )
-    missing = [n for n in specs if n not in inputs]
-    if missing:
-        raise ProtocolError(f"missing input(s) {', '.join(map(repr, missing))} of model {model.name!r}")
-    batch = cursor.axes.get(BATCH_AXIS, (1, ""))[0]
-    return InferRequest(request_id, inputs, batch, _parse_outputs(doc, params, model), cursor.elements)
+    return complete_request(request_id, inputs, cursor=cursor, doc=doc, params=params, model=model)
 
 
 def encode_response(
