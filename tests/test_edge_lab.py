@@ -70,12 +70,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[edge_la
     assert not missing, f"the lab needs: apt-get install -y {' '.join(missing)} (.ci/system-packages)"
     assert os.geteuid() == 0, "the lab needs root: network namespaces, cgroups and systemd-nspawn"
     assert BUNDLE.is_dir(), "make bundles builds dist/demo (make test runs it)"
-    saved = (edge_lab.LAB, edge_lab.NET_PREFIX, edge_lab.NAME_PREFIX)
-    edge_lab.LAB = tmp_path_factory.mktemp("edge-lab")
-    edge_lab.NET_PREFIX, edge_lab.NAME_PREFIX = "10.232", "tlab"
-    try:
-        started = time.monotonic()
-        devices = edge_lab.up(DEVICES)
+    started = time.monotonic()
+    # Stops every device on the way out and raises if anything is left behind.
+    with edge_lab.private_lab(tmp_path_factory.mktemp("edge-lab"), "10.232", "tlab", DEVICES) as devices:
         booted = time.monotonic() - started
         inventory = edge_lab.write_inventory(devices)
         started = time.monotonic()
@@ -86,11 +83,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[edge_la
             f"first rollout {time.monotonic() - started:.1f} s"
         )
         yield devices, first
-    finally:
-        edge_lab.down()
-        left = edge_lab.leftovers()
-        edge_lab.LAB, edge_lab.NET_PREFIX, edge_lab.NAME_PREFIX = saved
-        assert not left, f"the lab left behind: {left}"
 
 
 def test_each_device_boots_systemd_as_pid_1_and_is_listed(

@@ -432,3 +432,32 @@ def test_a_resumed_staging_folder_loses_an_interrupted_copys_temporary_file(tmp_
     assert result["removed"] == [".ansible_tmpx1b2c3b.onnx"]
     assert sorted(p.name for p in staging.iterdir()) == ["a.onnx"]
     assert result["missing"] == ["manifest.json", "manifest.json.sig", "b.onnx"]
+
+
+# --------------------------------------------------------------------------- the lab itself
+
+
+def _sshd_never_answers(device: edge_lab.LabDevice, deadline: float) -> None:
+    raise edge_lab.LabError(f"{device.name}: sshd never answered (injected)")
+
+
+@pytest.mark.parametrize("fault", ["boot-timeout", "no-ssh"])
+def test_a_device_that_does_not_come_up_is_stopped_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """A boot that fails stops what it started, although devices.json never named the device, and
+    ``private_lab`` then finds nothing left (it raises "left behind" otherwise). Injected: a boot timeout
+    of 0 (the spawn script has just started: nspawn and systemd come up while it is stopped), or sshd
+    never answering (the container runs, its link is configured)."""
+    if fault == "boot-timeout":
+        monkeypatch.setattr(edge_lab, "BOOT_TIMEOUT_S", 0.0)
+    else:
+        monkeypatch.setattr(edge_lab, "_wait_ready", _sshd_never_answers)
+    with (
+        pytest.raises(edge_lab.LabError) as caught,
+        edge_lab.private_lab(tmp_path / "lab", "10.237", "blab", 1),
+    ):
+        pytest.fail("the device came up")
+    print(f"\ninjected: {fault}; observed: {caught.value}")
+    assert "left behind" not in str(caught.value), caught.value
+    assert "blab1" in str(caught.value)

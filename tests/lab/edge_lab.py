@@ -533,7 +533,23 @@ def boot(name: str, index: int) -> LabDevice:
     deadline = started + BOOT_TIMEOUT_S
     shell = _spawn(name, index)
     try:
-        nspawn_pid, leader = _leader(shell.pid, deadline)
+        return _come_up(name, index, shell.pid, started, deadline)
+    except BaseException:
+        # devices.json does not name a device that never came up, so `down` would not find it: stop it
+        # here: everything it started is in its cgroups (the spawn script moves itself there first).
+        _signal(shell.pid, signal.SIGKILL)
+        _kill_members(name)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            shell.wait(timeout=STOP_TIMEOUT_S)
+        _remove_cgroups(name)
+        _run(["ip", "route", "del", "unreachable", f"{NET_PREFIX}.{index}.0/30"], check=False)
+        raise
+
+
+def _come_up(name: str, index: int, shell_pid: int, started: float, deadline: float) -> LabDevice:
+    """Wait for a spawned device: its PID 1, its link, SSH, its cgroup limits."""
+    try:
+        nspawn_pid, leader = _leader(shell_pid, deadline)
     except LabError as exc:
         console = (LAB / name / "console.log").read_text(errors="replace").strip().splitlines()[-5:]
         raise LabError(f"{name}: {exc}: {' | '.join(console)}") from None
@@ -617,26 +633,46 @@ def private_lab(folder: Path, net_prefix: str, name_prefix: str, count: int) -> 
             raise LabError(f"the lab left behind: {', '.join(left)}")
 
 
+def _signal(pid: int, sig: signal.Signals) -> None:
+    """Signal one process; a pid that is unknown (-1, 0) is skipped: kill(-1) would reach every process."""
+    if pid > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def stop(device: LabDevice, *, power_cut: bool = False) -> None:
     """Shut a device down (its systemd powers off), or cut its power (SIGKILL to the whole container)."""
     if is_running(device) or _alive(device.nspawn_pid):
         if power_cut:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(device.nspawn_pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(device.leader_pid, signal.SIGKILL)
+            _signal(device.nspawn_pid, signal.SIGKILL)
+            _signal(device.leader_pid, signal.SIGKILL)
         else:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(device.nspawn_pid, signal.SIGTERM)
+            _signal(device.nspawn_pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while is_running(device) or _alive(device.nspawn_pid):
         if time.monotonic() > deadline:
             for pid in (device.nspawn_pid, device.leader_pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                _signal(pid, signal.SIGKILL)
             deadline = time.monotonic() + STOP_TIMEOUT_S
         time.sleep(0.1)
     _remove_cgroups(device.name)
+
+
+def _kill_members(name: str) -> None:
+    """SIGKILL every process in the device's cgroups (nspawn, the container's systemd and all below it)."""
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        pids: set[int] = set()
+        for top in _cgroup_dirs(name):
+            for procs in top.rglob("cgroup.procs") if top.exists() else ():
+                with contextlib.suppress(OSError):  # a cgroup its systemd removes meanwhile
+                    pids.update(int(pid) for pid in procs.read_text().split())
+        if not pids:
+            return
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    raise LabError(f"{name}: processes of a device that did not come up survive SIGKILL")
 
 
 def _remove_cgroups(name: str) -> None:
