@@ -211,16 +211,30 @@ def _parse_events(events: Iterable[Mapping[str, Any]]) -> dict[str, HostResult]:
                     "edge_service_endpoint": facts.get("edge_service_endpoint") or result.get("endpoint"),
                 }
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
-            msg = str(res.get("msg") or "")
-            stderr = str(res.get("stderr") or "").strip()
-            # A failed command says only "non-zero return code": its stderr carries the reason.
-            entry.reason = (
-                stderr if stderr and (not msg or msg == "non-zero return code") else msg or "failed"
-            )
+            entry.reason = _reason(res, "failed")
             entry.gate_failed = entry.gate_failed or "failed the health gate" in entry.reason
         elif kind == "runner_on_unreachable":
-            entry.reason = str(res.get("msg") or "unreachable")
+            entry.reason = _reason(res, "unreachable")
     return hosts
+
+
+def _reason(res: Mapping[str, Any], default: str) -> str:
+    """Why a task failed or a host went unreachable, from a task result.
+
+    A loop task's own message is only "All items completed" or "One or more items failed": the reason is
+    in the first item that failed or went unreachable. A failed command says only "non-zero return
+    code": its stderr carries the reason.
+    """
+    items = [
+        item
+        for item in res.get("results") or []
+        if isinstance(item, Mapping) and (item.get("failed") or item.get("unreachable"))
+    ]
+    if items:
+        return _reason(items[0], default)
+    msg = str(res.get("msg") or "")
+    stderr = str(res.get("stderr") or "").strip()
+    return stderr if stderr and (not msg or msg == "non-zero return code") else msg or default
 
 
 def run_rollout(

@@ -10,6 +10,7 @@ that was reached.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from edge_support import DEV_PUB, Device, demo_bundle, make_sshd, write_inventory
 from serving_support import free_port
 
-from deploy.edge_rollout import RolloutResult, run_rollout
+from deploy.edge_rollout import RolloutResult, failure_message, run_rollout
 
 pytestmark = pytest.mark.slow
 
@@ -101,3 +102,53 @@ def test_monitoring_targets_list_the_hosts_reached_although_the_rollout_stopped(
     targets = json.loads((root / "monitoring" / "dualdeploy-edge.json").read_text())
     assert [t["labels"]["instance"] for t in targets] == ["box-a"]
     assert targets[0]["targets"] == [f"127.0.0.1:{devices[0].port}"]
+
+
+# --------------------------------------------------------------------------- reasons from loop tasks
+
+
+LOOP_PLAYBOOKS = {
+    "failed": (
+        "- name: Fail in a loop.\n"
+        "  ansible.builtin.command: \"sh -c 'echo boom-{{ item }} >&2; exit {{ item }}'\"\n"
+        "  loop: [0, 3]\n",
+        "boom-3",
+    ),
+    "unreachable": (
+        "- name: Reach another host in a loop.\n  ansible.builtin.ping:\n  delegate_to: '{{ item }}'\n"
+        "  loop: [far]\n",
+        "port 1: Connection refused",
+    ),
+}
+
+
+@pytest.mark.parametrize("status", sorted(LOOP_PLAYBOOKS))
+def test_a_loop_tasks_failure_reports_the_items_reason_not_the_loops_summary(
+    tmp_path: Path, status: str
+) -> None:
+    """A loop task's own message is "One or more items failed" / "All items completed"; the report and
+    the error name what went wrong in the item."""
+    tasks, reason = LOOP_PLAYBOOKS[status]
+    playbook = tmp_path / "loop.yml"
+    playbook.write_text(
+        "- hosts: box\n  gather_facts: false\n  tasks:\n"
+        + "".join(f"    {line}\n" for line in tasks.splitlines())
+    )
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        json.dumps(
+            {
+                "all": {
+                    "hosts": {
+                        "box": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
+                        "far": {"ansible_host": "127.0.0.1", "ansible_port": 1, "ansible_connection": "ssh"},
+                    }
+                }
+            }
+        )
+    )
+    result = run_rollout(inventory, None, playbook=playbook, raise_on_failure=False)
+    host = result.hosts["box"]
+    assert host.status == status and reason in (host.reason or ""), (host.status, host.reason)
+    assert "items" not in (host.reason or "")
+    assert reason in failure_message(result)
