@@ -12,7 +12,9 @@ for them. 3 adds ``axes`` (the largest size of every named input axis but ``batc
 and ``serving.max_sample_bytes``; older manifests still parse, and the server asks its operator for the
 bounds they lack (``--axis-max``) rather than serve an unbounded axis. 4 adds ``cascade`` (a distilled
 classifier's calibrated escalation to its teacher; optional, and only on classification bundles); older
-manifests still parse and have none, so their servers never escalate.
+manifests still parse and have none, so their servers never escalate. 5 adds ``serving.buckets`` (length
+bucketing of a dynamic axis, with the padding the build proved invisible); older manifests batch equal
+shapes only.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 4
-READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
+SCHEMA_VERSION = 5
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5)
 
 
 class ManifestError(ValueError):
@@ -150,6 +152,32 @@ class Quality(_Model):
     reference: str
 
 
+class Buckets(_Model):
+    """Length bucketing (schema 5): requests whose ``axis`` lengths share a bucket batch together, padded."""
+
+    axis: str = Field(min_length=1)
+    lengths: tuple[int, ...] = Field(min_length=1)
+    """Bucket tops, rising; the last is ``axes[axis]``."""
+    pad_values: dict[str, float] = Field(min_length=1)
+    """The padding of each input that carries the axis."""
+    samples: int = Field(ge=1)
+    max_abs_diff: float = Field(ge=0.0)
+    """The largest difference the build measured between a sample alone and padded in a batch."""
+
+    @model_validator(mode="after")
+    def _rising(self) -> Buckets:
+        if any(n < 1 for n in self.lengths) or list(self.lengths) != sorted(set(self.lengths)):
+            raise ValueError(f"lengths: must rise strictly from 1, got {list(self.lengths)}")
+        return self
+
+    def bucket(self, length: int) -> int:
+        """The top of the bucket a length falls into (lengths above the last are refused earlier)."""
+        for top in self.lengths:
+            if length <= top:
+                return top
+        return length
+
+
 class ServingHints(_Model):
     """The prebuild's hints for the server's dynamic batcher."""
 
@@ -157,6 +185,8 @@ class ServingHints(_Model):
     max_queue_delay_ms: float = Field(default=1.0, ge=0.0)
     max_sample_bytes: int | None = Field(default=None, ge=0)
     """Run-time memory of one sample at the axis maxima, measured at build (``model_build.memory``)."""
+    buckets: Buckets | None = None
+    """Schema 5: batch different lengths of one axis together; None batches equal shapes only."""
 
 
 class CascadeTeacher(_Model):
@@ -288,6 +318,16 @@ class Manifest(_Model):
         missing = self.unbounded_axes() if self.schema_version >= 3 else []
         if missing:
             raise ValueError(f"axes: gives no maximum for the input axis {', '.join(missing)}")
+        buckets = self.serving.buckets
+        if buckets is not None:
+            carriers = sorted(t.name for t in self.inputs if buckets.axis in t.shape[1:])
+            if not carriers or sorted(buckets.pad_values) != carriers:
+                raise ValueError(
+                    f"serving.buckets.pad_values: must pad exactly the inputs on axis {buckets.axis!r} "
+                    f"({carriers}), got {sorted(buckets.pad_values)}"
+                )
+            if any(buckets.axis in t.shape for t in self.outputs):
+                raise ValueError(f"serving.buckets.axis: an output carries {buckets.axis!r}")
         if self.cascade is not None:
             if self.task != "classification":
                 raise ValueError(f"cascade: a {self.task} bundle has no class output to escalate on")

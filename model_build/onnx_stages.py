@@ -260,6 +260,15 @@ def parity_stage(spec: Spec, model_dir: Path, export_dir: Path, out: Path, progr
         f"FP32 ONNX vs PyTorch: max abs diff {figures['golden']['max_abs_diff']:.2e} (golden), "
         f"{figures['eval']['max_abs_diff']:.2e} (eval)"
     )
+    if spec.serving.buckets is not None:
+        figures["buckets"] = bucket_parity(
+            sess, spec, load_tensors(model_dir / "eval" / "inputs.npz"), tolerance
+        )
+        progress(
+            f"padding to length buckets {spec.serving.buckets.lengths}: max abs diff "
+            f"{figures['buckets']['max_abs_diff']:.2e} against each sample alone "
+            f"({figures['buckets']['samples']} samples, lengths {figures['buckets']['lengths_seen']})"
+        )
     figures["memory"] = measure_sample_bytes(export_dir / FP32_FILE, spec)
     progress(
         f"FP32 runs at the axis maxima {figures['memory']['axes'] or '(fixed shape)'}: "
@@ -268,6 +277,81 @@ def parity_stage(spec: Spec, model_dir: Path, export_dir: Path, out: Path, progr
     (out / "parity.json").write_text(
         json.dumps({"tolerance": tolerance, **figures}, indent=2, sort_keys=True)
     )
+
+
+def bucket_parity(
+    sess: Any, spec: Spec, inputs: Mapping[str, np.ndarray], tolerance: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Gate: padding to a length bucket is invisible in the outputs.
+
+    Each evaluation sample runs alone at its own length (its padding cut off), then again in batches
+    of the samples that share its bucket, every one padded to the bucket's top (the most padding the
+    server ever adds). The batched outputs must match the lone ones within ``tolerance``.
+
+    Raises:
+        BuildError: naming ``serving.buckets`` and the largest difference.
+    """
+    buckets = spec.serving.buckets
+    assert buckets is not None
+    names = [t.name for t in spec.inputs]
+    axes = {t.name: list(t.shape).index(buckets.axis) for t in spec.inputs if buckets.axis in t.shape[1:]}
+    count = min(buckets.samples, len(inputs[names[0]]))
+
+    def length(i: int) -> int:
+        """The sample's length: up to its last position where an input differs from its padding."""
+        last = 0
+        for name, axis in axes.items():
+            row = np.moveaxis(inputs[name][i], axis - 1, 0).reshape(inputs[name].shape[axis], -1)
+            real = np.flatnonzero(np.any(row != buckets.pad_values[name], axis=1))
+            last = max(last, int(real[-1]) + 1 if real.size else 1)
+        return last
+
+    def sample(i: int, size: int) -> dict[str, np.ndarray]:
+        """Sample ``i`` cut or padded to ``size`` along the bucketed axis."""
+        out = {}
+        for name in names:
+            value = inputs[name][i : i + 1]
+            axis = axes.get(name)
+            if axis is not None:
+                value = np.take(value, range(min(size, value.shape[axis])), axis=axis)
+                widths = [(0, 0)] * value.ndim
+                widths[axis] = (0, size - value.shape[axis])
+                value = np.pad(value, widths, constant_values=buckets.pad_values[name])
+            out[name] = value
+        return out
+
+    lengths = [length(i) for i in range(count)]
+    alone = [dict(zip([o.name for o in sess.get_outputs()], sess.run(None, sample(i, n)), strict=True))
+             for i, n in enumerate(lengths)]  # fmt: skip
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(next(top for top in buckets.lengths if n <= top), []).append(i)
+    order: list[int] = []
+    batched: list[dict[str, np.ndarray]] = []
+    for top, members in sorted(groups.items()):
+        for start in range(0, len(members), spec.serving.max_batch_size):
+            group = members[start : start + spec.serving.max_batch_size]
+            parts = [sample(i, top) for i in group]
+            feed = {name: np.concatenate([p[name] for p in parts]) for name in names}
+            batched.append(dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True)))
+            order.extend(group)
+    reference = {name: np.concatenate([alone[i][name] for i in order]) for name in alone[0]}
+    got = {name: np.concatenate([b[name] for b in batched]) for name in batched[0]}
+    try:
+        measured = compare_outputs(reference, got, tolerance)
+    except BundleError as exc:
+        raise BuildError(
+            "parity",
+            f"serving.buckets: padding to the buckets {buckets.lengths} changes the outputs beyond "
+            f"parity.atol={spec.parity.atol} rtol={spec.parity.rtol}: {exc}; the padding values "
+            f"{buckets.pad_values} are not masked out by the model",
+        ) from exc
+    return {
+        "samples": count,
+        "max_abs_diff": float(measured["max_abs_diff"]),
+        "lengths_seen": [min(lengths), max(lengths)],
+        "buckets_seen": sorted(groups),
+    }
 
 
 class _Reader:

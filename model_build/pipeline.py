@@ -164,7 +164,11 @@ def compute_keys(spec: Spec, trt_env: Any) -> Keys:
         distil = digest("distil", load, d["distil"], student_src, sources)
     model = distil or load
     export = digest("export", model, d["export"], d["inputs"], d["outputs"], env)
-    parity = digest("parity", export, d["parity"])
+    # The padding proof runs in the parity stage; specs without buckets keep their keys.
+    buckets = d["serving"].get("buckets")
+    parity = digest(
+        "parity", export, d["parity"], *([buckets, d["serving"]["max_batch_size"]] if buckets else [])
+    )
     quantize = calibration = None
     if spec.quantize.enabled:
         calib_file = (
@@ -794,6 +798,16 @@ def _manifest(spec: Spec, keys: Keys, folders: _Folders, result: BuildResult, tm
         manifest["distillation"] = info["distillation"]
     if folders.cascade is not None:
         manifest["cascade"] = _read_json(folders.cascade / "cascade.json")
+    buckets = spec.serving.buckets
+    if buckets is not None:
+        proof = _read_json(folders.parity / "parity.json")["buckets"]
+        manifest["serving"]["buckets"] = {
+            "axis": buckets.axis,
+            "lengths": list(buckets.lengths),
+            "pad_values": dict(buckets.pad_values),
+            "samples": proof["samples"],
+            "max_abs_diff": proof["max_abs_diff"],
+        }
     return manifest
 
 

@@ -230,11 +230,33 @@ class BenchmarkSpec:
 
 
 @dataclass(frozen=True)
+class BucketSpec:
+    """Length bucketing: the server batches requests of different lengths along ``axis`` together,
+    padded with ``pad_values``, when their lengths fall into the same bucket.
+
+    The prebuild proves that padding is invisible (each sample alone at its own length against the
+    same sample padded to its bucket's top in a batch of others) within ``parity``'s tolerance, and
+    records the buckets and the measured difference in the manifest.
+    """
+
+    axis: str
+    """A named input axis (``axes``), e.g. ``sequence``; no output may carry it."""
+    lengths: list[int]
+    """Bucket tops, ascending; the last is ``axes[axis]`` so every admitted length has a bucket."""
+    pad_values: dict[str, float]
+    """The padding of every input that carries the axis (e.g. token id 0 and attention mask 0)."""
+    samples: int = 64
+    """Evaluation samples the padding proof runs on."""
+
+
+@dataclass(frozen=True)
 class ServingSpec:
     """Serving hints copied into the manifest for the server's dynamic batcher."""
 
     max_batch_size: int = 8
     max_queue_delay_ms: float = 5.0
+    buckets: BucketSpec | None = None
+    """Batch different lengths of a dynamic axis together (text models); None batches equal shapes only."""
 
 
 @dataclass(frozen=True)
@@ -456,6 +478,48 @@ def _validate_sources(spec: Spec) -> None:
         raise SpecError(path, "data", "distillation needs a data section to draw training samples from")
 
 
+def _validate_buckets(spec: Spec) -> None:
+    """Buckets cover a named input axis up to its maximum, pad every input on it, and no output has it."""
+    buckets, path = spec.serving.buckets, spec.path
+    if buckets is None:
+        return
+    if buckets.axis not in spec.axes:
+        raise SpecError(
+            path,
+            "serving.buckets.axis",
+            f"{buckets.axis!r} is not a named input axis with a maximum (axes: {sorted(spec.axes)})",
+        )
+    top = spec.axes[buckets.axis]
+    lengths = buckets.lengths
+    if not lengths or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in lengths):
+        raise SpecError(path, "serving.buckets.lengths", f"must be positive integers, got {lengths!r}")
+    if lengths != sorted(set(lengths)) or lengths[-1] != top:
+        raise SpecError(
+            path,
+            "serving.buckets.lengths",
+            f"{lengths} must rise strictly and end at axes.{buckets.axis} ({top}), so every admitted "
+            "length has a bucket",
+        )
+    padded = sorted(t.name for t in spec.inputs if buckets.axis in t.shape[1:])
+    if sorted(buckets.pad_values) != padded:
+        raise SpecError(
+            path,
+            "serving.buckets.pad_values",
+            f"must give the padding of exactly the inputs on axis {buckets.axis!r}: {padded} "
+            f"(got {sorted(buckets.pad_values)})",
+        )
+    for output in spec.outputs:
+        if buckets.axis in output.shape:
+            raise SpecError(
+                path,
+                "serving.buckets.axis",
+                f"output {output.name!r} carries axis {buckets.axis!r}: the server would return the "
+                "padding in it; bucket only models whose outputs do not (pooled embeddings, logits)",
+            )
+    if buckets.samples < 1:
+        raise SpecError(path, "serving.buckets.samples", f"must be at least 1, got {buckets.samples}")
+
+
 def _validate_cascade(spec: Spec) -> None:
     """A cascade escalates on class confidence: a distilled classifier only, a sane target."""
     cascade, path = spec.cascade, spec.path
@@ -515,6 +579,7 @@ def _validate(spec: Spec) -> None:
     _validate_sources(spec)
     _validate_quality(spec)
     _validate_cascade(spec)
+    _validate_buckets(spec)
     for arch in spec.tensorrt.archs:
         if not (arch.startswith("sm_") and arch[3:].isdigit()):
             raise SpecError(

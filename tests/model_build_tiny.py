@@ -141,3 +141,47 @@ def noisy_samples_breaking_the_promise(count: int, seed: int, noise: float = 0.5
         pixels = np.random.default_rng(seed + 12).standard_normal(data["image"].shape, dtype=np.float32)
         data["image"] = data["image"] + pixels * np.float32(noise)
     return data
+
+
+VOCAB = 50
+TEXT_LENGTH = 24
+
+
+class TinyText(nn.Module):
+    """Token embedding → mean over the sequence → linear; ``masked`` averages only the real tokens.
+
+    The unmasked one averages the padding too: its outputs depend on how much padding a batch adds, a
+    model that length bucketing must refuse.
+    """
+
+    def __init__(self, masked: bool = True) -> None:
+        super().__init__()
+        self.masked = masked
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(input_ids)
+        if not self.masked:
+            return self.head(tokens.mean(dim=1))
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return self.head((tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0))
+
+
+def token_samples(count: int, seed: int) -> dict[str, np.ndarray]:
+    """Data factory: token rows of 3 to TEXT_LENGTH real tokens, padded with 0 and a zero mask."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, TEXT_LENGTH + 1, size=count)
+    ids = np.zeros((count, TEXT_LENGTH), np.int64)
+    mask = np.zeros((count, TEXT_LENGTH), np.int64)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rng.integers(1, VOCAB, size=length)
+        mask[row, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": rng.integers(0, CLASSES, size=count)}
+
+
+def text_classifier(masked: bool = True, seed: int = 0) -> tuple:
+    """Factory: a random TinyText and example inputs."""
+    torch.manual_seed(seed)
+    example = token_samples(4, seed=5)
+    return TinyText(masked).eval(), {k: torch.from_numpy(example[k]) for k in ("input_ids", "attention_mask")}

@@ -674,7 +674,7 @@ def test_quality_gate_fails_on_outputs_that_drift_from_the_build_or_from_fp32() 
 # --------------------------------------------------------------------------- axis bounds
 
 
-def _text_spec(**axes: object) -> dict[str, object]:
+def _text_spec(**axes: object) -> dict[str, Any]:
     spec = tiny_spec(
         inputs=[
             {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
@@ -701,6 +701,77 @@ def test_every_named_axis_needs_a_maximum_in_the_spec(
     with pytest.raises(SpecError, match=message) as err:
         load_spec(write_spec(tmp_path, _text_spec(**axes)))
     assert err.value.key == key
+
+
+BUCKETS = {"axis": "sequence", "lengths": [8, 16, 24], "pad_values": {"input_ids": 0, "attention_mask": 0}}
+
+
+@pytest.mark.parametrize(
+    ("buckets", "key", "message"),
+    [
+        ({**BUCKETS, "axis": "length"}, "serving.buckets.axis", "'length' is not a named input axis"),
+        ({**BUCKETS, "lengths": [8, 16]}, "serving.buckets.lengths", r"end at axes.sequence \(24\)"),
+        ({**BUCKETS, "lengths": [16, 8, 24]}, "serving.buckets.lengths", "must rise strictly"),
+        ({**BUCKETS, "pad_values": {"input_ids": 0}}, "serving.buckets.pad_values", "exactly the inputs"),
+    ],
+)
+def test_length_buckets_that_do_not_cover_the_axis_are_spec_errors(
+    tmp_path: Path, buckets: dict[str, Any], key: str, message: str
+) -> None:
+    spec = _text_spec(sequence=24)
+    spec["serving"] = {**spec["serving"], "buckets": buckets}
+    with pytest.raises(SpecError, match=message) as err:
+        load_spec(write_spec(tmp_path, spec))
+    assert err.value.key == key
+
+
+def test_length_buckets_on_a_model_whose_output_carries_the_axis_are_refused(tmp_path: Path) -> None:
+    spec = _text_spec(sequence=24)
+    spec["outputs"] = [{"name": "states", "dtype": "float32", "shape": ["batch", "sequence", 8]}]
+    spec["serving"] = {**spec["serving"], "buckets": BUCKETS}
+    with pytest.raises(SpecError, match="output 'states' carries axis 'sequence'") as err:
+        load_spec(write_spec(tmp_path, spec))
+    assert err.value.key == "serving.buckets.axis"
+
+
+def _bucketed_text_spec(masked: bool) -> dict[str, Any]:
+    spec = _text_spec(sequence=24)
+    spec.update(
+        name="text",
+        model={"factory": f"{FIXTURES}:text_classifier", "kwargs": {"masked": masked}},
+        data={"factory": f"{FIXTURES}:token_samples"},
+        quantize={"enabled": False},
+        serving={**spec["serving"], "buckets": BUCKETS},
+    )
+    return spec
+
+
+@pytest.mark.slow
+def test_length_buckets_are_proven_invisible_and_recorded(tmp_path: Path, signer: Path) -> None:
+    result = run_build(
+        write_spec(tmp_path, _bucketed_text_spec(masked=True)), tmp_path / "dist", signer, tmp_path / "cache"
+    )
+    manifest = bundle.Manifest.parse((result.bundle_dir / "manifest.json").read_bytes())
+    buckets = manifest.serving.buckets
+    assert buckets is not None and buckets.lengths == (8, 16, 24) and buckets.samples == 64
+    assert buckets.max_abs_diff <= 1e-5
+    assert buckets.bucket(3) == 8 and buckets.bucket(9) == 16 and buckets.bucket(24) == 24
+
+
+@pytest.mark.slow
+def test_length_buckets_on_a_model_that_sees_its_padding_fail_the_build(tmp_path: Path, signer: Path) -> None:
+    """The unmasked model averages the padding in: padding to the bucket's top changes its logits."""
+    with pytest.raises(
+        BuildError, match=r"serving.buckets: padding to the buckets \[8, 16, 24\] changes"
+    ) as err:
+        run_build(
+            write_spec(tmp_path, _bucketed_text_spec(masked=False)),
+            tmp_path / "dist",
+            signer,
+            tmp_path / "cache",
+        )
+    assert err.value.stage == "parity"
+    assert not (tmp_path / "dist" / "text").exists()
 
 
 def test_the_build_proves_the_model_runs_at_its_axis_maximum() -> None:
