@@ -34,7 +34,7 @@ from contract.bundle import (
 )
 from contract.manifest import Manifest, Variant
 from serving import device
-from serving.protocol import BATCH_AXIS, InferRequest, ModelSpec, tensor_spec
+from serving.protocol import BATCH_AXIS, InferRequest, ModelSpec, Padding, tensor_spec
 
 log = logging.getLogger("serving.model")
 
@@ -73,7 +73,8 @@ class LoadedModel:
         that over-estimates a shorter request, the safe side. 0 when the bundle records no measure.
         """
         per_sample = self.bundle.manifest.serving.max_sample_bytes or 0
-        return -(-request.elements * per_sample // max(1, self.spec.sample_elements()))
+        # At the top of its bucket: a batch may pad it that far.
+        return -(-request.batched_elements() * per_sample // max(1, self.spec.sample_elements()))
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model once (blocking; call it off the event loop).
@@ -148,6 +149,7 @@ def model_spec(
             f"{', '.join(unbounded)}, so one request could make ONNX Runtime allocate without limit: rebuild "
             f"it with the current prebuild, or pass --axis-max {unbounded[0]}=N"
         )
+    buckets = manifest.serving.buckets
     spec = ModelSpec(
         name=manifest.model,
         version=manifest.version,
@@ -155,6 +157,7 @@ def model_spec(
         outputs=outputs,
         max_batch_size=max_batch_size,
         axis_max=bounds,
+        padding=Padding.from_manifest(buckets, inputs) if buckets is not None else None,
     )
     largest = max_batch_size * spec.sample_elements()
     if max_request_elements is not None and max_request_elements < 1:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 
 from contract.codec import WIRE_DTYPES
-from contract.manifest import TensorEntry
+from contract.manifest import Buckets, TensorEntry
 
 # Manifest dtype -> (v2 datatype, NumPy dtype). The models in bundles take these two.
 DATATYPES = sorted({dt for dt, _ in WIRE_DTYPES.values()} | {"BYTES", "UINT16", "UINT32", "UINT64", "INT16"})
@@ -103,6 +103,8 @@ class ModelSpec:
     """The largest size of each named axis but ``batch`` (manifest ``axes``, or ``--axis-max``)."""
     max_request_elements: int = 0
     """The most tensor elements one request may carry, its inputs together (0: no budget)."""
+    padding: Padding | None = None
+    """Length bucketing of the model's inputs (manifest ``serving.buckets``), or None."""
 
     def sample_elements(self) -> int:
         """Elements of one sample (one row of every input) with each named axis at its maximum."""
@@ -125,6 +127,58 @@ class ModelSpec:
         return body
 
 
+@dataclass(frozen=True)
+class Padding:
+    """Length bucketing (the manifest's ``serving.buckets``): requests whose lengths along ``axis`` fall
+    into the same bucket batch together, each padded to the batch's longest with the build-proven values.
+
+    The outputs carry no bucketed axis (the contract refuses buckets otherwise), so nothing is cut back.
+    """
+
+    axis: str
+    lengths: tuple[int, ...]
+    positions: Mapping[str, int]
+    """Input name → the index of ``axis`` in its shape."""
+    pad_values: Mapping[str, Any]
+    """Input name → its padding, as a scalar of the input's dtype."""
+
+    @classmethod
+    def from_manifest(cls, buckets: Buckets, inputs: Sequence[TensorSpec]) -> Padding:
+        """The padding of the served model's inputs."""
+        positions = {t.name: t.shape.index(buckets.axis) for t in inputs if buckets.axis in t.shape[1:]}
+        values = {t.name: t.dtype.type(buckets.pad_values[t.name]) for t in inputs if t.name in positions}
+        return cls(buckets.axis, tuple(buckets.lengths), positions, values)
+
+    def length(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """The request's length along the axis (its inputs agree on it: one named axis, one size)."""
+        name, position = next(iter(self.positions.items()))
+        return int(inputs[name].shape[position])
+
+    def bucket(self, length: int) -> int:
+        """The top of the bucket ``length`` falls into (longer lengths were refused by the axis bound)."""
+        return next((top for top in self.lengths if length <= top), length)
+
+    def signature(self, inputs: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
+        """Every input's shape but the batch axis, with the bucketed axis replaced by its bucket."""
+        top = self.bucket(self.length(inputs))
+        shapes = []
+        for name, arr in sorted(inputs.items()):
+            shape = list(arr.shape)
+            if name in self.positions:
+                shape[self.positions[name]] = top
+            shapes.append((name, tuple(shape[1:])))
+        return ("bucketed", *shapes)
+
+    def pad(self, name: str, arr: np.ndarray, length: int) -> np.ndarray:
+        """``arr`` padded at the end of the axis to ``length`` (unchanged when it is that long)."""
+        position = self.positions.get(name)
+        if position is None or arr.shape[position] == length:
+            return arr
+        widths = [(0, 0)] * arr.ndim
+        widths[position] = (0, length - arr.shape[position])
+        return np.pad(arr, widths, constant_values=self.pad_values[name])
+
+
 @dataclass
 class InferRequest:
     """A parsed and validated inference request."""
@@ -135,10 +189,21 @@ class InferRequest:
     outputs: list[tuple[str, bool]]  # (output name, send as binary)
     elements: int = 0
     """Tensor elements of all inputs together (what the memory budget of a batch is reckoned in)."""
+    padding: Padding | None = None
+    """How this request batches with requests of other lengths (the model's buckets), or None."""
 
     def signature(self) -> tuple[Any, ...]:
         """Requests with equal signatures can be stacked into one batch."""
+        if self.padding is not None:
+            return self.padding.signature(self.inputs)
         return tuple((name, arr.shape[1:]) for name, arr in sorted(self.inputs.items()))
+
+    def batched_elements(self) -> int:
+        """Elements once padded to the top of its bucket (the most a batch may pad it to)."""
+        if self.padding is None:
+            return self.elements
+        length = self.padding.length(self.inputs)
+        return -(-self.elements * self.padding.bucket(length) // max(1, length))
 
 
 def loads(text: bytes) -> Any:
@@ -187,6 +252,13 @@ def _object(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _dims(shape: Sequence[int]) -> str:
+    """A shape for a message: a hostile one of a million dimensions is cut, not echoed whole."""
+    if len(shape) <= 8:
+        return str(list(shape))
+    return f"[{', '.join(map(str, shape[:8]))}, ... ({len(shape)} dimensions)]"
+
+
 def _shape(
     tensor: Mapping[str, Any], spec: TensorSpec, where: str, max_batch: int, axis_max: Mapping[str, int]
 ) -> tuple[int, ...]:
@@ -195,7 +267,7 @@ def _shape(
         raise ProtocolError(f"{where}.shape must be a list of integers")
     if len(shape) != len(spec.shape):
         raise ProtocolError(
-            f"{where}: shape {shape} has rank {len(shape)}, input {spec.name!r} expects rank "
+            f"{where}: shape {_dims(shape)} has rank {len(shape)}, input {spec.name!r} expects rank "
             f"{len(spec.shape)} {list(spec.shape)}"
         )
     for got, want in zip(shape, spec.shape, strict=True):
@@ -385,19 +457,18 @@ def _body_tensor(
 
 
 def parse_inputs(
-    raw_inputs: Sequence[Any], read: TensorReader, model: ModelSpec, max_batch: int, cursor: Cursor
+    raw_inputs: Iterable[Any], read: TensorReader, model: ModelSpec, max_batch: int, cursor: Cursor
 ) -> dict[str, np.ndarray]:
     """Check every input's head (name, datatype, shape, axis bounds, element budget), then read its values.
 
     Both transports go through here: the REST body (:func:`parse_infer_request`) and the gRPC message
     (``serving.grpc_api``), each with its own ``read``. The element budget is checked before ``read``
-    builds any tensor.
+    builds any tensor. ``raw_inputs`` is walked once, in order, and no further than the first input that
+    is refused (a message of a million inputs costs one).
 
     Raises:
         ProtocolError: naming the input and the field that is wrong.
     """
-    if not raw_inputs:
-        raise ProtocolError(NO_INPUTS)
     specs = {t.name: t for t in model.inputs}
     inputs: dict[str, np.ndarray] = {}
     for index, raw in enumerate(raw_inputs):
@@ -409,6 +480,8 @@ def parse_inputs(
         if spec.name in inputs:
             raise ProtocolError(f"input {spec.name!r} is given twice")
         inputs[spec.name] = arr
+    if not inputs:
+        raise ProtocolError(NO_INPUTS)
     return inputs
 
 
@@ -438,7 +511,9 @@ def complete_request(
     if missing:
         raise ProtocolError(f"missing input(s) {', '.join(map(repr, missing))} of model {model.name!r}")
     batch = cursor.axes.get(BATCH_AXIS, (1, ""))[0]
-    return InferRequest(request_id, inputs, batch, parse_outputs(doc, params, model), cursor.elements)
+    return InferRequest(
+        request_id, inputs, batch, parse_outputs(doc, params, model), cursor.elements, model.padding
+    )
 
 
 def parse_outputs(
@@ -594,7 +669,18 @@ def validate_outputs(model: ModelSpec, results: Mapping[str, np.ndarray]) -> Non
 
 
 def stack(requests: Sequence[InferRequest]) -> dict[str, np.ndarray]:
-    """Concatenate the inputs of compatible requests along the batch axis."""
+    """Concatenate the inputs of compatible requests along the batch axis.
+
+    Requests of one length bucket are padded to the longest of them first (not to the bucket's top:
+    the padding the build proved invisible, and no more of it than the batch needs).
+    """
     if len(requests) == 1:
         return requests[0].inputs
-    return {name: np.concatenate([r.inputs[name] for r in requests]) for name in requests[0].inputs}
+    padding = requests[0].padding
+    if padding is None:
+        return {name: np.concatenate([r.inputs[name] for r in requests]) for name in requests[0].inputs}
+    longest = max(padding.length(r.inputs) for r in requests)
+    return {
+        name: np.concatenate([padding.pad(name, r.inputs[name], longest) for r in requests])
+        for name in requests[0].inputs
+    }
