@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -32,6 +33,9 @@ from serving.cascade import EscalationConfigError, EscalationSettings, Escalator
 from serving.device import DEFAULT_TABLE, memory_limit_bytes
 from serving.metrics import Metrics
 from serving.model import LoadedModel, ModelLoadError, load
+
+if TYPE_CHECKING:  # imported in main() only with --grpc-port: see serving/grpc_v2/__init__.py
+    from serving.grpc_api import GrpcEndpoint
 
 log = logging.getLogger("serving")
 _IMPORTED = time.monotonic()
@@ -96,6 +100,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to bind (DUALDEPLOY_HOST)")
     p.add_argument("--port", type=int, default=_env("PORT", "8000"), help="port to bind (DUALDEPLOY_PORT)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=_env("GRPC_PORT"),
+        help="also serve the v2 gRPC API (inference.GRPCInferenceService) on this port of --host, with the "
+        "same model, queue, metrics, TLS and token; off when not given (DUALDEPLOY_GRPC_PORT)",
+    )
     p.add_argument(
         "--variant",
         default=_env("VARIANT", "auto"),
@@ -409,6 +420,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
         if value is not None and value < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must not be negative, got {value}")
     _check_bounds(args)
+    _check_grpc_port(args)
     if args.inherited_socket and not systemd.passed_fds():
         raise ConfigError(
             f"--inherited-socket {args.inherited_socket}, but systemd passed no listening socket "
@@ -481,6 +493,16 @@ def escalation_settings(args: argparse.Namespace) -> EscalationSettings | None:
     )
 
 
+def _check_grpc_port(args: argparse.Namespace) -> None:
+    """``--grpc-port`` is a port number, and not ``--port``."""
+    if args.grpc_port is None:
+        return
+    if not 1 <= args.grpc_port <= 65535:
+        raise ConfigError(f"--grpc-port must be a port number from 1 to 65535, got {args.grpc_port}")
+    if args.grpc_port == args.port:
+        raise ConfigError(f"--grpc-port {args.grpc_port} is --port too: give gRPC a port of its own")
+
+
 def _check_bounds(args: argparse.Namespace) -> None:
     """The read timeouts are positive; ``--axis-max`` values become a dict (in place)."""
     for flag in ("read_timeout_s", "keep_alive_s"):
@@ -504,12 +526,14 @@ class _Server(uvicorn.Server):
         state: State,
         inherited: Sequence[socket.socket] = (),
         standby: bool = False,
+        grpc: GrpcEndpoint | None = None,
     ) -> None:
         super().__init__(config)
         self.state = state
         self.inherited = list(inherited)
         self.standby = standby
         self.promoted = False
+        self.grpc = grpc
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.state.draining:
@@ -527,6 +551,17 @@ class _Server(uvicorn.Server):
             forget_captured_signal(self, sig)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.grpc is not None:
+            # Taken before anything starts, so a port in use is one clear line and exit 2; the lifespan starts
+            # serving it once the queue runs (State.endpoints).
+            from serving.grpc_api import EndpointError  # noqa: PLC0415 (see the TYPE_CHECKING import)
+
+            try:
+                self.grpc.bind()
+            except EndpointError as exc:
+                log.error("refused to start: %s", exc)
+                self.should_exit = True
+                return
         if sockets is None and self.inherited and not self.standby:
             sockets = self.inherited
         await super().startup(sockets)
@@ -562,6 +597,20 @@ class _Server(uvicorn.Server):
             )
             self.servers.append(server)
         log.info("promoted: serving the socket systemd passed too: %s", _names(self.inherited))
+        if self.grpc is not None:
+            from serving.grpc_api import EndpointError  # noqa: PLC0415 (see the TYPE_CHECKING import)
+
+            try:
+                await self.grpc.promote()
+            except EndpointError as exc:
+                log.error("promoted without gRPC: %s", exc)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # The gRPC endpoint stops taking calls as the REST listener closes, not after the REST drain; the
+        # lifespan waits for its calls in flight before it stops the queue.
+        stops = [asyncio.ensure_future(endpoint.stop()) for endpoint in self.state.endpoints]
+        await super().shutdown(sockets)
+        await asyncio.gather(*stops)
 
 
 def _names(sockets: Sequence[socket.socket]) -> str:
@@ -612,6 +661,39 @@ def _escalator(settings: EscalationSettings | None, model: LoadedModel, metrics:
         settings.deadline_s * 1000,
     )
     return escalator
+
+
+def _grpc_endpoint(args: argparse.Namespace, state: State) -> GrpcEndpoint | None:
+    """The gRPC endpoint for ``--grpc-port`` (added to ``state.endpoints``), or None when it is off.
+
+    It takes the REST server's limits and files: the largest message is ``--max-body-bytes``, the drain
+    ``--grace-period-s``, TLS the same certificate and key. With ``--inherited-socket`` the port is shared
+    (SO_REUSEPORT) so that the next release can bind it beside this one, and ``standby`` binds it only once
+    promoted (SIGUSR2), as it does with the REST socket.
+    """
+    if args.grpc_port is None:
+        return None
+    # Imported here: the generated messages register inference.* in protobuf's default pool, which a
+    # process that also imports tritonclient.grpc (the tests) can hold only once.
+    from serving.grpc_api import GrpcEndpoint, GrpcSettings  # noqa: PLC0415
+
+    endpoint = GrpcEndpoint(
+        state,
+        GrpcSettings(
+            host=args.host,
+            port=args.grpc_port,
+            max_message_bytes=args.max_body_bytes,
+            grace_s=args.grace_period_s,
+            idle_s=args.keep_alive_s,
+            handshake_s=args.read_timeout_s,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            share_port=args.inherited_socket is not None,
+            deferred=args.inherited_socket == "standby",
+        ),
+    )
+    state.endpoints.append(endpoint)
+    return endpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -710,6 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("refused to start: %s", exc)
         return EXIT_REFUSED
     state = State(model=model, settings=settings, metrics=metrics, batcher=batcher, escalator=escalator)
+    grpc_endpoint = _grpc_endpoint(args, state)
     _log_bounds(model, batcher.max_cost)
     log.info(
         "serving model %s version %s, variant %s, max batch %d, queue delay %.3g ms, on %s://%s:%d",
@@ -738,7 +821,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         lifespan="on",
     )
     server = _Server(
-        config, state, inherited if args.inherited_socket else (), args.inherited_socket == "standby"
+        config,
+        state,
+        inherited if args.inherited_socket else (),
+        args.inherited_socket == "standby",
+        grpc_endpoint,
     )
     try:
         server.run()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc
 from serving_support import REPO, Bundle, free_port, make_bundle, server_command
 
 from serving.systemd import listen_fds, notify
@@ -153,6 +154,46 @@ def test_standby_gates_on_its_port_and_takes_the_public_socket_on_sigusr2(
             if new is not None:
                 assert stop(new) == 0
     assert "promoted: serving the socket systemd passed too" in log.read_text()
+
+
+def _grpc_ready(port: int) -> bool:
+    client = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        return bool(client.is_server_ready(client_timeout=10))
+    finally:
+        client.close()
+
+
+def test_releases_share_the_grpc_port_and_a_standby_binds_it_only_when_promoted(
+    bundle: Bundle, tmp_path: Path
+) -> None:
+    """--grpc-port beside socket activation: the gRPC port is bound by the server itself, with SO_REUSEPORT,
+    so the next release can take it beside the running one, and only once its gate passed."""
+    log = tmp_path / "server.log"
+    grpc_port = free_port()
+    with public_socket() as listener, notify_socket(tmp_path) as (notify_sock, path):
+        flags = ("--grpc-port", str(grpc_port))
+        old = spawn(bundle, listener, path, log, "--inherited-socket", "serve", *flags)
+        new: subprocess.Popen[bytes] | None = None
+        try:
+            assert ready(notify_sock, old, log) == "READY=1"
+            gate = free_port()
+            new = spawn(bundle, listener, path, log, "--inherited-socket", "standby", *flags, port=gate)
+            assert ready(notify_sock, new, log) == "READY=1", "the standby server started beside the old one"
+            assert log.read_text().count("serving gRPC") == 1, "the standby server has not bound gRPC yet"
+            new.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + 10
+            while log.read_text().count("serving gRPC") < 2:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            assert stop(old) == 0
+            assert notify_sock.recv(4096).decode() == "STOPPING=1"
+            assert _grpc_ready(grpc_port), "the promoted release answers on the shared gRPC port"
+        finally:
+            assert stop(old) == 0
+            if new is not None:
+                assert stop(new) == 0
+    assert "refused to start" not in log.read_text()
 
 
 def test_inherited_socket_without_one_is_refused(bundle: Bundle) -> None:

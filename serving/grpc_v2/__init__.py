@@ -8,5 +8,6 @@ licence). ``grpc_predict_v2_pb2.py``, ``.pyi`` and ``_pb2_grpc.py`` are generate
 Import them in the server process only. Triton's client (``tritonclient.grpc``) registers the same
 ``inference.*`` message names in protobuf's default descriptor pool, and a process that imports both fails
 at the second import with ``duplicate symbol 'inference.ServerLiveRequest'``. The tests therefore talk to
-a server process and never import this package (tests/conftest.py guards it).
+a server process and never import this package, and ``serving.server`` imports it only with
+``--grpc-port`` (a test checks that).
 """
