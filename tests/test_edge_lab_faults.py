@@ -461,3 +461,19 @@ def test_a_device_that_does_not_come_up_is_stopped_and_leaves_nothing(
     print(f"\ninjected: {fault}; observed: {caught.value}")
     assert "left behind" not in str(caught.value), caught.value
     assert "blab1" in str(caught.value)
+
+
+def test_the_remains_of_a_killed_lab_do_not_block_the_next_one(tmp_path: Path) -> None:
+    """A test run killed with SIGKILL leaves empty cgroups and fence routes (no container): the next lab
+    clears them instead of refusing to start as if another lab ran. Injected: one such cgroup in every
+    hierarchy and a fence route, as a killed run leaves them."""
+    name, prefix = "klab1", "10.239"
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        if (hierarchy / "cgroup.procs").exists():
+            (hierarchy / edge_lab.CGROUP_GROUP / name).mkdir(parents=True, exist_ok=True)
+    edge_lab._run(["ip", "route", "replace", "unreachable", f"{prefix}.1.0/30", "metric", "4000"])
+    with edge_lab.private_lab(tmp_path / "lab", prefix, "klab", 0) as devices:
+        assert devices == []
+        assert not edge_lab.leftovers()
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/{edge_lab.CGROUP_GROUP}/{name}"))
+    assert f"{prefix}.1.0/30" not in edge_lab._run(["ip", "route", "show", "type", "unreachable"]).stdout

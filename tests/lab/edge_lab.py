@@ -613,6 +613,10 @@ def private_lab(folder: Path, net_prefix: str, name_prefix: str, count: int) -> 
     saved = (LAB, NET_PREFIX, NAME_PREFIX)
     LAB, NET_PREFIX, NAME_PREFIX = folder, net_prefix, name_prefix
     running = leftovers()
+    if running and not any(item.startswith(("process ", "veth ")) for item in running):
+        # Only the cgroups and fence routes of a lab that was killed (no container runs): clear them.
+        clear_remains()
+        running = leftovers()
     if running:
         # Two labs with the same names and addresses would take each other's links and routes.
         LAB, NET_PREFIX, NAME_PREFIX = saved
@@ -704,6 +708,18 @@ def down() -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         (LAB / "devices.json").unlink()
     return [d.name for d in devices]
+
+
+def clear_remains() -> None:
+    """Remove the empty cgroups and the fence routes this lab's names and addresses left when it was killed
+    (SIGKILL to a test run, a power cut of the controller): they would make the next lab refuse to start."""
+    for group in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_GROUP}/{NAME_PREFIX}*"):
+        _remove_cgroups(group.name)
+    routes = _run(["ip", "route", "show", "type", "unreachable"], check=False).stdout.splitlines()
+    for route in routes:
+        words = route.split()
+        if len(words) >= 2 and words[1].startswith(f"{NET_PREFIX}."):
+            _run(["ip", "route", "del", *words], check=False)
 
 
 def leftovers() -> list[str]:
