@@ -261,12 +261,51 @@ class Chart:
     command: str
 
 
+# --- length buckets: MiniLM with mixed lengths ------------------------------------------------------
+class BucketRow(_Result):
+    """One configuration's requests/s."""
+
+    config: str
+    rps: float
+
+
+class Buckets(_Result):
+    """``buckets.json``."""
+
+    variant: str
+    rows: list[BucketRow] = Field(min_length=1)
+    goal: float
+    ratio_buckets16_to_raw_batch1: float
+
+
+def _buckets(data: Buckets) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [row.config for row in data.rows]
+    ax.bar(
+        labels,
+        [row.rps for row in data.rows],
+        color=["#999999", "#4c72b0", "#4c72b0", "#dd8452"][: len(labels)],
+    )
+    raw = next((row.rps for row in data.rows if row.config == "raw batch 1"), None)
+    if raw is not None:
+        ax.axhline(raw * data.goal, color="black", linestyle=":", label=f"goal: {data.goal} x raw batch 1")
+        ax.legend(fontsize=8)
+    ax.set_ylabel("requests/s (one core)")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_title(
+        f"MiniLM ({data.variant}), mixed lengths: buckets at 16 conns = "
+        f"{data.ratio_buckets16_to_raw_batch1:.2f} x raw batch 1"
+    )
+    return fig
+
+
 CHARTS: dict[str, Chart] = {
     "prebuild": Chart(Prebuild, _prebuild, "bench/prebuild_bench.py"),
     "serving": Chart(Serving, _serving, "bench/serving_bench.py"),
     "edge": Chart(Edge, _edge, "bench/edge_bench.py"),
     "cloud": Chart(Cloud, _cloud, "bench/cloud_bench.py"),
     "int8_portability": Chart(Int8Portability, _int8, "bench/int8_portability_bench.py"),
+    "buckets": Chart(Buckets, _buckets, "bench/buckets_bench.py"),
 }
 
 
