@@ -237,7 +237,14 @@ def deployment(args: ModelServiceArgs) -> dict[str, Any]:
         "imagePullPolicy": "Always",
         # The image's own CMD, spelled out; every setting goes through the server's DUALDEPLOY_* variables.
         "command": ["python3", "-m", "serving"],
-        "ports": [{"name": "http", "containerPort": args.port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": args.port, "protocol": "TCP"},
+            *(
+                [{"name": "grpc", "containerPort": args.grpc_port, "protocol": "TCP"}]
+                if args.grpc_port
+                else []
+            ),
+        ],
         "env": [
             {"name": "DUALDEPLOY_BUNDLE", "value": BUNDLE_PATH},
             {"name": "DUALDEPLOY_HOST", "value": "0.0.0.0"},
@@ -248,6 +255,8 @@ def deployment(args: ModelServiceArgs) -> dict[str, Any]:
             # How long the server lets in-flight requests finish after SIGTERM.
             {"name": "DUALDEPLOY_GRACE_PERIOD_S", "value": str(args.drain_seconds)},
             {"name": "DUALDEPLOY_LOG_FORMAT", "value": "json"},
+            # The v2 gRPC API beside REST: the same model, queue, TLS and token.
+            *([{"name": "DUALDEPLOY_GRPC_PORT", "value": str(args.grpc_port)}] if args.grpc_port else []),
         ],
         "resources": {
             "requests": {"cpu": args.cpu, "memory": args.memory, args.gpu_resource: "1"},
@@ -350,6 +359,10 @@ def service(args: ModelServiceArgs) -> dict[str, Any]:
         else {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
     )
     spec["ports"] = [port]
+    if args.grpc_port:
+        spec["ports"].append(
+            {"name": "grpc", "port": args.grpc_port, "targetPort": "grpc", "protocol": "TCP"}
+        )
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -438,7 +451,7 @@ def pod_disruption_budget(args: ModelServiceArgs) -> dict[str, Any]:
 
 
 def network_policy(args: ModelServiceArgs) -> dict[str, Any]:
-    """Only the server port is reachable; egress stays open (DNS, the metrics scrape replies).
+    """Only the server's ports (REST, gRPC) are reachable; egress stays open (DNS, metrics scrape replies).
 
     It selects every pod of the app, the pre-pull holders included (they listen on nothing).
     """
@@ -449,7 +462,14 @@ def network_policy(args: ModelServiceArgs) -> dict[str, Any]:
         "spec": {
             "podSelector": {"matchLabels": {"app.kubernetes.io/name": args.name}},
             "policyTypes": ["Ingress"],
-            "ingress": [{"ports": [{"port": args.port, "protocol": "TCP"}]}],
+            "ingress": [
+                {
+                    "ports": [
+                        {"port": args.port, "protocol": "TCP"},
+                        *([{"port": args.grpc_port, "protocol": "TCP"}] if args.grpc_port else []),
+                    ]
+                }
+            ],
         },
     }
 

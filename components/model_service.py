@@ -113,6 +113,9 @@ class ModelServiceArgs:
     port: int = 8000
     """The server's port."""
 
+    grpc_port: int = 8001
+    """The server's v2 gRPC port (``--grpc-port``; Triton's usual 8001), exposed by the Service; 0: none."""
+
     gpu_resource: str = k8s_specs.GPU_RESOURCE
     """``nvidia.com/gpu``, or ``nvidia.com/gpu.shared`` if the device plugin renames time-sliced GPUs."""
 

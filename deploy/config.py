@@ -25,7 +25,8 @@ The keys, by section (the stack files in ``stacks/`` show each one in use)::
     dualdeploy:serving         {minReplicas, maxReplicas, targetCpuUtilization, namespace, port,
                                 cpu, memory, drainSeconds, queueDepthTarget, prometheusAdapter,
                                 prometheusUrl, prometheusOperator, loadBalancer, prePull,
-                                dcgmExporter, keepImages, publicKey, loadBalancerSourceRanges}
+                                dcgmExporter, keepImages, publicKey, loadBalancerSourceRanges,
+                                grpcPort (default 8001, 0: none)}
     dualdeploy:edge            {inventory, bundle, playbook, publicKey, limit,
                                 escalation: never | low_confidence}
     dualdeploy:edgeVaultPassword  (secret; read by __main__.py with get_secret, never here)
@@ -661,7 +662,7 @@ def _parse_access(raw: Any, path: str) -> tuple[str, str, list[str]]:
 SERVING_KEYS = (
     "minReplicas", "maxReplicas", "targetCpuUtilization", "namespace", "port", "cpu", "memory",
     "drainSeconds", "queueDepthTarget", "prometheusAdapter", "prometheusOperator", "loadBalancer", "prePull",
-    "prometheusUrl", "dcgmExporter", "keepImages", "publicKey", "loadBalancerSourceRanges",
+    "prometheusUrl", "dcgmExporter", "keepImages", "publicKey", "loadBalancerSourceRanges", "grpcPort",
 )  # fmt: skip
 ESCALATION_MODES = ("never", "low_confidence")
 """``edge.escalation``: the role's ``edge_escalation`` values."""
@@ -705,6 +706,12 @@ def _parse_serving(
             _key(f"{path}.namespace"), f"{namespace!r} must be a DNS label other than 'default'"
         )
     port = _int(data, "port", path, default=8000, minimum=1024)
+    grpc_port = _int(data, "grpcPort", path, default=8001, minimum=0)
+    if grpc_port and (grpc_port < 1024 or grpc_port > 65535 or grpc_port == port):
+        raise ConfigError(
+            _key(f"{path}.grpcPort"),
+            f"{grpc_port} must be 0 (no gRPC) or a port from 1024 to 65535 other than serving.port ({port})",
+        )
     cpu = _str(data, "cpu", path, default=DEFAULT_CPU)
     if not re.fullmatch(r"\d+(\.\d+)?|\d+m", cpu):
         raise ConfigError(_key(f"{path}.cpu"), f"{cpu!r} is not a CPU quantity (e.g. 2, 1.5, 500m)")
@@ -740,6 +747,7 @@ def _parse_serving(
         target_cpu_utilization=target,
         namespace=namespace,
         port=port,
+        grpc_port=grpc_port,
         cpu=cpu,
         memory=memory,
         drain_seconds=drain,

@@ -104,8 +104,14 @@ def parser() -> argparse.ArgumentParser:
         "--grpc-port",
         type=int,
         default=_env("GRPC_PORT"),
-        help="also serve the v2 gRPC API (inference.GRPCInferenceService) on this port of --host, with the "
-        "same model, queue, metrics, TLS and token; off when not given (DUALDEPLOY_GRPC_PORT)",
+        help="also serve the v2 gRPC API (inference.GRPCInferenceService) on this port of --grpc-host, with "
+        "the same model, queue, metrics, TLS and token; off when not given (DUALDEPLOY_GRPC_PORT)",
+    )
+    p.add_argument(
+        "--grpc-host",
+        default=_env("GRPC_HOST"),
+        help="address the gRPC port binds; default --host (with --inherited-socket, where --host is the "
+        "gate's loopback, the site address) (DUALDEPLOY_GRPC_HOST)",
     )
     p.add_argument(
         "--variant",
@@ -680,7 +686,7 @@ def _grpc_endpoint(args: argparse.Namespace, state: State) -> GrpcEndpoint | Non
     endpoint = GrpcEndpoint(
         state,
         GrpcSettings(
-            host=args.host,
+            host=args.grpc_host or args.host,
             port=args.grpc_port,
             max_message_bytes=args.max_body_bytes,
             grace_s=args.grace_period_s,

@@ -520,7 +520,7 @@ def test_probes_point_at_the_v2_health_endpoints(cloud: StackRun) -> None:
     # Cold start: the startup probe allows minutes before liveness may restart the pod.
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
-    (port,) = container["ports"]
+    (port,) = [p for p in container["ports"] if p["name"] == "http"]  # REST; gRPC beside it (below)
     assert all(
         container[p]["httpGet"]["port"] == port["name"]
         for p in ("startupProbe", "readinessProbe", "livenessProbe")
@@ -785,6 +785,18 @@ def test_invalid_service_config_stops_the_program_before_any_resource(
     assert [r["type"] for r in json.loads(out.read_text())["resources"]] == ["pulumi:pulumi:Stack"]
 
 
+def test_the_service_exposes_the_grpc_port_beside_rest(cloud: StackRun) -> None:
+    """Issue 14, item 5: the server serves v2 gRPC on 8001 (the same model, queue, TLS and token as REST),
+    the Service and the NetworkPolicy expose it."""
+    container = server_container(cloud)
+    assert container_env(container)["DUALDEPLOY_GRPC_PORT"] == "8001"
+    assert {"name": "grpc", "containerPort": 8001, "protocol": "TCP"} in container["ports"]
+    service = k8s_object(cloud, "Service")
+    assert {"name": "grpc", "port": 8001, "protocol": "TCP", "targetPort": "grpc"} in service["spec"]["ports"]
+    (rule,) = k8s_object(cloud, "NetworkPolicy")["spec"]["ingress"]
+    assert {"port": 8001, "protocol": "TCP"} in rule["ports"]
+
+
 # --------------------------------------------------------------------------- hybrid: the edge's own teacher
 
 
@@ -809,7 +821,8 @@ def test_hybrid_edge_devices_escalate_to_their_own_cloud_teacher(runs: dict[str,
     assert annotation == ",".join(eip["allocationId"] for eip in given)
     assert service["spec"]["type"] == "LoadBalancer"
     assert service["spec"]["ports"] == [
-        {"name": "https", "port": 443, "protocol": "TCP", "targetPort": "http"}
+        {"name": "https", "port": 443, "protocol": "TCP", "targetPort": "http"},
+        {"name": "grpc", "port": 8001, "protocol": "TCP", "targetPort": "grpc"},  # TLS and token as REST
     ]
     assert service["spec"]["loadBalancerSourceRanges"] == serving_of("hybrid")["loadBalancerSourceRanges"]
     # The certificate carries every ingress address and the in-cluster name; the CA signed it.

@@ -170,6 +170,21 @@ def test_bad_load_balancer_source_ranges_name_the_key(
     assert error.key == "dualdeploy:serving.loadBalancerSourceRanges" and says in str(error)
 
 
+@pytest.mark.parametrize("grpc_port", [8000, 80, 70000, -1])
+def test_a_grpc_port_that_is_not_a_port_of_its_own_names_the_key(project: Path, grpc_port: int) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {**raw["serving"], "grpcPort": grpc_port}
+    error = error_for(raw, project)
+    assert error.key == "dualdeploy:serving.grpcPort"
+
+
+def test_grpc_port_zero_serves_no_grpc(project: Path) -> None:
+    raw = cloud_raw()
+    raw["serving"] = {**raw["serving"], "grpcPort": 0}
+    config = parse(raw, project)
+    assert config.service is not None and config.service.grpc_port == 0
+
+
 def test_an_escalation_outside_never_and_low_confidence_names_the_key(project: Path) -> None:
     raw, region = load_stack("hybrid")
     raw["edge"] = {**raw["edge"], "escalation": "always"}

@@ -214,6 +214,29 @@ def _start_script(tmp_path: Path, prefix: Path, **variables: Any) -> Path:
     return render_template(template, tmp_path / "serve.sh", rendered, role_vars=True)
 
 
+@pytest.mark.parametrize("manager", ["supervised", "systemd"])
+def test_start_script_serves_grpc_on_the_site_address_only_when_asked(tmp_path: Path, manager: str) -> None:
+    """edge_service_grpc_port: both the serving release and a candidate get --grpc-port on the bind address
+    (under systemd --host is the gate's loopback, so --grpc-host names the site address)."""
+    (tmp_path / "off").mkdir()
+    (tmp_path / "on").mkdir()
+    off = _start_script(tmp_path / "off", tmp_path / "prefix", _edge_service_manager=manager).read_text()
+    assert "--grpc" not in off
+    on = _start_script(
+        tmp_path / "on",
+        tmp_path / "prefix",
+        _edge_service_manager=manager,
+        edge_service_bind_address="192.168.10.5",
+        edge_service_grpc_port=8081,
+    ).read_text()
+    assert "--grpc-host 192.168.10.5 --grpc-port 8081" in on
+
+
+def test_a_grpc_port_that_is_the_gate_port_is_refused_naming_both(tmp_path: Path) -> None:
+    message = _refused(tmp_path, edge_service_grpc_port=8001)
+    assert "edge_service_grpc_port=8001 is refused" in message and "edge_service_gate_port (8001)" in message
+
+
 def test_start_script_passes_extra_env_values_through_verbatim(tmp_path: Path) -> None:
     """serve.sh, rendered by the role's template and run by sh: each value arrives byte for byte."""
     pwned = tmp_path / "pwned"

@@ -57,9 +57,39 @@ def test_example_site_firewall_ruleset_passes_nft_check(tmp_path: Path) -> None:
         variables,
     )
     text = ruleset.read_text()
-    assert "policy drop" in text and "10.0.0.0/24" in text and "tcp dport 8443 drop" in text
+    assert "policy drop" in text and "10.0.0.0/24" in text and "tcp dport { 8443 } drop" in text
     # Management networks only on their ports (DNS, NTP): no other port of theirs is reachable.
     assert "meta l4proto { tcp, udp } th dport { 53, 123 } accept" in text
+    check = subprocess.run(["nft", "-c", "-f", str(ruleset)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("grpc_port", [0, 8081])
+def test_the_firewall_opens_the_grpc_port_only_when_it_is_served(tmp_path: Path, grpc_port: int) -> None:
+    """Issue 14, item 5: gRPC is off by default (nothing in the ruleset); edge_service_grpc_port opens it to
+    the client networks like the REST port, and drops it for everyone else."""
+    assert shutil.which("nft"), "nft is missing: run .ci/system-packages (Debian nftables)"
+    defaults = yaml.safe_load(
+        (ANSIBLE_DIR / "roles" / "edge_hardening" / "defaults" / "main.yml").read_text()
+    )
+    variables = {
+        **defaults,
+        "edge_hardening_management_networks": ["10.0.0.0/24"],
+        "edge_hardening_client_networks": ["192.168.10.0/24"],
+        "_edge_hardening_table": "dualdeploy",
+        "_edge_hardening_port": 8000,
+        "edge_service_grpc_port": grpc_port,
+    }
+    ruleset = render_template(
+        ANSIBLE_DIR / "roles" / "edge_hardening" / "templates" / "dualdeploy.nft.j2",
+        tmp_path / "d.nft",
+        variables,
+    )
+    text = ruleset.read_text()
+    served = "8000, 8081" if grpc_port else "8000"
+    assert f"tcp dport {{ {served} }} ip saddr {{ 192.168.10.0/24 }} accept" in text
+    assert f"tcp dport {{ {served} }} drop" in text
+    assert ("8081" in text) == bool(grpc_port)
     check = subprocess.run(["nft", "-c", "-f", str(ruleset)], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stderr
 

@@ -223,6 +223,18 @@ def embedder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield s
 
 
+def test_grpc_host_binds_grpc_apart_from_the_rest_address(tiny: Bundle, tmp_path: Path) -> None:
+    """--grpc-host: on a device the REST port may be a loopback gate while gRPC serves the site address
+    (here 127.0.0.2, another loopback address of this machine)."""
+    port = free_port()
+    extra = ["--grpc-port", str(port), "--grpc-host", "127.0.0.2"]
+    with running_server(tiny.path, tiny.public_key, tmp_path, extra):
+        with triton(f"127.0.0.2:{port}") as client:
+            assert client.is_server_ready()
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "gRPC also listens on --host"
+
+
 def test_health_and_metadata_answer_as_rest_does(server: Served) -> None:
     with server.rest.client() as c:
         rest_server, rest_model = c.get("/v2").json(), c.get("/v2/models/tiny").json()
