@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -152,6 +152,12 @@ class Quality(_Model):
     reference: str
 
 
+def bucket_top(lengths: Sequence[int], length: int) -> int:
+    """The top of the length bucket ``length`` falls into: the first of the rising ``lengths`` at or above it
+    (``length`` itself beyond the last, which the axis bound refuses before any batching)."""
+    return next((top for top in lengths if length <= top), length)
+
+
 class Buckets(_Model):
     """Length bucketing (schema 5): requests whose ``axis`` lengths share a bucket batch together, padded."""
 
@@ -171,11 +177,8 @@ class Buckets(_Model):
         return self
 
     def bucket(self, length: int) -> int:
-        """The top of the bucket a length falls into (lengths above the last are refused earlier)."""
-        for top in self.lengths:
-            if length <= top:
-                return top
-        return length
+        """The top of the bucket a length falls into (:func:`bucket_top`)."""
+        return bucket_top(self.lengths, length)
 
 
 class ServingHints(_Model):

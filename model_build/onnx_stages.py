@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from contract.bundle import BundleError, compare_outputs, load_tensors, save_tensors
+from contract.manifest import bucket_top
 
 from .errors import BuildError
 from .load import load_model
@@ -325,7 +326,7 @@ def bucket_parity(
              for i, n in enumerate(lengths)]  # fmt: skip
     groups: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
-        groups.setdefault(next(top for top in buckets.lengths if n <= top), []).append(i)
+        groups.setdefault(bucket_top(buckets.lengths, n), []).append(i)
     order: list[int] = []
     batched: list[dict[str, np.ndarray]] = []
     for top, members in sorted(groups.items()):

@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 
 from contract.codec import WIRE_DTYPES
-from contract.manifest import Buckets, TensorEntry
+from contract.manifest import Buckets, TensorEntry, bucket_top
 
 # Manifest dtype -> (v2 datatype, NumPy dtype). The models in bundles take these two.
 DATATYPES = sorted({dt for dt, _ in WIRE_DTYPES.values()} | {"BYTES", "UINT16", "UINT32", "UINT64", "INT16"})
@@ -155,8 +155,8 @@ class Padding:
         return int(inputs[name].shape[position])
 
     def bucket(self, length: int) -> int:
-        """The top of the bucket ``length`` falls into (longer lengths were refused by the axis bound)."""
-        return next((top for top in self.lengths if length <= top), length)
+        """The top of the bucket ``length`` falls into."""
+        return bucket_top(self.lengths, length)
 
     def signature(self, inputs: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
         """Every input's shape but the batch axis, with the bucketed axis replaced by its bucket."""
