@@ -203,7 +203,7 @@ def _validate_ingress(args: ModelServiceArgs) -> None:
     if args.static_ingress and (args.load_balancer != "internet-facing" or args.eip_allocation_ids is None):
         raise ValueError(
             "static_ingress: needs load_balancer 'internet-facing' and eip_allocation_ids "
-            "(StaticIngress.allocation_ids)"
+            "(Network.ingress_allocation_ids, with NetworkArgs.ingress_addresses)"
         )
     if args.load_balancer_source_ranges and args.load_balancer == "none":
         raise ValueError("load_balancer_source_ranges: only a load balancer has source ranges")
