@@ -66,14 +66,19 @@ def texts() -> list[str]:
     return chosen
 
 
-def raw_main(onnx: str, inputs_file: str, seconds: float) -> None:
-    """(child, pinned to the server core) requests/s of batch-1 ``session.run`` over the requests in turn."""
+def _one_thread_session(onnx: str) -> Any:
+    """An ONNX Runtime CPU session on one intra-op and one inter-op thread (the server's ``--threads 1``)."""
     import onnxruntime as ort  # noqa: PLC0415
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+
+
+def raw_main(onnx: str, inputs_file: str, seconds: float) -> None:
+    """(child, pinned to the server core) requests/s of batch-1 ``session.run`` over the requests in turn."""
+    session = _one_thread_session(onnx)
     with np.load(inputs_file) as data:
         count = len([k for k in data.files if k.startswith("input_ids.")])
         feeds = [{n: data[f"{n}.{i}"] for n in ("input_ids", "attention_mask")} for i in range(count)]
@@ -93,12 +98,7 @@ SCALING_BATCHES = (1, 4, 16)
 def scaling_main(onnx: str, seconds: float) -> None:
     """(child, pinned to the server core) rows/s of ``session.run`` at equal lengths, by batch size: what
     batching can gain at all for this model on this core, before any padding."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    session = _one_thread_session(onnx)
     rng = np.random.default_rng(0)
     figures: dict[str, dict[str, float]] = {}
     for length in SCALING_LENGTHS:
