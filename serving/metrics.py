@@ -141,6 +141,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.fast_path = Counter(
+            "dualdeploy_fast_path_requests",
+            "Inference requests answered from the HTTP protocol without ASGI (serving.fastpath); the rest of "
+            'dualdeploy_requests_total{endpoint="infer"} went through Starlette.',
+            registry=r,
+        )
         self.connections = Counter(
             "dualdeploy_connections",
             "TCP connections accepted by this server (a server that must see none can prove it).",

@@ -341,14 +341,14 @@ def check_int_range(arr: np.ndarray, spec: TensorSpec, what: str) -> None:
         )
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+def split_body(body: bytes | memoryview, header_length: str | None) -> tuple[bytes, memoryview]:
     """Split a request body into its JSON header and binary tail (a view: tensors are not copied).
 
     Raises:
         ProtocolError: the header length is not an integer or exceeds the body.
     """
     if header_length is None:
-        return body, memoryview(b"")
+        return bytes(body), memoryview(b"")
     # ASCII digits only: int() would also take ' +12', '1_2' and other scripts' digits.
     if not (header_length.isascii() and header_length.isdigit()) or len(header_length) > 12:
         raise ProtocolError(
@@ -360,7 +360,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
         raise ProtocolError(
             f"Inference-Header-Content-Length {length} does not fit a body of {len(body)} bytes"
         )
-    return body[:length], memoryview(body)[length:]
+    return bytes(body[:length]), memoryview(body)[length:]
 
 
 @dataclass
@@ -575,7 +575,7 @@ def precheck_header(header: bytes, model: ModelSpec, max_batch: int) -> None:
 
 
 def parse_infer_request(
-    body: bytes, header_length: str | None, model: ModelSpec, max_batch: int
+    body: bytes | memoryview, header_length: str | None, model: ModelSpec, max_batch: int
 ) -> InferRequest:
     """Parse and validate an inference request body.
 

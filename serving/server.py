@@ -18,19 +18,19 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving import __version__, logs, systemd
 from serving.app import Settings, State, build_app
 from serving.batching import Batcher
 from serving.cascade import EscalationConfigError, EscalationSettings, Escalator
 from serving.device import DEFAULT_TABLE, memory_limit_bytes
+from serving.fastpath import FastInfer, timed_protocol
 from serving.metrics import Metrics
 from serving.model import LoadedModel, ModelLoadError, load
 
@@ -310,87 +310,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-UVICORN_PRIVATE_API_VERSION = "0.54.0"
-"""The uvicorn release whose private ``Server._captured_signals`` :func:`forget_captured_signal` uses
-(pinned in serving/requirements.txt; a test fails when the two part)."""
-
-
 def forget_captured_signal(server: uvicorn.Server, sig: int) -> None:
-    """Stop uvicorn from re-raising ``sig`` after its shutdown (the one use of a private uvicorn API).
+    """Stop uvicorn from re-raising ``sig`` after its shutdown (a private uvicorn API, as the fast path's).
 
     uvicorn has no public way to say that a captured signal was handled; its ``Server`` keeps them in
     ``_captured_signals`` and re-raises each one when ``serve()`` returns.
     """
-    captured: list[int] = server._captured_signals  # private: wrapped here, pinned by a test
+    captured: list[int] = server._captured_signals  # private: pinned (fastpath.UVICORN_PRIVATE_API_VERSION)
     if sig in captured:
         captured.remove(sig)
-
-
-class TimedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the two timeouts it lacks (a slow client can't hold a socket).
-
-    * A new connection that sends nothing is closed after the keep-alive timeout, as an idle keep-alive
-      connection already is (uvicorn arms that timer only after a first response).
-    * A request's head and body must arrive within ``read_timeout_s`` of its first byte, however slowly
-      the bytes trickle in; then the connection is closed (the handler sees a client disconnect).
-
-    Set ``read_timeout_s`` on a subclass (:func:`timed_protocol`). The timer attributes it uses
-    (``timeout_keep_alive_task``, ``loop``, ``transport``) belong to uvicorn's class, pinned with
-    :data:`UVICORN_PRIVATE_API_VERSION`.
-    """
-
-    read_timeout_s = 30.0
-    on_connection: Callable[[], None] | None = None
-    _read_deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if self.on_connection is not None:
-            self.on_connection()
-        super().connection_made(transport)
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
-        )
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._cancel_read_deadline()
-        self._read_deadline = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
-
-    def on_message_complete(self) -> None:
-        self._cancel_read_deadline()
-        super().on_message_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_read_deadline()
-        super().connection_lost(exc)
-
-    def _cancel_read_deadline(self) -> None:
-        if self._read_deadline is not None:
-            self._read_deadline.cancel()
-            self._read_deadline = None
-
-    def _read_timed_out(self) -> None:
-        self._read_deadline = None
-        if not self.transport.is_closing():
-            log.info(
-                "closed a connection from %s: its request did not arrive within %.0f s",
-                f"{self.client[0]}:{self.client[1]}" if self.client else "?",
-                self.read_timeout_s,
-            )
-            self.transport.close()
-
-
-def timed_protocol(
-    read_timeout_s: float, on_connection: Callable[[], None] | None = None
-) -> type[TimedHttpProtocol]:
-    """A :class:`TimedHttpProtocol` class with its read timeout (uvicorn makes one per connection).
-
-    ``on_connection`` is called for every accepted connection (``dualdeploy_connections_total``).
-    """
-    attrs: dict[str, object] = {"read_timeout_s": read_timeout_s}
-    if on_connection is not None:
-        attrs["on_connection"] = staticmethod(on_connection)
-    return type("TimedHttpProtocol", (TimedHttpProtocol,), attrs)
 
 
 class ConfigError(Exception):
@@ -811,8 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.host,
         args.port,
     )
+    app = build_app(state)
+    assert app.api is not None
     config = uvicorn.Config(
-        build_app(state),
+        app,
         host=args.host,
         port=args.port,
         log_config=None,
@@ -821,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy_headers=False,
         timeout_graceful_shutdown=int(args.grace_period_s + 0.999),
         timeout_keep_alive=int(args.keep_alive_s + 0.999),
-        http=timed_protocol(args.read_timeout_s, metrics.connections.inc),
+        http=timed_protocol(args.read_timeout_s, metrics.connections.inc, FastInfer(app.api, app)),
         ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
         ssl_keyfile=str(args.tls_key) if args.tls_key else None,
         lifespan="on",

@@ -82,7 +82,8 @@ def test_the_one_private_uvicorn_api_is_wrapped_and_pinned_to_the_installed_rele
 
     import uvicorn
 
-    from serving.server import UVICORN_PRIVATE_API_VERSION, forget_captured_signal
+    from serving.fastpath import UVICORN_PRIVATE_API_VERSION
+    from serving.server import forget_captured_signal
 
     pinned = next(
         line.split("==")[1].strip()
