@@ -323,6 +323,7 @@ class V2Api:
             "extensions": ["binary_tensor_data"],
         }
         self.openapi = openapi_document(self.spec.name, self.spec.version, bool(self.settings.token))
+        self._answers: dict[tuple[str, str], Any] = {}  # the requests counter's child per answer
 
     def _known(self, request: Request) -> str | None:
         """None when the path names the served model (and version), else the error message."""
@@ -347,7 +348,12 @@ class V2Api:
     def count_answer(self, endpoint: str, status: str, *, fault: bool) -> None:
         """Count an answer by its status (an HTTP status, or a gRPC code's name); a ``fault`` (overload,
         internal error, shutdown) also in ``dualdeploy_server_errors_total``."""
-        self.metrics.requests.labels(self.spec.name, endpoint, status).inc()
+        counter = self._answers.get((endpoint, status))
+        if counter is None:
+            counter = self._answers[endpoint, status] = self.metrics.requests.labels(
+                self.spec.name, endpoint, status
+            )
+        counter.inc()
         if fault:
             self.metrics.server_errors.labels(endpoint).inc()
 

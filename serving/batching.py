@@ -56,7 +56,21 @@ class _Item:
     future: asyncio.Future[dict[str, np.ndarray]]
     enqueued: float
     deadline: float
+    signature: object
+    """``request.signature()``, computed once: the scheduler compares it for every queued item."""
+    cost: int
+    """The request's memory estimate (0 without a budget), computed once."""
     stats: BatchStats = field(default_factory=BatchStats)
+
+
+def _settle(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+def _expire(future: asyncio.Future[dict[str, np.ndarray]], timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(QueueTimeout(f"no result within the request timeout of {timeout_s:g} s"))
 
 
 class Batcher:
@@ -98,7 +112,7 @@ class Batcher:
         self._cost = cost
         self.max_cost = max_cost
         self._queue: collections.deque[_Item] = collections.deque()
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
         self._task: asyncio.Task[None] | None = None
         self._last_batch = 1
@@ -142,56 +156,74 @@ class Batcher:
             raise QueueFull(f"queue is full ({self._max_queue} requests waiting)")
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        item = _Item(request, loop.create_future(), now, now + timeout_s)
+        cost = self._cost(request) if self.max_cost else 0
+        item = _Item(request, loop.create_future(), now, now + timeout_s, request.signature(), cost)
         self._queue.append(item)
         self._on_depth(len(self._queue))
-        self._wakeup.set()
+        self._wake()
+        # A timer, not asyncio.wait_for: no task and no shield per request. Expired, the item is skipped if
+        # still queued; a running batch still completes, and its result for this request is discarded.
+        timer = loop.call_later(timeout_s, _expire, item.future, timeout_s)
         try:
-            result = await asyncio.wait_for(asyncio.shield(item.future), timeout_s)
-        except TimeoutError as exc:
-            # Cancelled, the item is skipped if still queued; a running batch still
-            # completes, and its result for this request is discarded.
-            item.future.cancel()
-            raise QueueTimeout(f"no result within the request timeout of {timeout_s:g} s") from exc
+            result = await item.future
         except asyncio.CancelledError:
-            # The caller went away (a gRPC client's deadline or cancellation): the same, without a run.
+            # The caller went away (a gRPC client's deadline or cancellation): awaiting the future directly
+            # cancelled it too, so a queued item is skipped without a run.
             item.future.cancel()
             raise
+        finally:
+            timer.cancel()
         return result, item.stats
 
     def _take(self, batch: list[_Item], rows: int, signature: object) -> int:
         """Move queued items compatible with ``signature`` into ``batch``; return the row count."""
         kept: collections.deque[_Item] = collections.deque()
         now = time.perf_counter()
-        spent = sum(self._cost(item.request) for item in batch) if self.max_cost else 0
+        spent = sum(item.cost for item in batch)
         while self._queue:
             item = self._queue.popleft()
             if item.future.done() or now > item.deadline:
                 if not item.future.done():
                     item.future.set_exception(QueueTimeout("request timed out in the queue"))
                 continue
-            cost = self._cost(item.request) if self.max_cost else 0
             if (
                 rows + item.request.batch_size <= self._max_batch
-                and item.request.signature() == signature
-                and (not batch or spent + cost <= self.max_cost or not self.max_cost)
+                and item.signature == signature
+                and (not batch or spent + item.cost <= self.max_cost or not self.max_cost)
             ):
                 batch.append(item)
                 rows += item.request.batch_size
-                spent += cost
+                spent += item.cost
             else:
                 kept.append(item)
         self._queue = kept
         return rows
 
+    def _wake(self) -> None:
+        """Wake the scheduler if it sleeps (a request was queued)."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
+
+    async def _sleep(self, seconds: float | None) -> bool:
+        """Sleep until a request is queued (True) or ``seconds`` pass (False); a future and a timer, not
+        ``asyncio.wait_for`` on an event, which costs a task each time."""
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = None if seconds is None else loop.call_later(seconds, _settle, waiter)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._sleep(None)
             first = self._queue[0]
-            signature = first.request.signature()
+            signature = first.signature
             batch: list[_Item] = []
             rows = self._take(batch, 0, signature)
             if not batch:
@@ -200,12 +232,7 @@ class Batcher:
             deadline = batch[0].enqueued + self._max_delay
             while rows < self._max_batch and (self.arriving > 0 or rows < self._last_batch):
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
+                if remaining <= 0 or not await self._sleep(remaining):
                     break
                 rows = self._take(batch, rows, signature)
             self._on_depth(len(self._queue))
