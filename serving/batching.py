@@ -1,8 +1,10 @@
 """Dynamic batching: merge concurrent requests into one model run.
 
-One scheduler coroutine owns a bounded queue and a single worker thread that
-runs ONNX Runtime (which releases the GIL), so the event loop keeps parsing and
-answering requests while the model computes.
+One scheduler coroutine owns a bounded queue and the worker threads that run
+ONNX Runtime (which releases the GIL), so the event loop keeps parsing and
+answering requests while the model computes. There is one worker per instance
+(``--instances``): up to that many batches run at once, each on its own thread,
+through the one session (ONNX Runtime's ``run`` is thread-safe).
 
 Policy: a batch starts with the oldest queued request and takes every queued
 request with the same non-batch shape, up to the maximum batch size. It then
@@ -88,6 +90,7 @@ class Batcher:
         on_batch: Callable[[int, float], None] = lambda _n, _s: None,
         cost: Callable[[InferRequest], int] = lambda _r: 0,
         max_cost: int = 0,
+        instances: int = 1,
     ) -> None:
         """Set up the batcher; :meth:`start` must be called inside the event loop.
 
@@ -102,6 +105,8 @@ class Batcher:
             cost: a request's estimated run-time memory in bytes.
             max_cost: the memory budget of one run; a batch stops growing before it would exceed it
                 (0: no budget). A request alone above it is refused by the caller (:meth:`fits`).
+            instances: the most batches running at once, each on its own worker thread (the caller
+                divides its memory budget among them: ``max_cost`` is one run's).
         """
         self._run = run
         self._max_batch = max_batch_size if batchable else 1
@@ -113,7 +118,9 @@ class Batcher:
         self.max_cost = max_cost
         self._queue: collections.deque[_Item] = collections.deque()
         self._waiter: asyncio.Future[bool] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="ort")
+        self._free = asyncio.Semaphore(instances)  # instances not running a batch
+        self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._last_batch = 1
         self.arriving = 0  # requests being read and parsed, not yet queued
@@ -133,8 +140,8 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._schedule(), name="batcher")
 
     async def stop(self) -> None:
-        """Stop the scheduler after the queue is empty, and the worker thread."""
-        while self._queue:
+        """Stop the scheduler once the queue is empty and every running batch is done, then the workers."""
+        while self._queue or self._running:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
@@ -222,11 +229,17 @@ class Batcher:
         while True:
             if not self._queue:
                 await self._sleep(None)
+            # A batch is formed only when an instance can run it: requests arriving meanwhile join it.
+            await self._free.acquire()
+            if not self._queue:  # every queued request timed out or went away while all instances ran
+                self._free.release()
+                continue
             first = self._queue[0]
             signature = first.signature
             batch: list[_Item] = []
             rows = self._take(batch, 0, signature)
             if not batch:
+                self._free.release()
                 self._on_depth(len(self._queue))
                 continue
             deadline = batch[0].enqueued + self._max_delay
@@ -237,7 +250,15 @@ class Batcher:
                 rows = self._take(batch, rows, signature)
             self._on_depth(len(self._queue))
             self._last_batch = rows
+            running = loop.create_task(self._run_batch(loop, batch, rows))
+            self._running.add(running)
+            running.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item], rows: int) -> None:
+        try:
             await self._execute(loop, batch, rows)
+        finally:
+            self._free.release()
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item], rows: int) -> None:
         started = time.perf_counter()

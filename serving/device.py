@@ -464,8 +464,11 @@ TUNED_ENV = {
     "max_batch_size": "DUALDEPLOY_MAX_BATCH_SIZE",
     "max_queue_delay_ms": "DUALDEPLOY_MAX_QUEUE_DELAY_MS",
     "threads": "DUALDEPLOY_THREADS",
+    "instances": "DUALDEPLOY_INSTANCES",
 }
 """The settings a tuner may record, and the server's environment variables that carry them.
+
+``instances`` may be left out (sidecars written before it was tunable): one instance.
 
 Nothing else can be tuned: the queue limit, the timeouts, the body, element and memory budgets are safety
 bounds, and a tuned file that names one is refused. The batch size is further capped by the bundle's
@@ -473,6 +476,8 @@ bounds, and a tuned file that names one is refused. The batch size is further ca
 """
 MAX_TUNED_QUEUE_DELAY_MS = 100.0
 """A queue delay above this is a latency bug, not a tuning result."""
+MAX_INSTANCES = 64
+"""The most concurrent model runs a server takes (``--instances``)."""
 
 
 @dataclass(frozen=True)
@@ -483,6 +488,7 @@ class TunedSettings:
     max_batch_size: int
     max_queue_delay_ms: float
     threads: int
+    instances: int = 1
 
     def environment(self) -> dict[str, str]:
         """The settings as the server's environment (an ``EnvironmentFile``, a Pod's ``env``)."""
@@ -524,10 +530,11 @@ def parse_tuned(
                 f"{source}: key {where}.{key}: not a tunable setting ({', '.join(TUNED_ENV)}); "
                 "queue limits, timeouts and budgets are safety bounds, never tuned"
             )
-    missing = [key for key in TUNED_ENV if key not in settings]
+    missing = [key for key in TUNED_ENV if key not in settings and key != "instances"]
     if missing:
         raise DeviceError(f"{source}: key {where}.{missing[0]}: missing")
-    batch, delay, threads = (settings[k] for k in TUNED_ENV)
+    batch, delay, threads = (settings[k] for k in ("max_batch_size", "max_queue_delay_ms", "threads"))
+    instances = settings.get("instances", 1)
     if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= max_batch_size:
         raise DeviceError(
             f"{source}: key {where}.max_batch_size: {batch!r} is not an integer from 1 to the bundle's "
@@ -546,7 +553,11 @@ def parse_tuned(
         raise DeviceError(
             f"{source}: key {where}.threads: {threads!r} is not an integer from 0 (ORT's default)"
         )
-    return TunedSettings(device_class, batch, float(delay), threads)
+    if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= MAX_INSTANCES:
+        raise DeviceError(
+            f"{source}: key {where}.instances: {instances!r} is not an integer from 1 to {MAX_INSTANCES}"
+        )
+    return TunedSettings(device_class, batch, float(delay), threads, instances)
 
 
 def load_tuned(path: Path, device_class: str, *, model: str, max_batch_size: int) -> TunedSettings | None:

@@ -29,7 +29,7 @@ from serving import __version__, logs, systemd
 from serving.app import Settings, State, build_app
 from serving.batching import Batcher
 from serving.cascade import EscalationConfigError, EscalationSettings, Escalator
-from serving.device import DEFAULT_TABLE, memory_limit_bytes
+from serving.device import DEFAULT_TABLE, MAX_INSTANCES, memory_limit_bytes
 from serving.fastpath import FastInfer, timed_protocol
 from serving.metrics import Metrics
 from serving.model import LoadedModel, ModelLoadError, load
@@ -239,6 +239,13 @@ def parser() -> argparse.ArgumentParser:
         help="ONNX Runtime intra-op threads, 0 for its default (DUALDEPLOY_THREADS)",
     )
     p.add_argument(
+        "--instances",
+        type=int,
+        default=_env("INSTANCES", "1"),
+        help="model runs at once, each on its own thread through the one session; the memory budget of "
+        "a run is --batch-memory-mb divided among them (DUALDEPLOY_INSTANCES)",
+    )
+    p.add_argument(
         "--trt-cache-dir",
         type=Path,
         default=_env("TRT_CACHE_DIR"),
@@ -345,6 +352,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
         ("max_body_bytes", 1024),
         ("max_request_elements", 1),
         ("batch_memory_mb", 1),
+        ("instances", 1),
     ):
         value = getattr(args, flag)
         if value is not None and value < low:
@@ -438,7 +446,10 @@ def _check_grpc_port(args: argparse.Namespace) -> None:
 
 
 def _check_bounds(args: argparse.Namespace) -> None:
-    """The read timeouts are positive; ``--axis-max`` values become a dict (in place)."""
+    """The instance count is within its maximum, the read timeouts are positive; ``--axis-max`` values
+    become a dict (in place)."""
+    if args.instances > MAX_INSTANCES:
+        raise ConfigError(f"--instances must be at most {MAX_INSTANCES}, got {args.instances}")
     for flag in ("read_timeout_s", "keep_alive_s"):
         value = getattr(args, flag)
         if not value > 0:
@@ -709,6 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for figure, value in model.quality_figures.items():
         metrics.quality_gate.labels(figure=figure).set(value)
     budget = (args.batch_memory_mb << 20) if args.batch_memory_mb else memory_limit_bytes() // 2
+    budget //= args.instances  # every instance may run a batch at once
     batcher = Batcher(
         model.run,
         cost=model.memory_cost,
@@ -719,6 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batchable=model.batchable,
         on_depth=metrics.queue_depth.set,
         on_batch=metrics.observe_batch,
+        instances=args.instances,
     )
     try:
         escalator = _escalator(escalation, model, metrics)
@@ -729,12 +742,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     grpc_endpoint = _grpc_endpoint(args, state)
     _log_bounds(model, batcher.max_cost)
     log.info(
-        "serving model %s version %s, variant %s, max batch %d, queue delay %.3g ms, on %s://%s:%d",
+        "serving model %s version %s, variant %s, max batch %d, queue delay %.3g ms, instances %d, on %s://%s:%d",
         model.spec.name,
         model.spec.version,
         model.variant.name,
         model.spec.max_batch_size,
         delay_ms,
+        args.instances,
         "https" if args.tls_cert else "http",
         args.host,
         args.port,

@@ -3,8 +3,9 @@
     python -m serving.tune run --bundle dist/demo/latest --public-key K [--p99-ms 200] [--out tuned.yaml]
     python -m serving.tune env tuned.yaml --bundle dist/demo/latest      # DUALDEPLOY_* lines for the server
 
-``run`` searches max batch size, max queue delay and ONNX Runtime intra-op threads by **successive
-halving**: a seeded sample of settings (the bundle's defaults always among them) each gets a real server
+``run`` searches max batch size, max queue delay, ONNX Runtime intra-op threads and the instance count
+(model runs at once, ``--instances``) by **successive halving**: a seeded sample of settings (the
+bundle's defaults always among them) each gets a real server
 (``python -m serving``) and a short closed-loop load; the best third go on with three times the load, and
 so on. A setting scores its throughput when its p99 is within the bound and no request failed, nothing
 otherwise. The last rung runs the winner and the defaults **interleaved, side by side**, and records the
@@ -12,12 +13,13 @@ winner only if its throughput is at least the defaults'; otherwise it records th
 
 The result goes to a sidecar file, one entry per device class (the class detected here), which the
 server takes through its environment: ``env`` prints the ``DUALDEPLOY_MAX_BATCH_SIZE``,
-``DUALDEPLOY_MAX_QUEUE_DELAY_MS`` and ``DUALDEPLOY_THREADS`` lines for an ``EnvironmentFile`` or a
-Pod's ``env``. Only those three are ever tuned (:data:`serving.device.TUNED_ENV`): queue limits and
-timeouts are safety bounds, and the batch size stays within the bundle's ``serving.max_batch_size``.
+``DUALDEPLOY_MAX_QUEUE_DELAY_MS``, ``DUALDEPLOY_THREADS`` and ``DUALDEPLOY_INSTANCES`` lines for an
+``EnvironmentFile`` or a Pod's ``env``. Only those four are ever tuned (:data:`serving.device.TUNED_ENV`):
+queue limits and timeouts are safety bounds, the batch size stays within the bundle's
+``serving.max_batch_size``, and the memory budget of a run is divided among the instances.
 
-The server has no instance count to tune: it runs one ONNX Runtime session per process, so more instances
-means more processes (replicas on a cluster, a second unit on a device), which this tuner does not start.
+Instances and threads share the CPUs: the search keeps ``instances x threads`` within the CPUs this
+process may use (threads 0, ONNX Runtime's default of one per core, goes with one instance only).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Setting:
     max_batch_size: int
     max_queue_delay_ms: float
     threads: int
+    instances: int = 1
 
     def flags(self) -> list[str]:
         """The server flags that apply it."""
@@ -73,18 +76,22 @@ class Setting:
             f"{self.max_queue_delay_ms:g}",
             "--threads",
             str(self.threads),
+            "--instances",
+            str(self.instances),
         ]
 
     def label(self) -> str:
-        """``b8 d5ms t0``."""
-        return f"b{self.max_batch_size} d{self.max_queue_delay_ms:g}ms t{self.threads}"
+        """``b8 d5ms t0 i1``."""
+        return f"b{self.max_batch_size} d{self.max_queue_delay_ms:g}ms t{self.threads} i{self.instances}"
 
 
 def space(max_batch_size: int, cpus: int) -> list[Setting]:
-    """Every setting the search may try: batches up to the bundle's cap, threads up to the CPUs."""
+    """Every setting the search may try: batches up to the bundle's cap, threads x instances within the
+    CPUs (ONNX Runtime's default thread count, 0, with one instance only)."""
     batches = [b for b in BATCHES if b <= max_batch_size] or [1]
-    threads = [0, *range(1, max(cpus, 1) + 1)]
-    return [Setting(b, d, t) for b, d, t in itertools.product(batches, DELAYS_MS, threads)]
+    cpus = max(cpus, 1)
+    pairs = [(0, 1)] + [(t, i) for t in range(1, cpus + 1) for i in range(1, cpus // t + 1)]
+    return [Setting(b, d, t, i) for b, d, (t, i) in itertools.product(batches, DELAYS_MS, pairs)]
 
 
 def score(result: dict[str, Any], p99_bound_ms: float) -> float:
@@ -208,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         (args.device_class, None) if args.device_class != "auto" else detect_class(args.device_table)
     )
     rng = random.Random(args.seed)
-    everything = [s for s in space(cap, os.cpu_count() or 1) if s != defaults]
+    everything = [s for s in space(cap, len(os.sched_getaffinity(0))) if s != defaults]
     candidates = [defaults, *rng.sample(everything, min(args.candidates - 1, len(everything)))]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dualdeploy-tune.") as workdir:

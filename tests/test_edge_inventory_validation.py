@@ -371,7 +371,14 @@ def test_start_script_hands_the_tuned_settings_of_its_class_to_the_server(tmp_pa
                 "schema_version": 1,
                 "model": model,
                 "classes": {
-                    "x86_cpu": {"settings": {"max_batch_size": 2, "max_queue_delay_ms": 0.5, "threads": 1}},
+                    "x86_cpu": {
+                        "settings": {
+                            "max_batch_size": 2,
+                            "max_queue_delay_ms": 0.5,
+                            "threads": 1,
+                            "instances": 2,
+                        }
+                    },
                     "jetson": {"settings": {"max_batch_size": 8, "max_queue_delay_ms": 9.0, "threads": 4}},
                 },
             }
@@ -393,12 +400,18 @@ def test_start_script_hands_the_tuned_settings_of_its_class_to_the_server(tmp_pa
     env = json.loads(run.stdout)["env"]
     tuned = {
         k: env.get(k)
-        for k in ("DUALDEPLOY_MAX_BATCH_SIZE", "DUALDEPLOY_MAX_QUEUE_DELAY_MS", "DUALDEPLOY_THREADS")
+        for k in (
+            "DUALDEPLOY_MAX_BATCH_SIZE",
+            "DUALDEPLOY_MAX_QUEUE_DELAY_MS",
+            "DUALDEPLOY_THREADS",
+            "DUALDEPLOY_INSTANCES",
+        )
     }
     assert tuned == {
         "DUALDEPLOY_MAX_BATCH_SIZE": "2",
         "DUALDEPLOY_MAX_QUEUE_DELAY_MS": "0.5",
         "DUALDEPLOY_THREADS": "1",
+        "DUALDEPLOY_INSTANCES": "2",
     }
     # A sidecar with a safety bound in it stops the start, naming the key.
     (prefix / "etc" / "tuned.yaml").write_text(

@@ -40,20 +40,22 @@ def _parse(data: dict[str, Any], device_class: str = "x86_cpu") -> device.TunedS
 
 def test_a_valid_sidecar_gives_the_class_settings_and_their_environment() -> None:
     settings = _parse(_sidecar())
-    assert settings == device.TunedSettings("x86_cpu", 4, 1.0, 1)
+    assert settings == device.TunedSettings("x86_cpu", 4, 1.0, 1, 1)  # no instances key: one instance
     assert settings.environment() == {
         "DUALDEPLOY_MAX_BATCH_SIZE": "4",
         "DUALDEPLOY_MAX_QUEUE_DELAY_MS": "1.0",
         "DUALDEPLOY_THREADS": "1",
+        "DUALDEPLOY_INSTANCES": "1",
     }
+    assert _parse(_sidecar(instances=2)) == device.TunedSettings("x86_cpu", 4, 1.0, 1, 2)
     assert _parse(_sidecar(), device_class="jetson") is None  # not tuned there: the defaults apply
 
 
 def test_the_environment_names_are_the_server_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in device.TunedSettings("x86_cpu", 2, 0.5, 1).environment().items():
+    for key, value in device.TunedSettings("x86_cpu", 2, 0.5, 1, 3).environment().items():
         monkeypatch.setenv(key, value)
     args = server_parser().parse_args(["--bundle", "x"])
-    assert (args.max_batch_size, args.max_queue_delay_ms, args.threads) == (2, 0.5, 1)
+    assert (args.max_batch_size, args.max_queue_delay_ms, args.threads, args.instances) == (2, 0.5, 1, 3)
 
 
 @pytest.mark.parametrize(
@@ -65,6 +67,9 @@ def test_the_environment_names_are_the_server_flags(monkeypatch: pytest.MonkeyPa
         (_sidecar(max_batch_size=True), "max_batch_size: True"),
         (_sidecar(max_queue_delay_ms=500), "max_queue_delay_ms: 500 is not a number from 0 to 100"),
         (_sidecar(threads=-1), "threads: -1"),
+        (_sidecar(instances=0), "instances: 0 is not an integer from 1 to 64"),
+        (_sidecar(instances=65), "instances: 65 is not an integer from 1 to 64"),
+        (_sidecar(instances=True), "instances: True"),
         ({**_sidecar(), "model": "minilm"}, "key model: tuned for 'minilm', this bundle is 'demo'"),
         ({**_sidecar(), "schema_version": 2}, "key schema_version: must be 1"),
         ({**_sidecar(), "classes": ["x86_cpu"]}, "key classes: must be a mapping"),
@@ -88,8 +93,13 @@ def test_a_missing_setting_is_named() -> None:
 def test_the_search_space_never_exceeds_the_bundle_batch_cap() -> None:
     points = tune.space(max_batch_size=8, cpus=2)
     assert {p.max_batch_size for p in points} == {1, 2, 4, 8}
-    assert {p.threads for p in points} == {0, 1, 2}
+    assert {(p.threads, p.instances) for p in points} == {(0, 1), (1, 1), (1, 2), (2, 1)}
     assert tune.space(max_batch_size=1, cpus=1)[0].max_batch_size == 1
+    # Instances and threads never ask for more CPUs than there are; ORT's default goes with one instance.
+    wide = tune.space(max_batch_size=1, cpus=8)
+    assert all(p.threads * p.instances <= 8 for p in wide if p.threads)
+    assert {p.instances for p in wide if p.threads == 0} == {1}
+    assert max(p.instances for p in wide) == 8
 
 
 def test_a_setting_over_the_latency_bound_or_with_errors_scores_nothing() -> None:
@@ -103,7 +113,9 @@ def test_a_setting_over_the_latency_bound_or_with_errors_scores_nothing() -> Non
 @pytest.mark.slow
 def test_the_server_serves_with_the_tuned_settings(tmp_path: Path) -> None:
     sidecar = tmp_path / "tuned.yaml"
-    sidecar.write_text(yaml.safe_dump(_sidecar(max_batch_size=2, max_queue_delay_ms=0.5, threads=1)))
+    sidecar.write_text(
+        yaml.safe_dump(_sidecar(max_batch_size=2, max_queue_delay_ms=0.5, threads=1, instances=2))
+    )
     env = subprocess.run(
         [
             sys.executable,
@@ -127,6 +139,7 @@ def test_the_server_serves_with_the_tuned_settings(tmp_path: Path) -> None:
         "DUALDEPLOY_MAX_BATCH_SIZE": "2",
         "DUALDEPLOY_MAX_QUEUE_DELAY_MS": "0.5",
         "DUALDEPLOY_THREADS": "1",
+        "DUALDEPLOY_INSTANCES": "2",
     }
     # The server, started with that environment (what an EnvironmentFile or a Pod's env does), uses it.
     server = ServerProcess(DEMO, DEV_KEY, env=variables, log_dir=tmp_path)
@@ -134,7 +147,7 @@ def test_the_server_serves_with_the_tuned_settings(tmp_path: Path) -> None:
         log = server.log.read_text()
     finally:
         assert server.stop() == 0
-    assert "max batch 2, queue delay 0.5 ms" in log, log
+    assert "max batch 2, queue delay 0.5 ms, instances 2" in log, log
 
 
 @pytest.mark.usefixtures("demo_built")
@@ -163,6 +176,7 @@ def test_a_short_tuning_run_records_settings_at_least_as_fast_as_the_defaults(tm
         "max_batch_size": manifest.serving.max_batch_size,
         "max_queue_delay_ms": manifest.serving.max_queue_delay_ms,
         "threads": 0,
+        "instances": 1,
     }
     assert record["defaults"]["settings"] == defaults
     if record["chosen"] == "tuned":
