@@ -148,7 +148,7 @@ advise: setup ## Monthly cost of cloud, Spot, edge and hybrid against calls, bre
 # The tuned settings belong to the machine that measured them: the sidecar goes beside the bundles
 # (dist/, not in git); the run's every trial goes to bench/results/tune.json.
 TUNED ?= $(DIST)/demo/tuned.yaml
-tune: build ## Tune max batch, queue delay and threads for BUNDLE on this machine under real load; writes TUNED.
+tune: build ## Tune max batch, queue delay, threads and instances for BUNDLE on this machine under real load; writes TUNED.
 	$(PY) -m serving.tune run --bundle $(or $(BUNDLE),$(DIST)/demo/latest) \
 	  --public-key $(or $(PUBLIC_KEY),.keys/dev-ed25519.pub) --out $(TUNED) --results bench/results/tune.json
 
