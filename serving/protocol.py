@@ -15,13 +15,19 @@ the rules are testable on their own. Both tensor encodings are handled:
 Every problem with a request raises :class:`ProtocolError` carrying a 4xx status
 and a message that names the offending field.
 
-JSON goes through orjson both ways: a body is parsed by orjson and its ``data`` lists become arrays in one
-NumPy call; JSON outputs are written by orjson straight from the arrays (``OPT_SERIALIZE_NUMPY``), never
-through ``tolist()``. orjson is stricter than the standard library, which the protocol has always
-accepted, so a body orjson refuses is handed to :func:`json.loads`: that keeps the ``NaN`` and
-``Infinity`` tokens (a model that allows non-finite inputs takes them), lone surrogate escapes in an
-``id``, and the standard library's own wording of a syntax error. Outputs holding NaN or Inf, and anything
-else orjson won't write, go out through :func:`json.dumps` as before.
+JSON bodies are parsed by simdjson into its lazy document (:func:`parse_document`): the request's fields
+become Python values, but an input's ``data`` stays in simdjson's tape until its head (name, datatype,
+shape, budget) has passed the checks, and is then read into NumPy in one C call, with no Python number or
+list made (:func:`_json_data`). The values are read in row-major order whatever their nesting, as Triton
+reads them; their count must match the shape. Whatever that fast read can't take exactly (booleans,
+strings, nulls, a count that does not match, integers a 64-bit buffer can't hold) goes the general way:
+the ``data`` becomes Python lists and one NumPy call, which words the problem. A body simdjson refuses
+(the ``NaN`` and ``Infinity`` tokens, integers beyond 64 bits, lone surrogate escapes, a byte-order mark,
+a syntax error) is parsed by :func:`loads`: orjson, then :func:`json.loads`, which keeps those tokens (a
+model that allows non-finite inputs takes them) and the standard library's own wording of a syntax error.
+JSON outputs are written by orjson straight from the arrays (``OPT_SERIALIZE_NUMPY``), never through
+``tolist()``; outputs holding NaN or Inf, and anything else orjson won't write, go out through
+:func:`json.dumps`.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
+import simdjson
 
 from contract.codec import WIRE_DTYPES
 from contract.manifest import Buckets, TensorEntry, bucket_top
@@ -222,6 +229,62 @@ def loads(text: bytes) -> Any:
     return json.loads(text.decode("utf-8"))
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def parse_document(text: bytes) -> Any:
+    """Parse a request's JSON: a dict whose ``inputs`` (if a list) stays lazy, or what :func:`loads` returns.
+
+    Every other field is a plain Python value (duplicate keys: the last wins, as with :func:`json.loads`).
+    ``inputs`` stays a :class:`simdjson.Array`, walked one tensor at a time by :func:`tensor_entries`, so
+    a body of a million empty inputs costs simdjson's tape (~10 bytes a token), not a million dicts.
+
+    Raises:
+        ValueError, UnicodeDecodeError, RecursionError: as :func:`loads` (the body is not JSON).
+    """
+    if text.startswith(_UTF8_BOM):
+        return loads(text)  # simdjson skips a byte-order mark; RFC 8259 parsers may refuse it, and we do
+    try:
+        doc = simdjson.Parser().parse(text)
+    except (ValueError, RuntimeError):
+        # NaN/Infinity tokens, integers beyond 64 bits, lone surrogates, depth, syntax: the general path.
+        return loads(text)
+    if not isinstance(doc, simdjson.Object):
+        return _plain(doc)
+    fields = _fields(doc)
+    if fields is None:
+        return loads(text)
+    return {key: doc[key] if key == "inputs" else _plain(doc[key]) for key in fields}
+
+
+def _fields(obj: simdjson.Object) -> list[str] | None:
+    """The object's keys, or None when one repeats (simdjson's lookup finds the first; JSON's is the last)."""
+    keys = list(obj.keys())
+    return keys if len(set(keys)) == len(keys) else None
+
+
+def _plain(value: Any) -> Any:
+    """A simdjson value as Python (dicts and lists; a repeated key keeps its last value); scalars already are."""
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
+
+
+def tensor_entries(raw_inputs: Any) -> Iterable[Any]:
+    """The request's ``inputs``, one at a time: dicts whose ``data`` is still simdjson's, or as given."""
+    if not isinstance(raw_inputs, simdjson.Array):
+        yield from raw_inputs
+        return
+    for item in raw_inputs:
+        fields = _fields(item) if isinstance(item, simdjson.Object) else None
+        if fields is None:
+            yield _plain(item)  # not an object, or a key given twice: all of it as Python, as before
+        else:
+            yield {key: item[key] if key == "data" else _plain(item[key]) for key in fields}
+
+
 def dumps(doc: Mapping[str, Any], arrays: Sequence[np.ndarray] = ()) -> bytes:
     """Write a response document compactly; the NumPy ``arrays`` in it are written without a Python list.
 
@@ -284,7 +347,36 @@ def _shape(
     return tuple(shape)
 
 
+# NumPy kind of a tensor -> the simdjson buffer type that holds its JSON numbers exactly, and its dtype.
+_BUFFERS: dict[str, tuple[Literal["d", "i", "u"], type[np.generic]]] = {
+    "f": ("d", np.float64),
+    "i": ("i", np.int64),
+    "u": ("u", np.uint64),
+}
+
+
+def _json_numbers(data: simdjson.Array, spec: TensorSpec, count: int, where: str) -> np.ndarray | None:
+    """``data``'s numbers straight from simdjson's tape, flattened, or None to take the general path."""
+    if spec.dtype.kind not in _BUFFERS:
+        return None
+    code, dtype = _BUFFERS[spec.dtype.kind]
+    try:
+        flat = np.frombuffer(data.as_buffer(of_type=code), dtype=dtype)
+    except (TypeError, ValueError):
+        return None  # not all numbers of that type: the general path words it
+    if flat.size != count:
+        return None
+    if spec.dtype.kind in "iu":
+        check_int_range(flat, spec, f"{where}.data")
+    return flat.astype(spec.dtype)
+
+
 def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...], where: str) -> np.ndarray:
+    if isinstance(data, simdjson.Array):
+        fast = _json_numbers(data, spec, math.prod(shape), where)
+        if fast is not None:
+            return fast.reshape(shape)
+        data = data.as_list()
     if not isinstance(data, list):
         raise ProtocolError(f"{where}.data must be a JSON array")
     try:
@@ -561,15 +653,15 @@ def precheck_header(header: bytes, model: ModelSpec, max_batch: int) -> None:
         ProtocolError: an input's shape, an axis bound or the element budget is exceeded.
     """
     try:
-        doc = loads(header)
+        doc = parse_document(header)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return
     raw_inputs = doc.get("inputs") if isinstance(doc, dict) else None
-    if not isinstance(raw_inputs, list):
+    if not isinstance(raw_inputs, list | simdjson.Array):
         return
     specs = {t.name: t for t in model.inputs}
     cursor = Cursor(memoryview(b""))
-    for index, raw in enumerate(raw_inputs):
+    for index, raw in enumerate(tensor_entries(raw_inputs)):
         if isinstance(raw, dict) and raw.get("name") in specs:
             _check_head(index, raw, specs, cursor=cursor, model=model, max_batch=max_batch)
 
@@ -593,7 +685,7 @@ def parse_infer_request(
     """
     header, binary = split_body(body, header_length)
     try:
-        doc = loads(header)
+        doc = parse_document(header)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         where = (
             "request body"
@@ -607,12 +699,12 @@ def parse_infer_request(
         raise ProtocolError("id must be a string")
     params = _object(doc.get("parameters", {}), "parameters")
     raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list):
+    if not isinstance(raw_inputs, list | simdjson.Array):
         raise ProtocolError(NO_INPUTS)
 
     cursor = Cursor(binary)
     inputs = parse_inputs(
-        raw_inputs,
+        tensor_entries(raw_inputs),
         lambda _index, tensor, spec, shape, where: _body_tensor(tensor, spec, shape, where, cursor),
         model,
         max_batch,

@@ -1,4 +1,5 @@
-"""The JSON path of the v2 protocol: orjson in and out, the standard library's leniency and wording kept.
+"""The JSON path of the v2 protocol: simdjson and orjson in, orjson out, the standard library's leniency and
+wording kept.
 
 In-process tests call :mod:`serving.protocol` on real bodies; the last ones send the hostile bodies to a
 real server process and check that it answers each with a named 400 and stays ready.
@@ -8,6 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -114,6 +119,91 @@ def test_an_id_with_a_lone_surrogate_escape_is_echoed_back() -> None:
 def test_duplicate_keys_take_the_last_value_as_before() -> None:
     body = b'{"inputs":[{"name":"x","shape":[9,9],"shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
     assert parse_infer_request(body, None, _model(), 8).inputs["x"].shape == (1, 4)
+    body = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4],"data":[5,6,7,8]}]}'
+    assert parse_infer_request(body, None, _model(), 8).inputs["x"].tolist() == [[5, 6, 7, 8]]
+    body = b'{"inputs":[],"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
+    assert parse_infer_request(body, None, _model(), 8).inputs["x"].shape == (1, 4)
+
+
+def test_nesting_is_read_in_row_major_order_when_the_count_matches() -> None:
+    # As Triton reads JSON data: nested or flat, the values in order, and their count is what is checked.
+    body = _body([[1, 2], [3, [4]]])
+    assert parse_infer_request(body, None, _model(), 8).inputs["x"].tolist() == [[1, 2, 3, 4]]
+    # A count that does not match goes the general way, which words a ragged nesting as such.
+    assert "is not a regular array of numbers" in _refused(_body([[1, 2], [3, 4, 5]]))
+    assert "has 5 elements, shape [1, 4] needs 4" in _refused(_body([1, 2, 3, 4, 5]))
+
+
+@pytest.mark.parametrize(
+    ("datatype", "dtype", "values"),
+    [
+        ("INT32", I32, [-(2**31), 2**31 - 1, 0, 7]),
+        ("UINT8", np.dtype("u1"), [0, 255, 1, 2]),
+        ("UINT64", np.dtype("<u8"), [2**64 - 1, 2**63, 0, 1]),
+        ("FP16", np.dtype("<f2"), [0.5, -2, 65504, 1e-3]),
+    ],
+)
+def test_each_integer_and_float_kind_reads_exactly(
+    datatype: str, dtype: np.dtype[Any], values: list[Any]
+) -> None:
+    got = parse_infer_request(
+        _body(values, datatype=datatype), None, _model(dtype=dtype, datatype=datatype), 8
+    )
+    assert got.inputs["x"].dtype == dtype
+    np.testing.assert_array_equal(got.inputs["x"], np.array([values], dtype=dtype))
+    assert "outside the range of UINT8" in _refused(
+        _body([256, 0, 0, 0], datatype="UINT8"), _model(dtype=np.dtype("u1"), datatype="UINT8")
+    )
+
+
+def test_tensor_data_goes_into_numpy_without_a_python_number() -> None:
+    # A million floats as Python floats in a list would take 32 MB of Python objects (24 B a float and 8 B
+    # a list slot); read from simdjson's tape they take the float64 buffer (8 MB) and the float32 tensor.
+    count = 1_000_000
+    model = ModelSpec(
+        name="m",
+        version="1",
+        inputs=(TensorSpec("x", "FP32", F32, ("batch", count)),),
+        outputs=(TensorSpec("y", "FP32", F32, ("batch", 3)),),
+        max_batch_size=8,
+    )
+    values = np.random.default_rng(0).standard_normal(count).astype(F32)
+    body = _body(values.tolist(), shape=[1, count])
+    tracemalloc.start()
+    try:
+        got = parse_infer_request(body, None, model, 8).inputs["x"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got[0], values)
+    assert peak < 16 * count, f"parsing took {peak / 1e6:.1f} MB of Python memory"
+
+
+def test_a_body_of_millions_of_empty_inputs_is_refused_without_building_them(tmp_path: Path) -> None:
+    # 16 MiB of "{}," made 5.6 million dicts (~490 MB) when the whole body was parsed into Python objects.
+    body = tmp_path / "hostile.json"
+    body.write_bytes(b'{"inputs":[' + b",".join([b"{}"] * 5_500_000) + b"]}")
+    script = textwrap.dedent(
+        f"""
+        import resource, sys
+        sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[1])]!r}
+        from test_serving_json import _model
+        from serving.protocol import ProtocolError, parse_infer_request
+        body = open({str(body)!r}, "rb").read()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            parse_infer_request(body, None, _model(), 8)
+        except ProtocolError as exc:
+            print(exc.message)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    message, grown_mb = out.stdout.strip().splitlines()
+    assert message == "inputs[0].name must be a string"
+    assert int(grown_mb) < 250, f"peak memory grew by {grown_mb} MB"
 
 
 # --------------------------------------------------------------------------- hostile JSON
