@@ -264,7 +264,7 @@ def _fields(obj: simdjson.Object) -> list[str] | None:
 
 
 def _plain(value: Any) -> Any:
-    """A simdjson value as Python (dicts and lists; a repeated key keeps its last value); scalars already are."""
+    """A simdjson value as Python (dicts, lists; a repeated key keeps its last value); scalars already are."""
     if isinstance(value, simdjson.Object):
         return value.as_dict()
     if isinstance(value, simdjson.Array):
