@@ -278,11 +278,10 @@ def tensor_entries(raw_inputs: Any) -> Iterable[Any]:
         yield from raw_inputs
         return
     for item in raw_inputs:
-        fields = _fields(item) if isinstance(item, simdjson.Object) else None
-        if fields is None:
-            yield _plain(item)  # not an object, or a key given twice: all of it as Python, as before
-        else:
+        if isinstance(item, simdjson.Object) and (fields := _fields(item)) is not None:
             yield {key: item[key] if key == "data" else _plain(item[key]) for key in fields}
+        else:
+            yield _plain(item)  # not an object, or a key given twice: all of it as Python, as before
 
 
 def dumps(doc: Mapping[str, Any], arrays: Sequence[np.ndarray] = ()) -> bytes:
