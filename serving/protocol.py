@@ -625,6 +625,7 @@ def parse_outputs(
     if not isinstance(raw_outputs, list):
         raise ProtocolError("outputs must be a list")
     outputs: list[tuple[str, bool]] = []
+    seen: set[str] = set()
     for index, raw in enumerate(raw_outputs):
         out = _object(raw, f"outputs[{index}]")
         name = out.get("name")
@@ -633,6 +634,11 @@ def parse_outputs(
                 f"outputs[{index}].name {name!r} is not an output of model {model.name!r} "
                 f"(outputs: {', '.join(out_names)})"
             )
+        # Each name once: a body of a million {"name": ...} would otherwise ask for a million copies of
+        # the tensor in the answer (a 16 MB request, a response of gigabytes).
+        if name in seen:
+            raise ProtocolError(f"outputs[{index}].name {name!r} is asked for twice")
+        seen.add(name)
         oparams = _object(out.get("parameters", {}), f"outputs[{index}].parameters")
         as_binary = oparams.get("binary_data", binary_all)
         if not isinstance(as_binary, bool):

@@ -418,6 +418,12 @@ BAD_REQUESTS: list[tuple[str, Any, grpc.StatusCode, str]] = [
     ("input twice", request(typed(), typed()), INVALID, "input 'x' is given twice"),
     ("unknown output", request(typed(), outputs=["z"]), INVALID, "outputs[0].name 'z'"),
     (
+        "output twice",
+        request(typed(), outputs=["logits", "logits"]),
+        INVALID,
+        "outputs[1].name 'logits' is asked",
+    ),
+    (
         "binary_data_output not a boolean",
         request(typed(), binary_data_output="yes"),
         INVALID,

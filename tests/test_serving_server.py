@@ -291,6 +291,16 @@ BAD_INPUTS: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         400,
         "outputs[0].name 'z'",
     ),
+    (
+        "output twice",
+        "tiny",
+        json.dumps(
+            {"inputs": json.loads(_json_body())["inputs"], "outputs": [{"name": "logits"}] * 2_000}
+        ).encode(),
+        {},
+        400,
+        "outputs[1].name 'logits' is asked for twice",
+    ),
     ("header length beyond body", "tiny", *_binary(header_length_delta=1000), 400, "does not fit a body"),
     (
         "header length not a number",
