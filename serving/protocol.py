@@ -230,14 +230,17 @@ def loads(text: bytes) -> Any:
 
 
 _UTF8_BOM = b"\xef\xbb\xbf"
+_LAZY = frozenset({"inputs", "outputs"})
+"""Top-level fields left in simdjson's tape, walked one entry at a time, no further than the first refusal."""
 
 
 def parse_document(text: bytes) -> Any:
-    """Parse a request's JSON: a dict whose ``inputs`` (if a list) stays lazy, or what :func:`loads` returns.
+    """Parse a request's JSON: a dict whose ``inputs`` and ``outputs`` stay lazy, or what :func:`loads` gives.
 
     Every other field is a plain Python value (duplicate keys: the last wins, as with :func:`json.loads`).
-    ``inputs`` stays a :class:`simdjson.Array`, walked one tensor at a time by :func:`tensor_entries`, so
-    a body of a million empty inputs costs simdjson's tape (~10 bytes a token), not a million dicts.
+    ``inputs`` and ``outputs`` stay :class:`simdjson.Array` (when they are arrays), walked one entry at a
+    time (:func:`tensor_entries`, :func:`parse_outputs`), so a body of a million empty inputs or repeated
+    outputs costs simdjson's tape (~10 bytes a token), not a million dicts.
 
     Raises:
         ValueError, UnicodeDecodeError, RecursionError: as :func:`loads` (the body is not JSON).
@@ -254,7 +257,7 @@ def parse_document(text: bytes) -> Any:
     fields = _fields(doc)
     if fields is None:
         return loads(text)
-    return {key: doc[key] if key == "inputs" else _plain(doc[key]) for key in fields}
+    return {key: doc[key] if key in _LAZY else _plain(doc[key]) for key in fields}
 
 
 def _fields(obj: simdjson.Object) -> list[str] | None:
@@ -622,12 +625,12 @@ def parse_outputs(
     raw_outputs = doc.get("outputs")
     if raw_outputs is None:
         return [(n, binary_all) for n in out_names]
-    if not isinstance(raw_outputs, list):
+    if not isinstance(raw_outputs, list | simdjson.Array):
         raise ProtocolError("outputs must be a list")
     outputs: list[tuple[str, bool]] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_outputs):
-        out = _object(raw, f"outputs[{index}]")
+        out = _object(_plain(raw), f"outputs[{index}]")
         name = out.get("name")
         if not isinstance(name, str) or name not in out_names:
             raise ProtocolError(
