@@ -151,6 +151,9 @@ def test_each_integer_and_float_kind_reads_exactly(
     )
     assert got.inputs["x"].dtype == dtype
     np.testing.assert_array_equal(got.inputs["x"], np.array([values], dtype=dtype))
+
+
+def test_a_value_beyond_a_narrow_integer_type_read_from_the_tape_is_refused() -> None:
     assert "outside the range of UINT8" in _refused(
         _body([256, 0, 0, 0], datatype="UINT8"), _model(dtype=np.dtype("u1"), datatype="UINT8")
     )
